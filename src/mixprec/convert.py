@@ -1,0 +1,48 @@
+"""Turn a float model into a quantized one for a target: trace, fold, insert quantizers."""
+from __future__ import annotations
+
+from torch import nn
+
+from .granularity import shape_for
+from .graph.convert import trace
+from .graph.ir import REQUANTIZING_OPS
+from .nn.model import QuantLayer, QuantModel
+from .quantizers.fixed import ActQuantizer, FixedWeightQuantizer
+
+
+def bits_tensor_for(bits, granularity: str, shape: tuple[int, ...]):
+    """A bit-width tensor of ``granularity`` over ``shape``, filled with ``bits`` unless ``bits``
+    is already a tensor/array (then it is used as given)."""
+    import numpy as np
+    import torch
+
+    if isinstance(bits, (int, float)):
+        return torch.full(shape_for(granularity, shape), float(bits))
+    return torch.as_tensor(np.asarray(bits), dtype=torch.float32)
+
+
+def convert(model: nn.Module, input_shape: tuple[int, ...], numerics: str = "scaled",
+            weight_bits=8, act_bits=8, weight_granularity: str = "per-channel",
+            act_granularity: str = "per-tensor", target_name: str = "generic") -> QuantModel:
+    """Quantize ``model`` with fixed bit-widths.
+
+    ``weight_bits`` / ``act_bits``: an int for every layer, or a dict ``{node name: int or
+    tensor}`` (nodes missing from the dict get 8). Tensors give the granularity by their shape.
+    """
+    graph, params = trace(model, tuple(input_shape))
+
+    def pick(spec, name):
+        return spec.get(name, 8) if isinstance(spec, dict) else spec
+
+    layers = {}
+    for node in graph.weighted():
+        p = params[node.name]
+        bits = bits_tensor_for(pick(weight_bits, node.name), weight_granularity, node.weight_shape)
+        layers[node.name] = QuantLayer(p.weight, p.bias, FixedWeightQuantizer(node.weight_shape, bits, numerics))
+    acts = {}
+    for node in graph:
+        if node.op in REQUANTIZING_OPS:
+            bits = bits_tensor_for(pick(act_bits, node.name), act_granularity, node.out_shape)
+            clip = (node.attrs.get("act_min", float("-inf")), node.attrs.get("act_max", float("inf")))
+            acts[node.name] = ActQuantizer(node.out_shape, bits, numerics, clip=clip)
+    return QuantModel(graph, layers, acts, numerics, target_name)

@@ -1,0 +1,172 @@
+"""Execute an :class:`~mixprec.lower.IntGraph` on integers.
+
+One interpreter, two sets of kernels: :class:`NumpyKernels` is the reference (int64 im2col
+matrix products, written independently of torch), :class:`TorchKernels` runs the same integer
+program with torch (float64 convolutions of integer values are exact below 2**53), which is how a
+quantized model evaluates. Rounding, saturation and requantization come from
+:mod:`mixprec.numerics` in both.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .lower import IntGraph, IntNode
+from .numerics import div_round_away, quantize, requantize, saturate
+
+
+class NumpyKernels:
+    """Reference integer kernels on int64 NumPy arrays."""
+
+    name = "numpy"
+
+    @staticmethod
+    def asint(x) -> np.ndarray:
+        return np.asarray(x, dtype=np.int64)
+
+    @staticmethod
+    def _windows(x: np.ndarray, kernel, stride, padding, dilation, fill: int) -> np.ndarray:
+        """(N, C, *out, *kernel) sliding windows of a 1-D or 2-D feature map."""
+        dims = len(kernel)
+        pad = [(0, 0), (0, 0)] + [(p, p) for p in padding]
+        x = np.pad(x, pad, constant_values=fill)
+        span = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
+        win = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + dims)))
+        out_sl = tuple(slice(None, None, s) for s in stride)
+        ker_sl = tuple(slice(None, None, d) for d in dilation)
+        return win[(slice(None), slice(None)) + out_sl + ker_sl]
+
+    @classmethod
+    def conv(cls, x, w, attrs) -> np.ndarray:
+        dims, groups = attrs["dims"], attrs["groups"]
+        win = cls._windows(x, attrs["kernel_size"], attrs["stride"], attrs["padding"], attrs["dilation"], 0)
+        n, c = win.shape[:2]
+        out_sp = win.shape[2:2 + dims]
+        o = w.shape[0]
+        cg, og = c // groups, o // groups
+        # (N, G, Cg, *out, *k) -> (G, N*out, Cg*k) @ (G, Cg*k, Og)
+        win = win.reshape((n, groups, cg) + win.shape[2:])
+        perm = (1, 0) + tuple(range(3, 3 + dims)) + (2,) + tuple(range(3 + dims, 3 + 2 * dims))
+        cols = win.transpose(perm).reshape(groups, n * int(np.prod(out_sp)), -1)
+        wm = w.reshape(groups, og, -1).transpose(0, 2, 1)
+        acc = np.matmul(cols, wm)  # (G, N*out, Og), exact int64
+        acc = acc.reshape((groups, n) + tuple(out_sp) + (og,))
+        acc = np.moveaxis(acc, 0, -2).reshape((n,) + tuple(out_sp) + (o,))  # channel = g * Og + j
+        return np.moveaxis(acc, -1, 1)
+
+    @staticmethod
+    def linear(x, w) -> np.ndarray:
+        return np.matmul(x, w.T)
+
+    @classmethod
+    def maxpool(cls, x, attrs) -> np.ndarray:
+        dims = attrs["dims"]
+        win = cls._windows(x, attrs["kernel_size"], attrs["stride"], attrs["padding"], (1,) * dims,
+                           np.iinfo(np.int64).min)
+        return win.max(axis=tuple(range(-dims, 0)))
+
+    @classmethod
+    def sumpool(cls, x, attrs) -> np.ndarray:
+        dims = attrs["dims"]
+        win = cls._windows(x, attrs["kernel_size"], attrs["stride"], attrs["padding"], (1,) * dims, 0)
+        return win.sum(axis=tuple(range(-dims, 0)))
+
+    @staticmethod
+    def flatten(x) -> np.ndarray:
+        return x.reshape(x.shape[0], -1)
+
+
+class TorchKernels:
+    """The same integer kernels with torch: float64 holds every integer accumulator exactly."""
+
+    name = "torch"
+
+    @staticmethod
+    def asint(x) -> torch.Tensor:
+        return torch.as_tensor(x).to(torch.int64)
+
+    @staticmethod
+    def conv(x, w, attrs) -> torch.Tensor:
+        fn = F.conv1d if attrs["dims"] == 1 else F.conv2d
+        y = fn(x.double(), w.double(), None, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+        return y.round().to(torch.int64)
+
+    @staticmethod
+    def linear(x, w) -> torch.Tensor:
+        return F.linear(x.double(), w.double()).round().to(torch.int64)
+
+    @staticmethod
+    def maxpool(x, attrs) -> torch.Tensor:
+        fn = F.max_pool1d if attrs["dims"] == 1 else F.max_pool2d
+        return fn(x.double(), attrs["kernel_size"], attrs["stride"], attrs["padding"]).to(torch.int64)
+
+    @staticmethod
+    def sumpool(x, attrs) -> torch.Tensor:
+        if attrs["dims"] == 1:
+            y = F.avg_pool1d(x.double(), attrs["kernel_size"], attrs["stride"], 0) * attrs["kernel_size"][0]
+        else:
+            y = F.avg_pool2d(x.double(), attrs["kernel_size"], attrs["stride"], 0, divisor_override=1)
+        return y.round().to(torch.int64)
+
+    @staticmethod
+    def flatten(x) -> torch.Tensor:
+        return x.reshape(x.shape[0], -1)
+
+
+def quantize_input(x, node: IntNode):
+    """Real network input -> integers on the input node's grid (round half to even, saturate)."""
+    g = node.grid
+    q = saturate(quantize(x, g.elem_scale, g.bits, g.signed), g.lo, g.hi)
+    return q if g.post_shift is None else q << g.post_shift
+
+
+def _finish(acc, node: IntNode):
+    g = node.grid
+    return requantize(acc, node.params["requant"], g.lo, g.hi, g.post_shift)
+
+
+def step(node: IntNode, args: list, k) -> object:
+    """Run one integer node with kernels ``k``."""
+    op, p = node.op, node.params
+    if op == "conv":
+        return _finish(k.conv(args[0], p["weight"], node.attrs) + p["bias"], node)
+    if op == "linear":
+        return _finish(k.linear(args[0], p["weight"]) + p["bias"], node)
+    if op == "add":
+        a, b = args
+        if "left_shift" in p:  # TFLite-Micro add: headroom shift, rescale both, sum, rescale
+            a = p["requant_a"].apply(a << p["left_shift"])
+            b = p["requant_b"].apply(b << p["left_shift"])
+            return _finish(a + b, node)
+        return _finish((a << p["align_a"]) + (b << p["align_b"]), node)
+    if op == "act":
+        return _finish(args[0], node)
+    if op == "maxpool":
+        return k.maxpool(args[0], node.attrs)
+    if op == "avgpool":
+        return div_round_away(k.sumpool(args[0], node.attrs), int(np.prod(node.attrs["kernel_size"])))
+    if op == "flatten":
+        return k.flatten(args[0])
+    raise ValueError(f"integer graph has unknown op {op!r} in node {node.name!r}")
+
+
+def run(graph: IntGraph, x, kernels=NumpyKernels, keep: bool = False):
+    """Integer output of ``graph`` on real input ``x`` (batch first).
+
+    Returns the output integers, or ``(output, {node name: integers})`` when ``keep`` is set
+    (to find the first layer where two implementations diverge).
+    """
+    env = {}
+    for node in graph.nodes:
+        if node.op == "input":
+            env[node.name] = quantize_input(x, node)
+        else:
+            env[node.name] = step(node, [env[i] for i in node.inputs], kernels)
+    out = env[graph.output]
+    return (out, env) if keep else out
+
+
+def reference(graph: IntGraph, x: np.ndarray, keep: bool = False):
+    """The oracle: NumPy integer execution of a lowered model."""
+    return run(graph, np.asarray(x), NumpyKernels, keep)

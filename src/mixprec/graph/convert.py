@@ -1,0 +1,293 @@
+"""Float ``nn.Module`` -> mixprec graph, through torch.fx.
+
+Tracing finds the layers; BatchNorm is folded into the conv/linear before it; an activation
+directly after a conv, linear or add (with no other user) is fused into it, because integer
+kernels apply it as the output clamp. Anything else is an error that names the node.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .ir import Graph, Node
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = (
+    "Conv1d, Conv2d (grouped, depthwise), Linear, BatchNorm1d/2d (after a conv or linear), "
+    "ReLU, ReLU6, Hardtanh, Identity, Dropout, MaxPool1d/2d, AvgPool1d/2d (no padding), "
+    "AdaptiveAvgPool1d/2d (output size dividing the input), Flatten / torch.flatten(x, 1), "
+    "residual add (a + b)"
+)
+
+_ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardtanh: "hardtanh"}
+_ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.hardtanh: "hardtanh",
+                         "relu": "relu"}
+_ADD_TARGETS = (operator.add, torch.add, operator.iadd, "add", "add_")
+_FLATTEN_TARGETS = (torch.flatten, "flatten", "view", "reshape")
+_IGNORED_MODULES = (nn.Dropout, nn.Identity)
+_FUSABLE_PRODUCERS = ("conv", "linear", "add")
+
+
+class UnsupportedLayerError(ValueError):
+    """A node of the traced model has no quantized counterpart."""
+
+
+@dataclass
+class FloatParams:
+    """Float weight and bias of a weighted node, BatchNorm already folded in."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+def _activation_bounds(kind: str, module_or_kwargs) -> tuple[float, float]:
+    if kind == "relu":
+        return 0.0, float("inf")
+    if kind == "relu6":
+        return 0.0, 6.0
+    if kind == "hardtanh":
+        get = (lambda k, d: getattr(module_or_kwargs, k, d)) if isinstance(module_or_kwargs, nn.Module) \
+            else (lambda k, d: module_or_kwargs.get(k, d))
+        return float(get("min_val", -1.0)), float(get("max_val", 1.0))
+    return float("-inf"), float("inf")
+
+
+def _pair(v, dims: int) -> tuple[int, ...]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (int(v),) * dims
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm):
+    """Fold a BatchNorm (running statistics) into the preceding layer's weight and bias.
+
+    >>> conv = nn.Conv2d(1, 2, 1, bias=False); bn = nn.BatchNorm2d(2).eval()
+    >>> w, b = fold_batchnorm(conv.weight, torch.zeros(2), bn)
+    >>> torch.allclose(bn(conv(torch.ones(1, 1, 1, 1))).flatten(), (w.flatten() + b))
+    True
+    """
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    beta = bn.bias if bn.affine else torch.zeros_like(std)
+    factor = gamma / std
+    w = weight * factor.reshape((-1,) + (1,) * (weight.dim() - 1))
+    b = (bias - bn.running_mean) * factor + beta
+    return w.detach().clone(), b.detach().clone()
+
+
+class _Builder:
+    def __init__(self, traced: fx.GraphModule):
+        self.traced = traced
+        self.modules = dict(traced.named_modules())
+        self.nodes: list[Node] = []
+        self.params: dict[str, FloatParams] = {}
+        self.name_of: dict[fx.Node, str] = {}  # fx node -> ir node name whose tensor it is
+        self.fused_act: set[str] = set()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def shape(self, n: fx.Node) -> tuple[int, ...]:
+        meta = n.meta.get("tensor_meta")
+        return tuple(meta.shape[1:])
+
+    def fail(self, n: fx.Node, why: str = "") -> None:
+        what = n.target if n.op != "call_module" else f"{type(self.modules[n.target]).__name__} '{n.target}'"
+        raise UnsupportedLayerError(
+            f"unsupported operation in node '{n.name}' ({n.op}: {what}){': ' + why if why else ''}. "
+            f"Supported: {SUPPORTED}.")
+
+    def add(self, fx_node: fx.Node, op: str, inputs: list[str], **kw) -> Node:
+        name = fx_node.name if fx_node.op != "placeholder" else "input"
+        node = Node(name=name, op=op, inputs=inputs, out_shape=self.shape(fx_node),
+                    in_shapes=[self._ir(i).out_shape for i in inputs], **kw)
+        self.nodes.append(node)
+        self.name_of[fx_node] = name
+        return node
+
+    def _ir(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def src(self, n: fx.Node) -> str:
+        if not isinstance(n, fx.Node) or n not in self.name_of:
+            raise UnsupportedLayerError(f"input {n!r} is not a tensor produced by a supported op. Supported: {SUPPORTED}.")
+        return self.name_of[n]
+
+    def alias(self, n: fx.Node, source: fx.Node) -> None:
+        self.name_of[n] = self.src(source)
+
+    # -- node kinds ------------------------------------------------------------------------
+    def weighted(self, n: fx.Node, m: nn.Module) -> None:
+        dims = 1 if isinstance(m, nn.Conv1d) else 2
+        bias = m.bias.detach().clone() if m.bias is not None else torch.zeros(m.weight.shape[0])
+        if isinstance(m, nn.Linear):
+            node = self.add(n, "linear", [self.src(n.args[0])], weight_shape=tuple(m.weight.shape),
+                            attrs={"activation": "identity"})
+        else:
+            if isinstance(m.padding, str) or m.padding_mode != "zeros":
+                self.fail(n, "only explicit zero padding is supported")
+            node = self.add(n, "conv", [self.src(n.args[0])], weight_shape=tuple(m.weight.shape), attrs={
+                "dims": dims, "kernel_size": _pair(m.kernel_size, dims), "stride": _pair(m.stride, dims),
+                "padding": _pair(m.padding, dims), "dilation": _pair(m.dilation, dims), "groups": m.groups,
+                "activation": "identity"})
+        node.attrs.update(act_min=float("-inf"), act_max=float("inf"))
+        self.params[node.name] = FloatParams(m.weight.detach().clone(), bias)
+
+    def batchnorm(self, n: fx.Node, bn: nn.Module) -> None:
+        producer = self.src(n.args[0])
+        prod = self._ir(producer)
+        if prod.op not in ("conv", "linear") or producer in self.fused_act or len(self._fx_users(n.args[0])) != 1:
+            self.fail(n, "BatchNorm must directly follow a Conv or Linear whose output has no other user")
+        p = self.params[producer]
+        p.weight, p.bias = fold_batchnorm(p.weight, p.bias, bn)
+        self.alias(n, n.args[0])
+
+    def activation(self, n: fx.Node, kind: str, bounds: tuple[float, float]) -> None:
+        producer = self.src(n.args[0])
+        prod = self._ir(producer)
+        fusable = (prod.op in _FUSABLE_PRODUCERS and producer not in self.fused_act
+                   and len(self._fx_users(n.args[0])) == 1)
+        if fusable:
+            prod.attrs.update(activation=kind, act_min=bounds[0], act_max=bounds[1])
+            self.fused_act.add(producer)
+            self.alias(n, n.args[0])
+        else:
+            self.add(n, "act", [producer], attrs={"activation": kind, "act_min": bounds[0], "act_max": bounds[1]})
+
+    def pool(self, n: fx.Node, m: nn.Module) -> None:
+        dims = 1 if isinstance(m, (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d)) else 2
+        src = self.src(n.args[0])
+        in_shape = self._ir(src).out_shape
+        if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+            out = _pair(m.output_size, dims)
+            spatial = in_shape[1:]
+            if any(o is None or s % o for o, s in zip(out, spatial)):
+                self.fail(n, f"adaptive output size {m.output_size} must divide the input size {spatial}")
+            kernel = tuple(s // o for s, o in zip(spatial, out))
+            self.add(n, "avgpool", [src], attrs={"dims": dims, "kernel_size": kernel, "stride": kernel,
+                                                 "padding": (0,) * dims})
+            return
+        kernel = _pair(m.kernel_size, dims)
+        stride = _pair(m.stride if m.stride is not None else m.kernel_size, dims)
+        padding = _pair(m.padding, dims)
+        if getattr(m, "ceil_mode", False):
+            self.fail(n, "ceil_mode=True is not supported")
+        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)):
+            if _pair(m.dilation, dims) != (1,) * dims:
+                self.fail(n, "dilated max pooling is not supported")
+            op = "maxpool"
+        else:
+            if any(padding):
+                self.fail(n, "average pooling with padding is not supported (integer kernels exclude padding)")
+            op = "avgpool"
+        self.add(n, op, [src], attrs={"dims": dims, "kernel_size": kernel, "stride": stride, "padding": padding})
+
+    def flatten(self, n: fx.Node) -> None:
+        in_shape = self.shape(n.args[0])
+        out_shape = self.shape(n)
+        if len(out_shape) != 1 or out_shape[0] != torch.Size(in_shape).numel():
+            self.fail(n, f"only flattening to (batch, features) is supported, got {in_shape} -> {out_shape}")
+        if len(in_shape) == 1:
+            self.alias(n, n.args[0])
+        else:
+            self.add(n, "flatten", [self.src(n.args[0])])
+
+    def add_op(self, n: fx.Node) -> None:
+        args = [a for a in n.args if a is not None]
+        if len(args) != 2 or not all(isinstance(a, fx.Node) for a in args) or n.kwargs.get("alpha", 1) != 1:
+            self.fail(n, "only the sum of two tensors is supported")
+        if self.shape(args[0]) != self.shape(args[1]):
+            self.fail(n, "broadcasting add is not supported")
+        self.add(n, "add", [self.src(a) for a in args],
+                 attrs={"activation": "identity", "act_min": float("-inf"), "act_max": float("inf")})
+
+    def _fx_users(self, n: fx.Node) -> list[fx.Node]:
+        return [u for u in n.users if not (u.op == "call_method" and u.target == "size")]
+
+    # -- dispatch --------------------------------------------------------------------------
+    def visit(self, n: fx.Node) -> None:
+        if n.op == "placeholder":
+            if self.nodes:
+                self.fail(n, "models with more than one input are not supported")
+            self.add(n, "input", [])
+        elif n.op == "call_module":
+            self.module(n, self.modules[n.target])
+        elif n.op in ("call_function", "call_method"):
+            self.function(n)
+        elif n.op == "get_attr":
+            if any(u.op != "call_method" or u.target not in ("size",) for u in n.users):
+                self.fail(n, "parameters used outside a supported layer")
+        elif n.op == "output":
+            pass
+        else:
+            self.fail(n)
+
+    def module(self, n: fx.Node, m: nn.Module) -> None:
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            self.weighted(n, m)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            self.batchnorm(n, m)
+        elif type(m) in _ACTIVATION_MODULES:
+            kind = _ACTIVATION_MODULES[type(m)]
+            self.activation(n, kind, _activation_bounds(kind, m))
+        elif isinstance(m, _IGNORED_MODULES):
+            self.alias(n, n.args[0])
+        elif isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+                            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
+            self.pool(n, m)
+        elif isinstance(m, nn.Flatten):
+            if m.start_dim != 1 or m.end_dim != -1:
+                self.fail(n, "Flatten must flatten everything after the batch dimension")
+            self.flatten(n)
+        else:
+            self.fail(n)
+
+    def function(self, n: fx.Node) -> None:
+        t = n.target
+        if n.op == "call_method" and t == "size":
+            return  # only feeds shape arguments of view/reshape
+        if t in _ADD_TARGETS:
+            self.add_op(n)
+        elif t in _ACTIVATION_FUNCTIONS:
+            kind = _ACTIVATION_FUNCTIONS[t]
+            self.activation(n, kind, _activation_bounds(kind, dict(n.kwargs)))
+        elif t in _FLATTEN_TARGETS:
+            self.flatten(n)
+        elif t in (F.dropout, "contiguous"):
+            self.alias(n, n.args[0])
+        else:
+            self.fail(n)
+
+
+def trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Graph, dict[str, FloatParams]]:
+    """Trace ``model`` (its float state) into a mixprec graph plus float parameters per weighted node.
+
+    ``input_shape`` excludes the batch dimension. The model is traced in eval mode so BatchNorm
+    running statistics are what gets folded.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        traced = fx.symbolic_trace(model)
+    except Exception as exc:  # tracing errors come from user code: keep the cause
+        raise UnsupportedLayerError(f"torch.fx could not trace the model: {exc}. Models must be free of "
+                                    f"data-dependent control flow. Supported: {SUPPORTED}.") from exc
+    finally:
+        model.train(was_training)
+    with torch.no_grad():
+        ShapeProp(traced).propagate(torch.zeros((2,) + tuple(input_shape)))
+    builder = _Builder(traced)
+    output = None
+    for n in traced.graph.nodes:
+        builder.visit(n)
+        if n.op == "output":
+            out = n.args[0]
+            if not isinstance(out, fx.Node):
+                builder.fail(n, "the model must return a single tensor")
+            output = builder.src(out)
+    graph = Graph(builder.nodes, output)
+    log.debug("traced %d nodes, %d weighted", len(graph), len(graph.weighted()))
+    return graph, builder.params

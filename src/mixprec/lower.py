@@ -1,0 +1,171 @@
+"""Integer lowering: a quantized model -> integer weights, int32 biases, requantization parameters.
+
+The result (:class:`IntGraph`) is executed by :mod:`mixprec.execute` with NumPy kernels (the
+reference) or torch kernels (the quantized model's evaluation mode), and walked by exporters.
+All parameters are NumPy int64 arrays shaped to broadcast against the tensors they act on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .granularity import expand, reduce_to
+from .graph.ir import Graph
+from .numerics import INT32_MAX, INT32_MIN, Requant, add_left_shift, make_requant, qrange
+
+REQUANT_KIND = {"scaled": "tflm", "fixed": "pow2"}
+
+
+@dataclass
+class OutputGrid:
+    """How a node's output integers relate to reals: ``real = int * scale`` with one ``scale`` per
+    tensor; ``lo``/``hi`` clamp (range and fused activation) and ``post_shift`` place elements
+    with a coarser grid (fixed point, per-element precision) onto the common one."""
+
+    scale: float
+    bits: np.ndarray
+    signed: bool
+    lo: np.ndarray
+    hi: np.ndarray
+    elem_scale: np.ndarray  # the quantizer's own scale per element (broadcastable)
+    post_shift: np.ndarray | None = None
+
+
+@dataclass
+class IntNode:
+    name: str
+    op: str
+    inputs: list[str]
+    attrs: dict
+    out_shape: tuple[int, ...]
+    grid: OutputGrid | None = None  # for requantizing ops
+    params: dict = field(default_factory=dict)  # weight, bias, requant, ...
+
+
+@dataclass
+class IntGraph:
+    nodes: list[IntNode]
+    output: str
+    numerics: str
+    output_scale: float
+
+    def __getitem__(self, name: str) -> IntNode:
+        return next(n for n in self.nodes if n.name == name)
+
+    def map_arrays(self, fn) -> "IntGraph":
+        """A copy with every parameter array passed through ``fn`` (e.g. to torch tensors)."""
+        def conv(v):
+            if isinstance(v, np.ndarray):
+                return fn(v)
+            if isinstance(v, Requant):
+                return Requant(v.kind, fn(np.asarray(v.multiplier)), fn(np.asarray(v.shift)))
+            return v
+        nodes = []
+        for n in self.nodes:
+            grid = None
+            if n.grid is not None:
+                g = n.grid
+                grid = OutputGrid(g.scale, g.bits, g.signed, fn(g.lo), fn(g.hi), g.elem_scale,
+                                  None if g.post_shift is None else fn(g.post_shift))
+            nodes.append(IntNode(n.name, n.op, n.inputs, n.attrs, n.out_shape, grid,
+                                 {k: conv(v) for k, v in n.params.items()}))
+        return IntGraph(nodes, self.output, self.numerics, self.output_scale)
+
+
+def _channel_shape(out_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (out_shape[0],) + (1,) * (len(out_shape) - 1)
+
+
+def _round_bound(value: float, scale: np.ndarray, default: np.ndarray) -> np.ndarray:
+    if not np.isfinite(value):
+        return default
+    return np.round(np.float64(value) / scale).astype(np.int64)
+
+
+def output_grid(qp, out_shape: tuple[int, ...], act_min: float, act_max: float) -> OutputGrid:
+    """Freeze an activation quantizer's grid, intersected with the fused activation's bounds."""
+    elem_scale = expand(qp.scale.detach().double(), out_shape).cpu().numpy()
+    bits = expand(qp.bits.detach().round(), out_shape).to(torch.int64).cpu().numpy()
+    common = float(elem_scale.min())
+    lo, hi = qrange(bits, qp.signed)
+    lo, hi = np.broadcast_to(lo, out_shape), np.broadcast_to(hi, out_shape)
+    lo = np.maximum(lo, _round_bound(act_min, elem_scale, lo))
+    hi = np.minimum(hi, _round_bound(act_max, elem_scale, hi))
+    lo, hi = _compact(lo), _compact(hi)
+    post = np.round(np.log2(elem_scale / common)).astype(np.int64)
+    if np.any(post != np.log2(elem_scale / common)):
+        raise ValueError("per-element activation scales must be powers of two apart (fixed-point numerics)")
+    return OutputGrid(common, _compact(bits), qp.signed, lo, hi, _compact(elem_scale),
+                      _compact(post) if np.any(post) else None)
+
+
+def _compact(a: np.ndarray) -> np.ndarray:
+    """Collapse dims along which an array is constant (keeps broadcasting, saves memory)."""
+    a = np.asarray(a)
+    for d in range(a.ndim):
+        first = np.take(a, [0], axis=d)
+        if a.shape[d] > 1 and np.all(a == first):
+            a = first
+    return np.ascontiguousarray(a)
+
+
+def lower_weighted(node, w: torch.Tensor, b: torch.Tensor, wqp, s_in: float, grid: OutputGrid, kind: str) -> dict:
+    """Integer weight, int32 bias and per-channel requantization of a conv/linear node."""
+    shape = tuple(w.shape)
+    full = wqp.full(shape)
+    w_scale = full.scale.detach().double()
+    lo, hi = qrange(full.bits.detach().round(), True, wqp.narrow)
+    k = torch.clamp(torch.round(w.detach().double() / w_scale), lo, hi)
+    channel_scale = reduce_to(w_scale, _channel_shape(shape), "amin")  # the channel's finest grid
+    w_int = torch.round(k * w_scale / channel_scale).to(torch.int64)  # exact: powers of two apart
+    acc_scale = (s_in * channel_scale.reshape(-1)).cpu().numpy()
+    b_int = np.clip(np.round(b.detach().double().cpu().numpy() / acc_scale), INT32_MIN, INT32_MAX).astype(np.int64)
+    acc_scale_b = acc_scale.reshape(_channel_shape(node.out_shape))
+    requant = make_requant(acc_scale_b / grid.elem_scale, kind)
+    return {"weight": w_int.cpu().numpy(), "bias": b_int.reshape(_channel_shape(node.out_shape)),
+            "requant": requant, "acc_scale": acc_scale}
+
+
+def lower_add(s_a: float, s_b: float, grid: OutputGrid, kind: str, max_in_bits: int) -> dict:
+    if kind == "tflm":
+        left = add_left_shift(max_in_bits)
+        twice_max = 2.0 * max(s_a, s_b)
+        return {"left_shift": left,
+                "requant_a": make_requant(np.array(s_a / twice_max), kind),
+                "requant_b": make_requant(np.array(s_b / twice_max), kind),
+                "requant": make_requant(twice_max / (2.0**left * grid.elem_scale), kind)}
+    s_acc = min(s_a, s_b)
+    return {"align_a": int(round(np.log2(s_a / s_acc))), "align_b": int(round(np.log2(s_b / s_acc))),
+            "requant": make_requant(s_acc / grid.elem_scale, kind)}
+
+
+def lower(graph: Graph, weights: dict, weight_qparams: dict, act_qparams: dict, numerics: str) -> IntGraph:
+    """Lower a quantized graph given its float weights/biases and frozen quantizer grids.
+
+    ``weights``: name -> (weight, bias) float tensors; ``weight_qparams`` / ``act_qparams``:
+    name -> :class:`~mixprec.quantizers.QParams`.
+    """
+    kind = REQUANT_KIND[numerics]
+    grids: dict[str, OutputGrid] = {}
+    nodes: list[IntNode] = []
+    for node in graph:
+        src_grid = [grids[graph.grid_source(i)] for i in node.inputs]
+        grid = None
+        params: dict = {}
+        if node.name in act_qparams:
+            grid = output_grid(act_qparams[node.name], node.out_shape,
+                               node.attrs.get("act_min", float("-inf")), node.attrs.get("act_max", float("inf")))
+            grids[node.name] = grid
+        if node.op in ("conv", "linear"):
+            w, b = weights[node.name]
+            params = lower_weighted(node, w, b, weight_qparams[node.name], src_grid[0].scale, grid, kind)
+        elif node.op == "add":
+            max_bits = int(max(np.max(g.bits) for g in src_grid))
+            params = lower_add(src_grid[0].scale, src_grid[1].scale, grid, kind, max_bits)
+        elif node.op == "act":
+            params = {"requant": make_requant(src_grid[0].scale / grid.elem_scale, kind)}
+        nodes.append(IntNode(node.name, node.op, list(node.inputs), dict(node.attrs), node.out_shape, grid, params))
+    out_scale = grids[graph.grid_source(graph.output)].scale
+    return IntGraph(nodes, graph.output, numerics, out_scale)

@@ -1,0 +1,155 @@
+"""The quantized model: a mixprec graph with float parameters and quantizers.
+
+Training mode runs fake quantization with straight-through gradients. Evaluation mode lowers the
+model to integers once (cached until the next ``train()``/``load_state_dict``) and runs the
+integer program with torch kernels, so what you evaluate is bit-for-bit what the NumPy reference
+and every exported artifact compute: the accuracy you measure is the deployed accuracy.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..execute import TorchKernels, run
+from ..graph.ir import Graph
+from ..lower import IntGraph, lower
+from ..quantizers.base import QParams, Quantizer, fake_quant, round_ste
+
+_ACTIVATIONS = {
+    "identity": lambda x, lo, hi: x,
+    "relu": lambda x, lo, hi: F.relu(x),
+    "relu6": lambda x, lo, hi: F.relu6(x),
+    "hardtanh": lambda x, lo, hi: F.hardtanh(x, lo, hi),
+}
+
+
+class QuantLayer(nn.Module):
+    """Float weight and bias of a conv/linear node (BatchNorm folded) and its weight quantizer."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, quantizer: Quantizer):
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+        self.bias = nn.Parameter(bias.clone())
+        self.quantizer = quantizer
+
+    def qparams(self) -> QParams:
+        return self.quantizer.qparams(self.weight)
+
+
+class QuantModel(nn.Module):
+    def __init__(self, graph: Graph, layers: dict[str, QuantLayer], act_quantizers: dict[str, Quantizer],
+                 numerics: str, target_name: str = "generic"):
+        super().__init__()
+        self.graph = graph
+        self.numerics = numerics
+        self.target_name = target_name
+        self.layers = nn.ModuleDict(layers)
+        self.act_quantizers = nn.ModuleDict(act_quantizers)
+        self._int_graph: IntGraph | None = None
+        self._int_graph_torch: IntGraph | None = None
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.graph.input.out_shape
+
+    def act_quantizer(self, name: str) -> Quantizer:
+        return self.act_quantizers[self.graph.grid_source(name)]
+
+    def weight_bits(self) -> dict[str, torch.Tensor]:
+        return {name: layer.quantizer.bits() for name, layer in self.layers.items()}
+
+    def act_bits(self) -> dict[str, torch.Tensor]:
+        return {name: q.bits() for name, q in self.act_quantizers.items()}
+
+    # -- training path ---------------------------------------------------------------------
+    def _bias_qparams(self, layer: QuantLayer, wqp: QParams, in_name: str) -> QParams:
+        s_in = self.act_quantizer(in_name).qparams().scale.reshape(()).detach()
+        channel = wqp.full(tuple(layer.weight.shape)).scale.reshape(layer.weight.shape[0], -1).amin(1)
+        return QParams((s_in * channel.detach()).reshape(-1), torch.full_like(channel, 32.0), signed=True)
+
+    def _weighted(self, node, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layers[node.name]
+        wqp = layer.qparams()
+        w = fake_quant(layer.weight, wqp)
+        b = fake_quant(layer.bias, self._bias_qparams(layer, wqp, node.inputs[0]))
+        if node.op == "linear":
+            return F.linear(x, w, b)
+        a = node.attrs
+        conv = F.conv1d if a["dims"] == 1 else F.conv2d
+        return conv(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
+
+    def _fake_quant_step(self, node, args: list[torch.Tensor]) -> torch.Tensor:
+        op, a = node.op, node.attrs
+        if op == "input":
+            return self.act_quantizers["input"](args[0])
+        if op == "maxpool":
+            fn = F.max_pool1d if a["dims"] == 1 else F.max_pool2d
+            return fn(args[0], a["kernel_size"], a["stride"], a["padding"])
+        if op == "avgpool":
+            fn = F.avg_pool1d if a["dims"] == 1 else F.avg_pool2d
+            scale = self.act_quantizer(node.inputs[0]).qparams().scale.reshape(()).detach()
+            return round_ste(fn(args[0], a["kernel_size"], a["stride"]) / scale) * scale  # stays on its grid
+        if op == "flatten":
+            return torch.flatten(args[0], 1)
+        if op in ("conv", "linear"):
+            y = self._weighted(node, args[0])
+        elif op == "add":
+            y = args[0] + args[1]
+        else:  # act
+            y = args[0]
+        y = _ACTIVATIONS[a["activation"]](y, a.get("act_min"), a.get("act_max"))
+        return self.act_quantizers[node.name](y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return self.integer_forward(x)
+        env: dict[str, torch.Tensor] = {}
+        for node in self.graph:
+            args = [x] if node.op == "input" else [env[i] for i in node.inputs]
+            env[node.name] = self._fake_quant_step(node, args)
+        return env[self.graph.output]
+
+    # -- integer path ----------------------------------------------------------------------
+    def lower(self) -> IntGraph:
+        """The integer program of the current parameters (cached until they may change)."""
+        if self._int_graph is None:
+            with torch.no_grad():
+                weights = {n: (l.weight, l.bias) for n, l in self.layers.items()}
+                wqp = {n: l.qparams() for n, l in self.layers.items()}
+                aqp = {n: q.qparams() for n, q in self.act_quantizers.items()}
+                self._int_graph = lower(self.graph, weights, wqp, aqp, self.numerics)
+        return self._int_graph
+
+    def integer_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the integer program with torch kernels and return real values (int * scale)."""
+        if self._int_graph_torch is None or self._int_graph is None:
+            device = x.device
+            self._int_graph_torch = self.lower().map_arrays(lambda a: torch.as_tensor(a, device=device))
+        with torch.no_grad():
+            y = run(self._int_graph_torch, x, TorchKernels)
+        return y.to(torch.float32) * self._int_graph_torch.output_scale
+
+    def invalidate(self) -> None:
+        """Forget the cached integer program (call after changing parameters in eval mode)."""
+        self._int_graph = None
+        self._int_graph_torch = None
+
+    def train(self, mode: bool = True):
+        self.invalidate()
+        return super().train(mode)
+
+    def load_state_dict(self, *args, **kwargs):
+        self.invalidate()
+        return super().load_state_dict(*args, **kwargs)
+
+    @torch.no_grad()
+    def calibrate(self, batches) -> None:
+        """Observe activation ranges on some batches (fake-quant path, no weight updates)."""
+        was_training = self.training
+        super().train(True)
+        for xb in batches:
+            self.forward(xb[0] if isinstance(xb, (tuple, list)) else xb)
+        self.train(was_training)
+

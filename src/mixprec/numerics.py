@@ -1,0 +1,302 @@
+"""The numerics oracle: every rounding, saturation and requantization rule mixprec uses.
+
+Everything here is a pure function. The integer functions accept NumPy arrays or torch integer
+tensors (int64) alike, so the NumPy reference interpreter and the PyTorch integer evaluation path
+run literally the same arithmetic. Accumulators are int64 everywhere: products of two int32 values
+fit, and the C exporter checks statically that real accumulators fit in int32.
+
+Two requantization forms:
+  * ``tflm``: an int32 multiplier ``M`` (Q0.31) and a shift, with the TFLite-Micro / CMSIS-NN
+    arithmetic (saturating rounding doubling high multiply, then rounding divide by a power of two).
+  * ``pow2``: power-of-two scales (fixed point, FPGA); requantization is a shift rounding half up,
+    which is ``ap_fixed``'s ``AP_RND`` mode.
+
+>>> import numpy as np
+>>> quantize(np.array([0.26, -1.0, 3.0]), 0.25, 4, signed=True).tolist()
+[1, -4, 7]
+>>> m, s = quantize_multiplier(0.75)
+>>> int(multiply_by_quantized_multiplier(np.array([100]), m, s)[0])
+75
+>>> int(shift_round(np.array([-6]), 2)[0])   # -1.5 rounds half up to -1
+-1
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+ROUNDING_MODES = ("half_even", "half_away", "half_up", "floor")
+
+
+# --- array-agnostic helpers ---------------------------------------------------------------
+
+def _where(cond, a, b):
+    return torch.where(cond, a, b) if isinstance(cond, torch.Tensor) else np.where(cond, a, b)
+
+
+def _like(x, value):
+    """An integer array/tensor of the same kind as ``x`` holding ``value`` (broadcastable)."""
+    if isinstance(x, torch.Tensor):
+        return torch.as_tensor(value, dtype=torch.int64, device=x.device)
+    return np.asarray(value, dtype=np.int64)
+
+
+def _clip(x, lo, hi):
+    if isinstance(x, torch.Tensor):
+        return torch.minimum(torch.maximum(x, _like(x, lo)), _like(x, hi))
+    return np.minimum(np.maximum(x, lo), hi)
+
+
+def _as_int(flags):
+    return flags.to(torch.int64) if isinstance(flags, torch.Tensor) else np.asarray(flags).astype(np.int64)
+
+
+def pow2(exponent):
+    """``2**exponent`` for a non-negative integer array (int64)."""
+    return _like(exponent, 1) << exponent
+
+
+# --- rounding and quantization ------------------------------------------------------------
+
+def round_values(x, mode: str = "half_even"):
+    """Round floats to integers-valued floats.
+
+    >>> round_values(np.array([0.5, 1.5, -0.5, -1.5]), "half_even").tolist()
+    [0.0, 2.0, -0.0, -2.0]
+    >>> round_values(np.array([0.5, -0.5]), "half_away").tolist()
+    [1.0, -1.0]
+    >>> round_values(np.array([0.5, -0.5]), "half_up").tolist()
+    [1.0, 0.0]
+    """
+    mod = torch if isinstance(x, torch.Tensor) else np
+    if mode == "half_even":
+        return mod.round(x)
+    if mode == "half_away":
+        return mod.sign(x) * mod.floor(mod.abs(x) + 0.5)
+    if mode == "half_up":
+        return mod.floor(x + 0.5)
+    if mode == "floor":
+        return mod.floor(x)
+    raise ValueError(f"unknown rounding mode {mode!r}; supported: {', '.join(ROUNDING_MODES)}")
+
+
+def qrange(bits, signed, narrow: bool = False):
+    """Integer range ``(qmin, qmax)`` of a ``bits``-wide integer; works on arrays of bits.
+
+    Zero bits give ``(0, 0)``: the value is pruned. ``narrow`` drops the most negative code
+    (symmetric weights, as TFLite-Micro does for int8 weights).
+
+    >>> qrange(4, True), qrange(4, False), qrange(8, True, narrow=True), qrange(0, True)
+    ((-8, 7), (0, 15), (-127, 127), (0, 0))
+    """
+    if isinstance(bits, torch.Tensor):
+        b = bits.to(torch.float64)
+        mag = torch.where(b > 0, torch.exp2(b - 1), torch.zeros_like(b))
+        if signed:
+            return -(mag - 1) if narrow else -mag, torch.where(b > 0, mag - 1, torch.zeros_like(b))
+        return torch.zeros_like(b), torch.where(b > 0, torch.exp2(b) - 1, torch.zeros_like(b))
+    b = np.asarray(bits, dtype=np.int64)
+    if signed:
+        hi = np.where(b > 0, (np.int64(1) << np.maximum(b - 1, 0)) - 1, 0)
+        lo = np.where(b > 0, -hi if narrow else -hi - 1, 0)
+    else:
+        lo = np.zeros_like(b)
+        hi = np.where(b > 0, (np.int64(1) << np.maximum(b, 0)) - 1, 0)
+    if lo.ndim == 0:
+        return int(lo), int(hi)
+    return lo, hi
+
+
+def quantize(x, scale, bits, signed: bool, rounding: str = "half_even", narrow: bool = False):
+    """Real values to integers: ``clip(round(x / scale), qmin, qmax)`` computed in float64.
+
+    Returns int64. ``scale`` and ``bits`` broadcast against ``x``.
+    """
+    lo, hi = qrange(bits, signed, narrow)
+    if isinstance(x, torch.Tensor):
+        q = round_values(x.to(torch.float64) / torch.as_tensor(scale, dtype=torch.float64), rounding)
+        return torch.clamp(q, torch.as_tensor(lo, dtype=q.dtype), torch.as_tensor(hi, dtype=q.dtype)).to(torch.int64)
+    q = round_values(np.asarray(x, dtype=np.float64) / np.asarray(scale, dtype=np.float64), rounding)
+    return np.clip(q, lo, hi).astype(np.int64)
+
+
+def dequantize(q, scale):
+    """Integers back to reals: ``q * scale``."""
+    return q * scale
+
+
+def scale_from_frac_bits(frac_bits):
+    """Fixed point with ``f`` fractional bits has scale ``2**-f``."""
+    return 2.0 ** (-np.asarray(frac_bits, dtype=np.float64))
+
+
+def frac_bits_from_scale(scale) -> np.ndarray:
+    """Inverse of :func:`scale_from_frac_bits`; raises if a scale is not an exact power of two."""
+    s = np.asarray(scale, dtype=np.float64)
+    f = -np.log2(s)
+    if not np.all(f == np.round(f)):
+        raise ValueError(f"scale {s[f != np.round(f)].ravel()[:3]} is not a power of two")
+    return np.round(f).astype(np.int64)
+
+
+def fixed_point_format(bits: int, frac_bits: int, signed: bool) -> tuple[int, int]:
+    """``(total bits, integer bits)`` as ``ap_fixed<W, I>`` writes it (integer bits include the sign)."""
+    return bits, bits - frac_bits
+
+
+def pow2_scale_covering(max_abs, qmax):
+    """Smallest power-of-two scale ``s`` with ``max_abs / s <= qmax`` (fixed point, no clipping)."""
+    ratio = np.maximum(np.asarray(max_abs, dtype=np.float64), 1e-30) / np.maximum(qmax, 1)
+    return 2.0 ** np.ceil(np.log2(ratio))
+
+
+# --- TFLite-Micro integer requantization ----------------------------------------------------
+
+def quantize_multiplier(real: float) -> tuple[int, int]:
+    """A positive real multiplier as ``(M, shift)`` with ``real ~= M * 2**(shift - 31)``,
+    ``M`` in ``[2**30, 2**31)``; the TFLite-Micro ``QuantizeMultiplier``.
+
+    >>> quantize_multiplier(0.5), quantize_multiplier(1.0)
+    ((1073741824, 0), (1073741824, 1))
+    """
+    if real <= 0.0:
+        return 0, 0
+    q, shift = math.frexp(real)
+    q_fixed = int(math.floor(abs(q) * 2**31 + 0.5))  # std::round: half away from zero
+    if q_fixed == 2**31:
+        q_fixed //= 2
+        shift += 1
+    if shift < -31:
+        return 0, 0
+    if shift > 30:
+        raise ValueError(f"requantization multiplier {real} too large for int32 arithmetic")
+    return q_fixed, shift
+
+
+def _div_pow2_trunc(x, k: int):
+    """Divide by ``2**k`` rounding toward zero (C integer division)."""
+    return _where(x >= 0, x >> k, -((-x) >> k))
+
+
+def saturating_rounding_doubling_high_mul(a, b):
+    """High 32 bits of ``2*a*b`` rounded to nearest (TFLite ``SaturatingRoundingDoublingHighMul``).
+
+    >>> int(saturating_rounding_doubling_high_mul(np.array([2**30]), np.array([2**30]))[0])
+    536870912
+    """
+    overflow = (a == INT32_MIN) & (b == INT32_MIN)
+    ab = a * b
+    nudge = _where(ab >= 0, _like(ab, 1 << 30), _like(ab, 1 - (1 << 30)))
+    high = _div_pow2_trunc(ab + nudge, 31)
+    return _where(overflow, _like(high, INT32_MAX), high)
+
+
+def rounding_divide_by_pot(x, exponent):
+    """``x / 2**exponent`` rounded half away from zero (TFLite ``RoundingDivideByPOT``).
+
+    >>> rounding_divide_by_pot(np.array([5, -5, 6, -6]), 2).tolist()
+    [1, -1, 2, -2]
+    """
+    exponent = _like(x, exponent)
+    mask = pow2(exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + _as_int(x < 0)
+    return (x >> exponent) + _as_int(remainder > threshold)
+
+
+def multiply_by_quantized_multiplier(x, multiplier, shift):
+    """``x * M * 2**(shift-31)`` with TFLite-Micro rounding (``MultiplyByQuantizedMultiplier``)."""
+    shift = _like(x, shift)
+    zero = _like(x, 0)
+    left = _where(shift > 0, shift, zero)
+    right = _where(shift > 0, zero, -shift)
+    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x * pow2(left), _like(x, multiplier)), right)
+
+
+# --- power-of-two requantization ------------------------------------------------------------
+
+def shift_round(x, shift):
+    """``x / 2**shift`` rounded half up for ``shift > 0``; ``x * 2**-shift`` otherwise (exact)."""
+    shift = _like(x, shift)
+    zero = _like(x, 0)
+    right = _where(shift > 0, shift, zero)
+    left = _where(shift > 0, zero, -shift)
+    half = _where(right > 0, pow2(_where(right > 0, right - 1, zero)), zero)
+    return ((x + half) >> right) << left
+
+
+def div_round_away(x, n):
+    """Integer ``x / n`` rounded half away from zero (TFLite-Micro average pooling).
+
+    >>> div_round_away(np.array([5, -5, 4, -4]), 2).tolist()
+    [3, -3, 2, -2]
+    """
+    n = _like(x, n)
+    half = n // 2
+    pos = (x + half) // n
+    neg = -((-x + half) // n)
+    return _where(x >= 0, pos, neg)
+
+
+@dataclass
+class Requant:
+    """Integer requantization from an accumulator grid to an output grid.
+
+    ``kind`` is ``"tflm"`` (``multiplier`` and ``shift`` as TFLite-Micro) or ``"pow2"`` (``shift``
+    only; ``multiplier`` unused). Arrays broadcast against the accumulator (e.g. ``(C, 1, 1)``
+    for per-channel).
+    """
+
+    kind: str
+    multiplier: np.ndarray
+    shift: np.ndarray
+
+    def apply(self, acc):
+        if self.kind == "tflm":
+            return multiply_by_quantized_multiplier(acc, self.multiplier, self.shift)
+        return shift_round(acc, self.shift)
+
+    def to_torch(self, device=None) -> "Requant":
+        conv = lambda a: torch.as_tensor(a, dtype=torch.int64, device=device)  # noqa: E731
+        return Requant(self.kind, conv(self.multiplier), conv(self.shift))
+
+
+def make_requant(real_multiplier, kind: str) -> Requant:
+    """Build requantization parameters from real multipliers ``s_acc / s_out`` (array)."""
+    real = np.asarray(real_multiplier, dtype=np.float64)
+    if kind == "pow2":
+        log = np.log2(real)
+        if not np.all(log == np.round(log)):
+            raise ValueError("pow2 requantization needs power-of-two scale ratios")
+        return Requant("pow2", np.zeros(real.shape, np.int64), (-np.round(log)).astype(np.int64))
+    if kind != "tflm":
+        raise ValueError(f"unknown requantization kind {kind!r}; supported: tflm, pow2")
+    pairs = [quantize_multiplier(float(r)) for r in real.ravel()]
+    mult = np.array([p[0] for p in pairs], dtype=np.int64).reshape(real.shape)
+    shift = np.array([p[1] for p in pairs], dtype=np.int64).reshape(real.shape)
+    return Requant("tflm", mult, shift)
+
+
+def requantize(acc, requant: Requant, lo, hi, post_shift=None):
+    """Accumulator to output integers: requantize, saturate to ``[lo, hi]``, then apply the
+    optional per-element ``post_shift`` (a left shift onto the tensor's common grid)."""
+    y = _clip(requant.apply(acc), lo, hi)
+    if post_shift is not None:
+        y = y << _like(y, post_shift)
+    return y
+
+
+def saturate(x, lo, hi):
+    """Clip integers to ``[lo, hi]`` (saturation, never wrap-around)."""
+    return _clip(x, lo, hi)
+
+
+def add_left_shift(max_input_bits: int) -> int:
+    """Headroom shift for the TFLite-style add: 20 for 8-bit inputs, less for wider ones so
+    ``x << shift`` stays within int32."""
+    return int(min(20, 29 - max_input_bits))

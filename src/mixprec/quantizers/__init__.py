@@ -1,0 +1,6 @@
+"""Quantizers: the shared interface and the fixed-bit quantizers every method ends in."""
+from .base import QParams, Quantizer, ceil_ste, fake_quant, round_ste
+from .fixed import ActQuantizer, FixedWeightQuantizer, freeze_observers
+
+__all__ = ["QParams", "Quantizer", "ceil_ste", "fake_quant", "round_ste", "ActQuantizer",
+           "FixedWeightQuantizer", "freeze_observers"]

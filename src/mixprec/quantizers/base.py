@@ -1,0 +1,110 @@
+"""The interface every quantizer implements, and the one fake-quantization function they share.
+
+A quantizer maps a real tensor onto a grid ``scale * k`` with integer ``k`` in the range of its
+bit-width. ``scale`` and ``bits`` are tensors whose shapes are the granularity (see
+:mod:`mixprec.granularity`); search methods differ only in how they produce them (given, learned
+step and range, learned fractional bits, a mixture of choices).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..granularity import expand
+from ..numerics import qrange
+
+NUMERICS = ("scaled", "fixed")
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even in the forward pass, identity gradient (straight-through)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def ceil_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.ceil(x) - x).detach()
+
+
+@dataclass
+class QParams:
+    """A quantizer's grid at one moment: ``scale`` and ``bits`` tile the value tensor."""
+
+    scale: torch.Tensor
+    bits: torch.Tensor
+    signed: bool
+    narrow: bool = False
+
+    def full(self, shape: tuple[int, ...]) -> "QParams":
+        return QParams(expand(self.scale, shape), expand(self.bits, shape), self.signed, self.narrow)
+
+    def int_range(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = qrange(expand(self.bits.detach().round(), shape), self.signed, self.narrow)
+        return lo, hi
+
+    def numpy(self) -> dict:
+        return {
+            "scale": self.scale.detach().double().cpu().numpy(),
+            "bits": self.bits.detach().round().to(torch.int64).cpu().numpy(),
+            "signed": self.signed,
+            "narrow": self.narrow,
+        }
+
+
+def fake_quant(x: torch.Tensor, qp: QParams) -> torch.Tensor:
+    """``scale * clip(round(x / scale), qmin(bits), qmax(bits))`` with straight-through rounding.
+
+    Gradients reach ``x`` inside the range (zero outside, where clipping is active) and reach
+    ``scale`` when it requires grad (LSQ-style). ``bits`` enters only through the clip range.
+    """
+    # A weight has no batch dimension; an activation has one in front of its quantizer's shape.
+    value_shape = tuple(x.shape) if qp.scale.dim() == x.dim() else tuple(x.shape[1:])
+    scale = expand(qp.scale, value_shape)
+    lo, hi = qrange(expand(qp.bits.detach().round(), value_shape), qp.signed, qp.narrow)
+    k = round_ste(x / scale)
+    k = torch.minimum(torch.maximum(k, lo.to(x.dtype)), hi.to(x.dtype))
+    return k * scale
+
+
+def range_scale(max_abs: torch.Tensor, bits: torch.Tensor, signed: bool, numerics: str,
+                narrow: bool = False) -> torch.Tensor:
+    """Scale that maps ``max_abs`` onto the largest code of ``bits``; a power of two (rounded up,
+    so nothing clips) under fixed-point numerics."""
+    _, hi = qrange(bits.detach().round(), signed, narrow)
+    scale = max_abs.detach().clamp_min(1e-8) / hi.to(max_abs.dtype).clamp_min(1.0)
+    if numerics == "fixed":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    return scale.to(torch.float32)
+
+
+class Quantizer(nn.Module):
+    """Interface of a quantizer.
+
+    ``forward(x)`` fake-quantizes with straight-through gradients, ``bits()`` returns the bit-width
+    tensor (its shape is the granularity; differentiable where the method learns it) and
+    ``qparams(x)`` the grid (``scale``, ``bits``, ``signed``) that integer lowering freezes.
+    Weight quantizers derive their grid from the weights, so they take ``x``; activation
+    quantizers ignore it.
+    """
+
+    numerics: str = "scaled"
+
+    def bits(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def qparams(self, x: torch.Tensor | None = None) -> QParams:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quant(x, self.qparams(x))
+
+
+def as_bits_tensor(bits, shape: tuple[int, ...]) -> torch.Tensor:
+    """Accept an int, a list/array or a tensor of bits; check it tiles ``shape``."""
+    t = torch.as_tensor(np.asarray(bits), dtype=torch.float32)
+    if t.dim() == 0:
+        t = t.reshape((1,) * len(shape))
+    expand(t, shape)  # raises when it does not tile
+    return t

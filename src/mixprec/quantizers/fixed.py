@@ -1,0 +1,120 @@
+"""Quantizers with given bit-widths: weights scaled from their own range, activations from a
+running range observer. The uniform baseline uses them, and every search method freezes its
+result into them for fine-tuning and export."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..granularity import expand, granularity_of, reduce_to
+from .base import QParams, Quantizer, as_bits_tensor, range_scale
+
+
+def _scale_group_shape(bits_shape: tuple[int, ...], value_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Range is measured per bits group, but never finer than per channel (dim 0): finer bits
+    share their channel's range and differ in precision (fractional bits), as in HGQ."""
+    if granularity_of(bits_shape, value_shape) == "per-element":
+        return (value_shape[0],) + (1,) * (len(value_shape) - 1)
+    return tuple(bits_shape)
+
+
+class FixedWeightQuantizer(Quantizer):
+    """Symmetric signed weights with given bits (any granularity).
+
+    Scaled numerics: one real scale per bits group (per channel at most), so integer kernels see
+    one scale per output channel. Fixed numerics: power-of-two scales, which may differ per
+    element since aligning powers of two is exact.
+    """
+
+    def __init__(self, weight_shape: tuple[int, ...], bits, numerics: str = "scaled"):
+        super().__init__()
+        self.weight_shape = tuple(weight_shape)
+        self.numerics = numerics
+        self.register_buffer("bits_param", as_bits_tensor(bits, self.weight_shape))
+
+    def bits(self) -> torch.Tensor:
+        return self.bits_param
+
+    def set_bits(self, bits) -> None:
+        self.bits_param = as_bits_tensor(bits, self.weight_shape).to(self.bits_param.device)
+
+    def qparams(self, x: torch.Tensor | None = None) -> QParams:
+        bits = self.bits_param
+        group = _scale_group_shape(tuple(bits.shape), self.weight_shape)
+        max_abs = reduce_to(x.detach().abs(), group)
+        if self.numerics == "fixed":
+            scale = range_scale(expand(max_abs, self.weight_shape), expand(bits, self.weight_shape), True, "fixed", True)
+            if tuple(group) == tuple(bits.shape):
+                scale = reduce_to(scale, group)  # equal within a group: keep it compact
+        else:
+            group_bits = reduce_to(expand(bits, self.weight_shape), group)
+            scale = range_scale(max_abs, group_bits, True, "scaled", True)
+        return QParams(scale, bits, signed=True, narrow=True)
+
+
+class ActQuantizer(Quantizer):
+    """Activation quantizer with given bits and a running min/max observer.
+
+    In training mode the observed range follows an exponential moving average; in eval mode it
+    is frozen. Signedness follows the observed minimum, so a tensor after ReLU is unsigned.
+    ``clip`` bounds the range by the fused activation (ReLU6 at 6, Hardtanh at its limits).
+    """
+
+    def __init__(self, shape: tuple[int, ...], bits, numerics: str = "scaled", momentum: float = 0.1,
+                 clip: tuple[float, float] = (float("-inf"), float("inf"))):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.numerics = numerics
+        self.momentum = momentum
+        self.clip = (float(clip[0]), float(clip[1]))
+        self.register_buffer("bits_param", as_bits_tensor(bits, self.shape))
+        self.register_buffer("running_min", torch.zeros(()))
+        self.register_buffer("running_max", torch.zeros(()))
+        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+
+    def bits(self) -> torch.Tensor:
+        return self.bits_param
+
+    def set_bits(self, bits) -> None:
+        self.bits_param = as_bits_tensor(bits, self.shape).to(self.bits_param.device)
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.running_min < 0)
+
+    def observe(self, x: torch.Tensor) -> None:
+        lo = x.detach().min().clamp(*self.clip).to(self.running_min.dtype)
+        hi = x.detach().max().clamp(*self.clip).to(self.running_max.dtype)
+        if not bool(self.observed):
+            self.running_min.copy_(lo)
+            self.running_max.copy_(hi)
+            self.observed.fill_(True)
+        else:
+            self.running_min.lerp_(lo, self.momentum)
+            self.running_max.lerp_(hi, self.momentum)
+
+    def qparams(self, x: torch.Tensor | None = None) -> QParams:
+        if not bool(self.observed):
+            raise RuntimeError("activation quantizer has not observed any data: run a calibration pass "
+                               "(mixprec.calibrate) or a training step first")
+        signed = self.signed
+        max_abs = torch.maximum(self.running_max, -self.running_min) if signed else self.running_max
+        bits = self.bits_param
+        if self.numerics == "fixed":
+            scale = range_scale(expand(max_abs.reshape((1,) * len(self.shape)), tuple(bits.shape)), bits, signed, "fixed")
+        else:
+            scale = range_scale(max_abs.reshape((1,) * len(self.shape)), bits.amax().reshape((1,) * len(self.shape)),
+                                signed, "scaled")
+        return QParams(scale, bits, signed=signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.observe(x)
+        return super().forward(x)
+
+
+def freeze_observers(module: nn.Module, frozen: bool = True) -> None:
+    """Stop (or restart) range tracking in every activation quantizer, e.g. for fine-tuning."""
+    for m in module.modules():
+        if isinstance(m, ActQuantizer):
+            m.momentum = 0.0 if frozen else 0.1
