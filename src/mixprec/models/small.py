@@ -1,0 +1,68 @@
+"""Small models for quick experiments: 8x8 digits, MNIST LeNet-5 and the jet-tagging MLP."""
+from __future__ import annotations
+
+from torch import nn
+
+from mixprec.models.blocks import conv_bn
+
+
+def digits_cnn(num_classes: int = 10, width: int = 16) -> nn.Module:
+    """A small CNN for scikit-learn's 8x8 digits.
+
+    Input (1, 8, 8), pixel values scaled to [0, 1]. Our own design (no published reference):
+    conv(w) -> conv(2w) -> maxpool -> conv(2w) -> global average pool -> linear.
+    14,458 parameters at ``width=16``. Adam (lr 3e-3, cosine, batch 32) for 30 epochs reaches
+    99.2-99.7% test accuracy (stratified 80/20 split, seed 0) in about 20 s on two CPU cores,
+    which makes it the end-to-end smoke model of the library.
+    """
+    w1, w2 = width, 2 * width
+    return nn.Sequential(
+        conv_bn(1, w1, 3),
+        conv_bn(w1, w2, 3),
+        nn.MaxPool2d(2),  # 8x8 -> 4x4
+        conv_bn(w2, w2, 3),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(w2, num_classes),
+    )
+
+
+def lenet5(num_classes: int = 10) -> nn.Module:
+    """LeNet-5 (LeCun et al., 1998) for MNIST with modern ReLU activations.
+
+    Input (1, 28, 28). conv 6@5x5 (pad 2) -> maxpool -> conv 16@5x5 -> maxpool ->
+    fc 120 -> fc 84 -> fc num_classes: 61,706 parameters, the classic count.
+    Max pooling replaces the original trainable subsampling (same parameter count as
+    average pooling, and the converter passes it through without requantization).
+    """
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 28x28 -> 14x14
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # 10x10 -> 5x5
+        nn.Flatten(),
+        nn.Linear(16 * 5 * 5, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
+def jet_mlp(num_classes: int = 5) -> nn.Module:
+    """Jet-tagging MLP 16-64-32-32-5 with ReLU (4,389 parameters).
+
+    Input (16,) high-level jet features. The hls4ml jet-substructure benchmark model
+    (Duarte et al., JINST 13 P07027, 2018), used by HGQ (Sun et al., 2024) and QKeras.
+    """
+    return nn.Sequential(
+        nn.Linear(16, 64),
+        nn.ReLU(),
+        nn.Linear(64, 32),
+        nn.ReLU(),
+        nn.Linear(32, 32),
+        nn.ReLU(),
+        nn.Linear(32, num_classes),
+    )
