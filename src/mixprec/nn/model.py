@@ -65,7 +65,7 @@ class QuantModel(nn.Module):
 
     # -- training path ---------------------------------------------------------------------
     def _bias_qparams(self, layer: QuantLayer, wqp: QParams, in_name: str) -> QParams:
-        s_in = self.act_quantizer(in_name).qparams().scale.reshape(()).detach()
+        s_in = self.act_quantizer(in_name).qparams().scale.amin().detach()  # the common (finest) grid
         channel = wqp.full(tuple(layer.weight.shape)).scale.reshape(layer.weight.shape[0], -1).amin(1)
         return QParams((s_in * channel.detach()).reshape(-1), torch.full_like(channel, 32.0), signed=True)
 
@@ -89,7 +89,7 @@ class QuantModel(nn.Module):
             return fn(args[0], a["kernel_size"], a["stride"], a["padding"])
         if op == "avgpool":
             fn = F.avg_pool1d if a["dims"] == 1 else F.avg_pool2d
-            scale = self.act_quantizer(node.inputs[0]).qparams().scale.reshape(()).detach()
+            scale = self.act_quantizer(node.inputs[0]).qparams().scale.amin().detach()
             return round_ste(fn(args[0], a["kernel_size"], a["stride"]) / scale) * scale  # stays on its grid
         if op == "flatten":
             return torch.flatten(args[0], 1)

@@ -1,0 +1,166 @@
+"""The small public API the CLI is a thin layer over.
+
+>>> import torch, mixprec
+>>> qm = mixprec.quantize(torch.nn.Sequential(torch.nn.Linear(4, 2)), "cortex-m4", (4,), bits=4)
+>>> qm.calibrate([torch.randn(8, 4)])
+>>> int(mixprec.cost_report(qm, "cortex-m4").totals["flash_bytes"])   # 2 rows x 2 B + bias/mult/shift
+28
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .convert import convert
+from .cost import (Budget, BudgetError, CostReport, Target, check, evaluate, evaluate_torch, feasible,
+                   load_target)
+from .cost.bits import BitAssignment, act_bits as resolve_act_bits
+from .cost.compute import ebops as node_ebops, effective_bits
+from .execute import reference
+from .nn.model import QuantModel
+
+log = logging.getLogger(__name__)
+
+
+def as_target(target: str | Target) -> Target:
+    return target if isinstance(target, Target) else load_target(target)
+
+
+def default_weight_granularity(target: Target) -> str:
+    """Per channel where the target's kernels allow it (it costs a few bytes and buys accuracy)."""
+    for g in ("per-channel", "per-tensor"):
+        if g in target.weight_granularities:
+            return g
+    return target.weight_granularities[0]
+
+
+def quantize(model: nn.Module, target: str | Target, input_shape: tuple[int, ...], bits=8, act_bits=None,
+             weight_granularity: str | None = None) -> QuantModel:
+    """Convert a float model into a quantized model for ``target`` (fixed bit-widths)."""
+    t = as_target(target)
+    act_bits = bits if act_bits is None else act_bits
+    gran = weight_granularity or default_weight_granularity(t)
+    if gran not in t.weight_granularities:
+        raise ValueError(f"target {t.name} does not support {gran} weights; it supports "
+                         f"{', '.join(t.weight_granularities)}")
+    for b in _values(bits):
+        if b not in t.weight_bits:
+            raise ValueError(f"{b}-bit weights are not supported by {t.name}; supported: {t.weight_bits}")
+    for b in _values(act_bits):
+        if b not in t.act_bits:
+            raise ValueError(f"{b}-bit activations are not supported by {t.name}; supported: {t.act_bits}")
+    return convert(model, input_shape, t.numerics, bits, act_bits, gran, t.act_granularities[0], t.name)
+
+
+def _values(bits) -> list[int]:
+    if isinstance(bits, dict):
+        return sorted({int(v) for b in bits.values() for v in torch.as_tensor(b).flatten().tolist()})
+    return sorted({int(v) for v in torch.as_tensor(bits).flatten().tolist()})
+
+
+def assignment(qm: QuantModel) -> BitAssignment:
+    return BitAssignment(qm.weight_bits(), qm.act_bits())
+
+
+def cost_term(qm: QuantModel, target: str | Target, key: str = "flash_bytes") -> torch.Tensor:
+    """A differentiable cost (any report total) to add to the loss."""
+    return evaluate_torch(qm.graph, assignment(qm), as_target(target))[key]
+
+
+def cost_report(qm: QuantModel, target: str | Target) -> CostReport:
+    """Exact cost of the model as deployed. EBOPs use the HGQ definition on the integer weights
+    (a weight that rounds to zero costs nothing) when the model has been calibrated."""
+    t = as_target(target)
+    report = evaluate(qm.graph, assignment(qm), t)
+    try:
+        ig = qm.lower()
+    except RuntimeError:  # not calibrated yet: nominal bits only
+        return report
+    in_bits = assignment(qm)
+    total = 0.0
+    for row in report.layers:
+        node = qm.graph[row.name]
+        if node.has_weights:
+            eff = effective_bits(torch.as_tensor(ig[node.name].params["weight"]))
+            row.ebops = float(node_ebops(node, eff.float(), resolve_act_bits(in_bits, qm.graph, node.inputs[0])))
+            total += row.ebops
+    report.totals["ebops"] = total
+    return report
+
+
+def fits(report: CostReport, budget: Budget) -> bool:
+    return feasible(report, budget)
+
+
+def largest_uniform_bits(model: nn.Module, target: str | Target, input_shape, budget: Budget,
+                         act_bits: int | None = None, weight_granularity: str | None = None) -> int:
+    """The widest uniform weight width (activations alike unless given) that meets ``budget``,
+    judged from shapes alone; raises ``BudgetError`` naming the smallest achievable cost."""
+    from .cost import check_achievable
+
+    t = as_target(target)
+    probe = quantize(model, t, input_shape, bits=t.min_weight_bits, act_bits=act_bits or t.min_act_bits,
+                     weight_granularity=weight_granularity)
+    check_achievable(probe.graph, t, budget)
+    widths = sorted((b for b in t.weight_bits if b > 0), reverse=True)
+    tried = []
+    for b in widths:
+        a = act_bits or _act_width_for(b, t)
+        qm = quantize(model, t, input_shape, bits=b, act_bits=a, weight_granularity=weight_granularity)
+        report = evaluate(qm.graph, assignment(qm), t)
+        if feasible(report, budget):
+            return b
+        tried.append(f"{b}-bit: " + ", ".join(f"{k} {v:.4g} > {lim:.4g}" for k, (v, lim, ok) in check(report, budget).items() if not ok))
+    raise BudgetError("no uniform width meets the budget (" + "; ".join(tried) + "); a mixed-precision method may")
+
+
+def _act_width_for(weight_bits: int, t: Target) -> int:
+    return min((a for a in t.act_bits if a >= weight_bits), default=max(t.act_bits))
+
+
+def save_integer_model(qm: QuantModel, path: str | Path) -> Path:
+    """Write the lowered integer program (weights, biases, requantization, grids) as ``.npz``
+    plus a JSON description: what the reference interpreter and every exporter consume."""
+    ig = qm.lower()
+    arrays, meta = {}, {"numerics": ig.numerics, "output": ig.output, "output_scale": ig.output_scale, "nodes": []}
+    for n in ig.nodes:
+        entry = {"name": n.name, "op": n.op, "inputs": n.inputs, "out_shape": list(n.out_shape),
+                 "attrs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.attrs.items()}}
+        if n.grid is not None:
+            entry["scale"] = n.grid.scale
+            entry["signed"] = n.grid.signed
+            arrays[f"{n.name}.bits"] = n.grid.bits
+            arrays[f"{n.name}.lo"], arrays[f"{n.name}.hi"] = np.asarray(n.grid.lo), np.asarray(n.grid.hi)
+        for k, v in n.params.items():
+            if hasattr(v, "kind"):
+                arrays[f"{n.name}.{k}.multiplier"], arrays[f"{n.name}.{k}.shift"] = v.multiplier, v.shift
+                entry.setdefault("requant", {})[k] = v.kind
+            elif isinstance(v, np.ndarray):
+                arrays[f"{n.name}.{k}"] = v
+            else:
+                entry.setdefault("values", {})[k] = v
+        meta["nodes"].append(entry)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=float))
+    return path
+
+
+def verify_against_reference(qm: QuantModel, x: torch.Tensor) -> int:
+    """Number of outputs where the model's evaluation differs from the NumPy reference (want 0)."""
+    qm.eval()
+    with torch.no_grad():
+        got = qm(x).numpy()
+    ig = qm.lower()
+    want = (reference(ig, x.numpy()) * ig.output_scale).astype(np.float32)
+    return int((got != want).sum())
+
+
+__all__ = ["Budget", "BudgetError", "as_target", "assignment", "cost_report", "cost_term", "fits",
+           "largest_uniform_bits", "quantize", "save_integer_model", "verify_against_reference"]

@@ -1,0 +1,193 @@
+"""``mixprec``: a thin command line over :mod:`mixprec.api` and :mod:`mixprec.search`."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Mixed-precision quantization for edge targets, with budgets that hold.")
+console = Console()
+err = Console(stderr=True)
+
+QUICKSTART = dict(model="digits-cnn", data="digits", target="cortex-m4", budget={"flash": "12KiB"})
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+class _Progress:
+    """tqdm bars per training phase, or nothing with --quiet / without a terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bars = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(phase)
+        if bar is None:
+            bar = self.bars[phase] = tqdm(total=total, desc=phase, unit="step", leave=False, file=sys.stderr)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def _budget(flash, ram, ebops, energy, latency) -> dict:
+    raw = {"flash": flash, "ram": ram, "ebops": ebops, "energy": energy, "latency": latency}
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+def _print_result(result: dict, out: Path) -> None:
+    table = Table(title=f"{result['method']} · {result['model']} on {result['data']} · {result['target']}")
+    for col in ("layer", "op", "w bits", "a bits", "weight B", "param B", "MACs"):
+        table.add_column(col, justify="right" if col not in ("layer", "op") else "left")
+    for r in result["layers"]:
+        wb = r.get("weight_bits_mean")
+        table.add_row(r["name"], r["op"], "" if wb is None else f"{wb:.2f}", f"{r['act_bits']:.0f}",
+                      str(r["weight_bytes"]), str(r["param_bytes"]), f"{r['macs']:,}")
+    console.print(table)
+    from .cost import format_size
+
+    acc, cost = result["accuracy"], result["cost"]
+    console.print(f"test accuracy: float {acc['float']:.2%}  quantized (integer-exact) [bold]{acc['quantized']:.2%}[/]")
+    console.print(f"FLASH {format_size(cost['flash_bytes'])}  peak RAM {format_size(cost['ram_bytes'])}  "
+                  f"MACs {cost['macs']:,}  EBOPs {cost['ebops']:,.0f}  latency {cost['latency_cycles']:,.0f} cycles  "
+                  f"energy {cost['energy_uj']:.3g} uJ")
+    for k, c in result["budget_checks"].items():
+        mark = "[green]ok[/]" if c["ok"] else "[red]over[/]"
+        console.print(f"budget {k}: {c['value']:,.6g} <= {c['limit']:,.6g} {mark}")
+    verdict = "[green]feasible[/]" if result["feasible"] else "[red]INFEASIBLE[/]"
+    console.print(f"{verdict}; reference mismatches: {result['reference_mismatches']}; "
+                  f"{result['wall_seconds']:.1f} s; run directory: {out}")
+
+
+def _run(cfg_kwargs: dict, out: Path, quiet: bool, verbose: bool) -> dict:
+    from .cost import BudgetError
+    from .data import DatasetError
+    from .graph.convert import UnsupportedLayerError
+    from .search import RunConfig, run_search
+
+    _setup_logging(quiet, verbose)
+    try:
+        cfg = RunConfig(**cfg_kwargs)
+        result = run_search(cfg, out, progress=_Progress(not quiet and sys.stderr.isatty()))
+    except (BudgetError, DatasetError, UnsupportedLayerError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    _print_result(result, out)
+    if not result["feasible"] or result["reference_mismatches"]:
+        raise typer.Exit(1)
+    return result
+
+
+@app.command()
+def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="run directory"),
+               quiet: bool = typer.Option(False, "--quiet", "-q", help="plain log, no progress bars"),
+               verbose: bool = typer.Option(False, "--verbose", "-v")):
+    """Digits CNN on scikit-learn's 8x8 digits for a Cortex-M4 under a 12 KiB FLASH budget."""
+    _run(dict(QUICKSTART), out, quiet, verbose)
+
+
+@app.command()
+def search(model: str = typer.Option(..., help="registered model name or package.module:function"),
+           data: str = typer.Option(..., help="dataset name"),
+           target: str = typer.Option("generic", help="target name or YAML path"),
+           method: str = typer.Option("uniform", help="search method"),
+           bits: Optional[int] = typer.Option(None, help="weight bits (default: widest that fits the budget)"),
+           act_bits: Optional[int] = typer.Option(None, help="activation bits (default: >= weight bits)"),
+           granularity: Optional[str] = typer.Option(None, help="weight granularity"),
+           flash: Optional[str] = typer.Option(None, help="FLASH budget, e.g. 32KiB"),
+           ram: Optional[str] = typer.Option(None, help="peak RAM budget, e.g. 16KiB"),
+           ebops: Optional[str] = typer.Option(None, help="EBOPs budget"),
+           energy_uj: Optional[str] = typer.Option(None, "--energy-uj", help="energy budget in uJ"),
+           latency_cycles: Optional[str] = typer.Option(None, "--latency-cycles", help="latency budget in cycles"),
+           float_epochs: int = typer.Option(15), qat_epochs: int = typer.Option(10),
+           lr: float = typer.Option(3e-3), qat_lr: float = typer.Option(5e-4), batch_size: int = typer.Option(32),
+           seed: int = typer.Option(0), data_dir: Optional[str] = typer.Option(None, help="or MIXPREC_DATA"),
+           out: Path = typer.Option(Path("runs/search"), help="run directory"),
+           quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = typer.Option(False, "--verbose", "-v")):
+    """Search a quantization of MODEL on DATA for TARGET under the given budgets."""
+    _run(dict(model=model, data=data, target=target, method=method, bits=bits, act_bits=act_bits,
+              weight_granularity=granularity, budget=_budget(flash, ram, ebops, energy_uj, latency_cycles),
+              float_epochs=float_epochs, qat_epochs=qat_epochs, lr=lr, qat_lr=qat_lr, batch_size=batch_size,
+              seed=seed, data_dir=data_dir), out, quiet, verbose)
+
+
+@app.command()
+def cost(model: Optional[str] = typer.Option(None, help="registered model or package.module:function"),
+         target: str = typer.Option("generic", help="target name or YAML path"),
+         bits: int = typer.Option(8, help="weight bits"), act_bits: Optional[int] = typer.Option(None),
+         granularity: Optional[str] = typer.Option(None, help="weight granularity"),
+         input_shape: Optional[str] = typer.Option(None, help="e.g. 3,224,224 (default: the model's)"),
+         from_run: Optional[Path] = typer.Option(None, "--from", help="a run directory"),
+         as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Per-layer and total cost (FLASH, peak RAM, MACs, BOPs, EBOPs, latency, energy) without training."""
+    from .api import assignment, quantize
+    from .cost import evaluate, format_table, load_target
+
+    try:
+        if from_run is not None:
+            from .api import cost_report
+            from .search import load_run
+
+            cfg, qm, _ = load_run(from_run)
+            report = cost_report(qm, cfg.target)
+        elif model is None:
+            raise ValueError("give --model (with --target, --bits) or --from RUN_DIR")
+        else:
+            from .models import get_model, input_shape as model_input_shape
+
+            shape = tuple(int(s) for s in input_shape.split(",")) if input_shape else model_input_shape(model)
+            t = load_target(target)
+            qm = quantize(get_model(model), t, shape, bits=bits, act_bits=act_bits or bits, weight_granularity=granularity)
+            report = evaluate(qm.graph, assignment(qm), t)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+    if as_json:
+        console.print_json(json.dumps(report.to_dict()))
+    else:
+        console.print(format_table(report), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def targets():
+    """List the shipped targets."""
+    from .cost import list_targets, load_target
+
+    for name in list_targets():
+        t = load_target(name)
+        console.print(f"[bold]{name}[/]: {t.description}", highlight=False)
+
+
+@app.command()
+def models():
+    """List the registered models."""
+    from .models import get_spec, list_models
+
+    for name in list_models():
+        spec = get_spec(name)
+        console.print(f"[bold]{name}[/] input {spec.input_shape}: {spec.source}", highlight=False)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

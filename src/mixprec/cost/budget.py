@@ -1,0 +1,127 @@
+"""Budgets: limits on the costs of a ``CostReport``, checked after search and before it starts.
+
+Units: bytes for FLASH and RAM (``ram_bytes`` is the planned arena), plain counts for EBOPs and
+cycles, microjoules for energy.
+
+>>> b = Budget.from_strings(flash="32KiB", ram="8KiB", ebops="1e4")
+>>> b.flash_bytes, b.ram_bytes, b.ebops
+(32768, 8192, 10000.0)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from ..graph.ir import Graph
+from .bits import min_assignment
+from .report import CostReport, evaluate
+from .targets import Target
+from .units import format_size, parse_number, parse_size, size_unit
+
+
+class BudgetError(ValueError):
+    """A budget no bit assignment can meet, or one that the device cannot hold."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    flash_bytes: int | None = None
+    ram_bytes: int | None = None
+    ebops: float | None = None
+    energy_uj: float | None = None
+    latency_cycles: float | None = None
+
+    @classmethod
+    def from_strings(cls, flash=None, ram=None, ebops=None, energy=None, latency=None) -> "Budget":
+        """From user text: sizes as ``"32KiB"`` (``units.parse_size``), the rest as numbers (``"1e6"``);
+        energy in uJ, latency in cycles. ``None`` leaves a cost unconstrained."""
+        size = lambda v: None if v is None else parse_size(v)  # noqa: E731
+        number = lambda v: None if v is None else parse_number(v)  # noqa: E731
+        return cls(size(flash), size(ram), number(ebops), number(energy), number(latency))
+
+    def limits(self) -> dict[str, float]:
+        """The set limits, keyed by the report total they constrain."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+def check(report: CostReport, budget: Budget) -> dict[str, tuple[float, float, bool]]:
+    """``{total: (value, limit, value <= limit)}`` for every limit the budget sets."""
+    return {k: (report.totals[k], limit, report.totals[k] <= limit) for k, limit in budget.limits().items()}
+
+
+def feasible(report: CostReport, budget: Budget) -> bool:
+    return all(ok for _, _, ok in check(report, budget).values())
+
+
+# ----------------------------------------------------------------------------- before search
+
+_LABELS = {"flash_bytes": "FLASH", "ram_bytes": "RAM", "ebops": "EBOPs", "energy_uj": "energy",
+           "latency_cycles": "latency"}
+
+
+def smallest_costs(graph: Graph, target: Target) -> dict[str, float]:
+    """Lower bounds of every budgeted cost on ``target`` (``how_reached`` says how).
+
+    Memory and EBOPs grow with the bits, so their minimum is every weight at the smallest non-zero
+    width (pruning everything is not a model) and every activation at the smallest width, at the
+    coarsest granularity (fewest scales). Latency need not: a lower bound puts every weighted layer
+    at the fastest (activation, non-zero weight) pair of the table, independently.
+    """
+    r = evaluate(graph, min_assignment(graph, target), target)
+    elementwise = r.totals["latency_cycles"] - sum(row.cycles for row in r.layers if row.macs)
+    cycles = elementwise + _fastest_mac_cycles(graph, target)
+    mins = {k: r.totals[k] for k in ("flash_bytes", "ram_bytes", "ebops")}
+    mins.update(latency_cycles=cycles, energy_uj=cycles / target.clock_hz * target.power_mw * 1e3)
+    return mins
+
+
+def how_reached(key: str, target: Target) -> str:
+    """How ``smallest_costs`` reaches its figure for ``key``, for messages."""
+    weights, acts = f"weights at {target.min_weight_bits} bits", f"activations at {target.min_act_bits} bits"
+    return {"flash_bytes": f"all {weights}", "ram_bytes": f"all {acts}", "ebops": f"all {weights}, {acts}"}.get(
+        key, "every layer at its fastest supported widths")
+
+
+def _fastest_mac_cycles(graph: Graph, target: Target) -> float:
+    best = max(target.throughput(a, w) for a in target.act_bits for w in target.weight_bits if w > 0)
+    return sum(n.macs for n in graph.weighted()) / best
+
+
+def _fmt(key: str, value: float, unit: str | None = None) -> str:
+    if key in ("flash_bytes", "ram_bytes"):
+        return format_size(value, unit)
+    return f"{value:.4g} uJ" if key == "energy_uj" else f"{value:.4g}"
+
+
+def _violation(key: str, limit: float, smallest: float, target: Target) -> str:
+    unit = size_unit(max(limit, smallest))
+    return (f"{_LABELS[key]} budget {_fmt(key, limit, unit)} is below the smallest achievable "
+            f"{_fmt(key, smallest, unit)} ({how_reached(key, target)}) for this model on {target.name}")
+
+
+def _capacity_errors(budget: Budget, mins: dict[str, float], target: Target) -> list[str]:
+    errors = []
+    for key, capacity in (("flash_bytes", target.flash_bytes), ("ram_bytes", target.ram_bytes)):
+        limit = getattr(budget, key)
+        if capacity is not None and limit is not None and limit > capacity:
+            unit = size_unit(max(limit, capacity))
+            errors.append(f"{_LABELS[key]} budget {_fmt(key, limit, unit)} exceeds the {_fmt(key, capacity, unit)} "
+                          f"of {target.name}")
+        if capacity is not None and mins[key] > capacity:
+            unit = size_unit(max(mins[key], capacity))
+            errors.append(f"the smallest achievable {_LABELS[key]} {_fmt(key, mins[key], unit)} "
+                          f"({how_reached(key, target)}) does not fit the {_fmt(key, capacity, unit)} of {target.name}")
+    return errors
+
+
+def check_achievable(graph: Graph, target: Target, budget: Budget) -> dict[str, float]:
+    """Raise ``BudgetError`` if no assignment on ``target`` can meet ``budget``; return the minima.
+
+    Also raises when a memory budget exceeds the device's capacity (a budget above the memory the
+    device has is a mistake) or when even the smallest model does not fit the device.
+    """
+    mins = smallest_costs(graph, target)
+    errors = [_violation(k, limit, mins[k], target) for k, limit in budget.limits().items() if mins[k] > limit]
+    errors += _capacity_errors(budget, mins, target)
+    if errors:
+        raise BudgetError("; ".join(errors))
+    return mins

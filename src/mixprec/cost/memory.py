@@ -1,0 +1,208 @@
+"""Memory as the deployed artifact lays it out: FLASH (packed weights + per-channel parameters)
+and RAM (activation buffers placed in one arena by a greedy planner over tensor lifetimes).
+
+Byte counts are torch scalars, exact in the forward pass for integer bits and differentiable in
+the bits: every rounding (bits up to a storage container, bits up to whole bytes, offsets up to
+the alignment) is straight-through (``rounding.ste``), so the gradient is that of the unrounded
+count, e.g. d bytes / d b_e = 1/8 for every weight element.
+
+>>> import torch
+>>> from mixprec.graph.ir import Node
+>>> conv = Node("c", "conv", ["input"], (4, 8, 8), [(1, 8, 8)], (4, 1, 3, 3))
+>>> t = load_target("cortex-m4")
+>>> int(weight_flash_bytes(conv, torch.tensor([3.0]), t))  # 3 bits stored as 4: 4 * ceil(9*4/8)
+20
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..granularity import expand
+from ..graph.ir import ALIAS_OPS, Graph, Node
+from .bits import BitAssignment, act_bits, weight_bits
+from .rounding import align_up_ste, snap_up_ste, ste_ceil
+from .targets import Target, load_target  # noqa: F401  (load_target: doctest)
+
+# ----------------------------------------------------------------------------- FLASH
+
+
+def channel_weight_bytes(node: Node, wbits: torch.Tensor, target: Target) -> torch.Tensor:
+    """Bytes of each output channel's weights, shape ``(C_out,)``.
+
+    Each channel starts on a byte boundary; each element takes the smallest target container that
+    holds its bits (0 bits: pruned, 0 storage): ``ceil(sum_e container(b_e) / 8)``.
+    """
+    bits = snap_up_ste(expand(wbits, node.weight_shape), target.weight_containers)
+    return ste_ceil(bits.reshape(node.weight_shape[0], -1).sum(dim=1) / 8)
+
+
+def weight_flash_bytes(node: Node, wbits: torch.Tensor, target: Target) -> torch.Tensor:
+    """Bytes of a weighted node's packed weights (sum of ``channel_weight_bytes``)."""
+    return channel_weight_bytes(node, wbits, target).sum()
+
+
+def n_scales(bits: torch.Tensor) -> int:
+    """Scales (hence requantization parameters) a bits tensor implies: 1 per-tensor, else one per
+    entry along dim 0 (per-channel: C, per-slice: slices, per-element: C)."""
+    return 1 if bits.numel() == 1 else int(bits.shape[0])
+
+
+def requant_steps(graph: Graph, assignment: BitAssignment, name: str) -> int:
+    """Requantization steps (one multiplier + shift + zero point each) that node ``name`` stores.
+
+    - conv / linear: one per effective scale ``s_in * s_w / s_out``: max(weight scales, output scales)
+    - add: each input is rescaled to the output grid and the sum requantized: sum of input scales + output scales
+    - act, avgpool: one rescale from input to output grid: max(input scales, output scales)
+    - input, maxpool, flatten: none (the input is quantized by the caller; the others keep the grid)
+    """
+    node = graph[name]
+    if node.op in ("input", "maxpool", "flatten"):
+        return 0
+    out = n_scales(act_bits(assignment, graph, name))
+    ins = [n_scales(act_bits(assignment, graph, i)) for i in node.inputs]
+    if node.has_weights:
+        return max(n_scales(weight_bits(assignment, graph, name)), out)
+    if node.op == "add":
+        return sum(ins) + out
+    return max(ins + [out])
+
+
+def param_flash_bytes(graph: Graph, assignment: BitAssignment, name: str, target: Target) -> int:
+    """Bytes of a node's stored parameters other than weights.
+
+    Bias: ``param_bytes.bias`` per output channel of a weighted node (kept for pruned channels too:
+    their output is the constant ``act(bias)``; ``attrs["bias"] = False`` drops it). Requantization:
+    ``requant_steps * (multiplier + shift + zero_point)`` bytes (0 on ``fixed`` numerics targets).
+
+    Independent of the bit values (only of the bit tensors' shapes), hence a plain int.
+    """
+    node = graph[name]
+    bias = node.out_channels * target.param_bytes.bias if node.has_weights and node.attrs.get("bias", True) else 0
+    return bias + requant_steps(graph, assignment, name) * target.param_bytes.requant
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def act_bytes(shape: tuple[int, ...], abits: torch.Tensor, target: Target) -> torch.Tensor:
+    """Bytes of one activation tensor: ``ceil(sum_e container(b_e) / 8)`` (packed sub-byte).
+
+    >>> int(act_bytes((4, 8, 8), torch.tensor([3.0]), load_target("cortex-m4")))  # 256 x 4 bits
+    128
+    """
+    bits = snap_up_ste(expand(abits, shape), target.act_containers)
+    return ste_ceil(bits.sum() / 8)
+
+
+def buffer_bytes(graph: Graph, assignment: BitAssignment, target: Target) -> dict[str, torch.Tensor]:
+    """Bytes of every activation buffer (one per non-aliasing node), unaligned."""
+    return {n.name: act_bytes(n.out_shape, act_bits(assignment, graph, n.name), target)
+            for n in graph if n.op not in ALIAS_OPS}
+
+
+def lifetimes(graph: Graph) -> dict[str, tuple[int, int]]:
+    """``buffer -> (first step, last step)``, steps = node positions in execution order, inclusive.
+
+    A buffer is live from the step of the node that produces it until the last step that reads it
+    (through any aliasing view); the graph output's buffer lives until the last step.
+    """
+    spans = {n.name: (i, i) for i, n in enumerate(graph) if n.op not in ALIAS_OPS}
+    for step, node in enumerate(graph):
+        for name in node.inputs:
+            buf = graph.buffer_source(name)
+            spans[buf] = (spans[buf][0], max(spans[buf][1], step))
+    out = graph.buffer_source(graph.output)
+    spans[out] = (spans[out][0], len(graph) - 1)
+    return spans
+
+
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] <= b[1] and b[0] <= a[1]
+
+
+def live_bytes_peak(sizes: dict[str, torch.Tensor], spans: dict[str, tuple[int, int]]) -> torch.Tensor:
+    """The lower bound on any arena: max over steps of the bytes of all live buffers."""
+    steps = range(max(last for _, last in spans.values()) + 1)
+    zero = torch.zeros((), device=next(iter(sizes.values())).device)
+    return torch.stack([sum((sizes[b] for b, (s, e) in spans.items() if s <= t <= e), zero) for t in steps]).max()
+
+
+def in_out_bytes(graph: Graph, sizes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The MCU-paper figure per layer: input buffers + output buffer (views and the input node skipped)."""
+    return {n.name: sum((sizes[graph.buffer_source(i)] for i in n.inputs), sizes[n.name])
+            for n in graph if n.op not in ALIAS_OPS and n.op != "input"}
+
+
+# ----------------------------------------------------------------------------- arena planning
+
+
+@dataclass
+class MemoryPlan:
+    """Where each activation buffer lives in the arena (offsets in bytes, all multiples of ``alignment``)."""
+
+    offsets: dict[str, int]
+    sizes: dict[str, int]  # aligned sizes, as placed
+    lifetimes: dict[str, tuple[int, int]]
+    arena: int
+    alignment: int = 1
+    below: dict[str, str | None] = field(default_factory=dict)  # buffer whose end set each offset
+
+    def to_dict(self) -> dict:
+        return {"arena": self.arena, "alignment": self.alignment, "offsets": dict(self.offsets),
+                "sizes": dict(self.sizes), "lifetimes": {k: list(v) for k, v in self.lifetimes.items()}}
+
+
+def _align(n: int, alignment: int) -> int:
+    return -(-n // alignment) * alignment
+
+
+def plan_arena(sizes: dict[str, int], spans: dict[str, tuple[int, int]], alignment: int = 1) -> MemoryPlan:
+    """Greedy placement like TFLite-Micro's GreedyMemoryPlanner.
+
+    Buffers go in order of size (largest first; ties by first use, then name), each at the lowest
+    offset where it overlaps no already placed buffer whose lifetime overlaps its own. Sizes are
+    rounded up to ``alignment`` first, so every offset and the arena are multiples of it.
+
+    >>> plan_arena({"a": 8, "b": 8, "c": 4}, {"a": (0, 1), "b": (1, 2), "c": (2, 3)}).offsets
+    {'a': 0, 'b': 8, 'c': 0}
+    """
+    aligned = {b: _align(int(s), alignment) for b, s in sizes.items()}
+    order = sorted(aligned, key=lambda b: (-aligned[b], spans[b][0], b))
+    offsets: dict[str, int] = {}
+    below: dict[str, str | None] = {}
+    for buf in order:
+        offsets[buf], below[buf] = _lowest_fit(buf, aligned, spans, offsets)
+    arena = max((offsets[b] + aligned[b] for b in offsets), default=0)
+    return MemoryPlan({b: offsets[b] for b in sizes}, aligned, dict(spans), arena, alignment, below)
+
+
+def _lowest_fit(buf, sizes, spans, offsets) -> tuple[int, str | None]:
+    placed = sorted((o, b) for b, o in offsets.items() if _overlap(spans[b], spans[buf]) and sizes[b] > 0)
+    candidate, below = 0, None
+    for offset, other in placed:
+        if candidate + sizes[buf] <= offset:
+            break
+        if offset + sizes[other] > candidate:
+            candidate, below = offset + sizes[other], other
+    return candidate, below
+
+
+def arena_torch(plan: MemoryPlan, sizes: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The planned arena as a differentiable function of the buffer sizes.
+
+    Each buffer's offset is the (aligned) end of the buffer it was stacked on, so the arena is a
+    sum of sizes along the stacks: exact in the forward pass for the sizes the plan was made with;
+    the gradient reaches the buffers that set the arena (the plan itself is held fixed).
+    """
+    ends: dict[str, torch.Tensor] = {}
+    zero = torch.zeros((), device=next(iter(sizes.values())).device) if sizes else torch.zeros(())
+
+    def end(buf: str) -> torch.Tensor:
+        if buf not in ends:
+            start = end(plan.below[buf]) if plan.below.get(buf) else zero
+            ends[buf] = start + align_up_ste(sizes[buf], plan.alignment)
+        return ends[buf]
+
+    return torch.stack([end(b) for b in plan.offsets]).max() if plan.offsets else zero

@@ -1,0 +1,9 @@
+"""Search methods behind one interface: ``method(SearchContext) -> (QuantModel, history)``."""
+from .config import METHODS, RunConfig
+from .context import SearchContext
+from .run import load_run, run_search
+from .uniform import search_uniform
+
+SEARCH_METHODS = {"uniform": search_uniform}
+
+__all__ = ["METHODS", "RunConfig", "SearchContext", "SEARCH_METHODS", "load_run", "run_search"]

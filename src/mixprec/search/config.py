@@ -1,0 +1,47 @@
+"""A run's configuration: one dataclass, round-tripped through ``config.yaml``."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+METHODS = ("uniform",)
+
+
+@dataclass
+class RunConfig:
+    model: str = "digits-cnn"
+    data: str = "digits"
+    target: str = "cortex-m4"
+    method: str = "uniform"
+    bits: int | None = None  # weights; None: the widest the budget allows
+    act_bits: int | None = None  # None: the smallest supported width >= the weight width
+    weight_granularity: str | None = None  # None: per channel where the target allows it
+    budget: dict = field(default_factory=dict)  # flash, ram, ebops, energy, latency as user text
+    float_epochs: int = 15
+    qat_epochs: int = 10
+    lr: float = 3e-3
+    qat_lr: float = 5e-4
+    batch_size: int = 32
+    seed: int = 0
+    data_dir: str | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        unknown = set(self.budget) - {"flash", "ram", "ebops", "energy", "latency"}
+        if unknown:
+            raise ValueError(f"unknown budget keys {sorted(unknown)}; use flash, ram, ebops, energy, latency")
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(asdict(self), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)

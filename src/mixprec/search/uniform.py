@@ -1,0 +1,22 @@
+"""The uniform baseline: one bit-width everywhere, quantization-aware training from the float model."""
+from __future__ import annotations
+
+import logging
+
+from ..api import quantize
+from ..train import TrainConfig, batches, fit
+from .context import SearchContext
+
+log = logging.getLogger(__name__)
+
+
+def search_uniform(ctx: SearchContext):
+    cfg, data = ctx.config, ctx.data
+    qm = quantize(ctx.float_model, ctx.target, data.input_shape, bits=ctx.weight_bits, act_bits=ctx.act_bits,
+                  weight_granularity=cfg.weight_granularity)
+    qm.calibrate(xb for xb, _ in batches(data.x_train, data.y_train, 256))
+    log.info("QAT at %d-bit weights, %d-bit activations for %d epochs", ctx.weight_bits, ctx.act_bits, cfg.qat_epochs)
+    history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val,
+                  TrainConfig(cfg.qat_epochs, cfg.qat_lr, 0.0, cfg.batch_size, cfg.seed + 1),
+                  on_epoch=ctx.on_epoch("qat"), progress=ctx.progress_for("qat"))
+    return qm, history
