@@ -77,12 +77,18 @@ def round_values(x, mode: str = "half_even"):
     if mode == "half_even":
         return mod.round(x)
     if mode == "half_away":
-        return mod.sign(x) * mod.floor(mod.abs(x) + 0.5)
+        return mod.sign(x) * _floor_half_up(mod, mod.abs(x))
     if mode == "half_up":
-        return mod.floor(x + 0.5)
+        return _floor_half_up(mod, x)
     if mode == "floor":
         return mod.floor(x)
     raise ValueError(f"unknown rounding mode {mode!r}; supported: {', '.join(ROUNDING_MODES)}")
+
+
+def _floor_half_up(mod, x):
+    """``floor(x + 0.5)`` without the float rounding of ``x + 0.5`` (0.49999999999999994 -> 0)."""
+    low = mod.floor(x)
+    return mod.where(x - low >= 0.5, low + 1, low)
 
 
 def qrange(bits, signed, narrow: bool = False):
@@ -98,7 +104,8 @@ def qrange(bits, signed, narrow: bool = False):
         b = bits.to(torch.float64)
         mag = torch.where(b > 0, torch.exp2(b - 1), torch.zeros_like(b))
         if signed:
-            return -(mag - 1) if narrow else -mag, torch.where(b > 0, mag - 1, torch.zeros_like(b))
+            hi = torch.where(b > 0, mag - 1, torch.zeros_like(b))
+            return -hi if narrow else -mag, hi
         return torch.zeros_like(b), torch.where(b > 0, torch.exp2(b) - 1, torch.zeros_like(b))
     b = np.asarray(bits, dtype=np.int64)
     if signed:

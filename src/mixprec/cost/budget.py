@@ -103,13 +103,11 @@ def _capacity_errors(budget: Budget, mins: dict[str, float], target: Target) -> 
     for key, capacity in (("flash_bytes", target.flash_bytes), ("ram_bytes", target.ram_bytes)):
         limit = getattr(budget, key)
         if capacity is not None and limit is not None and limit > capacity:
-            unit = size_unit(max(limit, capacity))
-            errors.append(f"{_LABELS[key]} budget {_fmt(key, limit, unit)} exceeds the {_fmt(key, capacity, unit)} "
+            errors.append(f"{_LABELS[key]} budget {_fmt(key, limit)} exceeds the {_fmt(key, capacity)} "
                           f"of {target.name}")
         if capacity is not None and mins[key] > capacity:
-            unit = size_unit(max(mins[key], capacity))
-            errors.append(f"the smallest achievable {_LABELS[key]} {_fmt(key, mins[key], unit)} "
-                          f"({how_reached(key, target)}) does not fit the {_fmt(key, capacity, unit)} of {target.name}")
+            errors.append(f"the smallest achievable {_LABELS[key]} {_fmt(key, mins[key])} "
+                          f"({how_reached(key, target)}) does not fit the {_fmt(key, capacity)} of {target.name}")
     return errors
 
 

@@ -54,11 +54,12 @@ def requant_steps(graph: Graph, assignment: BitAssignment, name: str) -> int:
 
     - conv / linear: one per effective scale ``s_in * s_w / s_out``: max(weight scales, output scales)
     - add: each input is rescaled to the output grid and the sum requantized: sum of input scales + output scales
-    - act, avgpool: one rescale from input to output grid: max(input scales, output scales)
-    - input, maxpool, flatten: none (the input is quantized by the caller; the others keep the grid)
+    - act: one rescale from input to output grid: max(input scales, output scales)
+    - input, maxpool, avgpool, flatten: none (the input is quantized by the caller; the others keep
+      their input's grid: average pooling divides by its window size, a constant of the kernel)
     """
     node = graph[name]
-    if node.op in ("input", "maxpool", "flatten"):
+    if node.op in ("input", "maxpool", "avgpool", "flatten"):
         return 0
     out = n_scales(act_bits(assignment, graph, name))
     ins = [n_scales(act_bits(assignment, graph, i)) for i in node.inputs]

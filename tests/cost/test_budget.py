@@ -1,0 +1,83 @@
+import pytest
+
+from mixprec.cost.bits import uniform
+from mixprec.cost.budget import Budget, BudgetError, check, check_achievable, feasible, smallest_costs
+from mixprec.cost.report import evaluate
+from mixprec.cost.targets import load_target
+from mixprec.graph.ir import Graph, Node
+
+from .graphs import cnn
+
+M4 = load_target("cortex-m4")
+
+
+def test_from_strings():
+    b = Budget.from_strings(flash="32KiB", ram="8 kB", ebops="1e4", energy="2.5", latency="1e6")
+    assert b == Budget(32768, 8000, 1e4, 2.5, 1e6)
+    assert Budget.from_strings(ram="1KiB").limits() == {"ram_bytes": 1024}
+    with pytest.raises(ValueError, match="ambiguous"):
+        Budget.from_strings(flash="32KB")
+
+
+def test_check_and_feasible():
+    r = evaluate(cnn(), uniform(cnn(), 4, 8), M4)  # flash 412 B, arena 320 B
+    result = check(r, Budget(flash_bytes=400, ram_bytes=320))
+    assert result == {"flash_bytes": (412, 400, False), "ram_bytes": (320, 320, True)}
+    assert not feasible(r, Budget(flash_bytes=400)) and feasible(r, Budget(flash_bytes=412, ram_bytes=1000))
+    assert feasible(r, Budget())
+
+
+def test_smallest_costs():
+    mins = smallest_costs(cnn(), M4)
+    # all weights at 2 bits: c1 4 * ceil(18/8) = 12, fc 10 * ceil(128/8) = 160; params 24 + 48
+    assert mins["flash_bytes"] == 12 + 160 + 72
+    # all activations at 2 bits: input 16, c1 64, pool 16, fc 3 -> 4; step 1: 16 + 64
+    assert mins["ram_bytes"] == 80
+    assert mins["ebops"] == 36 * 2 * 2 + 640 * 2 * 2
+    # fastest M4 pair is (a8, w8) at 0.8 MAC/cycle; maxpool 256 ops / 0.25
+    assert mins["latency_cycles"] == pytest.approx(2944 / 0.8 + 1024)
+
+
+def test_check_achievable_passes_and_returns_minima():
+    assert check_achievable(cnn(), M4, Budget.from_strings(flash="1KiB", ram="1KiB"))["flash_bytes"] == 244
+
+
+def test_flash_budget_below_minimum_message():
+    with pytest.raises(BudgetError) as err:
+        check_achievable(cnn(), M4, Budget.from_strings(flash="100"))
+    assert str(err.value) == ("FLASH budget 100 B is below the smallest achievable 244 B "
+                              "(all weights at 2 bits) for this model on cortex-m4")
+
+
+def test_several_violations_are_all_named():
+    with pytest.raises(BudgetError) as err:
+        check_achievable(cnn(), M4, Budget(ram_bytes=50, ebops=100, latency_cycles=10, energy_uj=1e-9))
+    msg = str(err.value)
+    assert "RAM budget 50 B is below the smallest achievable 80 B (all activations at 2 bits)" in msg
+    assert "EBOPs budget 100 is below the smallest achievable 2704" in msg
+    assert "latency budget 10 is below" in msg and "every layer at its fastest supported widths" in msg
+    assert "energy budget" in msg and "uJ" in msg
+
+
+def test_kib_units_in_message():
+    big = Graph([Node("input", "input", [], (64,)),
+                 Node("fc", "linear", ["input"], (512,), [(64,)], (512, 64))], output="fc")
+    with pytest.raises(BudgetError, match=r"FLASH budget 2\.0 KiB is below the smallest achievable 10\.0 KiB"):
+        check_achievable(big, M4, Budget.from_strings(flash="2KiB"))  # 512 * (64*2/8 + 4 bias) + 8 = 10248
+
+
+def test_budget_above_device_capacity():
+    with pytest.raises(BudgetError, match=r"FLASH budget 2\.0 MiB exceeds the 1\.0 MiB of cortex-m4"):
+        check_achievable(cnn(), M4, Budget.from_strings(flash="2MiB"))
+
+
+def test_model_too_big_for_device():
+    g = Graph([Node("input", "input", [], (1_000_000,)),
+               Node("relu", "act", ["input"], (1_000_000,), [(1_000_000,)], attrs={"activation": "relu"})],
+              output="relu")
+    with pytest.raises(BudgetError, match=r"smallest achievable RAM 488\.3 KiB .* does not fit the 192\.0 KiB"):
+        check_achievable(g, M4, Budget())  # 2 * 1e6 * 2 bits / 8 = 500000 B
+
+
+def test_fpga_has_no_capacity():
+    assert check_achievable(cnn(), load_target("fpga-hls4ml"), Budget(flash_bytes=10**9))["ebops"] == 36 + 640
