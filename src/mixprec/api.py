@@ -50,10 +50,10 @@ def quantize(model: nn.Module, target: str | Target, input_shape: tuple[int, ...
                          f"{', '.join(t.weight_granularities)}")
     for b in _values(bits):
         if b not in t.weight_bits:
-            raise ValueError(f"{b}-bit weights are not supported by {t.name}; supported: {t.weight_bits}")
+            raise ValueError(f"{b}-bit weights are not supported by {t.name}; supported: {', '.join(map(str, t.weight_bits))}")
     for b in _values(act_bits):
         if b not in t.act_bits:
-            raise ValueError(f"{b}-bit activations are not supported by {t.name}; supported: {t.act_bits}")
+            raise ValueError(f"{b}-bit activations are not supported by {t.name}; supported: {', '.join(map(str, t.act_bits))}")
     return convert(model, input_shape, t.numerics, bits, act_bits, gran, t.act_granularities[0], t.name)
 
 
@@ -123,6 +123,37 @@ def _act_width_for(weight_bits: int, t: Target) -> int:
     return min((a for a in t.act_bits if a >= weight_bits), default=max(t.act_bits))
 
 
+def finalize(qm: QuantModel, target: str | Target, budget: Budget) -> CostReport:
+    """Make ``qm`` meet ``budget`` and return its measured cost.
+
+    A model that already fits is left alone. Otherwise every bit-width is capped at the widest
+    supported width for which the whole model fits (the uniform shrink; search methods bring
+    finer budget steps) and the model should be fine-tuned again. Raises ``BudgetError`` naming the
+    smallest achievable cost when nothing fits.
+    """
+    from .cost import check_achievable
+
+    t = as_target(target)
+    report = cost_report(qm, t)
+    if feasible(report, budget):
+        return report
+    check_achievable(qm.graph, t, budget)
+    for cap in sorted((b for b in t.weight_bits if b > 0), reverse=True):
+        act_cap = _act_width_for(cap, t)
+        for layer in qm.layers.values():
+            layer.quantizer.set_bits(layer.quantizer.bits().clamp(max=cap))
+        for q in qm.act_quantizers.values():
+            q.set_bits(q.bits().clamp(max=act_cap))
+        qm.invalidate()
+        report = cost_report(qm, t)
+        if feasible(report, budget):
+            log.warning("capped bit-widths at %d (weights) / %d (activations) to meet the budget; "
+                        "fine-tune before deploying", cap, act_cap)
+            return report
+    raise BudgetError("no uniform cap on the bit-widths meets the budget; " + "; ".join(
+        f"{k} {v:.6g} > {lim:.6g}" for k, (v, lim, ok) in check(report, budget).items() if not ok))
+
+
 def save_integer_model(qm: QuantModel, path: str | Path) -> Path:
     """Write the lowered integer program (weights, biases, requantization, grids) as ``.npz``
     plus a JSON description: what the reference interpreter and every exporter consume."""
@@ -162,5 +193,5 @@ def verify_against_reference(qm: QuantModel, x: torch.Tensor) -> int:
     return int((got != want).sum())
 
 
-__all__ = ["Budget", "BudgetError", "as_target", "assignment", "cost_report", "cost_term", "fits",
+__all__ = ["Budget", "BudgetError", "as_target", "assignment", "cost_report", "cost_term", "finalize", "fits",
            "largest_uniform_bits", "quantize", "save_integer_model", "verify_against_reference"]

@@ -277,6 +277,9 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Graph, dict[s
                                     f"data-dependent control flow. Supported: {SUPPORTED}.") from exc
     finally:
         model.train(was_training)
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) > 1:  # before shape propagation, which would fail on the missing inputs
+        _Builder(traced).fail(placeholders[1], "models with more than one input are not supported")
     with torch.no_grad():
         ShapeProp(traced).propagate(torch.zeros((2,) + tuple(input_shape)))
     builder = _Builder(traced)

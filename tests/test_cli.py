@@ -1,0 +1,60 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mixprec.cli import app
+
+runner = CliRunner()
+
+
+def test_cost_prints_per_layer_breakdown_and_totals():
+    res = runner.invoke(app, ["cost", "--model", "digits-cnn", "--target", "cortex-m4", "--bits", "4"])
+    assert res.exit_code == 0, res.output
+    assert "flash_bytes" in res.output and "ram_bytes" in res.output and "linear" in res.output
+
+
+def test_cost_json_matches_hand_count_of_weight_bytes():
+    res = runner.invoke(app, ["cost", "--model", "jet-mlp", "--target", "generic", "--bits", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    totals = json.loads(res.output)["totals"]
+    # 16x64 + 64x32 + 32x32 + 32x5 weights, one byte each at 8 bits
+    assert totals["weight_bytes"] == 16 * 64 + 64 * 32 + 32 * 32 + 32 * 5
+    assert totals["macs"] == 16 * 64 + 64 * 32 + 32 * 32 + 32 * 5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--flash", "12KB"], "ambiguous"),
+    (["--flash", "twelve"], "size"),
+    (["--flash", "100B"], "smallest achievable"),
+    (["--bits", "3"], "not supported by cortex-m4"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, args, message):
+    res = runner.invoke(app, ["search", "--model", "digits-cnn", "--data", "digits", "--target", "cortex-m4",
+                              "--out", str(tmp_path / "r"), "--float-epochs", "1", "--qat-epochs", "1", *args])
+    assert res.exit_code == 2
+    assert message in res.output
+
+
+def test_unknown_model_and_target_are_named():
+    res = runner.invoke(app, ["cost", "--model", "resnet-1000", "--target", "cortex-m4"])
+    assert res.exit_code == 2 and "resnet-1000" in res.output and "digits-cnn" in res.output
+    res = runner.invoke(app, ["cost", "--model", "digits-cnn", "--target", "cortex-m99"])
+    assert res.exit_code == 2 and "cortex-m4" in res.output
+
+
+def test_search_writes_a_feasible_run(tmp_path):
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["search", "--model", "digits-cnn", "--data", "digits", "--target", "cortex-m4",
+                              "--flash", "12KiB", "--float-epochs", "3", "--qat-epochs", "1", "--quiet",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "feasible" in res.output
+    assert json.loads((out / "result.json").read_text())["feasible"] is True
+    res = runner.invoke(app, ["cost", "--from", str(out)])
+    assert res.exit_code == 0 and "flash_bytes" in res.output
+
+
+def test_targets_and_models_list():
+    assert "fpga-hls4ml" in runner.invoke(app, ["targets"]).output
+    assert "efficientnet-lite0" in runner.invoke(app, ["models"]).output
