@@ -178,6 +178,8 @@ def test_quantize_stays_in_qrange(xs, scale, bits, signed, narrow, mode):
 @given(data=st.data(), scale=scales, bits=st.integers(1, 16), signed=st.booleans(),
        mode=st.sampled_from(nm.ROUNDING_MODES))
 def test_quantize_round_trips_grid_values(data, scale, bits, signed, mode):
+    if mode == "floor":  # k * s / s may land an ulp below k: only exact (power-of-two) grids round-trip
+        scale = 2.0 ** round(math.log2(scale))
     lo, hi = nm.qrange(bits, signed)
     ks = data.draw(st.lists(st.integers(lo, hi), min_size=1, max_size=16))
     x = nm.dequantize(np.array(ks, dtype=np.float64), scale)
@@ -289,7 +291,7 @@ def test_multiply_by_quantized_multiplier_matches_tflite(x, real):
 def test_multiply_by_quantized_multiplier_per_channel(data, n):
     """Arrays of multipliers/shifts broadcast element-wise (per-channel requantization)."""
     rs = data.draw(st.lists(reals, min_size=n, max_size=n))
-    x = data.draw(st.lists(st.integers(-(2**29), 2**29), min_size=n, max_size=n))
+    x = data.draw(st.lists(st.integers(-(2**29), 2**29 - 1), min_size=n, max_size=n))  # x << 2 fits
     rq = nm.make_requant(np.array(rs), "tflm")
     expected = [ref_mbqm(v, int(m), int(s)) for v, m, s in zip(x, rq.multiplier, rq.shift)]
     xa, xt = both(x)

@@ -110,7 +110,7 @@ def largest_uniform_bits(model: nn.Module, target: str | Target, input_shape, bu
     widths = sorted((b for b in t.weight_bits if b > 0), reverse=True)
     tried = []
     for b in widths:
-        a = act_bits or _act_width_for(b, t)
+        a = act_bits or activation_width_for(b, t)
         qm = quantize(model, t, input_shape, bits=b, act_bits=a, weight_granularity=weight_granularity)
         report = evaluate(qm.graph, assignment(qm), t)
         if feasible(report, budget):
@@ -119,7 +119,8 @@ def largest_uniform_bits(model: nn.Module, target: str | Target, input_shape, bu
     raise BudgetError("no uniform width meets the budget (" + "; ".join(tried) + "); a mixed-precision method may")
 
 
-def _act_width_for(weight_bits: int, t: Target) -> int:
+def activation_width_for(weight_bits: int, t: Target) -> int:
+    """The narrowest supported activation width at least as wide as the weights (uniform pairing)."""
     return min((a for a in t.act_bits if a >= weight_bits), default=max(t.act_bits))
 
 
@@ -139,7 +140,7 @@ def finalize(qm: QuantModel, target: str | Target, budget: Budget) -> CostReport
         return report
     check_achievable(qm.graph, t, budget)
     for cap in sorted((b for b in t.weight_bits if b > 0), reverse=True):
-        act_cap = _act_width_for(cap, t)
+        act_cap = activation_width_for(cap, t)
         for layer in qm.layers.values():
             layer.quantizer.set_bits(layer.quantizer.bits().clamp(max=cap))
         for q in qm.act_quantizers.values():

@@ -18,7 +18,7 @@ import torch
 
 from .. import __version__
 from ..api import (as_target, cost_report, largest_uniform_bits, quantize, save_integer_model,
-                   verify_against_reference, _act_width_for)
+                   verify_against_reference, activation_width_for)
 from ..cost import Budget, BudgetError, check, evaluate, format_size
 from ..cost.bits import BitAssignment
 from ..data import load_dataset
@@ -40,8 +40,8 @@ def choose_bits(cfg: RunConfig, model, target, input_shape, budget: Budget) -> t
     """Weight and activation widths for the uniform start; refuses impossible budgets up front."""
     if cfg.bits is None:
         wb = largest_uniform_bits(model, target, input_shape, budget, cfg.act_bits, cfg.weight_granularity)
-        return wb, cfg.act_bits or _act_width_for(wb, target)
-    ab = cfg.act_bits or _act_width_for(cfg.bits, target)
+        return wb, cfg.act_bits or activation_width_for(wb, target)
+    ab = cfg.act_bits or activation_width_for(cfg.bits, target)
     qm = quantize(model, target, input_shape, bits=cfg.bits, act_bits=ab, weight_granularity=cfg.weight_granularity)
     report = evaluate(qm.graph, BitAssignment(qm.weight_bits(), qm.act_bits()), target)
     over = {k: v for k, v in check(report, budget).items() if not v[2]}

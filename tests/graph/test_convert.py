@@ -1,0 +1,446 @@
+"""torch.fx conversion: BatchNorm folding, activation fusion, dropped layers, flatten idioms,
+recorded shapes, and the error every unsupported construct raises.
+
+Conversion is checked numerically by a small float interpreter of the graph (below): running the
+graph with its (folded) float parameters must reproduce the float model.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixprec.graph.convert import SUPPORTED, UnsupportedLayerError, fold_batchnorm, trace
+from mixprec.graph.ir import ALL_OPS
+
+
+def run_float(graph, params, x: torch.Tensor, keep: bool = False):
+    """Float execution of a mixprec graph: an independent check of what conversion recorded."""
+    env = {}
+    for n in graph:
+        a = n.attrs
+        args = [env[i] for i in n.inputs]
+        if n.op == "input":
+            y = x
+        elif n.op == "conv":
+            fn = F.conv1d if a["dims"] == 1 else F.conv2d
+            p = params[n.name]
+            y = fn(args[0], p.weight, p.bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+        elif n.op == "linear":
+            y = F.linear(args[0], params[n.name].weight, params[n.name].bias)
+        elif n.op == "add":
+            y = args[0] + args[1]
+        elif n.op == "act":
+            y = args[0]
+        elif n.op == "maxpool":
+            fn = F.max_pool1d if a["dims"] == 1 else F.max_pool2d
+            y = fn(args[0], a["kernel_size"], a["stride"], a["padding"])
+        elif n.op == "avgpool":
+            fn = F.avg_pool1d if a["dims"] == 1 else F.avg_pool2d
+            y = fn(args[0], a["kernel_size"], a["stride"], a["padding"])
+        elif n.op == "flatten":
+            y = torch.flatten(args[0], 1)
+        else:
+            raise AssertionError(f"unknown op {n.op}")
+        if "activation" in a:  # every fused/standalone activation is a clamp to its bounds
+            y = torch.clamp(y, a["act_min"], a["act_max"])
+        env[n.name] = y
+    return (env[graph.output], env) if keep else env[graph.output]
+
+
+def randomize_bn(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+            if m.affine:
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.normal_()
+    return model
+
+
+def ops(graph) -> list[str]:
+    return [n.op for n in graph]
+
+
+def check_float(model: nn.Module, input_shape, batch: int = 3):
+    """Trace, run the graph in float and compare to the model; return the graph."""
+    graph, params = trace(model, input_shape)
+    x = torch.randn((batch,) + tuple(input_shape))
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        got, env = run_float(graph, params, x, keep=True)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5)
+    for n in graph:  # shapes exclude the batch dimension
+        assert tuple(env[n.name].shape) == (batch,) + n.out_shape
+        assert n.in_shapes == [graph[i].out_shape for i in n.inputs]
+        assert n.op in ALL_OPS
+    return graph
+
+
+# --- BatchNorm folding ----------------------------------------------------------------------------
+
+def test_fold_batchnorm_matches_module():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 4, 3), randomize_bn(nn.BatchNorm2d(4)).eval()
+    w, b = fold_batchnorm(conv.weight, conv.bias, bn)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        assert torch.allclose(F.conv2d(x, w, b), bn(conv(x)), atol=1e-5)
+    assert not w.requires_grad and not b.requires_grad
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_batchnorm_folded_model_equals_float_model(affine):
+    torch.manual_seed(1)
+    model = randomize_bn(nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, affine=affine), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16, 6), nn.BatchNorm1d(6), nn.ReLU6(), nn.Linear(6, 3)))
+    graph = check_float(model, (2, 6, 6))
+    assert ops(graph) == ["input", "conv", "conv", "maxpool", "flatten", "linear", "linear"]
+    assert graph["_0"].attrs["activation"] == "relu"
+    assert graph["_7"].attrs["activation"] == "relu6"
+
+
+def test_conv1d_batchnorm1d_folded():
+    torch.manual_seed(2)
+    model = randomize_bn(nn.Sequential(nn.Conv1d(3, 5, 3, stride=2), nn.BatchNorm1d(5), nn.Hardtanh(-0.5, 2.0)))
+    graph = check_float(model, (3, 11))
+    assert ops(graph) == ["input", "conv"]
+    assert graph["_0"].attrs["dims"] == 1
+
+
+def test_trace_folds_running_statistics_even_in_train_mode():
+    torch.manual_seed(3)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)))
+    model.train()
+    graph, params = trace(model, (1, 3, 3))
+    assert model.training  # mode restored
+    model.eval()
+    x = torch.randn(4, 1, 3, 3)
+    with torch.no_grad():
+        assert torch.allclose(run_float(graph, params, x), model(x), atol=1e-5)
+
+
+# --- activation fusion ----------------------------------------------------------------------------
+
+class ConvAct(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+@pytest.mark.parametrize("act, kind, bounds", [
+    (nn.ReLU(), "relu", (0.0, float("inf"))),
+    (nn.ReLU(inplace=True), "relu", (0.0, float("inf"))),
+    (nn.ReLU6(), "relu6", (0.0, 6.0)),
+    (nn.Hardtanh(), "hardtanh", (-1.0, 1.0)),
+    (nn.Hardtanh(-0.25, 0.5), "hardtanh", (-0.25, 0.5)),
+    (F.relu, "relu", (0.0, float("inf"))),
+    (torch.relu, "relu", (0.0, float("inf"))),
+    (lambda y: y.relu(), "relu", (0.0, float("inf"))),
+    (F.relu6, "relu6", (0.0, 6.0)),
+    (lambda y: F.hardtanh(y, -0.5, 0.25), "hardtanh", (-0.5, 0.25)),
+    (lambda y: F.hardtanh(y, min_val=-2.0, max_val=0.5), "hardtanh", (-2.0, 0.5)),
+    (nn.Identity(), "identity", (float("-inf"), float("inf"))),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_activation_fused_into_conv(act, kind, bounds):
+    torch.manual_seed(4)
+    graph = check_float(ConvAct(act), (2, 4, 4))
+    assert ops(graph) == ["input", "conv"]
+    conv = graph["conv"]
+    assert conv.attrs["activation"] == kind
+    assert (conv.attrs["act_min"], conv.attrs["act_max"]) == bounds
+
+
+@pytest.mark.parametrize("act, kind", [(nn.ReLU(), "relu"), (nn.ReLU6(), "relu6"), (nn.Hardtanh(-3.0, 3.0), "hardtanh")])
+def test_activation_fused_into_linear(act, kind):
+    torch.manual_seed(5)
+    graph = check_float(nn.Sequential(nn.Linear(4, 5), act), (4,))
+    assert ops(graph) == ["input", "linear"]
+    assert graph["_0"].attrs["activation"] == kind
+
+
+class AddAct(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.a, self.b, self.act = nn.Conv2d(2, 3, 1), nn.Conv2d(2, 3, 1), act
+
+    def forward(self, x):
+        return self.act(self.a(x) + self.b(x))
+
+
+@pytest.mark.parametrize("act, kind", [(nn.ReLU(), "relu"), (nn.ReLU6(), "relu6"), (nn.Hardtanh(-0.5, 0.5), "hardtanh")])
+def test_activation_fused_into_add(act, kind):
+    torch.manual_seed(6)
+    graph = check_float(AddAct(act), (2, 3, 3))
+    assert ops(graph) == ["input", "conv", "conv", "add"]
+    assert graph["add"].attrs["activation"] == kind
+    assert graph["add"].inputs == ["a", "b"]
+
+
+@pytest.mark.parametrize("add", [lambda a, b: a + b, torch.add, lambda a, b: a.add(b)])
+def test_add_spellings(add):
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(2, 2, 3, padding=1)
+
+        def forward(self, x):
+            return add(self.conv(x), x)
+
+    graph = check_float(M(), (2, 5))
+    assert ops(graph) == ["input", "conv", "add"]
+    assert graph[graph.output].inputs == ["conv", "input"]
+
+
+def test_standalone_activation_after_maxpool_is_an_act_node():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2), nn.ReLU6())
+    graph = check_float(model, (2, 6, 6))
+    assert ops(graph) == ["input", "conv", "maxpool", "act"]
+    act = graph[graph.output]
+    assert act.attrs == {"activation": "relu6", "act_min": 0.0, "act_max": 6.0}
+    assert graph["_0"].attrs["activation"] == "identity"
+
+
+def test_activation_after_fused_activation_or_shared_output_is_an_act_node():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return F.relu6(F.relu(x)) + F.hardtanh(y) + y  # y has two users: no fusion
+
+    torch.manual_seed(8)
+    graph = check_float(M(), (2, 3, 3))
+    kinds = {n.name: (n.op, n.attrs.get("activation")) for n in graph}
+    assert kinds["relu"] == ("act", "relu")  # the input has no fusable producer
+    assert kinds["relu6"] == ("act", "relu6")
+    assert kinds["hardtanh"] == ("act", "hardtanh")
+    assert kinds["conv"] == ("conv", "identity")
+
+
+# --- dropped layers and flatten idioms --------------------------------------------------------------
+
+def test_dropout_and_identity_are_dropped():
+    torch.manual_seed(9)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.drop, self.ident = nn.Conv2d(2, 3, 3), nn.Dropout(0.5), nn.Identity()
+            self.drop2d, self.fc = nn.Dropout(0.2), nn.Linear(12, 2)
+
+        def forward(self, x):
+            y = self.ident(self.drop(self.conv(x)))
+            y = F.dropout(torch.flatten(self.drop2d(y), 1), 0.3, self.training)
+            return self.fc(y.contiguous())
+
+    graph = check_float(M(), (2, 4, 4))
+    assert ops(graph) == ["input", "conv", "flatten", "linear"]
+    assert graph["fc"].inputs == ["flatten"]
+
+
+FLATTENS = {
+    "nn.Flatten": nn.Flatten(),
+    "torch.flatten": lambda y: torch.flatten(y, 1),
+    "method": lambda y: y.flatten(1),
+    "view-size": lambda y: y.view(y.size(0), -1),
+    "reshape-size": lambda y: y.reshape(y.size(0), -1),
+}
+
+
+@pytest.mark.parametrize("flatten", FLATTENS.values(), ids=FLATTENS.keys())
+def test_flatten_variants(flatten):
+    torch.manual_seed(10)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(2, 3, 3), nn.Linear(12, 2)
+            self.flatten = flatten if isinstance(flatten, nn.Module) else None
+
+        def forward(self, x):
+            return self.fc((self.flatten or flatten)(self.conv(x)))
+
+    graph = check_float(M(), (2, 4, 4))
+    assert ops(graph) == ["input", "conv", "flatten", "linear"]
+    assert graph["fc"].in_shapes == [(12,)]
+
+
+def test_flatten_of_flat_tensor_is_an_alias():
+    graph = check_float(nn.Sequential(nn.Linear(3, 4), nn.Flatten(), nn.Linear(4, 2)), (3,))
+    assert ops(graph) == ["input", "linear", "linear"]
+    assert graph["_2"].inputs == ["_0"]
+
+
+# --- pooling ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pool, shape, kernel", [
+    (nn.AdaptiveAvgPool2d(1), (2, 4, 6), (4, 6)),
+    (nn.AdaptiveAvgPool2d((2, 3)), (2, 4, 6), (2, 2)),
+    (nn.AdaptiveAvgPool1d(2), (2, 6), (3,)),
+    (nn.AvgPool2d(2), (2, 4, 6), (2, 2)),
+    (nn.AvgPool1d(3, stride=1), (2, 6), (3,)),
+])
+def test_average_pooling(pool, shape, kernel):
+    graph = check_float(nn.Sequential(pool), shape)
+    assert ops(graph) == ["input", "avgpool"]
+    assert graph[graph.output].attrs["kernel_size"] == kernel
+
+
+@pytest.mark.parametrize("pool, shape", [(nn.MaxPool2d(3, 2, padding=1), (2, 5, 5)), (nn.MaxPool1d(2), (2, 7)),
+                                         (nn.MaxPool2d((2, 1)), (1, 4, 3))])
+def test_max_pooling(pool, shape):
+    graph = check_float(nn.Sequential(pool), shape)
+    assert ops(graph) == ["input", "maxpool"]
+
+
+# --- shapes and structure ------------------------------------------------------------------------
+
+def test_shapes_exclude_batch_and_weights_recorded():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+            self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = F.relu(self.c1(x))
+            y = self.c2(y) + y
+            return self.fc(torch.flatten(self.pool(y), 1))
+
+    graph = check_float(M(), (3, 8, 8))
+    assert graph.input.name == "input" and graph.input.out_shape == (3, 8, 8)
+    assert graph["c1"].out_shape == (8, 4, 4) and graph["c1"].weight_shape == (8, 3, 3, 3)
+    assert graph["c2"].weight_shape == (8, 1, 3, 3) and graph["c2"].attrs["groups"] == 8
+    assert graph["add"].in_shapes == [(8, 4, 4), (8, 4, 4)]
+    assert graph["pool"].out_shape == (8, 1, 1)
+    assert graph["fc"].out_shape == (5,)
+    assert graph.output == "fc"
+    assert [n.name for n in graph.weighted()] == ["c1", "c2", "fc"]
+    assert graph["c1"].macs == 8 * 3 * 9 * 16 and graph["fc"].macs == 40
+
+
+def test_grid_and_buffer_sources():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 2))
+    graph, _ = trace(model, (1, 4, 4))
+    assert graph.grid_source("_2") == "_0"  # flatten -> maxpool -> conv
+    assert graph.buffer_source("_2") == "_1"  # flatten is a view of the pool's buffer
+    assert graph.grid_source("_0") == "_0"
+    assert [u.name for u in graph.users("_0")] == ["_1"]
+
+
+# --- unsupported constructs --------------------------------------------------------------------
+
+class Fn(nn.Module):
+    def __init__(self, fn, **modules):
+        super().__init__()
+        for k, v in modules.items():
+            setattr(self, k, v)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+class LSTMModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        return y
+
+
+class Param(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(2, 4, 4))
+
+    def forward(self, x):
+        return x + self.p
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        return self.conv(x), x
+
+
+class TwoInputs(nn.Module):
+    def forward(self, x, y):
+        return x + y
+
+
+conv = lambda **kw: nn.Conv2d(2, 2, 3, **kw)  # noqa: E731
+IMG = (2, 4, 4)
+
+UNSUPPORTED = {
+    "sigmoid": (Fn(lambda m, x: torch.sigmoid(x)), IMG, "sigmoid"),
+    "gelu": (Fn(lambda m, x: m.act(x), act=nn.GELU()), IMG, "act"),
+    "lstm": (LSTMModel(), (5, 3), "lstm"),
+    "mul": (Fn(lambda m, x: m.a(x) * m.b(x), a=conv(), b=conv()), IMG, "mul"),
+    "bn-first": (nn.Sequential(nn.BatchNorm2d(2)), IMG, "_0"),
+    "bn-after-relu": (nn.Sequential(conv(), nn.ReLU(), nn.BatchNorm2d(2)), IMG, "_2"),
+    "bn-after-pool": (nn.Sequential(conv(), nn.MaxPool2d(2), nn.BatchNorm2d(2)), IMG, "_2"),
+    "bn-shared-conv": (Fn(lambda m, x: (lambda y: m.bn(y) + y)(m.c(x)), c=conv(), bn=nn.BatchNorm2d(2)), IMG, "bn"),
+    "avgpool-padding": (nn.Sequential(nn.AvgPool2d(3, 1, padding=1)), IMG, "_0"),
+    "adaptive-nondividing": (nn.Sequential(nn.AdaptiveAvgPool2d(3)), IMG, "_0"),
+    "adaptive-1d-nondividing": (nn.Sequential(nn.AdaptiveAvgPool1d(4)), (2, 6), "_0"),
+    "maxpool-ceil": (nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True)), IMG, "_0"),
+    "maxpool-dilated": (nn.Sequential(nn.MaxPool2d(2, dilation=2)), IMG, "_0"),
+    "conv-same": (nn.Sequential(conv(padding="same")), IMG, "_0"),
+    "conv-reflect": (nn.Sequential(conv(padding=1, padding_mode="reflect")), IMG, "_0"),
+    "conv3d": (nn.Sequential(nn.Conv3d(1, 1, 1)), (1, 2, 2, 2), "_0"),
+    "flatten-all": (Fn(lambda m, x: torch.flatten(x)), IMG, "flatten"),
+    "flatten-start0": (nn.Sequential(nn.Flatten(0)), IMG, "_0"),
+    "flatten-partial": (nn.Sequential(nn.Flatten(2)), IMG, "_0"),
+    "view-partial": (Fn(lambda m, x: x.view(x.size(0), 2, -1)), IMG, "view"),
+    "add-scalar": (Fn(lambda m, x: x + 1.0), IMG, "add"),
+    "add-broadcast": (Fn(lambda m, x: m.c(x) + x, c=nn.Conv2d(2, 1, 3, padding=1)), IMG, "add"),
+    "add-param": (Param(), IMG, "p"),
+    "softmax": (nn.Sequential(nn.Linear(3, 2), nn.Softmax(-1)), (3,), "_1"),
+    "leaky-relu": (nn.Sequential(nn.Linear(3, 2), nn.LeakyReLU()), (3,), "_1"),
+    "functional-maxpool": (Fn(lambda m, x: F.max_pool2d(x, 2)), IMG, "max_pool2d"),  # modules only
+    "tuple-output": (Pair(), IMG, "output"),
+    "two-inputs": (TwoInputs(), IMG, "y"),
+}
+
+
+@pytest.mark.parametrize("model, shape, node", UNSUPPORTED.values(), ids=UNSUPPORTED.keys())
+def test_unsupported_raises_naming_node_and_supported_set(model, shape, node):
+    with pytest.raises(UnsupportedLayerError) as info:
+        trace(model, shape)
+    msg = str(info.value)
+    assert f"'{node}'" in msg
+    assert SUPPORTED in msg
+    assert isinstance(info.value, ValueError)
+
+
+def test_untraceable_model_raises_unsupported():
+    with pytest.raises(UnsupportedLayerError, match="could not trace") as info:
+        trace(Branchy(), IMG)
+    assert SUPPORTED in str(info.value)
