@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from .convert import convert
-from .cost import (Budget, BudgetError, CostReport, Target, check, evaluate, evaluate_torch, feasible,
-                   load_target)
-from .cost.bits import BitAssignment, act_bits as resolve_act_bits
+from .cost import (Budget, BudgetError, CostReport, Target, check_achievable, evaluate, evaluate_torch, feasible,
+                   load_target, violations)
+from .cost.bits import BitAssignment, act_bits as resolve_act_bits, uniform
 from .cost.compute import ebops as node_ebops, effective_bits
 from .execute import reference
 from .nn.model import QuantModel
@@ -93,30 +93,28 @@ def cost_report(qm: QuantModel, target: str | Target) -> CostReport:
     return report
 
 
-def fits(report: CostReport, budget: Budget) -> bool:
-    return feasible(report, budget)
-
-
 def largest_uniform_bits(model: nn.Module, target: str | Target, input_shape, budget: Budget,
                          act_bits: int | None = None, weight_granularity: str | None = None) -> int:
     """The widest uniform weight width (activations alike unless given) that meets ``budget``,
     judged from shapes alone; raises ``BudgetError`` naming the smallest achievable cost."""
-    from .cost import check_achievable
-
     t = as_target(target)
-    probe = quantize(model, t, input_shape, bits=t.min_weight_bits, act_bits=act_bits or t.min_act_bits,
-                     weight_granularity=weight_granularity)
-    check_achievable(probe.graph, t, budget)
-    widths = sorted((b for b in t.weight_bits if b > 0), reverse=True)
+    graph = quantize(model, t, input_shape, bits=t.min_weight_bits, act_bits=act_bits or t.min_act_bits,
+                     weight_granularity=weight_granularity).graph
+    check_achievable(graph, t, budget)
+    gran = weight_granularity or default_weight_granularity(t)
     tried = []
-    for b in widths:
-        a = act_bits or activation_width_for(b, t)
-        qm = quantize(model, t, input_shape, bits=b, act_bits=a, weight_granularity=weight_granularity)
-        report = evaluate(qm.graph, assignment(qm), t)
+    for b in nonzero_widths(t):
+        report = evaluate(graph, uniform(graph, b, act_bits or activation_width_for(b, t), gran,
+                                         t.act_granularities[0]), t)
         if feasible(report, budget):
             return b
-        tried.append(f"{b}-bit: " + ", ".join(f"{k} {v:.4g} > {lim:.4g}" for k, (v, lim, ok) in check(report, budget).items() if not ok))
+        tried.append(f"{b}-bit: {violations(report, budget)}")
     raise BudgetError("no uniform width meets the budget (" + "; ".join(tried) + "); a mixed-precision method may")
+
+
+def nonzero_widths(t: Target) -> list[int]:
+    """The target's weight widths, widest first, without 0 (pruning is not a uniform width)."""
+    return sorted((b for b in t.weight_bits if b > 0), reverse=True)
 
 
 def activation_width_for(weight_bits: int, t: Target) -> int:
@@ -132,14 +130,12 @@ def finalize(qm: QuantModel, target: str | Target, budget: Budget) -> CostReport
     finer budget steps) and the model should be fine-tuned again. Raises ``BudgetError`` naming the
     smallest achievable cost when nothing fits.
     """
-    from .cost import check_achievable
-
     t = as_target(target)
     report = cost_report(qm, t)
     if feasible(report, budget):
         return report
     check_achievable(qm.graph, t, budget)
-    for cap in sorted((b for b in t.weight_bits if b > 0), reverse=True):
+    for cap in nonzero_widths(t):
         act_cap = activation_width_for(cap, t)
         for layer in qm.layers.values():
             layer.quantizer.set_bits(layer.quantizer.bits().clamp(max=cap))
@@ -151,8 +147,7 @@ def finalize(qm: QuantModel, target: str | Target, budget: Budget) -> CostReport
             log.warning("capped bit-widths at %d (weights) / %d (activations) to meet the budget; "
                         "fine-tune before deploying", cap, act_cap)
             return report
-    raise BudgetError("no uniform cap on the bit-widths meets the budget; " + "; ".join(
-        f"{k} {v:.6g} > {lim:.6g}" for k, (v, lim, ok) in check(report, budget).items() if not ok))
+    raise BudgetError(f"no uniform cap on the bit-widths meets the budget; {violations(report, budget)}")
 
 
 def save_integer_model(qm: QuantModel, path: str | Path) -> Path:
@@ -194,5 +189,5 @@ def verify_against_reference(qm: QuantModel, x: torch.Tensor) -> int:
     return int((got != want).sum())
 
 
-__all__ = ["Budget", "BudgetError", "as_target", "assignment", "cost_report", "cost_term", "finalize", "fits",
+__all__ = ["Budget", "BudgetError", "as_target", "assignment", "cost_report", "cost_term", "finalize",
            "largest_uniform_bits", "quantize", "save_integer_model", "verify_against_reference"]

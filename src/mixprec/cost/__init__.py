@@ -7,7 +7,7 @@ differentiable in the bits (``evaluate_torch``) and exact for integer bits (``ev
 True
 """
 from .bits import BitAssignment, act_bits, min_assignment, uniform, weight_bits
-from .budget import Budget, BudgetError, check, check_achievable, feasible, smallest_costs
+from .budget import Budget, BudgetError, check, check_achievable, feasible, smallest_costs, violations
 from .compute import bops, ebops, effective_bits, energy_uj, mac_cycles
 from .memory import (MemoryPlan, act_bytes, lifetimes, param_flash_bytes, plan_arena, weight_flash_bytes)
 from .report import CostReport, LayerCost, evaluate, evaluate_torch, format_table
@@ -17,7 +17,7 @@ from .units import format_size, parse_number, parse_size
 
 __all__ = [
     "BitAssignment", "act_bits", "min_assignment", "uniform", "weight_bits",
-    "Budget", "BudgetError", "check", "check_achievable", "feasible", "smallest_costs",
+    "Budget", "BudgetError", "check", "check_achievable", "feasible", "smallest_costs", "violations",
     "bops", "ebops", "effective_bits", "energy_uj", "mac_cycles",
     "MemoryPlan", "act_bytes", "lifetimes", "param_flash_bytes", "plan_arena", "weight_flash_bytes",
     "CostReport", "LayerCost", "evaluate", "evaluate_torch", "format_table",

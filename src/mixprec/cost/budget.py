@@ -52,6 +52,11 @@ def feasible(report: CostReport, budget: Budget) -> bool:
     return all(ok for _, _, ok in check(report, budget).values())
 
 
+def violations(report: CostReport, budget: Budget) -> str:
+    """The limits ``report`` exceeds, as ``"flash_bytes 8232 > 4096; ..."`` (empty when it fits)."""
+    return "; ".join(f"{k} {v:.6g} > {lim:.6g}" for k, (v, lim, ok) in check(report, budget).items() if not ok)
+
+
 # ----------------------------------------------------------------------------- before search
 
 _LABELS = {"flash_bytes": "FLASH", "ram_bytes": "RAM", "ebops": "EBOPs", "energy_uj": "energy",

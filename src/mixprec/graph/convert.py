@@ -209,9 +209,7 @@ class _Builder:
 
     # -- dispatch --------------------------------------------------------------------------
     def visit(self, n: fx.Node) -> None:
-        if n.op == "placeholder":
-            if self.nodes:
-                self.fail(n, "models with more than one input are not supported")
+        if n.op == "placeholder":  # trace() has already refused models with several inputs
             self.add(n, "input", [])
         elif n.op == "call_module":
             self.module(n, self.modules[n.target])

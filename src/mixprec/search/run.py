@@ -19,7 +19,7 @@ import torch
 from .. import __version__
 from ..api import (as_target, cost_report, largest_uniform_bits, quantize, save_integer_model,
                    verify_against_reference, activation_width_for)
-from ..cost import Budget, BudgetError, check, evaluate, format_size
+from ..cost import Budget, BudgetError, check, evaluate, format_size, violations
 from ..cost.bits import BitAssignment
 from ..data import load_dataset
 from ..models import get_model
@@ -44,9 +44,8 @@ def choose_bits(cfg: RunConfig, model, target, input_shape, budget: Budget) -> t
     ab = cfg.act_bits or activation_width_for(cfg.bits, target)
     qm = quantize(model, target, input_shape, bits=cfg.bits, act_bits=ab, weight_granularity=cfg.weight_granularity)
     report = evaluate(qm.graph, BitAssignment(qm.weight_bits(), qm.act_bits()), target)
-    over = {k: v for k, v in check(report, budget).items() if not v[2]}
-    if over:
-        detail = "; ".join(f"{k} {v[0]:.6g} > budget {v[1]:.6g}" for k, v in over.items())
+    detail = violations(report, budget)
+    if detail:
         try:
             hint = f" The widest uniform width that fits is {largest_uniform_bits(model, target, input_shape, budget, cfg.act_bits, cfg.weight_granularity)} bits."
         except BudgetError as exc:
@@ -105,7 +104,7 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
         "accuracy": {"float": float_acc, "quantized": quant_acc},
         "cost": {k: report.totals[k] for k in ("flash_bytes", "ram_bytes", "macs", "bops", "ebops",
                                                 "latency_cycles", "energy_uj")},
-        "cost_detail": {k: v for k, v in report.totals.items()},
+        "cost_detail": dict(report.totals),
         "budget": budget.limits(),
         "budget_checks": {k: {"value": v, "limit": lim, "ok": ok} for k, (v, lim, ok) in checks.items()},
         "feasible": all(ok for _, _, ok in checks.values()) and _fits_device(report, target),
