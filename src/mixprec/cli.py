@@ -78,18 +78,23 @@ def _print_result(result: dict, out: Path) -> None:
                   f"{result['wall_seconds']:.1f} s; run directory: {out}")
 
 
-def _run(cfg_kwargs: dict, out: Path, quiet: bool, verbose: bool) -> dict:
+def _run(cfg_kwargs: dict, out: Path, quiet: bool, verbose: bool, resume: bool = False, device: str = "auto") -> dict:
     from .cost import BudgetError
     from .data import DatasetError
     from .graph.convert import UnsupportedLayerError
     from .search import RunConfig, run_search
+    from .train import CheckpointError, TrainingDiverged, world
 
-    _setup_logging(quiet, verbose)
+    _setup_logging(quiet or not world().is_main, verbose)
     try:
         cfg = RunConfig(**cfg_kwargs)
-        result = run_search(cfg, out, progress=_Progress(not quiet and sys.stderr.isatty()))
-    except (BudgetError, DatasetError, UnsupportedLayerError, ValueError, FileNotFoundError) as exc:
+        result = run_search(cfg, out, progress=_Progress(not quiet and sys.stderr.isatty() and world().is_main),
+                            resume=resume, device=device)
+    except (BudgetError, DatasetError, UnsupportedLayerError, CheckpointError, TrainingDiverged, ValueError,
+            FileNotFoundError) as exc:
         _fail(exc)
+    if result is None:  # a non-first torchrun process: the first one reports
+        return {}
     _print_result(result, out)
     if not result["feasible"] or result["reference_mismatches"]:
         raise typer.Exit(1)
@@ -101,7 +106,8 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="run direc
                quiet: bool = typer.Option(False, "--quiet", "-q", help="plain log, no progress bars"),
                verbose: bool = typer.Option(False, "--verbose", "-v")):
     """Digits CNN on scikit-learn's 8x8 digits for a Cortex-M4 under a 12 KiB FLASH budget."""
-    _run(dict(QUICKSTART), out, quiet, verbose)
+    # A second quickstart continues (or re-reports) the first one rather than refusing its folder.
+    _run(dict(QUICKSTART), out, quiet, verbose, resume=True)
 
 
 @app.command()
@@ -119,14 +125,23 @@ def search(model: str = typer.Option(..., help="registered model name or package
            latency_cycles: Optional[str] = typer.Option(None, "--latency-cycles", help="latency budget in cycles"),
            float_epochs: int = typer.Option(15), qat_epochs: int = typer.Option(10),
            lr: float = typer.Option(3e-3), qat_lr: float = typer.Option(5e-4), batch_size: int = typer.Option(32),
+           optimizer: str = typer.Option("adam", help="adam, adamw or sgd"),
+           weight_decay: float = typer.Option(0.0),
            seed: int = typer.Option(0), data_dir: Optional[str] = typer.Option(None, help="or MIXPREC_DATA"),
            out: Path = typer.Option(Path("runs/search"), help="run directory"),
-           quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = typer.Option(False, "--verbose", "-v")):
-    """Search a quantization of MODEL on DATA for TARGET under the given budgets."""
+           resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last checkpoint"),
+           device: str = typer.Option("auto", help="auto, cpu or cuda"),
+           quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars, warnings only"),
+           verbose: bool = typer.Option(False, "--verbose", "-v")):
+    """Search a quantization of MODEL on DATA for TARGET under the given budgets.
+
+    Data-parallel: torchrun --standalone --nproc-per-node N --no-python mixprec search ...
+    """
     _run(dict(model=model, data=data, target=target, method=method, bits=bits, act_bits=act_bits,
               weight_granularity=granularity, budget=_budget(flash, ram, ebops, energy_uj, latency_cycles),
               float_epochs=float_epochs, qat_epochs=qat_epochs, lr=lr, qat_lr=qat_lr, batch_size=batch_size,
-              seed=seed, data_dir=data_dir), out, quiet, verbose)
+              optimizer=optimizer, weight_decay=weight_decay, seed=seed, data_dir=data_dir),
+         out, quiet, verbose, resume, device)
 
 
 @app.command()
@@ -183,6 +198,20 @@ def models():
     for name in list_models():
         spec = get_spec(name)
         console.print(f"[bold]{name}[/] input {spec.input_shape}: {spec.source}", highlight=False)
+
+
+@app.command()
+def report(path: Path = typer.Argument(..., help="a run directory, or a folder holding run directories"),
+           quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = typer.Option(False, "--verbose", "-v")):
+    """Write PATH/report.html (self-contained) and PATH/plots/*.png for a run or a folder of runs."""
+    from .report import write_report
+
+    _setup_logging(quiet, verbose)
+    try:
+        out = write_report(path)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(exc)
+    console.print(f"wrote {out}", highlight=False)
 
 
 def main() -> None:  # pragma: no cover

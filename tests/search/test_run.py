@@ -49,12 +49,14 @@ def test_run_reloads_bit_exactly(run_dir, digits):
     assert acc == pytest.approx(result["accuracy"]["quantized"])
 
 
-def test_rerun_resumes_float_phase_and_refuses_other_config(run_dir):
+def test_resume_reuses_float_phase_and_refuses_other_config(run_dir):
     stamp = (run_dir / "checkpoints" / "float.pt").stat().st_mtime_ns
-    run_search(RunConfig(budget={"flash": "12KiB"}, **FAST), run_dir)
+    run_search(RunConfig(budget={"flash": "12KiB"}, **FAST), run_dir, resume=True)
     assert (run_dir / "checkpoints" / "float.pt").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="different configuration"):
-        run_search(RunConfig(budget={"flash": "10KiB"}, **FAST), run_dir)
+        run_search(RunConfig(budget={"flash": "10KiB"}, **FAST), run_dir, resume=True)
+    with pytest.raises(ValueError, match="pass --resume"):
+        run_search(RunConfig(budget={"flash": "12KiB"}, **FAST), run_dir)
 
 
 def test_impossible_budget_is_refused_before_training_naming_the_minimum(tmp_path):

@@ -24,15 +24,29 @@ class RunConfig:
     lr: float = 3e-3
     qat_lr: float = 5e-4
     batch_size: int = 32
+    optimizer: str = "adam"  # adam | adamw | sgd
+    weight_decay: float = 0.0
     seed: int = 0
     data_dir: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        from ..train.loop import OPTIMIZERS
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
         unknown = set(self.budget) - {"flash", "ram", "ebops", "energy", "latency"}
         if unknown:
             raise ValueError(f"unknown budget keys {sorted(unknown)}; use flash, ram, ebops, energy, latency")
+
+    def train_config(self, phase: str):
+        """Training settings of one phase: ``float`` warm-up, or a method's ``qat``-style fine-tune."""
+        from ..train import TrainConfig
+
+        if phase == "float":
+            return TrainConfig(self.float_epochs, self.lr, self.weight_decay, self.batch_size, self.seed, self.optimizer)
+        return TrainConfig(self.qat_epochs, self.qat_lr, self.weight_decay, self.batch_size, self.seed + 1, self.optimizer)
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(asdict(self), sort_keys=False))

@@ -23,7 +23,8 @@ from ..cost import Budget, BudgetError, check, evaluate, format_size, violations
 from ..cost.bits import BitAssignment
 from ..data import load_dataset
 from ..models import get_model
-from ..train import TrainConfig, evaluate_accuracy, fit, load_checkpoint, save_checkpoint
+from ..train import evaluate_accuracy, fit, load_checkpoint, resolve_device, save_checkpoint, world
+from ..train.distributed import barrier, init_distributed
 from .config import RunConfig
 from .context import SearchContext
 
@@ -54,29 +55,42 @@ def choose_bits(cfg: RunConfig, model, target, input_shape, budget: Budget) -> t
     return cfg.bits, ab
 
 
-def _float_warmup(cfg: RunConfig, model, data, ckpt: Path, progress, epoch_hook) -> list[dict]:
-    if ckpt.exists():
-        state = load_checkpoint(ckpt)
+def _float_warmup(cfg: RunConfig, model, data, ckpt_dir: Path, device, progress, epoch_hook) -> list[dict]:
+    done = ckpt_dir / "float.pt"
+    if done.exists():
+        state = load_checkpoint(done)
         model.load_state_dict(state["model"])
-        log.info("resumed float model from %s", ckpt)
+        log.info("float model from %s", done)
         return state.get("history", [])
     hook = (lambda e, s: epoch_hook("float", e, s)) if epoch_hook else None
     prog = (lambda d, t: progress("float", d, t)) if progress else None
-    history = fit(model, data.x_train, data.y_train, data.x_val, data.y_val,
-                  TrainConfig(cfg.float_epochs, cfg.lr, 0.0, cfg.batch_size, cfg.seed), hook, prog)
-    save_checkpoint(ckpt, {"model": model.state_dict(), "history": history})
+    history = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, cfg.train_config("float"), hook, prog,
+                  checkpoint=ckpt_dir / "float_last.pt", augment=data.augment, device=device)
+    model.cpu()
+    if world().is_main:
+        save_checkpoint(done, {"model": model.state_dict(), "history": history})
     return history
 
 
-def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=None) -> dict:
-    """Run ``cfg`` into ``out_dir`` and return the result (also written to ``result.json``)."""
+def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=None, *,
+               resume: bool = False, device: str = "auto") -> dict | None:
+    """Run ``cfg`` into ``out_dir`` and return the result (also written to ``result.json``).
+
+    ``resume`` continues a run that was stopped (killed, even mid-epoch) from its last per-epoch
+    checkpoint and ends with the result an uninterrupted run would have given. Under ``torchrun``
+    every process trains and the first one writes; the others return None.
+    """
     from . import SEARCH_METHODS
 
     start = time.perf_counter()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_resumable(cfg, out)
-    cfg.save(out / "config.yaml")
+    dev = resolve_device(device)
+    w = init_distributed(dev)
+    _check_resumable(cfg, out, resume)
+    barrier()  # every process has looked before the first one writes
+    if w.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
     seed_everything(cfg.seed)
 
     target = as_target(cfg.target)
@@ -84,16 +98,23 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
     data = load_dataset(cfg.data, cfg.data_dir, cfg.seed)
     model = get_model(cfg.model)
     weight_bits, act_bits = choose_bits(cfg, model, target, data.input_shape, budget)
-    log.info("target %s, budget %s, uniform start %d/%d bits", target.name, budget.limits(), weight_bits, act_bits)
+    log.info("target %s, budget %s, uniform start %d/%d bits, device %s%s", target.name, budget.limits(),
+             weight_bits, act_bits, dev, f", {w.size} processes" if w.distributed else "")
 
-    float_history = _float_warmup(cfg, model, data, out / "checkpoints" / "float.pt", progress, epoch_hook)
-    float_acc = evaluate_accuracy(model, data.x_test, data.y_test)
-
-    ctx = SearchContext(cfg, model, data, target, budget, weight_bits, act_bits, progress, epoch_hook)
+    ckpt_dir = out / "checkpoints"
+    seed_everything(cfg.seed)  # every phase starts from the same RNG state, resumed or not
+    float_history = _float_warmup(cfg, model, data, ckpt_dir, dev, progress, epoch_hook)
+    seed_everything(cfg.seed + 1)
+    ctx = SearchContext(cfg, model, data, target, budget, weight_bits, act_bits, progress, epoch_hook,
+                        checkpoint_dir=ckpt_dir, device=dev)
     qm, _ = SEARCH_METHODS[cfg.method](ctx)
-    save_checkpoint(out / "checkpoints" / "quantized.pt", quantized_state(qm))
+    qm.cpu()
+    if not w.is_main:
+        return None
+    save_checkpoint(ckpt_dir / "quantized.pt", quantized_state(qm))
 
-    quant_acc = evaluate_accuracy(qm, data.x_test, data.y_test)
+    float_acc = evaluate_accuracy(model, data.x_test, data.y_test, progress=_phase(progress, "test float"))
+    quant_acc = evaluate_accuracy(qm, data.x_test, data.y_test, progress=_phase(progress, "test integer"))
     report = cost_report(qm, target)
     checks = check(report, budget)
     mismatches = verify_against_reference(qm, data.x_test[:512])
@@ -111,11 +132,16 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
         "reference_mismatches": mismatches,
         "layers": layer_bits(qm, report),
         "history": {"float": float_history, **ctx.history},
+        "device": str(dev), "processes": w.size,
         "wall_seconds": time.perf_counter() - start,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text(summary_markdown(result))
     return result
+
+
+def _phase(progress, name: str):
+    return None if progress is None else (lambda done, total: progress(name, done, total))
 
 
 def _fits_device(report, target) -> bool:
@@ -127,11 +153,21 @@ def _fits_device(report, target) -> bool:
     return bool(ok)
 
 
-def _check_resumable(cfg: RunConfig, out: Path) -> None:
+def _check_resumable(cfg: RunConfig, out: Path, resume: bool) -> None:
     existing = out / "config.yaml"
-    if existing.exists() and RunConfig.load(existing) != cfg:
-        raise ValueError(f"{out} holds a run with a different configuration ({existing}); "
-                         f"choose another --out or delete it")
+    if not existing.exists():
+        if resume:
+            log.info("nothing to resume in %s: starting a new run", out)
+        return
+    if not resume:
+        raise ValueError(f"{out} already holds a run ({existing}); pass --resume to continue it, "
+                         f"or choose another --out")
+    saved = RunConfig.load(existing)
+    if saved != cfg:
+        diff = ", ".join(f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}"
+                         for k in vars(cfg) if getattr(saved, k) != getattr(cfg, k))
+        raise ValueError(f"{out} holds a run with a different configuration ({diff}); "
+                         f"resume it with the same options, or choose another --out")
 
 
 def quantized_state(qm) -> dict:

@@ -1,19 +1,53 @@
-"""Training loop: tensors in memory, batches by index (no per-sample Python work), Adam with a
-cosine schedule, validation every epoch, the best epoch's weights kept."""
+"""The one training loop every method uses.
+
+Tensors stay in memory and batches are taken by index (no per-sample Python work). Each epoch ends
+with validation, best-epoch keeping and an atomic checkpoint of everything needed to continue
+exactly: weights, optimiser, schedule position, RNG streams, method (callback) state. A non-finite
+loss rolls the epoch back to the last good state with a lower learning rate. Under ``torchrun`` each
+global batch is sharded over the processes and gradients are averaged by DistributedDataParallel.
+"""
 from __future__ import annotations
 
 import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .distributed import World, all_reduce_sum, barrier, init_distributed
+from .state import capture_rng, restore_rng
+
 log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "mixprec-train/1"
+
+SCHEDULES: dict[str, Callable[[float], float]] = {
+    "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t)),
+    "linear": lambda t: 1.0 - t,
+    "constant": lambda t: 1.0,
+}
+
+
+def _adam(params, cfg):
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _adamw(params, cfg):
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _sgd(params, cfg):
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+
+
+OPTIMIZERS = {"adam": _adam, "adamw": _adamw, "sgd": _sgd}
 
 
 @dataclass(frozen=True)
@@ -23,6 +57,47 @@ class TrainConfig:
     weight_decay: float = 0.0
     batch_size: int = 32
     seed: int = 0
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    schedule: str = "cosine"
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; available: {', '.join(SCHEDULES)}")
+
+
+class Callback:
+    """Method-specific steps of training; every hook is optional."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the task loss (a cost penalty, say)."""
+        return None
+
+    def after_step(self, step: int) -> None:
+        """After each optimiser step (quantizer updates on their own schedule, say)."""
+
+    def after_epoch(self, epoch: int, stats: dict) -> None:
+        """May add numbers to ``stats`` (a ``cost`` dict, say); they land in the history."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss stayed non-finite after every allowed rollback; no model was written from it."""
+
+
+class _NonFinite(Exception):
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
@@ -33,54 +108,219 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
         yield x[idx], y[idx]
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy in eval mode (for a quantized model: the integer-exact path)."""
+def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
+                      progress: Callable[[int, int], None] | None = None, world: World | None = None) -> float:
+    """Top-1 accuracy in eval mode (for a quantized model: the integer-exact path).
+
+    With a distributed ``world`` each process scores its share and the counts are summed.
+    """
     was_training = model.training
     model.eval()
-    correct = 0
-    for xb, yb in batches(x, y, batch_size):
-        correct += int((model(xb).argmax(1) == yb).sum())
+    if world is not None and world.distributed:
+        x, y = x[world.rank::world.size], y[world.rank::world.size]
+    device = _model_device(model)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total = torch.tensor(len(y), dtype=torch.int64, device=device)
+    n_batches = math.ceil(len(y) / batch_size)
+    for i, (xb, yb) in enumerate(batches(x, y, batch_size)):
+        correct += (model(xb.to(device)).argmax(1) == yb.to(device)).sum()
+        if progress:
+            progress(i + 1, n_batches)
     model.train(was_training)
-    return correct / max(len(y), 1)
+    if world is not None and world.distributed:
+        all_reduce_sum(correct), all_reduce_sum(total)
+    return int(correct) / max(int(total), 1)
+
+
+def params_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+
+
+class Trainer:
+    """One training run of ``model``; see :func:`fit`."""
+
+    def __init__(self, model: nn.Module, x_train, y_train, x_val, y_val, cfg: TrainConfig, *,
+                 checkpoint: str | Path | None = None, callbacks: Sequence[Callback] = (),
+                 augment: Callable | None = None, device: torch.device | str = "cpu",
+                 on_epoch: Callable[[int, dict], None] | None = None,
+                 progress: Callable[[int, int], None] | None = None, params=None):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.world = init_distributed(self.device)
+        self.model = model.to(self.device)
+        self.net = self._wrap(model)
+        self.x_train, self.y_train = x_train.to(self.device), y_train.to(self.device)
+        self.x_val, self.y_val = x_val, y_val
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.callbacks = list(callbacks)
+        self.augment, self.on_epoch, self.progress = augment, on_epoch, progress
+        self.optimizer = OPTIMIZERS[cfg.optimizer](list(params if params is not None else model.parameters()), cfg)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+        self.total_steps = max(cfg.epochs * self.steps_per_epoch, 1)
+        self.epoch, self.step, self.lr_scale = 0, 0, 1.0
+        self.history: list[dict] = []
+        self.best_acc, self.best_state = -1.0, None
+        self.pending_rollbacks: list[dict] = []
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if not self.world.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    # -- state ---------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "config": asdict(self.cfg),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch, "step": self.step, "lr_scale": self.lr_scale,
+            "history": self.history, "best_acc": self.best_acc, "best_state": self.best_state,
+            "rng": capture_rng(self.generator),
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+        }
+
+    def load_state(self, state: dict, source: str = "checkpoint") -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{source} is not a mixprec training checkpoint (format {state.get('format')!r})")
+        mine = asdict(self.cfg)
+        changed = {k: (v, mine.get(k)) for k, v in state["config"].items()
+                   if k not in ("max_rollbacks", "rollback_lr_factor") and mine.get(k) != v}
+        if changed:
+            detail = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
+            raise CheckpointError(f"{source} was written with other training settings ({detail}); "
+                                  f"resume with the same settings or start a new run")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step, self.lr_scale = state["epoch"], state["step"], state["lr_scale"]
+        self.history, self.best_acc, self.best_state = list(state["history"]), state["best_acc"], state["best_state"]
+        restore_rng(state["rng"], self.generator)
+        for cb, cb_state in zip(self.callbacks, state["callbacks"]):
+            cb.load_state_dict(cb_state)
+
+    def _save(self) -> None:
+        if self.checkpoint is not None and self.world.is_main:
+            save_checkpoint(self.checkpoint, self.state())
+        barrier()
+
+    # -- loop ----------------------------------------------------------------------------
+    def _set_lr(self) -> float:
+        factor = self.lr_scale * SCHEDULES[self.cfg.schedule](min(self.step / self.total_steps, 1.0))
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+        return self.cfg.lr * factor
+
+    def _augment_generator(self) -> torch.Generator:
+        # Seeded per step and rank, so augmentation needs no saved state and ranks draw independently.
+        return torch.Generator().manual_seed((self.cfg.seed << 40) + (self.step << 8) + self.world.rank)
+
+    def _run_epoch(self) -> dict:
+        self.net.train()
+        start, loss_sum = time.perf_counter(), torch.zeros((), device=self.device)
+        order = torch.randperm(len(self.x_train), generator=self.generator).to(self.device)
+        bs, w = self.cfg.batch_size, self.world
+        for i in range(self.steps_per_epoch):
+            idx = order[i * bs:(i + 1) * bs]
+            global_count = len(idx)
+            if w.distributed:
+                idx = idx[w.rank::w.size]
+            xb, yb = self.x_train[idx], self.y_train[idx]
+            if self.augment is not None:
+                xb = self.augment(xb, self._augment_generator())
+            lr = self._set_lr()
+            # Summed over this shard and divided by the global count: DDP's gradient average then
+            # equals the single-process gradient of the global batch.
+            loss = F.cross_entropy(self.net(xb), yb, reduction="sum") * (w.size / global_count)
+            for cb in self.callbacks:
+                extra = cb.extra_loss(self.model)
+                if extra is not None:
+                    loss = loss + extra
+            bad = (~torch.isfinite(loss.detach())).float()
+            if w.distributed:
+                all_reduce_sum(bad)
+            if bad.item():
+                raise _NonFinite(f"epoch {self.epoch} step {i}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            for cb in self.callbacks:
+                cb.after_step(self.step)
+            loss_sum += loss.detach()
+            if self.progress and w.is_main:
+                self.progress(self.epoch * self.steps_per_epoch + i + 1, self.cfg.epochs * self.steps_per_epoch)
+        if w.distributed:
+            all_reduce_sum(loss_sum)
+            loss_sum /= w.size
+        seconds = time.perf_counter() - start
+        return {"epoch": self.epoch, "loss": float(loss_sum) / self.steps_per_epoch, "lr": lr,
+                "seconds": seconds, "samples_per_second": len(self.x_train) / max(seconds, 1e-9)}
+
+    def _rollback(self, good: dict, where: str) -> None:
+        rollbacks = sum(len(h.get("rollbacks", [])) for h in self.history) + len(self.pending_rollbacks)
+        if rollbacks >= self.cfg.max_rollbacks:
+            raise TrainingDiverged(
+                f"non-finite loss at {where} after {rollbacks} rollbacks (learning rate scaled to "
+                f"{self.lr_scale:g}); the last good state is epoch {good['epoch']}"
+                + (f" in {self.checkpoint}" if self.checkpoint else "") + "; no model was written from the diverged state")
+        lowered = self.lr_scale * self.cfg.rollback_lr_factor
+        self.load_state(good, "the last good state")
+        self.lr_scale = lowered
+        event = {"where": where, "lr_scale": self.lr_scale}
+        self.pending_rollbacks.append(event)
+        log.warning("non-finite loss at %s: rolled back to the end of epoch %d, learning rate x%g",
+                    where, self.epoch - 1, self.lr_scale)
+
+    def fit(self) -> list[dict]:
+        if self.checkpoint is not None and self.checkpoint.exists():
+            self.load_state(load_checkpoint(self.checkpoint, map_location=self.device), str(self.checkpoint))
+            log.info("resumed %s at epoch %d of %d", self.checkpoint, self.epoch, self.cfg.epochs)
+        while self.epoch < self.cfg.epochs:
+            good = copy.deepcopy(self.state())
+            try:
+                stats = self._run_epoch()
+                if not params_finite(self.model):
+                    raise _NonFinite(f"epoch {self.epoch} (non-finite weights after the epoch)")
+            except _NonFinite as exc:
+                self._rollback(good, exc.where)
+                continue
+            stats["val_accuracy"] = evaluate_accuracy(self.model, self.x_val, self.y_val, world=self.world)
+            if self.pending_rollbacks:
+                stats["rollbacks"], self.pending_rollbacks = self.pending_rollbacks, []
+            for cb in self.callbacks:
+                cb.after_epoch(self.epoch, stats)
+            self.history.append(stats)
+            if self.world.is_main:
+                log.info("epoch %d loss %.4f val %.4f lr %.3g (%.1f s, %.0f samples/s)", self.epoch, stats["loss"],
+                         stats["val_accuracy"], stats["lr"], stats["seconds"], stats["samples_per_second"])
+            if stats["val_accuracy"] > self.best_acc:
+                self.best_acc, self.best_state = stats["val_accuracy"], copy.deepcopy(self.model.state_dict())
+            self.epoch += 1
+            self._save()
+            if self.on_epoch:
+                self.on_epoch(stats["epoch"], stats)
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return self.history
 
 
 def fit(model: nn.Module, x_train, y_train, x_val, y_val, cfg: TrainConfig,
         on_epoch: Callable[[int, dict], None] | None = None,
-        progress: Callable[[int, int], None] | None = None) -> list[dict]:
+        progress: Callable[[int, int], None] | None = None, **options) -> list[dict]:
     """Train ``model`` and leave it holding the weights of its best validation epoch.
 
-    ``on_epoch(epoch, stats)`` runs after each epoch (checkpointing, logging); ``progress(done,
-    total)`` after each step (progress bars live in the CLI). Returns per-epoch stats.
+    ``on_epoch(epoch, stats)`` runs after each epoch; ``progress(done, total)`` after each step
+    (progress bars live in the CLI). ``options``: ``checkpoint`` (a path: written every epoch and
+    resumed from when it exists), ``callbacks``, ``augment``, ``device``, ``params``. Returns the
+    per-epoch stats.
     """
-    generator = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.epochs * steps_per_epoch, 1))
-    history, best_acc, best_state = [], -1.0, None
-    for epoch in range(cfg.epochs):
-        model.train()
-        start, total_loss = time.perf_counter(), torch.zeros(())
-        for step, (xb, yb) in enumerate(batches(x_train, y_train, cfg.batch_size, True, generator)):
-            loss = F.cross_entropy(model(xb), yb)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch} step {step}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total_loss += loss.detach()
-            if progress:
-                progress(epoch * steps_per_epoch + step + 1, cfg.epochs * steps_per_epoch)
-        val_acc = evaluate_accuracy(model, x_val, y_val)
-        stats = {"epoch": epoch, "loss": float(total_loss) / steps_per_epoch, "val_accuracy": val_acc,
-                 "seconds": time.perf_counter() - start}
-        history.append(stats)
-        log.info("epoch %d loss %.4f val %.4f (%.1fs)", epoch, stats["loss"], val_acc, stats["seconds"])
-        if val_acc > best_acc:
-            best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
-        if on_epoch:
-            on_epoch(epoch, stats)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return history
+    return Trainer(model, x_train, y_train, x_val, y_val, cfg, on_epoch=on_epoch, progress=progress, **options).fit()
