@@ -24,9 +24,9 @@ from mixprec.search import RunConfig, run_search  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = {
     "lenet5-mnist": dict(model="lenet5", data="mnist", target="cortex-m4", bits=8, act_bits=8,
-                         float_epochs=8, qat_epochs=2, batch_size=128, lr=2e-3, qat_lr=2e-4),
+                         float_epochs=10, qat_epochs=2, batch_size=128, lr=2e-3, qat_lr=2e-4),
     "resnet8-cifar10": dict(model="resnet8", data="cifar10", target="cortex-m4", bits=8, act_bits=8,
-                            float_epochs=10, qat_epochs=2, batch_size=64, lr=2e-3, qat_lr=2e-4, weight_decay=1e-4,
+                            float_epochs=30, qat_epochs=3, batch_size=64, lr=2e-3, qat_lr=2e-4, weight_decay=0.01,
                             optimizer="adamw"),
 }
 

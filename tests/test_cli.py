@@ -58,3 +58,30 @@ def test_search_writes_a_feasible_run(tmp_path):
 def test_targets_and_models_list():
     assert "fpga-hls4ml" in runner.invoke(app, ["targets"]).output
     assert "efficientnet-lite0" in runner.invoke(app, ["models"]).output
+
+
+def test_progress_bars_show_eta_per_phase(capsys):
+    from mixprec.cli import _Progress
+
+    bars = _Progress(True)
+    for done in range(1, 11):
+        bars("float", done, 10)
+    bars("test integer", 1, 2)
+    err = capsys.readouterr().err
+    assert "float" in err and "10/10" in err and "<" in err  # tqdm's "elapsed<remaining"
+    assert "test integer" in err
+    _Progress(False)("float", 1, 10)
+    assert capsys.readouterr().err == ""
+
+
+def test_non_interactive_run_logs_plain_lines_and_quiet_silences_them(tmp_path):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "mixprec.cli", "search", "--model", "digits-cnn", "--data", "digits",
+            "--target", "cortex-m4", "--bits", "4", "--float-epochs", "1", "--qat-epochs", "1"]
+    plain = subprocess.run(args + ["--out", str(tmp_path / "a")], capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stderr
+    assert "epoch 0 loss" in plain.stderr and "samples/s" in plain.stderr and "\r" not in plain.stderr
+    quiet = subprocess.run(args + ["--out", str(tmp_path / "b"), "--quiet"], capture_output=True, text=True)
+    assert quiet.returncode == 0 and "epoch 0" not in quiet.stderr

@@ -38,7 +38,7 @@ class _Progress:
 
         bar = self.bars.get(phase)
         if bar is None:
-            bar = self.bars[phase] = tqdm(total=total, desc=phase, unit="step", leave=False, file=sys.stderr)
+            bar = self.bars[phase] = tqdm(total=total, desc=phase, unit="step", leave=True, file=sys.stderr)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
@@ -212,6 +212,69 @@ def report(path: Path = typer.Argument(..., help="a run directory, or a folder h
     except (FileNotFoundError, ValueError) as exc:
         _fail(exc)
     console.print(f"wrote {out}", highlight=False)
+
+
+@app.command()
+def export(run_dir: Path = typer.Argument(..., help="a run directory"),
+           fmt: list[str] = typer.Option(..., "--format", "-f", help="c, qonnx or hls4ml (repeatable)"),
+           out: Optional[Path] = typer.Option(None, help="output folder (default RUN_DIR/export/FORMAT)"),
+           quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = typer.Option(False, "--verbose", "-v")):
+    """Export a run's integer program: C library for microcontrollers, QONNX, or an hls4ml project."""
+    from .export import ExportError, export_run
+    from .train import CheckpointError
+
+    _setup_logging(quiet, verbose)
+    for f in fmt:
+        try:
+            with _Status(f"exporting {f}", not quiet and sys.stderr.isatty()):
+                artifact = export_run(run_dir, f, out / f if out is not None and len(fmt) > 1 else out)
+        except (ExportError, CheckpointError, FileNotFoundError, ValueError) as exc:
+            _fail(exc)
+        console.print(f"[bold]{f}[/]: {artifact.path} ({len(artifact.files)} files)", highlight=False)
+        for note in artifact.notes:
+            console.print(f"  note: {note}", highlight=False)
+
+
+@app.command()
+def verify(run_dir: Path = typer.Argument(..., help="a run directory with exported artifacts"),
+           inputs: int = typer.Option(256, "--inputs", "-n", help="test inputs per artifact (0: the whole test set)"),
+           quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = typer.Option(False, "--verbose", "-v")):
+    """Run every exported artifact against the NumPy reference; exit 1 on any mismatch."""
+    from .export import ExportError
+    from .export.verify import verify_run
+
+    _setup_logging(quiet, verbose)
+    try:
+        with _Status("verifying", not quiet and sys.stderr.isatty()):
+            rows = verify_run(run_dir, inputs or None)
+    except (ExportError, FileNotFoundError, ValueError) as exc:
+        _fail(exc)
+    table = Table(title=f"verify {run_dir}")
+    for col in ("format", "inputs", "mismatches", "first diverging layer"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.format, str(r.inputs), f"[green]0[/]" if r.ok else f"[red]{r.mismatches}[/]",
+                      r.first_diverging_layer or "")
+    console.print(table)
+    console.print(f"wrote {run_dir / 'verify.json'}", highlight=False)
+    if not all(r.ok for r in rows):
+        raise typer.Exit(1)
+
+
+class _Status:
+    """A spinner with elapsed time for one long step (export, verify) on a terminal."""
+
+    def __init__(self, text: str, enabled: bool):
+        self.status = err.status(text) if enabled else None
+
+    def __enter__(self):
+        if self.status:
+            self.status.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.status:
+            self.status.__exit__(*exc)
 
 
 def main() -> None:  # pragma: no cover

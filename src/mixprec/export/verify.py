@@ -1,0 +1,70 @@
+"""``mixprec verify``: every exported artifact of a run against the NumPy reference, input by input."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..execute import reference
+from .base import Artifact, ExportError, get_exporter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifyRow:
+    format: str
+    inputs: int
+    mismatches: int  # inputs whose output differs anywhere
+    first_diverging_layer: str | None  # in graph order, where the artifact exposes its layers
+    notes: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatches == 0
+
+
+def artifacts_of(run_dir: Path) -> list[Artifact]:
+    return [Artifact.load(p.parent) for p in sorted((Path(run_dir) / "export").glob("*/artifact.json"))]
+
+
+def first_divergence(graph, ref_env: dict, env: dict) -> str | None:
+    for node in graph.nodes:
+        if node.name in env and node.name in ref_env and not np.array_equal(np.asarray(env[node.name]), ref_env[node.name]):
+            return node.name
+    return None
+
+
+def verify_artifact(artifact: Artifact, graph, x: np.ndarray) -> VerifyRow:
+    out, env = get_exporter(artifact.format).run(artifact, x, keep=True)
+    ref_out, ref_env = reference(graph, x, keep=True)
+    out = np.asarray(out).reshape(ref_out.shape)
+    differs = (out != ref_out).reshape(len(x), -1).any(axis=1)
+    first = first_divergence(graph, ref_env, env or {}) if differs.any() else None
+    if differs.any() and first is None:
+        first = graph.output  # the artifact exposes no intermediate layers
+    return VerifyRow(artifact.format, len(x), int(differs.sum()), first, list(artifact.notes))
+
+
+def verify_run(run_dir: str | Path, n_inputs: int | None = 256, formats: list[str] | None = None) -> list[VerifyRow]:
+    """Run each exported artifact on ``n_inputs`` test inputs (None: the whole test set); writes
+    ``verify.json``. Raises :class:`ExportError` when the run has nothing exported."""
+    from . import load_export_input
+
+    run_dir = Path(run_dir)
+    found = [a for a in artifacts_of(run_dir) if formats is None or a.format in formats]
+    if not found:
+        raise ExportError(f"{run_dir} has no exported artifacts{f' in {formats}' if formats else ''}; "
+                          f"run `mixprec export {run_dir} --format c|qonnx|hls4ml` first")
+    inp = load_export_input(run_dir, n_sample=n_inputs if n_inputs is not None else 10**9)
+    rows = []
+    for artifact in found:
+        row = verify_artifact(artifact, inp.graph, inp.x_sample)
+        log.info("%s: %d inputs, %d mismatches", row.format, row.inputs, row.mismatches)
+        rows.append(row)
+    (run_dir / "verify.json").write_text(json.dumps(
+        {"ok": all(r.ok for r in rows), "rows": [asdict(r) for r in rows]}, indent=2))
+    return rows
