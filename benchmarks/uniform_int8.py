@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -36,14 +37,15 @@ def command_for(preset: dict, out: Path) -> str:
     return f"mixprec search --method uniform --model {preset['model']} --data {preset['data']} {opts} --out {out}"
 
 
-def _mean(values):
-    return sum(values) / len(values) if values else float("nan")
+def _median(values):
+    # The median: robust to an epoch slowed by another job on the machine.
+    return float(statistics.median(values)) if values else float("nan")
 
 
 def row_for(name: str, preset: dict, result: dict, out: Path) -> str:
     hist = result["history"]
-    float_s = _mean([h["seconds"] for h in hist.get("float", [])])
-    qat_s = _mean([h["seconds"] for h in hist.get("qat", [])])
+    float_s = _median([h["seconds"] for h in hist.get("float", [])])
+    qat_s = _median([h["seconds"] for h in hist.get("qat", [])])
     cost = result["cost_detail"]
     return (f"| {name} | {len(hist.get('float', []))}+{len(hist.get('qat', []))} | {result['accuracy']['float']:.2%} | "
             f"{result['accuracy']['quantized']:.2%} | {float_s:.1f} | {qat_s:.1f} | {cost['weight_bytes']:,} | "
@@ -61,8 +63,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    rows = ["| run | epochs float+QAT | float test acc | int8 test acc (integer-exact) | s/epoch float | "
-            "s/epoch QAT | weight B | FLASH B | peak RAM B | ref. mismatches | command |",
+    rows = ["| run | epochs float+QAT | float test acc | int8 test acc (integer-exact) | median s/epoch float | "
+            "median s/epoch QAT | weight B | FLASH B | peak RAM B | ref. mismatches | command |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in sorted(PRESETS):
         out = args.runs / name

@@ -120,3 +120,18 @@ def test_flatten_is_row_major(k):
 def test_unknown_op_names_the_node():
     with pytest.raises(ValueError, match="'mystery'"):
         step(IntNode("mystery", "softmax", [], {}, ()), [], NumpyKernels)
+
+
+def test_torch_kernels_pick_a_float_type_that_keeps_every_sum_exact():
+    import torch
+
+    from mixprec.execute import NumpyKernels, TorchKernels, exact_float_dtype
+
+    small = torch.full((1, 64), 127, dtype=torch.int64), torch.full((4, 64), -127, dtype=torch.int64)
+    assert exact_float_dtype(*small) == torch.float32  # 64 * 127 * 127 < 2**24
+    # 2048 * 127 * 127 > 2**24: float32 would round these sums; float64 is chosen and is exact
+    x = torch.randint(-128, 128, (3, 2048), generator=torch.Generator().manual_seed(0))
+    w = torch.randint(-127, 128, (5, 2048), generator=torch.Generator().manual_seed(1))
+    x[0], w[0] = 127, 127
+    assert exact_float_dtype(x, w) == torch.float64
+    assert np.array_equal(TorchKernels.linear(x, w).numpy(), NumpyKernels.linear(x.numpy(), w.numpy()))

@@ -2,7 +2,7 @@
 
 One interpreter, two sets of kernels: :class:`NumpyKernels` is the reference (int64 im2col
 matrix products, written independently of torch), :class:`TorchKernels` runs the same integer
-program with torch (float64 convolutions of integer values are exact below 2**53), which is how a
+program with torch (float32 or float64 convolutions chosen so that every integer sum is exact), which is how a
 quantized model evaluates. Rounding, saturation and requantization come from
 :mod:`mixprec.numerics` in both.
 """
@@ -77,8 +77,22 @@ class NumpyKernels:
         return x.reshape(x.shape[0], -1)
 
 
+def exact_float_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """The cheapest float type in which a conv/linear of integer ``x`` and ``w`` is exact.
+
+    float32 when no partial sum can reach 2**24 (then every one of them is an exactly
+    representable integer; the bound is sum |w| per output channel times max |x|), on the CPU
+    only: GPU convolutions may use TF32 or transform-domain algorithms. Otherwise float64, exact
+    below 2**53.
+    """
+    if x.device.type != "cpu" or x.numel() == 0:
+        return torch.float64
+    bound = w.abs().flatten(1).sum(1).max().double() * x.abs().max().double()
+    return torch.float32 if bound < 2 ** 24 else torch.float64
+
+
 class TorchKernels:
-    """The same integer kernels with torch: float64 holds every integer accumulator exactly."""
+    """The same integer kernels with torch, in a float type that holds every accumulator exactly."""
 
     name = "torch"
 
@@ -89,12 +103,14 @@ class TorchKernels:
     @staticmethod
     def conv(x, w, attrs) -> torch.Tensor:
         fn = F.conv1d if attrs["dims"] == 1 else F.conv2d
-        y = fn(x.double(), w.double(), None, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+        dt = exact_float_dtype(x, w)
+        y = fn(x.to(dt), w.to(dt), None, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
         return y.round().to(torch.int64)
 
     @staticmethod
     def linear(x, w) -> torch.Tensor:
-        return F.linear(x.double(), w.double()).round().to(torch.int64)
+        dt = exact_float_dtype(x, w)
+        return F.linear(x.to(dt), w.to(dt)).round().to(torch.int64)
 
     @staticmethod
     def maxpool(x, attrs) -> torch.Tensor:

@@ -1,0 +1,61 @@
+"""`mixprec export` and `mixprec verify` from the command line: a table, verify.json, the exit status."""
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mixprec.cli import app
+from mixprec.search import RunConfig, run_search
+from mixprec.train import load_checkpoint, save_checkpoint
+
+runner = CliRunner()
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="no host C compiler")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify") / "run"
+    run_search(RunConfig(model="digits-cnn", data="digits", target="cortex-m4", budget={"flash": "12KiB"},
+                         float_epochs=2, qat_epochs=1), out)
+    res = runner.invoke(app, ["export", str(out), "--format", "c"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_verify_passes_and_writes_verify_json(exported):
+    res = runner.invoke(app, ["verify", str(exported), "--inputs", "0"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((exported / "verify.json").read_text())
+    assert report["ok"] is True
+    host = report["rows"][0]
+    assert host["format"] == "c" and host["inputs"] == 359 and host["mismatches"] == 0  # the whole test set
+    if shutil.which("qemu-system-arm"):
+        assert report["rows"][1]["format"].startswith("c firmware") and report["rows"][1]["mismatches"] == 0
+
+
+def test_verify_fails_when_the_artifact_no_longer_matches_the_run(exported, tmp_path):
+    tampered = tmp_path / "run"
+    shutil.copytree(exported, tampered)
+    ckpt = tampered / "checkpoints" / "quantized.pt"
+    state = load_checkpoint(ckpt)
+    key = next(k for k in state["state_dict"] if k.endswith("weight"))
+    state["state_dict"][key] = -state["state_dict"][key]  # the reference changes, the C library does not
+    save_checkpoint(ckpt, state)
+    res = runner.invoke(app, ["verify", str(tampered), "--inputs", "64"])
+    assert res.exit_code == 1
+    row = json.loads((tampered / "verify.json").read_text())["rows"][0]
+    assert row["mismatches"] > 0 and row["first_diverging_layer"]
+
+
+def test_verify_without_exports_says_what_to_run(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    res = runner.invoke(app, ["verify", str(out)])
+    assert res.exit_code == 2 and "mixprec export" in res.output
+
+
+def test_unknown_format_lists_the_formats(exported):
+    res = runner.invoke(app, ["export", str(exported), "--format", "tflite"])
+    assert res.exit_code == 2 and "c, qonnx, hls4ml" in res.output
