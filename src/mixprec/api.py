@@ -64,7 +64,8 @@ def _values(bits) -> list[int]:
 
 
 def assignment(qm: QuantModel) -> BitAssignment:
-    return BitAssignment(qm.weight_bits(), qm.act_bits())
+    """The model's bits (and its activation grids' post-shifts) as the cost model takes them."""
+    return BitAssignment(qm.weight_bits(), qm.act_bits(), qm.act_shifts())
 
 
 def cost_term(qm: QuantModel, target: str | Target, key: str = "flash_bytes") -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixprec.cost.bits import BitAssignment
+from mixprec.api import assignment
 from mixprec.cost.targets import load_target, target_from_dict
 from mixprec.execute import reference
 from mixprec.export import ExportError, export_run, load_export_input
@@ -130,7 +130,7 @@ def test_conformance_sweep_bit_exact(tmp_path):
         case = conformance._CASES.get(("TestExactness", name, gran, numerics))  # built by test_exactness
         case = case or build_case(name, BUILDERS[name], gran, numerics)
         ig = case.ig
-        a = BitAssignment(case.qm.weight_bits(), case.qm.act_bits())
+        a = assignment(case.qm)  # bits and the grids' post-shifts
         m = generate(ig, case.qm.graph, a, targets[numerics], tmp_path / f"m{k:03d}", prefix=f"m{k:03d}")
         x = np.concatenate([v.numpy() for v in case.inputs.values()])
         inputs.append((f"{name}-{gran}-{numerics}", ig, x, m))
@@ -150,11 +150,11 @@ def test_conformance_sweep_bit_exact(tmp_path):
             bad.append(f"{label}: {int((got != want).sum())} outputs differ")
     assert not bad, "\n".join(bad)
     # FLASH: the weights blob is the cost model's flash_bytes for every model; RAM: the arena is the
-    # predicted peak unless a pooled fixed-point grid needed wider containers than the cost model
-    # assumes (reported in the notes)
+    # cost model's ram_bytes for every model, pooled fixed-point grids with post-shifts included
+    # (no container is ever widened beyond the cost model's)
     assert [label for label, m in sizes if not m.flash_matches] == []
-    widened = lambda m: any("wider containers" in n for n in m.notes)  # noqa: E731
-    assert [label for label, m in sizes if not m.ram_matches and not widened(m)] == []
+    assert [(label, m.arena_bytes, m.cost["ram_bytes"]) for label, m in sizes if not m.ram_matches] == []
+    assert [(label, n) for label, m in sizes for n in m.notes if "wider" in n or "re-planned" in n] == []
 
 
 # ----------------------------------------------------------------------------- numerics in C

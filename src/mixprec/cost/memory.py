@@ -21,7 +21,7 @@ import torch
 
 from ..granularity import expand
 from ..graph.ir import ALIAS_OPS, Graph, Node
-from .bits import BitAssignment, act_bits, weight_bits
+from .bits import BitAssignment, act_bits, act_storage_bits, weight_bits
 from .rounding import align_up_ste, snap_up_ste, ste_ceil
 from .targets import Target, load_target  # noqa: F401  (load_target: doctest)
 
@@ -98,8 +98,12 @@ def act_bytes(shape: tuple[int, ...], abits: torch.Tensor, target: Target) -> to
 
 
 def buffer_bytes(graph: Graph, assignment: BitAssignment, target: Target) -> dict[str, torch.Tensor]:
-    """Bytes of every activation buffer (one per non-aliasing node), unaligned."""
-    return {n.name: act_bytes(n.out_shape, act_bits(assignment, graph, n.name), target)
+    """Bytes of every activation buffer (one per non-aliasing node), unaligned.
+
+    Each element at its storage bits (``bits.act_storage_bits``): its activation bits, wider after
+    pooling over fixed-point grids with post-shifts, where values of coarser grids land on a finer one.
+    """
+    return {n.name: act_bytes(n.out_shape, act_storage_bits(assignment, graph, n.name), target)
             for n in graph if n.op not in ALIAS_OPS}
 
 

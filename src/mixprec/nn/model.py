@@ -63,6 +63,22 @@ class QuantModel(nn.Module):
     def act_bits(self) -> dict[str, torch.Tensor]:
         return {name: q.bits() for name, q in self.act_quantizers.items()}
 
+    def act_shifts(self) -> dict[str, torch.Tensor]:
+        """Post-shifts of the activation grids where they are not all zero (fixed-point numerics with
+        per-channel or finer scales): ``log2(scale_e / finest scale)``, as lowering places each
+        element's code on its tensor's common grid (``lower.OutputGrid.post_shift``). Empty before
+        calibration (no grid yet). The cost model sizes pooled buffers with them."""
+        out = {}
+        for name, q in self.act_quantizers.items():
+            try:
+                scale = q.qparams().scale.detach().double()
+            except RuntimeError:  # not calibrated
+                continue
+            shift = torch.round(torch.log2(scale / scale.amin()))
+            if bool((shift != 0).any()):
+                out[name] = shift.float()
+        return out
+
     # -- training path ---------------------------------------------------------------------
     def _bias_qparams(self, layer: QuantLayer, wqp: QParams, in_name: str) -> QParams:
         s_in = self.act_quantizer(in_name).qparams().scale.amin().detach()  # the common (finest) grid

@@ -17,10 +17,9 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..api import (as_target, cost_report, largest_uniform_bits, quantize, save_integer_model,
+from ..api import (as_target, assignment, cost_report, largest_uniform_bits, quantize, save_integer_model,
                    verify_against_reference, activation_width_for)
 from ..cost import Budget, BudgetError, check, evaluate, format_size, violations
-from ..cost.bits import BitAssignment
 from ..data import load_dataset
 from ..models import get_model
 from ..train import evaluate_accuracy, fit, load_checkpoint, resolve_device, save_checkpoint, world
@@ -44,7 +43,7 @@ def choose_bits(cfg: RunConfig, model, target, input_shape, budget: Budget) -> t
         return wb, cfg.act_bits or activation_width_for(wb, target)
     ab = cfg.act_bits or activation_width_for(cfg.bits, target)
     qm = quantize(model, target, input_shape, bits=cfg.bits, act_bits=ab, weight_granularity=cfg.weight_granularity)
-    report = evaluate(qm.graph, BitAssignment(qm.weight_bits(), qm.act_bits()), target)
+    report = evaluate(qm.graph, assignment(qm), target)
     detail = violations(report, budget)
     if detail:
         try:

@@ -5,7 +5,9 @@
   no storage), least significant bit first, elements may straddle bytes
   (``cost.memory.channel_weight_bytes``).
 * Activation buffers: the whole tensor packed the same way with ``act_containers``
-  (``cost.memory.act_bytes``), placed in one arena by ``cost.memory.plan_arena``.
+  (``cost.memory.act_bytes``) at the cost model's storage bits (``cost.bits.act_storage_bits``:
+  pooled outputs over fixed-point grids with post-shifts included), placed in one arena by
+  ``cost.memory.plan_arena``.
 * Per-layer parameters: int32 biases and ``requant_steps`` requantization entries of
   ``param_bytes`` (multiplier, shift, zero point) each (``cost.memory.param_flash_bytes``).
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ...cost.bits import act_bits
+from ...cost.bits import act_bits, act_storage_bits
 from ...cost.memory import n_scales
 from ...cost.rounding import snap_up_ste
 from ...granularity import expand
@@ -127,11 +129,13 @@ class ActLayout:
 
 
 def act_layout(graph, assignment, target, ig, name: str, ranges: dict, layouts: dict) -> ActLayout:
-    """Storage of buffer ``name``: the cost model's containers, the grid's post-shifts; a container
-    is widened (and reported) only where the values a pooling layer can produce do not fit it."""
+    """Storage of buffer ``name``: the cost model's containers (of ``act_storage_bits``), the grid's
+    post-shifts. The values each element can take are checked against its container; one is widened
+    (and reported) only where they do not fit, which the cost model rules out when the assignment
+    carries the grids' post-shifts (``mixprec.assignment``)."""
     node = ig[name]
     shape = tuple(node.out_shape)
-    cost_bits = containers(act_bits(assignment, graph, name), shape, target.act_containers)
+    cost_bits = containers(act_storage_bits(assignment, graph, name), shape, target.act_containers)
     lo, hi = (np.rint(r).astype(np.int64) for r in ranges[name])
     if node.grid is not None:
         signed = bool(node.grid.signed)
