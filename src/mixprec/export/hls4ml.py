@@ -1,0 +1,557 @@
+"""hls4ml export of fixed-point (power-of-two) integer programs, bit-exact in hls4ml's C++ emulation.
+
+The integer program is rebuilt as a float PyTorch model whose weights and biases lie exactly on
+their power-of-two grids, converted with hls4ml's PyTorch converter, and given one ``ap_fixed``
+type per layer and role, derived from the program so that every step is exact or rounds the way
+the reference does:
+
+* input ``ap_[u]fixed<b, b-f, AP_RND_CONV, AP_SAT>`` (round half to even, saturate: the input
+  quantizer);
+* weights / biases: the layer's finest grid and widest range (exact values; hls4ml writes them as
+  decimal text with as many decimals as fractional bits, which is exact on the grid);
+* accumulator: every product's fractional bits and the proven worst-case range (no wrap);
+* layer result: the output grid with ``AP_RND`` (half up, the fixed-point requantization) and
+  ``AP_SAT`` (the clamp); with a ReLU, the layer keeps a wide signed result and the ReLU layer's
+  result carries the saturating output type;
+* average pooling: an accumulator with ``log2(window) + 2`` extra fractional bits, result rounding
+  ``AP_RND_INF`` (half away from zero, as the integer kernels divide).
+
+hls4ml 1.3 pads max pooling with the bit pattern ``x[width-1] = 1``, the most negative value of a
+signed type but a large positive one of an unsigned type: a tensor a padded max pooling reads is
+carried in a signed type one bit wider (same values and saturation; noted in the artifact).
+
+Not expressible, hence ``ExportError``: ``scaled`` numerics (integer multiplier + shift per
+channel), per-element activation precision (one type per layer), clamps other than ReLU / the
+type's own range (ReLU6, Hardtanh), grouped or dilated and 1-D convolutions. What hls4ml stores
+differently but exactly is noted: its PyTorch converter takes one type per layer and role, so
+weights of channels with different scales or widths share the layer's widest type.
+
+``compile()`` builds the C++ emulation with g++; :meth:`Hls4mlExporter.run` calls the compiled
+library directly (ctypes, the same entry point hls4ml's ``predict`` uses) and returns the output
+integers. Export checks the artifact against the NumPy reference on the run's sample inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import io
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..lower import IntGraph, IntNode
+from ..numerics import qrange
+from .base import Artifact, ExportError, ExportInput
+
+log = logging.getLogger(__name__)
+
+PROJECT = "myproject"
+PROJECT_DIR = "hls4ml_prj"
+BACKEND = "Vivado"
+
+
+
+def _frac(scale: float, what: str) -> int:
+    f = -math.log2(scale)
+    if f != round(f):
+        raise ExportError(f"{what}: scale {scale} is not a power of two; hls4ml's ap_fixed types need "
+                          f"power-of-two scales (fixed numerics)")
+    return int(round(f))
+
+
+def _width(lo: int, hi: int, signed: bool) -> int:
+    b = 1
+    while True:
+        qlo, qhi = qrange(b, signed)
+        if qlo <= lo and hi <= qhi:
+            return b
+        b += 1
+
+
+def fixed_type(width: int, frac: int, signed: bool = True, rounding: str | None = None,
+               saturation: str | None = None) -> str:
+    """``ap_fixed<W, I[, Q, O]>`` text with ``I = W - frac`` integer bits (sign included)."""
+    name = "ap_fixed" if signed else "ap_ufixed"
+    args = [str(width), str(width - frac)]
+    if rounding or saturation:
+        args += [rounding or "AP_TRN", saturation or "AP_WRAP"]
+    return f"{name}<{','.join(args)}>"
+
+
+class _Tensor:
+    """A tensor of the program as hls4ml sees it: integers on ``2**-frac`` within ``[lo, hi]``."""
+
+    def __init__(self, frac: int, lo: int, hi: int, signed: bool, bits: int | None = None):
+        self.frac, self.lo, self.hi, self.signed = frac, int(lo), int(hi), signed
+        self.bits = bits if bits is not None else _width(self.lo, self.hi, signed)
+
+    def type(self, rounding: str | None = None, saturation: str | None = None) -> str:
+        return fixed_type(self.bits, self.frac, self.signed, rounding, saturation)
+
+    @property
+    def max_abs(self) -> int:
+        return max(abs(self.lo), abs(self.hi))
+
+
+class _RealNet(nn.Module):
+    """The integer program in real values: conv/linear with on-grid weights, ReLU, pooling, add."""
+
+    def __init__(self, ig: IntGraph, layers: dict[str, nn.Module], names: dict[str, str]):
+        super().__init__()
+        self.order = [(n.name, n.op, list(n.inputs), names.get(n.name)) for n in ig.nodes]
+        self.output = ig.output
+        for key, module in layers.items():
+            self.add_module(key, module)
+
+    def forward(self, x):
+        env = {}
+        for name, op, inputs, key in self.order:
+            if op == "input":
+                env[name] = x
+            elif op == "add":
+                y = env[inputs[0]] + env[inputs[1]]
+                env[name] = getattr(self, key + "_relu")(y) if hasattr(self, key + "_relu") else y
+            else:
+                y = getattr(self, key)(env[inputs[0]])
+                env[name] = getattr(self, key + "_relu")(y) if hasattr(self, key + "_relu") else y
+        return env[self.output]
+
+
+def _out_tensor(node: IntNode) -> _Tensor:
+    g = node.grid
+    if g.post_shift is not None or np.size(np.unique(np.asarray(g.bits))) > 1:
+        raise ExportError(f"node {node.name!r}: per-element activation precision; hls4ml types one activation "
+                          f"tensor per layer (one ap_fixed type), so per-element saturation cannot be expressed")
+    bits = int(np.asarray(g.bits).flat[0])
+    lo, hi = np.unique(np.asarray(g.lo)), np.unique(np.asarray(g.hi))
+    if lo.size > 1 or hi.size > 1:
+        raise ExportError(f"node {node.name!r}: per-element output clamps cannot be expressed in hls4ml")
+    return _Tensor(_frac(g.scale, node.name), int(lo[0]), int(hi[0]), g.signed, bits)
+
+
+def _check_activation(node: IntNode, t: _Tensor) -> str:
+    """The hls4ml activation that, with the saturating output type, reproduces the clamp."""
+    act = node.attrs.get("activation", "identity")
+    qlo, qhi = qrange(t.bits, t.signed)
+    if act == "identity" and (t.lo, t.hi) == (qlo, qhi):
+        return "identity"
+    if act == "relu" and (t.lo, t.hi) == (max(qlo, 0), qhi):
+        return "relu"
+    raise ExportError(f"node {node.name!r}: activation {act!r} clamping to [{t.lo}, {t.hi}] on a {t.bits}-bit grid "
+                      f"is not expressible as an hls4ml activation plus a saturating ap_fixed type")
+
+
+def _plan(ig: IntGraph):
+    """Torch modules, hls4ml layer names and precisions; raises ExportError on what is not exact."""
+    if ig.numerics != "fixed":
+        raise ExportError(f"hls4ml export needs fixed-point numerics (power-of-two scales, e.g. target "
+                          f"fpga-hls4ml); this run uses {ig.numerics!r} numerics (per-channel integer "
+                          f"multiplier and shift), which ap_fixed types cannot express")
+    tensors: dict[str, _Tensor] = {}
+    layers: dict[str, nn.Module] = {}
+    names: dict[str, str] = {}
+    precision: dict[str, dict[str, str]] = {}  # hls4ml layer name -> {role: type}
+    node_layer: dict[str, str] = {}  # our node -> hls4ml layer holding its output
+    notes: list[str] = []
+    signed_carrier = _padded_maxpool_sources(ig)
+
+    def carry(node: IntNode, t: _Tensor, relu: bool) -> _Tensor:
+        """hls4ml 1.3 pads max pooling with ``x[width-1] = 1``: the most negative value of a signed
+        type, but a large positive one of an unsigned type. Tensors that a padded max pooling reads
+        are carried in a signed type one bit wider (same values, same saturation at the top) where
+        a ReLU or the layer's own result keeps them non-negative."""
+        if node.name not in signed_carrier or t.signed:
+            return t
+        if not relu:
+            raise ExportError(f"node {node.name!r}: an unsigned tensor read by a padded max pooling; hls4ml pads "
+                              f"unsigned types with a large positive value, and this layer has no ReLU to keep a "
+                              f"signed carrier non-negative")
+        notes.append(f"{node.name}: carried as signed {t.bits + 1}-bit ap_fixed (values of its unsigned {t.bits}-bit "
+                     f"grid): hls4ml 1.3 pads max pooling of unsigned types with a large positive value")
+        return _Tensor(t.frac, t.lo, t.hi, True, t.bits + 1)
+
+    for i, node in enumerate(ig.nodes):
+        key = f"l{i}"
+        op = node.op
+        if op == "input":
+            t = carry(node, _out_tensor(node), relu=False)
+            tensors[node.name] = t
+            precision["x"] = {"result": t.type("AP_RND_CONV", "AP_SAT")}
+            continue
+        names[node.name] = key
+        if op in ("conv", "linear"):
+            t_in = tensors[node.inputs[0]]
+            t_out = _out_tensor(node)
+            act = _check_activation(node, t_out)
+            t_out = carry(node, t_out, act == "relu")
+            w_int = np.asarray(node.params["weight"], dtype=np.int64)
+            c_out = w_int.shape[0]
+            acc_scale = np.asarray(node.params["acc_scale"], dtype=np.float64).reshape(-1)
+            in_scale = 2.0 ** -t_in.frac
+            f_c = np.array([_frac(s / in_scale, node.name) for s in acc_scale])  # weight channel fractions
+            f_w = int(f_c.max())
+            w_units = w_int.reshape(c_out, -1) << (f_w - f_c)[:, None]
+            bias = np.asarray(node.params["bias"], dtype=np.int64).reshape(-1)
+            b_units = bias << (f_w - f_c)
+            f_acc = t_in.frac + f_w
+            acc_bound = int((np.abs(w_units).sum(axis=1) * t_in.max_abs + np.abs(b_units)).max())
+            w_t = _Tensor(f_w, -int(np.abs(w_units).max()), int(np.abs(w_units).max()), True)
+            b_t = _Tensor(f_acc, -int(np.abs(b_units).max()), int(np.abs(b_units).max()), True)
+            acc_t = _Tensor(f_acc, -acc_bound, acc_bound, True)
+            w_real = (w_int * (2.0 ** -f_c).reshape((-1,) + (1,) * (w_int.ndim - 1)))
+            b_real = bias * 2.0 ** -(t_in.frac + f_c)
+            for arr, what in ((w_real, "weights"), (b_real, "biases")):
+                if not np.array_equal(arr.astype(np.float32).astype(np.float64), arr):
+                    raise ExportError(f"node {node.name!r}: {what} are not exactly representable in float32, "
+                                      f"which hls4ml's PyTorch converter reads")
+            if op == "linear":
+                m = nn.Linear(w_int.shape[1], c_out)
+            else:
+                a = node.attrs
+                if a["dims"] != 2:
+                    raise ExportError(f"node {node.name!r}: only 2-D convolutions are exported to hls4ml")
+                if a["groups"] != 1 or any(d != 1 for d in a["dilation"]):
+                    raise ExportError(f"node {node.name!r}: grouped or dilated convolutions are not supported by "
+                                      f"hls4ml's PyTorch converter")
+                m = nn.Conv2d(w_int.shape[1], c_out, a["kernel_size"], a["stride"], a["padding"])
+            with torch.no_grad():
+                m.weight.copy_(torch.from_numpy(w_real.astype(np.float32)))
+                m.bias.copy_(torch.from_numpy(b_real.astype(np.float32)))
+            layers[key] = m
+            prec = {"weight": w_t.type(), "bias": b_t.type(), "accum": acc_t.type()}
+            if act == "relu":
+                shift = f_acc - t_out.frac
+                r = -(-acc_bound // (1 << shift)) + 1 if shift >= 0 else acc_bound << -shift
+                prec["result"] = _Tensor(t_out.frac, -r, r, True).type("AP_RND", "AP_SAT")
+                layers[key + "_relu"] = nn.ReLU()
+                precision[key + "_relu"] = {"result": t_out.type("AP_RND", "AP_SAT")}
+                node_layer[node.name] = key + "_relu"
+            else:
+                prec["result"] = t_out.type("AP_RND", "AP_SAT")
+                node_layer[node.name] = key
+            precision[key] = prec
+            tensors[node.name] = t_out
+            if len(set(f_c.tolist())) > 1 or w_t.bits > 16:
+                notes.append(f"{node.name}: per-channel weight scales 2^-{f_c.min()}..2^-{f_c.max()} share one "
+                             f"hls4ml weight type {w_t.type()} ({w_t.bits} bits per weight in hls4ml's storage; "
+                             f"values exact)")
+        elif op == "maxpool":
+            a = node.attrs
+            if a["dims"] != 2:
+                raise ExportError(f"node {node.name!r}: only 2-D pooling is exported to hls4ml")
+            t = tensors[node.inputs[0]]
+            layers[key] = nn.MaxPool2d(a["kernel_size"], a["stride"], a["padding"])
+            precision[key] = {"result": t.type(), "accum": t.type()}
+            tensors[node.name] = t
+            node_layer[node.name] = key
+        elif op == "avgpool":
+            a = node.attrs
+            if a["dims"] != 2:
+                raise ExportError(f"node {node.name!r}: only 2-D pooling is exported to hls4ml")
+            t = carry(node, tensors[node.inputs[0]], relu=tensors[node.inputs[0]].lo >= 0)
+            n = int(np.prod(a["kernel_size"]))
+            extra = int(math.ceil(math.log2(n))) + 2
+            s_bound = n * t.max_abs << extra
+            layers[key] = nn.AvgPool2d(a["kernel_size"], a["stride"])
+            precision[key] = {"result": t.type("AP_RND_INF", "AP_SAT"),
+                              "accum": _Tensor(t.frac + extra, -s_bound, s_bound, True).type()}
+            tensors[node.name] = t
+            node_layer[node.name] = key
+        elif op == "flatten":
+            t = tensors[node.inputs[0]]
+            layers[key] = nn.Flatten()
+            precision[key] = {"result": t.type()}
+            tensors[node.name] = t
+            node_layer[node.name] = key
+        elif op == "add":
+            ta, tb = (tensors[i] for i in node.inputs)
+            t_out = _out_tensor(node)
+            act = _check_activation(node, t_out)
+            t_out = carry(node, t_out, act == "relu")
+            f = max(ta.frac, tb.frac)
+            bound = (ta.max_abs << (f - ta.frac)) + (tb.max_abs << (f - tb.frac))
+            if act == "relu":
+                shift = f - t_out.frac
+                r = -(-bound // (1 << shift)) + 1 if shift >= 0 else bound << -shift
+                precision[key] = {"result": _Tensor(t_out.frac, -r, r, True).type("AP_RND", "AP_SAT")}
+                layers[key + "_relu"] = nn.ReLU()
+                precision[key + "_relu"] = {"result": t_out.type("AP_RND", "AP_SAT")}
+                node_layer[node.name] = key + "_relu"
+            else:
+                precision[key] = {"result": t_out.type("AP_RND", "AP_SAT")}
+                node_layer[node.name] = key
+            tensors[node.name] = t_out
+        elif op == "act":
+            t_out = _out_tensor(node)
+            act = _check_activation(node, t_out)
+            t_out = carry(node, t_out, act == "relu")
+            if act != "relu":
+                raise ExportError(f"node {node.name!r}: a standalone {act!r} requantization has no hls4ml layer")
+            layers[key] = nn.ReLU()
+            precision[key] = {"result": t_out.type("AP_RND", "AP_SAT")}
+            tensors[node.name] = t_out
+            node_layer[node.name] = key
+        else:
+            raise ExportError(f"node {node.name!r}: op {op!r} has no hls4ml export")
+    return layers, names, precision, node_layer, tensors, notes
+
+
+def _name_adds(model: nn.Module, ig: IntGraph, names: dict, precision: dict, node_layer: dict) -> None:
+    """Sums are functions, not modules: hls4ml names them after torch.fx's nodes (``add``, ``add_1``...)."""
+    import operator
+
+    traced = torch.fx.symbolic_trace(model)
+    fx_adds = [n.name for n in traced.graph.nodes if n.op == "call_function" and n.target in (operator.add, torch.add)]
+    ours = [n.name for n in ig.nodes if n.op == "add"]
+    if len(fx_adds) != len(ours):
+        raise ExportError(f"could not match the graph's {len(ours)} additions to torch.fx nodes {fx_adds}")
+    for node, fx_name in zip(ours, fx_adds):
+        key = names[node]
+        precision[fx_name] = precision.pop(key)
+        if node_layer[node] == key:
+            node_layer[node] = fx_name
+
+
+def _padded_maxpool_sources(ig: IntGraph) -> set[str]:
+    """Nodes whose output type a padded max pooling reads (through pass-through max pooling/flatten)."""
+    out = set()
+    for node in ig.nodes:
+        if node.op == "maxpool" and any(node.attrs["padding"]):
+            src = node.inputs[0]
+            while ig[src].op in ("maxpool", "flatten"):
+                src = ig[src].inputs[0]
+            out.add(src)
+    return out
+
+
+def _default_type(tensors: dict[str, _Tensor]) -> str:
+    """A type wide enough to hold every tensor exactly (layers hls4ml inserts, e.g. transposes)."""
+    frac = max(t.frac for t in tensors.values())
+    ints = max(t.bits - t.frac for t in tensors.values())
+    return fixed_type(ints + frac + 1, frac, True)
+
+
+def _library(prj: Path) -> Path:
+    libs = sorted(glob.glob(str(prj / "firmware" / f"{PROJECT}-*.so")), key=os.path.getmtime)
+    if not libs:
+        raise ExportError(f"no compiled hls4ml library in {prj / 'firmware'}")
+    return Path(libs[-1])
+
+
+_LIBS: dict[tuple, ctypes.CDLL] = {}
+
+
+def _load(lib_path: Path) -> ctypes.CDLL:
+    """Load the compiled model from a private copy: the dynamic loader would hand back a stale
+    image for a path it has already loaded (hls4ml recompiles in place, e.g. to trace)."""
+    st = os.stat(lib_path)
+    key = (str(Path(lib_path).resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _LIBS:
+        fd, copy = tempfile.mkstemp(suffix=".so", prefix="mixprec_hls4ml_")
+        os.close(fd)
+        shutil.copyfile(lib_path, copy)
+        _LIBS[key] = ctypes.cdll.LoadLibrary(copy)
+        os.unlink(copy)  # stays mapped
+    return _LIBS[key]
+
+
+def _call_library(lib_path: Path, x: np.ndarray, n_out: int) -> np.ndarray:
+    lib = _load(lib_path)
+    fn = getattr(lib, f"{PROJECT}_double")
+    fn.restype = None
+    fn.argtypes = [np.ctypeslib.ndpointer(ctypes.c_double, flags="C_CONTIGUOUS")] * 2
+    flat = np.ascontiguousarray(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
+    out = np.zeros((len(x), n_out), dtype=np.float64)
+    for i in range(len(x)):
+        row = np.zeros(n_out, dtype=np.float64)
+        fn(np.ascontiguousarray(flat[i]), row)
+        out[i] = row
+    return out
+
+
+class _TraceData(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("data", ctypes.c_void_p)]
+
+
+def _trace_library(lib_path: Path, x: np.ndarray, n_out: int, layers: dict, n_traced: int) -> dict[str, np.ndarray]:
+    """Every traced layer's output (float64, hls4ml's channels-last shapes) per input, read through
+    the trace hooks hls4ml compiles in with ``TraceOutput`` (what ``ModelGraph.trace`` does, without
+    recompiling)."""
+    lib = _load(lib_path)
+    fn = getattr(lib, f"{PROJECT}_double")
+    fn.restype = None
+    fn.argtypes = [np.ctypeslib.ndpointer(ctypes.c_double, flags="C_CONTIGUOUS")] * 2
+    lib.allocate_trace_storage.argtypes = [ctypes.c_size_t]
+    lib.allocate_trace_storage.restype = None
+    lib.collect_trace_output.argtypes = [ctypes.POINTER(_TraceData)]
+    lib.collect_trace_output.restype = None
+    lib.free_trace_storage.argtypes = None
+    lib.free_trace_storage.restype = None
+    flat = np.ascontiguousarray(np.asarray(x, dtype=np.float64).reshape(len(x), -1))
+    out: dict[str, list] = {name: [] for name in layers}
+    data = (_TraceData * n_traced)()
+    lib.allocate_trace_storage(ctypes.sizeof(ctypes.c_double))
+    try:
+        for i in range(len(x)):
+            fn(np.ascontiguousarray(flat[i]), np.zeros(n_out, dtype=np.float64))
+            lib.collect_trace_output(data)
+            for item in data:
+                name = item.name.decode() if item.name else None  # unused slots stay empty
+                if name in layers and item.data:
+                    arr = np.ctypeslib.as_array(ctypes.cast(item.data, ctypes.POINTER(ctypes.c_double)),
+                                                shape=tuple(layers[name]))
+                    out[name].append(np.array(arr))
+    finally:
+        lib.free_trace_storage()
+    return {name: np.asarray(v) for name, v in out.items() if v}
+
+
+class Hls4mlExporter:
+    """Fixed-point integer program -> hls4ml project (Vivado backend, io_parallel, latency),
+    compiled to its C++ bit-accurate emulation."""
+
+    format = "hls4ml"
+
+    def export(self, inp: ExportInput, out_dir) -> Artifact:
+        import hls4ml
+
+        from ..execute import reference
+
+        ig: IntGraph = inp.graph
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        layers, names, precision, node_layer, tensors, notes = _plan(ig)
+        model = _RealNet(ig, layers, names).eval()
+        _name_adds(model, ig, names, precision, node_layer)
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            config = hls4ml.utils.config_from_pytorch_model(
+                model, tuple(inp.input_shape), granularity="name", backend=BACKEND,
+                default_precision=_default_type(tensors), channels_last_conversion="full", transpose_outputs=False)
+        layer_cfg = config["LayerName"]
+        missing = [k for k in precision if k not in layer_cfg]
+        if missing:
+            raise ExportError(f"hls4ml's PyTorch parser did not produce layers {missing} "
+                              f"(got {list(layer_cfg)}); the mapping to ap_fixed types would be lost")
+        for lname, prec in precision.items():
+            for role, typ in prec.items():
+                if role not in layer_cfg[lname].get("Precision", {}) and lname != "x":
+                    raise ExportError(f"hls4ml layer {lname!r} has no {role!r} precision to set "
+                                      f"(has {list(layer_cfg[lname].get('Precision', {}))})")
+                layer_cfg[lname].setdefault("Precision", {})[role] = typ
+            layer_cfg[lname]["Trace"] = True
+        prj = out / PROJECT_DIR
+        if prj.exists():
+            shutil.rmtree(prj)  # a fresh project: no stale library from an earlier export
+        chatter = io.StringIO()  # hls4ml prints its topology and build progress
+        with contextlib.redirect_stdout(chatter):
+            hls_model = hls4ml.converters.convert_from_pytorch_model(
+                model, hls_config=config, output_dir=str(prj), project_name=PROJECT, backend=BACKEND,
+                io_type="io_parallel")
+            self._check_types(hls_model, precision)
+            hls_model.config.trace_output = True  # compile the trace hooks in: run(keep=True) reads layer outputs
+            hls_model.compile()
+        log.debug("hls4ml: %s", chatter.getvalue())
+        t_compile = time.perf_counter() - t0
+        out_node = ig[ig.output]
+        n_out = int(np.prod(out_node.out_shape))
+        lib = _library(prj)
+        x = np.asarray(inp.x_sample, dtype=np.float32)
+        want = reference(ig, x)
+        got = self._integers(_call_library(lib, x, n_out), ig)
+        bad = int((got != want.reshape(len(x), -1)).sum())
+        if bad:
+            raise ExportError(f"hls4ml's compiled model differs from the reference on {bad} of {want.size} outputs "
+                              f"of the {len(x)} sample inputs; the conversion is not exact")
+        traced = {layer.name: [int(d) for d in layer.get_output_variable().shape] for layer in hls_model.get_layers()
+                  if layer.get_attr("function_cpp", None) and layer.get_attr("trace", False)}
+        n_traced = sum(len(layer.get_variables()) for layer in hls_model.get_layers()
+                       if layer.get_attr("function_cpp", None) and layer.get_attr("trace", False))
+        types = {lname: dict(prec) for lname, prec in precision.items()}
+        notes = notes + [f"bit-exact on the {len(x)} sample inputs at export (compiled C++ emulation vs the "
+                         f"NumPy reference)",
+                         "hls4ml precision is per layer and role; mixprec's per-channel weight widths are stored "
+                         "with the layer's widest type (values exact)"]
+        details = {"project": PROJECT_DIR, "library": str(lib.relative_to(out)), "backend": BACKEND,
+                   "io_type": "io_parallel", "precision": types, "node_layers": node_layer,
+                   "output_scale": ig.output_scale, "output_shape": list(out_node.out_shape),
+                   "traced_layers": traced, "n_traced": n_traced,
+                   "compile_seconds": t_compile}
+        files = [str(p.relative_to(out)) for p in sorted(prj.rglob("*")) if p.is_file()
+                 and p.suffix in (".h", ".cpp", ".so", ".tcl", ".txt", ".yml")]
+        return Artifact("hls4ml", out, files, notes, details)
+
+    @staticmethod
+    def _check_types(hls_model, precision: dict) -> None:
+        """Every type we set is the one hls4ml will compile (its optimizers must not override them)."""
+        from hls4ml.model.types import FixedPrecisionType
+
+        for layer in hls_model.get_layers():
+            for role, want in precision.get(layer.name, {}).items():
+                if role == "result":
+                    got = layer.get_output_variable().type.precision
+                elif f"{role}_t" in layer.types:
+                    got = layer.types[f"{role}_t"].precision
+                else:
+                    raise ExportError(f"hls4ml layer {layer.name!r} has no {role} type (set {want})")
+                n = 5 if want.count(",") >= 3 else 3  # rounding/saturation compared where we set them
+                if not isinstance(got, FixedPrecisionType) or _fields(got)[:n] != _parse(want)[:n]:
+                    raise ExportError(f"hls4ml changed the {role} type of layer {layer.name!r} to {got} (set {want})")
+
+    @staticmethod
+    def _integers(y: np.ndarray, ig: IntGraph) -> np.ndarray:
+        q = np.round(y / ig.output_scale)
+        if not np.array_equal(q * ig.output_scale, y):
+            raise ExportError("hls4ml outputs are not on the output grid")
+        return q.astype(np.int64)
+
+    def run(self, artifact: Artifact, x, keep: bool = False):
+        d = artifact.details
+        path = Path(artifact.path)
+        x = np.asarray(x, dtype=np.float32)
+        n_out = int(np.prod(d["output_shape"]))
+        y = _call_library(path / d["library"], x, n_out)
+        q = np.round(y / d["output_scale"])
+        out = q.astype(np.int64).reshape((len(x),) + tuple(d["output_shape"]))
+        if not keep:
+            return out
+        traces = _trace_library(path / d["library"], x, n_out, d["traced_layers"], d["n_traced"])
+        ints = {}
+        for node, lname in d["node_layers"].items():
+            if lname not in traces:
+                continue
+            frac = _frac_of(d["precision"][lname]["result"])
+            v = traces[lname]
+            if v.ndim == 4:  # channels last -> first
+                v = v.transpose(0, 3, 1, 2)
+            elif v.ndim == 3:
+                v = v.transpose(0, 2, 1)
+            ints[node] = np.round(v * 2.0**frac).astype(np.int64)
+        return out, ints
+
+
+def _parse(t: str) -> tuple:
+    """(width, integer bits, signed, rounding, saturation) of an ``ap_[u]fixed<...>`` text."""
+    args = [a.strip() for a in t[t.index("<") + 1:t.index(">")].split(",")]
+    rnd = args[2].replace("AP_", "") if len(args) > 2 else "TRN"
+    sat = args[3].replace("AP_", "") if len(args) > 3 else "WRAP"
+    return int(args[0]), int(args[1]), not t.startswith("ap_ufixed"), rnd, sat
+
+
+def _fields(p) -> tuple:
+    return (int(p.width), int(p.integer), bool(p.signed), str(p.rounding_mode).replace("AP_", ""),
+            str(p.saturation_mode).replace("AP_", ""))
+
+
+def _frac_of(t: str) -> int:
+    args = t[t.index("<") + 1:t.index(">")].split(",")
+    return int(args[0]) - int(args[1])

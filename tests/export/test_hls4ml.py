@@ -1,0 +1,121 @@
+"""hls4ml export of a fixed-point run: per-layer ap_fixed types derived from the integer program,
+compiled C++ emulation equal to the NumPy reference on the whole digits test set."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("hls4ml")
+if shutil.which("g++") is None:
+    pytest.skip("hls4ml's compile() needs g++", allow_module_level=True)
+
+from mixprec import api  # noqa: E402
+from mixprec.execute import reference  # noqa: E402
+from mixprec.export import Artifact, ExportError, ExportInput, export_run, get_exporter  # noqa: E402
+from mixprec.models import get_model  # noqa: E402
+from mixprec.search import RunConfig, load_run, run_search  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run-fpga")
+    run_search(RunConfig(model="digits-cnn", data="digits", target="fpga-hls4ml", bits=6, float_epochs=3,
+                         qat_epochs=1), out)
+    artifact = export_run(out, "hls4ml")
+    _, qm, result = load_run(out)
+    return out, artifact, qm, result
+
+
+def test_whole_digits_test_set_is_bit_exact(exported, digits):
+    _, artifact, qm, result = exported
+    x = digits.x_test.numpy()
+    got = get_exporter("hls4ml").run(artifact, x)
+    want = reference(qm.lower(), x)
+    assert got.dtype == np.int64 and got.shape == want.shape
+    assert int((got != want).sum()) == 0
+    assert float((got.argmax(1) == digits.y_test.numpy()).mean()) == pytest.approx(result["accuracy"]["quantized"])
+
+
+def test_artifact_reloads_and_runs_from_disk(exported, digits):
+    run_dir, artifact, qm, _ = exported
+    again = Artifact.load(Path(run_dir) / "export" / "hls4ml")
+    x = digits.x_test[:32].numpy()
+    assert np.array_equal(get_exporter("hls4ml").run(again, x), reference(qm.lower(), x))
+    assert (Path(again.path) / again.details["library"]).exists()
+
+
+def test_types_follow_the_integer_program(exported):
+    _, artifact, qm, _ = exported
+    ig = qm.lower()
+    precision = artifact.details["precision"]
+    assert precision["x"]["result"].endswith("AP_RND_CONV,AP_SAT>")  # the input quantizer: half even, saturate
+    for node, layer in artifact.details["node_layers"].items():
+        n = ig[node]
+        if n.op in ("conv", "linear"):
+            result = precision[layer]["result"]
+            bits = int(np.asarray(n.grid.bits).max())
+            frac = int(-np.log2(n.grid.scale))
+            assert result == f"ap_{'' if n.grid.signed else 'u'}fixed<{bits},{bits - frac},AP_RND,AP_SAT>", node
+    assert any("per layer" in note for note in artifact.notes)
+
+
+def test_intermediate_layers_equal_reference(exported, digits):
+    """Layer outputs come from the trace hooks compiled into the library: readable from disk."""
+    run_dir, _, qm, _ = exported
+    artifact = Artifact.load(Path(run_dir) / "export" / "hls4ml")
+    x = digits.x_test[:16].numpy()
+    out, ints = get_exporter("hls4ml").run(artifact, x, keep=True)
+    ref, env = reference(qm.lower(), x, keep=True)
+    assert np.array_equal(out, ref)
+    assert set(ints) >= {n for n, layer in artifact.details["node_layers"].items() if qm.lower()[n].op != "flatten"}
+    for name, values in ints.items():
+        assert np.array_equal(values.reshape(env[name].shape), env[name]), name
+
+
+class _Residual(torch.nn.Module):
+    """Residual add, max pooling with padding, a 3x3 (non power of two) average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.pool = torch.nn.MaxPool2d(3, 2, padding=1)
+        self.avg = torch.nn.AvgPool2d(3, 1)
+        self.fc = torch.nn.Linear(4 * 2 * 2, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = torch.relu(y + self.b(y))
+        return self.fc(torch.flatten(self.avg(self.pool(y)), 1))
+
+
+def test_residual_padded_maxpool_and_average_pool_are_exact(tmp_path):
+    from mixprec.convert import convert
+
+    torch.manual_seed(1)
+    rng = np.random.default_rng(3)
+    shapes = {"a": (4, 1, 1, 1), "b": (4, 1, 1, 1), "fc": (5, 1)}
+    wbits = {n: torch.from_numpy(rng.integers(2, 9, size=s)).float() for n, s in shapes.items()}
+    qm = convert(_Residual(), (2, 8, 8), "fixed", wbits, 7, "per-channel", "per-tensor")
+    qm.calibrate([torch.randn(64, 2, 8, 8)])
+    qm.eval()
+    ig = qm.lower()
+    xs = (torch.randn(100, 2, 8, 8) * 1.5).numpy()
+    exporter = get_exporter("hls4ml")
+    artifact = exporter.export(ExportInput(tmp_path, ig, qm, None, (2, 8, 8), xs[:8]), tmp_path / "hls4ml")
+    assert np.array_equal(exporter.run(artifact, xs), reference(ig, xs))
+    notes = " ".join(artifact.notes)
+    assert "pads max pooling" in notes and "per-channel weight scales" in notes
+
+
+def test_scaled_numerics_are_refused(tmp_path):
+    qm = api.quantize(get_model("digits-cnn"), "cortex-m4", (1, 8, 8), bits=8)
+    qm.calibrate([torch.rand(8, 1, 8, 8)])
+    qm.eval()
+    inp = ExportInput(tmp_path, qm.lower(), qm, api.as_target("cortex-m4"), (1, 8, 8), np.zeros((1, 1, 8, 8), np.float32))
+    with pytest.raises(ExportError, match="fixed-point numerics"):
+        get_exporter("hls4ml").export(inp, tmp_path / "hls4ml")
