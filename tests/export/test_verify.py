@@ -19,7 +19,17 @@ def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("verify") / "run"
     run_search(RunConfig(model="digits-cnn", data="digits", target="cortex-m4", budget={"flash": "12KiB"},
                          float_epochs=2, qat_epochs=1), out)
-    res = runner.invoke(app, ["export", str(out), "--format", "c"])
+    res = runner.invoke(app, ["export", str(out), "--format", "c", "--format", "qonnx"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def fpga_exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify-fpga") / "run"
+    run_search(RunConfig(model="digits-cnn", data="digits", target="fpga-hls4ml", bits=6, float_epochs=2,
+                         qat_epochs=1), out)
+    res = runner.invoke(app, ["export", str(out), "--format", "hls4ml", "--format", "qonnx"])
     assert res.exit_code == 0, res.output
     return out
 
@@ -29,10 +39,19 @@ def test_verify_passes_and_writes_verify_json(exported):
     assert res.exit_code == 0, res.output
     report = json.loads((exported / "verify.json").read_text())
     assert report["ok"] is True
-    host = report["rows"][0]
-    assert host["format"] == "c" and host["inputs"] == 359 and host["mismatches"] == 0  # the whole test set
+    rows = {r["format"]: r for r in report["rows"]}
+    for fmt in ("c", "qonnx"):
+        assert rows[fmt]["inputs"] == 359 and rows[fmt]["mismatches"] == 0  # the whole test set
     if shutil.which("qemu-system-arm"):
-        assert report["rows"][1]["format"].startswith("c firmware") and report["rows"][1]["mismatches"] == 0
+        assert rows["c firmware (mps2-an386, qemu)"]["mismatches"] == 0
+
+
+def test_fpga_run_verifies_in_hls4ml_and_qonnx(fpga_exported):
+    res = runner.invoke(app, ["verify", str(fpga_exported), "--inputs", "0"])
+    assert res.exit_code == 0, res.output
+    rows = {r["format"]: r for r in json.loads((fpga_exported / "verify.json").read_text())["rows"]}
+    assert set(rows) == {"hls4ml", "qonnx"}
+    assert all(r["inputs"] == 359 and r["mismatches"] == 0 for r in rows.values())
 
 
 def test_verify_fails_when_the_artifact_no_longer_matches_the_run(exported, tmp_path):
@@ -45,8 +64,10 @@ def test_verify_fails_when_the_artifact_no_longer_matches_the_run(exported, tmp_
     save_checkpoint(ckpt, state)
     res = runner.invoke(app, ["verify", str(tampered), "--inputs", "64"])
     assert res.exit_code == 1
-    row = json.loads((tampered / "verify.json").read_text())["rows"][0]
-    assert row["mismatches"] > 0 and row["first_diverging_layer"]
+    rows = {r["format"]: r for r in json.loads((tampered / "verify.json").read_text())["rows"]}
+    assert rows["c"]["mismatches"] > 0 and "no intermediate layers" in rows["c"]["first_diverging_layer"]
+    # QONNX exposes its layers: the first diverging one is the tampered conv
+    assert rows["qonnx"]["mismatches"] > 0 and rows["qonnx"]["first_diverging_layer"] == "_0_0"
 
 
 def test_verify_without_exports_says_what_to_run(tmp_path):

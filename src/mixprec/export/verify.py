@@ -45,7 +45,7 @@ def verify_artifact(artifact: Artifact, graph, x: np.ndarray) -> VerifyRow:
     differs = (out != ref_out).reshape(len(x), -1).any(axis=1)
     first = first_divergence(graph, ref_env, env or {}) if differs.any() else None
     if differs.any() and first is None:
-        first = graph.output  # the artifact exposes no intermediate layers
+        first = f"{graph.output} (output; the artifact exposes no intermediate layers)"
     return VerifyRow(artifact.format, len(x), int(differs.sum()), first, list(artifact.notes))
 
 
