@@ -48,13 +48,8 @@ FIXED_MCU = target_from_dict({
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    from mixprec.search import RunConfig, run_search
-
-    out = tmp_path_factory.mktemp("c_digits") / "run"
-    run_search(RunConfig(model="digits-cnn", data="digits", target="cortex-m4", budget={"flash": "12KiB"},
-                         float_epochs=3, qat_epochs=1), out)
-    return out
+def digits_run(trained_run):
+    return trained_run("cortex-m4")
 
 
 @pytest.fixture(scope="module")

@@ -17,14 +17,12 @@ from mixprec import api  # noqa: E402
 from mixprec.execute import reference  # noqa: E402
 from mixprec.export import Artifact, ExportError, ExportInput, export_run, get_exporter  # noqa: E402
 from mixprec.models import get_model  # noqa: E402
-from mixprec.search import RunConfig, load_run, run_search  # noqa: E402
+from mixprec.search import load_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run-fpga")
-    run_search(RunConfig(model="digits-cnn", data="digits", target="fpga-hls4ml", bits=6, float_epochs=3,
-                         qat_epochs=1), out)
+def exported(trained_run):
+    out = trained_run("fpga-hls4ml")
     artifact = export_run(out, "hls4ml")
     _, qm, result = load_run(out)
     return out, artifact, qm, result

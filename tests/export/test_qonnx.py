@@ -24,18 +24,13 @@ from mixprec.export import ExportError, ExportInput, export_run, get_exporter  #
 from mixprec.export.qonnx import inference_cost, weight_bit_count  # noqa: E402
 from mixprec.granularity import expand  # noqa: E402
 from mixprec.graph.convert import trace  # noqa: E402
-from mixprec.search import RunConfig, load_run, run_search  # noqa: E402
-
-RUNS = {
-    "cortex-m4": dict(target="cortex-m4", budget={"flash": "12KiB"}),
-    "fpga-hls4ml": dict(target="fpga-hls4ml", bits=6),
-}
+from mixprec.search import load_run  # noqa: E402
 
 
-@pytest.fixture(scope="module", params=list(RUNS))
-def exported(request, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"run-{request.param}")
-    run_search(RunConfig(model="digits-cnn", data="digits", float_epochs=3, qat_epochs=1, **RUNS[request.param]), out)
+
+@pytest.fixture(scope="module", params=["cortex-m4", "fpga-hls4ml"])
+def exported(request, trained_run):
+    out = trained_run(request.param)
     artifact = export_run(out, "qonnx")
     _, qm, result = load_run(out)
     return out, artifact, qm, result

@@ -3,11 +3,9 @@ import json
 import shutil
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from mixprec.cli import app
-from mixprec.search import RunConfig, run_search
 from mixprec.train import load_checkpoint, save_checkpoint
 
 runner = CliRunner()
@@ -15,20 +13,16 @@ pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="no host C c
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("verify") / "run"
-    run_search(RunConfig(model="digits-cnn", data="digits", target="cortex-m4", budget={"flash": "12KiB"},
-                         float_epochs=2, qat_epochs=1), out)
+def exported(trained_run):
+    out = trained_run("cortex-m4")
     res = runner.invoke(app, ["export", str(out), "--format", "c", "--format", "qonnx"])
     assert res.exit_code == 0, res.output
     return out
 
 
 @pytest.fixture(scope="module")
-def fpga_exported(tmp_path_factory):
-    out = tmp_path_factory.mktemp("verify-fpga") / "run"
-    run_search(RunConfig(model="digits-cnn", data="digits", target="fpga-hls4ml", bits=6, float_epochs=2,
-                         qat_epochs=1), out)
+def fpga_exported(trained_run):
+    out = trained_run("fpga-hls4ml")
     res = runner.invoke(app, ["export", str(out), "--format", "hls4ml", "--format", "qonnx"])
     assert res.exit_code == 0, res.output
     return out

@@ -1,0 +1,35 @@
+"""Trained digits runs shared by the export tests: each configuration trains once per session and
+every test module gets its own copy of the run directory (so exports never collide)."""
+import shutil
+
+import pytest
+
+RUNS = {
+    "cortex-m4": dict(target="cortex-m4", budget={"flash": "12KiB"}),
+    "fpga-hls4ml": dict(target="fpga-hls4ml", bits=6),
+}
+
+
+@pytest.fixture(scope="session")
+def _trained(tmp_path_factory):
+    from mixprec.search import RunConfig, run_search
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            out = tmp_path_factory.mktemp(f"trained-{name}") / "run"
+            run_search(RunConfig(model="digits-cnn", data="digits", float_epochs=3, qat_epochs=1, **RUNS[name]), out)
+            cache[name] = out
+        return cache[name]
+    return get
+
+
+@pytest.fixture(scope="module")
+def trained_run(_trained, tmp_path_factory):
+    """``trained_run(name)``: a fresh copy of the trained run ``name`` (see RUNS)."""
+    def copy(name):
+        dst = tmp_path_factory.mktemp(f"copy-{name}") / "run"
+        shutil.copytree(_trained(name), dst)
+        return dst
+    return copy
