@@ -38,9 +38,10 @@ def first_divergence(graph, ref_env: dict, env: dict) -> str | None:
     return None
 
 
-def verify_artifact(artifact: Artifact, graph, x: np.ndarray) -> VerifyRow:
+def verify_artifact(artifact: Artifact, graph, x: np.ndarray, expected=None) -> VerifyRow:
+    """``expected``: ``reference(graph, x, keep=True)`` when already computed (it is the slow part)."""
     out, env = get_exporter(artifact.format).run(artifact, x, keep=True)
-    ref_out, ref_env = reference(graph, x, keep=True)
+    ref_out, ref_env = expected if expected is not None else reference(graph, x, keep=True)
     out = np.asarray(out).reshape(ref_out.shape)
     differs = (out != ref_out).reshape(len(x), -1).any(axis=1)
     first = first_divergence(graph, ref_env, env or {}) if differs.any() else None
@@ -60,9 +61,9 @@ def verify_run(run_dir: str | Path, n_inputs: int | None = 256, formats: list[st
         raise ExportError(f"{run_dir} has no exported artifacts{f' in {formats}' if formats else ''}; "
                           f"run `mixprec export {run_dir} --format c|qonnx|hls4ml` first")
     inp = load_export_input(run_dir, n_sample=n_inputs if n_inputs is not None else 10**9)
-    rows = []
+    rows, expected = [], reference(inp.graph, inp.x_sample, keep=True)
     for artifact in found:
-        rows.append(verify_artifact(artifact, inp.graph, inp.x_sample))
+        rows.append(verify_artifact(artifact, inp.graph, inp.x_sample, expected))
         # Artifacts that also run on an (emulated) device check the inputs embedded at export.
         device_runs = getattr(get_exporter(artifact.format), "device_runs", None)
         for run in device_runs(artifact) if device_runs else []:
