@@ -38,15 +38,28 @@ def first_divergence(graph, ref_env: dict, env: dict) -> str | None:
     return None
 
 
-def verify_artifact(artifact: Artifact, graph, x: np.ndarray, expected=None) -> VerifyRow:
-    """``expected``: ``reference(graph, x, keep=True)`` when already computed (it is the slow part)."""
-    out, env = get_exporter(artifact.format).run(artifact, x, keep=True)
-    ref_out, ref_env = expected if expected is not None else reference(graph, x, keep=True)
-    out = np.asarray(out).reshape(ref_out.shape)
-    differs = (out != ref_out).reshape(len(x), -1).any(axis=1)
-    first = first_divergence(graph, ref_env, env or {}) if differs.any() else None
-    if differs.any() and first is None:
-        first = f"{graph.output} (output; the artifact exposes no intermediate layers)"
+CHUNK = 128  # inputs per pass: the reference keeps int64 intermediates, so memory grows with it
+
+
+def reference_outputs(graph, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([reference(graph, x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)])
+
+
+def verify_artifact(artifact: Artifact, graph, x: np.ndarray, expected: np.ndarray | None = None) -> VerifyRow:
+    """``expected``: the reference outputs of ``x`` when already computed (it is the slow part).
+    The first diverging layer is looked for on a few of the mismatching inputs only."""
+    exporter = get_exporter(artifact.format)
+    expected = reference_outputs(graph, x) if expected is None else expected
+    out = np.concatenate([np.asarray(exporter.run(artifact, x[i:i + CHUNK])) for i in range(0, len(x), CHUNK)])
+    out = out.reshape(expected.shape)
+    differs = (out != expected).reshape(len(x), -1).any(axis=1)
+    first = None
+    if differs.any():
+        bad = x[differs][:8]
+        _, env = exporter.run(artifact, bad, keep=True)
+        _, ref_env = reference(graph, bad, keep=True)
+        first = first_divergence(graph, ref_env, env or {}) or \
+            f"{graph.output} (output; the artifact exposes no intermediate layers)"
     return VerifyRow(artifact.format, len(x), int(differs.sum()), first, list(artifact.notes))
 
 
@@ -61,7 +74,7 @@ def verify_run(run_dir: str | Path, n_inputs: int | None = 256, formats: list[st
         raise ExportError(f"{run_dir} has no exported artifacts{f' in {formats}' if formats else ''}; "
                           f"run `mixprec export {run_dir} --format c|qonnx|hls4ml` first")
     inp = load_export_input(run_dir, n_sample=n_inputs if n_inputs is not None else 10**9)
-    rows, expected = [], reference(inp.graph, inp.x_sample, keep=True)
+    rows, expected = [], reference_outputs(inp.graph, inp.x_sample)
     for artifact in found:
         rows.append(verify_artifact(artifact, inp.graph, inp.x_sample, expected))
         # Artifacts that also run on an (emulated) device check the inputs embedded at export.
