@@ -30,13 +30,14 @@ def test_readme_api_snippet_runs(digits, tmp_path, monkeypatch):
     assert 0.0 <= float(env["accuracy"]) <= 1.0
 
 
-def test_finalize_caps_bits_until_the_budget_holds(digits):
+def test_finalize_lowers_bits_until_the_budget_holds(digits):
     qm = mixprec.quantize(get_model("digits-cnn"), "cortex-m4", (1, 8, 8), bits=8)
     qm.calibrate([digits.x_train[:128]])
     before = mixprec.cost_report(qm, "cortex-m4").totals["flash_bytes"]
     report = mixprec.finalize(qm, "cortex-m4", mixprec.Budget.from_strings(flash="10KiB"))
-    assert before > 10 * 1024 >= report.totals["flash_bytes"]
-    assert {float(b) for l in qm.layers.values() for b in l.quantizer.bits().flatten()} == {4.0}
+    assert before > 10 * 1024 >= report.totals["flash_bytes"] == mixprec.cost_report(qm, "cortex-m4").totals["flash_bytes"]
+    widths = {float(b) for l in qm.layers.values() for b in l.quantizer.bits().flatten()}
+    assert widths <= {2.0, 4.0, 8.0} and 8.0 in widths  # mixed: only what the budget needs is cut
     assert mixprec.verify_against_reference(qm, digits.x_test[:64]) == 0
 
 

@@ -123,32 +123,47 @@ def activation_width_for(weight_bits: int, t: Target) -> int:
     return min((a for a in t.act_bits if a >= weight_bits), default=max(t.act_bits))
 
 
-def finalize(qm: QuantModel, target: str | Target, budget: Budget) -> CostReport:
+def finalize(qm: QuantModel, target: str | Target, budget: Budget, data=None, *, x_val=None, y_val=None,
+             fine_tune=None, epochs: int = 1, lr: float = 5e-4, solver: str = "auto") -> CostReport:
     """Make ``qm`` meet ``budget`` and return its measured cost.
 
-    A model that already fits is left alone. Otherwise every bit-width is capped at the widest
-    supported width for which the whole model fits (the uniform shrink; search methods bring
-    finer budget steps) and the model should be fine-tuned again. Raises ``BudgetError`` naming the
-    smallest achievable cost when nothing fits.
+    A model that already fits with widths the target supports is left alone. Otherwise the budget
+    step (``mixprec.search.budget_step``) snaps the bits onto the supported widths and lowers the
+    widths of the groups (weight channels / slices / tensors, activation tensors) whose loss
+    increase per unit of cost is smallest, chosen by an integer program, and re-measures until
+    every limit holds. Raises ``BudgetError`` naming the smallest achievable cost when nothing fits.
+
+    Without data the selection ranks groups by their relative weight (and activation)
+    quantization noise and nothing is trained. ``data`` (a dataset split object with ``x_val``,
+    ``y_val`` and, for fine-tuning, ``x_train``, ``y_train``; or a pair ``(x_val, y_val)``) or
+    ``x_val, y_val`` measure the sensitivities on held-out data instead. With training data the
+    model is then fine-tuned for ``epochs`` epochs at ``lr`` with the bits frozen; ``fine_tune``
+    (a callable taking the model) replaces that with your own training. Use
+    ``budget_step.budget_step`` directly for what changed and the solver used.
     """
-    t = as_target(target)
-    report = cost_report(qm, t)
-    if feasible(report, budget):
-        return report
-    check_achievable(qm.graph, t, budget)
-    for cap in nonzero_widths(t):
-        act_cap = activation_width_for(cap, t)
-        for layer in qm.layers.values():
-            layer.quantizer.set_bits(layer.quantizer.bits().clamp(max=cap))
-        for q in qm.act_quantizers.values():
-            q.set_bits(q.bits().clamp(max=act_cap))
-        qm.invalidate()
-        report = cost_report(qm, t)
-        if feasible(report, budget):
-            log.warning("capped bit-widths at %d (weights) / %d (activations) to meet the budget; "
-                        "fine-tune before deploying", cap, act_cap)
-            return report
-    raise BudgetError(f"no uniform cap on the bit-widths meets the budget; {violations(report, budget)}")
+    from .search.budget_step import budget_step
+
+    train = None
+    if isinstance(data, (tuple, list)):
+        x_val, y_val = data
+    elif data is not None:
+        x_val, y_val = data.x_val, data.y_val
+        if getattr(data, "x_train", None) is not None:
+            train = data
+    if fine_tune is None and train is not None and epochs > 0:
+        fine_tune = _fine_tune_with(train, epochs, lr)
+    return budget_step(qm, target, budget, x_val=x_val, y_val=y_val, fine_tune=fine_tune, solver=solver).report
+
+
+def _fine_tune_with(data, epochs: int, lr: float):
+    """A fine-tune of weights and biases only (the bits stay as chosen) on ``data``'s splits."""
+    from .train import TrainConfig, fit
+
+    def run(qm: QuantModel):
+        params = [p for layer in qm.layers.values() for p in (layer.weight, layer.bias)]
+        return fit(qm, data.x_train, data.y_train, data.x_val, data.y_val, TrainConfig(epochs=epochs, lr=lr),
+                   params=params, augment=getattr(data, "augment", None))
+    return run
 
 
 def save_integer_model(qm: QuantModel, path: str | Path) -> Path:

@@ -124,6 +124,7 @@ def search(model: str = typer.Option(..., help="registered model name or package
            energy_uj: Optional[str] = typer.Option(None, "--energy-uj", help="energy budget in uJ"),
            latency_cycles: Optional[str] = typer.Option(None, "--latency-cycles", help="latency budget in cycles"),
            float_epochs: int = typer.Option(15), qat_epochs: int = typer.Option(10),
+           budget_epochs: int = typer.Option(1, help="fine-tune epochs after the budget step, when it changes bits"),
            lr: float = typer.Option(3e-3), qat_lr: float = typer.Option(5e-4), batch_size: int = typer.Option(32),
            optimizer: str = typer.Option("adam", help="adam, adamw or sgd"),
            weight_decay: float = typer.Option(0.0),
@@ -139,8 +140,8 @@ def search(model: str = typer.Option(..., help="registered model name or package
     """
     _run(dict(model=model, data=data, target=target, method=method, bits=bits, act_bits=act_bits,
               weight_granularity=granularity, budget=_budget(flash, ram, ebops, energy_uj, latency_cycles),
-              float_epochs=float_epochs, qat_epochs=qat_epochs, lr=lr, qat_lr=qat_lr, batch_size=batch_size,
-              optimizer=optimizer, weight_decay=weight_decay, seed=seed, data_dir=data_dir),
+              float_epochs=float_epochs, qat_epochs=qat_epochs, budget_epochs=budget_epochs, lr=lr, qat_lr=qat_lr,
+              batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, seed=seed, data_dir=data_dir),
          out, quiet, verbose, resume, device)
 
 
@@ -253,7 +254,7 @@ def verify(run_dir: Path = typer.Argument(..., help="a run directory with export
     for col in ("format", "inputs", "mismatches", "first diverging layer"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r.format, str(r.inputs), f"[green]0[/]" if r.ok else f"[red]{r.mismatches}[/]",
+        table.add_row(r.format, str(r.inputs), "[green]0[/]" if r.ok else f"[red]{r.mismatches}[/]",
                       r.first_diverging_layer or "")
     console.print(table)
     console.print(f"wrote {run_dir / 'verify.json'}", highlight=False)

@@ -21,6 +21,7 @@ class RunConfig:
     budget: dict = field(default_factory=dict)  # flash, ram, ebops, energy, latency as user text
     float_epochs: int = 15
     qat_epochs: int = 10
+    budget_epochs: int = 1  # fine-tune after the budget step (only when it had to change the bits)
     lr: float = 3e-3
     qat_lr: float = 5e-4
     batch_size: int = 32
@@ -41,11 +42,15 @@ class RunConfig:
             raise ValueError(f"unknown budget keys {sorted(unknown)}; use flash, ram, ebops, energy, latency")
 
     def train_config(self, phase: str):
-        """Training settings of one phase: ``float`` warm-up, or a method's ``qat``-style fine-tune."""
+        """Training settings of one phase: ``float`` warm-up, ``budget`` (the fine-tune after the budget
+        step), or a method's ``qat``-style fine-tune."""
         from ..train import TrainConfig
 
         if phase == "float":
             return TrainConfig(self.float_epochs, self.lr, self.weight_decay, self.batch_size, self.seed, self.optimizer)
+        if phase == "budget":
+            return TrainConfig(self.budget_epochs, self.qat_lr, self.weight_decay, self.batch_size, self.seed + 2,
+                               self.optimizer)
         return TrainConfig(self.qat_epochs, self.qat_lr, self.weight_decay, self.batch_size, self.seed + 1, self.optimizer)
 
     def save(self, path: Path) -> None:

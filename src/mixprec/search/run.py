@@ -108,6 +108,7 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
                         checkpoint_dir=ckpt_dir, device=dev)
     qm, _ = SEARCH_METHODS[cfg.method](ctx)
     qm.cpu()
+    step = run_budget_step(ctx, qm)  # every process: its fine-tune is data-parallel too
     if not w.is_main:
         return None
     save_checkpoint(ckpt_dir / "quantized.pt", quantized_state(qm))
@@ -128,6 +129,7 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
         "budget": budget.limits(),
         "budget_checks": {k: {"value": v, "limit": lim, "ok": ok} for k, (v, lim, ok) in checks.items()},
         "feasible": all(ok for _, _, ok in checks.values()) and _fits_device(report, target),
+        "budget_step": step,
         "reference_mismatches": mismatches,
         "layers": layer_bits(qm, report),
         "history": {"float": float_history, **ctx.history},
@@ -137,6 +139,32 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
     (out / "result.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text(summary_markdown(result))
     return result
+
+
+def run_budget_step(ctx: SearchContext, qm) -> dict:
+    """The budget step after the method, when its result misses the budget or holds widths the
+    target does not run: selection with sensitivities measured on the validation split, then
+    ``budget_epochs`` of fine-tuning with the bits frozen. Returns what goes into ``result.json``."""
+    from .budget_step import budget_step, needs_step
+
+    if not needs_step(qm, ctx.target, ctx.budget):
+        return {"applied": False}
+    cfg, data = ctx.config, ctx.data
+
+    def fine_tune(model):
+        if cfg.budget_epochs <= 0:
+            return None
+        params = [p for layer in model.layers.values() for p in (layer.weight, layer.bias)]
+        history = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, cfg.train_config("budget"),
+                      params=params, **ctx.fit_options("budget"))
+        ctx.history["budget"] = history
+        return history
+
+    result = budget_step(qm, ctx.target, ctx.budget, x_val=data.x_val, y_val=data.y_val, fine_tune=fine_tune)
+    qm.cpu()
+    out = result.to_dict()
+    out.pop("fine_tune", None)  # in history.budget
+    return {"applied": True, **out}
 
 
 def _phase(progress, name: str):
@@ -206,6 +234,15 @@ def load_run(run_dir: str | Path):
     return cfg, qm, result
 
 
+def _budget_step_lines(step: dict) -> list[str]:
+    if not step.get("applied"):
+        return []
+    moved = ", ".join(f"{k} {step['before'][k]:.6g} -> {step['after'][k]:.6g}" for k in step["before"]
+                      if step["before"][k] != step["after"][k])
+    return [f"- budget step ({step['solver']}, {step['sensitivity']} sensitivity): {len(step['changes'])} "
+            f"bit tensors changed; {moved or 'costs unchanged'}"]
+
+
 def summary_markdown(result: dict) -> str:
     acc, cost = result["accuracy"], result["cost"]
     lines = [f"# {result['method']} on {result['model']} / {result['data']} for {result['target']}", "",
@@ -214,6 +251,7 @@ def summary_markdown(result: dict) -> str:
              f"MACs {cost['macs']:,}, EBOPs {cost['ebops']:,.0f}, latency {cost['latency_cycles']:,.0f} cycles, "
              f"energy {cost['energy_uj']:.3g} uJ",
              f"- budget: {result['budget'] or 'none'}; feasible: {result['feasible']}",
+             *_budget_step_lines(result.get("budget_step") or {}),
              f"- reference mismatches: {result['reference_mismatches']}", "",
              "| layer | op | weight bits | act bits | weight bytes | param bytes | MACs |",
              "|---|---|---|---|---|---|---|"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 
 from ..api import quantize
-from ..train import batches, fit
+from ..train import fit
 from .context import SearchContext
 
 log = logging.getLogger(__name__)
