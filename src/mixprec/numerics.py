@@ -119,6 +119,20 @@ def qrange(bits, signed, narrow: bool = False):
     return lo, hi
 
 
+
+def bits_for_range(lo: int, hi: int, signed: bool) -> int:
+    """Smallest width whose :func:`qrange` holds every integer in ``[lo, hi]`` (at least 1).
+
+    >>> bits_for_range(-8, 7, True), bits_for_range(-9, 0, True), bits_for_range(0, 15, False)
+    (4, 5, 4)
+    """
+    lo, hi = int(lo), int(hi)
+    if signed:
+        return max(max(hi, 0).bit_length(), (-lo - 1).bit_length() if lo < 0 else 0) + 1
+    if lo < 0:
+        raise ValueError(f"unsigned storage cannot hold {lo}")
+    return max(hi.bit_length(), 1)
+
 def quantize(x, scale, bits, signed: bool, rounding: str = "half_even", narrow: bool = False):
     """Real values to integers: ``clip(round(x / scale), qmin, qmax)`` computed in float64.
 

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from ..lower import IntGraph, IntNode
-from ..numerics import qrange
+from ..numerics import bits_for_range, qrange
 from .base import Artifact, ExportError, ExportInput
 
 log = logging.getLogger(__name__)
@@ -68,15 +68,6 @@ def _frac(scale: float, what: str) -> int:
     return int(round(f))
 
 
-def _width(lo: int, hi: int, signed: bool) -> int:
-    b = 1
-    while True:
-        qlo, qhi = qrange(b, signed)
-        if qlo <= lo and hi <= qhi:
-            return b
-        b += 1
-
-
 def fixed_type(width: int, frac: int, signed: bool = True, rounding: str | None = None,
                saturation: str | None = None) -> str:
     """``ap_fixed<W, I[, Q, O]>`` text with ``I = W - frac`` integer bits (sign included)."""
@@ -92,7 +83,7 @@ class _Tensor:
 
     def __init__(self, frac: int, lo: int, hi: int, signed: bool, bits: int | None = None):
         self.frac, self.lo, self.hi, self.signed = frac, int(lo), int(hi), signed
-        self.bits = bits if bits is not None else _width(self.lo, self.hi, signed)
+        self.bits = bits if bits is not None else bits_for_range(self.lo, self.hi, signed)
 
     def type(self, rounding: str | None = None, saturation: str | None = None) -> str:
         return fixed_type(self.bits, self.frac, self.signed, rounding, saturation)

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..granularity import expand, reduce_to
 from ..lower import IntGraph, IntNode
-from ..numerics import (div_round_away, multiply_by_quantized_multiplier, qrange, saturate, shift_round)
+from ..numerics import (bits_for_range, div_round_away, multiply_by_quantized_multiplier, qrange, saturate, shift_round)
 from .base import Artifact, ExportError, ExportInput
 
 log = logging.getLogger(__name__)
@@ -194,16 +194,6 @@ def _safe(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
-def _width(lo: int, hi: int, signed: bool) -> int:
-    """Smallest bit width whose (signed or unsigned) range holds [lo, hi]."""
-    b = 1
-    while True:
-        qlo, qhi = qrange(b, signed)
-        if qlo <= lo and hi <= qhi:
-            return b
-        b += 1
-
-
 @dataclass
 class _ActSpec:
     """How a requantizing node's integers are clipped and typed."""
@@ -250,7 +240,7 @@ def _act_spec(node: IntNode) -> _ActSpec:
     post = None if g.post_shift is None else np.asarray(g.post_shift, dtype=np.int64)
     shifted_lo = lo << (post if post is not None else 0)
     shifted_hi = hi << (post if post is not None else 0)
-    b = _width(int(shifted_lo.min()), int(shifted_hi.max()), g.signed)
+    b = bits_for_range(int(shifted_lo.min()), int(shifted_hi.max()), g.signed)
     note = (f"{node.name}: per-element activation bits {int(bits.min())}..{int(bits.max())}; its scale-1 Quant "
             f"carries {b} bits (one scalar width per Quant node), the per-element ranges are clamped exactly "
             f"with integer Max/Min")

@@ -24,6 +24,7 @@ from ...cost.bits import act_bits, act_storage_bits
 from ...cost.memory import n_scales
 from ...cost.rounding import snap_up_ste
 from ...granularity import expand
+from ...numerics import bits_for_range
 from ..base import ExportError
 
 UNIFORM, PER_CHANNEL, PER_ELEMENT = "MP_UNIFORM", "MP_PER_CHANNEL", "MP_PER_ELEMENT"
@@ -47,16 +48,6 @@ def pack_bits(codes: np.ndarray, widths: np.ndarray) -> bytes:
     pos = np.arange(total) - np.repeat(start, widths)
     bits = ((codes[elem] >> pos) & 1).astype(np.uint8)
     return np.packbits(bits, bitorder="little").tobytes()
-
-
-def bits_needed(lo: int, hi: int, signed: bool) -> int:
-    """Smallest two's complement (``signed``) or unsigned width holding every integer in ``[lo, hi]``."""
-    lo, hi = int(lo), int(hi)
-    if signed:
-        return max(hi.bit_length(), (-lo - 1).bit_length() if lo < 0 else 0) + 1
-    if lo < 0:
-        raise ValueError("unsigned storage of negative values")
-    return max(hi.bit_length(), 1)
 
 
 def fits(codes: np.ndarray, widths: np.ndarray, signed: bool) -> np.ndarray:
@@ -159,7 +150,7 @@ def act_layout(graph, assignment, target, ig, name: str, ranges: dict, layouts: 
     if not ok.all():
         choices = sorted(set(target.act_containers) | {8, 16, 32})
         for e in np.flatnonzero(~ok):
-            need = bits_needed(lo_c[e], hi_c[e], signed)
+            need = bits_for_range(lo_c[e], hi_c[e], signed)
             bits[e] = next(c for c in choices if c >= max(need, bits[e]))
         widened.append(f"{int((~ok).sum())} element(s) of {name!r} ({node.op}) need wider containers than the "
                        f"cost model's {sorted(set(cost_bits.reshape(-1)[~ok].tolist()))} bits: their values "
