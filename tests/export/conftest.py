@@ -33,3 +33,18 @@ def trained_run(_trained, tmp_path_factory):
         shutil.copytree(_trained(name), dst)
         return dst
     return copy
+
+
+@pytest.fixture(scope="module")
+def exported_run(trained_run):
+    """``exported_run(name, fmt)``: a copy of trained run ``name`` exported to ``fmt``, as
+    ``(run_dir, artifact, quantized model, result)``."""
+    def export(name, fmt):
+        from mixprec.export import export_run
+        from mixprec.search import load_run
+
+        out = trained_run(name)
+        artifact = export_run(out, fmt)
+        _, qm, result = load_run(out)
+        return out, artifact, qm, result
+    return export

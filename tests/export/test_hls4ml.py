@@ -15,17 +15,13 @@ if shutil.which("g++") is None:
 
 from mixprec import api  # noqa: E402
 from mixprec.execute import reference  # noqa: E402
-from mixprec.export import Artifact, ExportError, ExportInput, export_run, get_exporter  # noqa: E402
+from mixprec.export import Artifact, ExportError, ExportInput, get_exporter  # noqa: E402
 from mixprec.models import get_model  # noqa: E402
-from mixprec.search import load_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run):
-    out = trained_run("fpga-hls4ml")
-    artifact = export_run(out, "hls4ml")
-    _, qm, result = load_run(out)
-    return out, artifact, qm, result
+def exported(exported_run):
+    return exported_run("fpga-hls4ml", "hls4ml")
 
 
 def test_whole_digits_test_set_is_bit_exact(exported, digits):

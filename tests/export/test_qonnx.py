@@ -20,20 +20,16 @@ from mixprec import api  # noqa: E402
 from mixprec.convert import convert  # noqa: E402
 from mixprec.cost.bits import act_bits as resolve_act_bits  # noqa: E402
 from mixprec.execute import reference  # noqa: E402
-from mixprec.export import ExportError, ExportInput, export_run, get_exporter  # noqa: E402
+from mixprec.export import ExportError, ExportInput, get_exporter  # noqa: E402
 from mixprec.export.qonnx import inference_cost, weight_bit_count  # noqa: E402
 from mixprec.granularity import expand  # noqa: E402
 from mixprec.graph.convert import trace  # noqa: E402
-from mixprec.search import load_run  # noqa: E402
 
 
 
 @pytest.fixture(scope="module", params=["cortex-m4", "fpga-hls4ml"])
-def exported(request, trained_run):
-    out = trained_run(request.param)
-    artifact = export_run(out, "qonnx")
-    _, qm, result = load_run(out)
-    return out, artifact, qm, result
+def exported(request, exported_run):
+    return exported_run(request.param, "qonnx")
 
 
 def test_whole_digits_test_set_is_bit_exact(exported, digits):
