@@ -75,3 +75,12 @@ def test_unknown_method_and_budget_key_are_clear():
         RunConfig(method="magic")
     with pytest.raises(ValueError, match="unknown budget keys"):
         RunConfig(budget={"flsh": "1KiB"})
+
+
+def test_a_refused_run_leaves_the_directory_free_for_the_corrected_command(tmp_path):
+    out = tmp_path / "r"
+    with pytest.raises(BudgetError):
+        run_search(RunConfig(budget={"flash": "1KiB"}, **FAST), out)
+    assert not (out / "config.yaml").exists()
+    result = run_search(RunConfig(budget={"flash": "12KiB"}, **FAST), out)  # no --resume needed
+    assert result["feasible"]

@@ -86,17 +86,19 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
     dev = resolve_device(device)
     w = init_distributed(dev)
     _check_resumable(cfg, out, resume)
-    barrier()  # every process has looked before the first one writes
-    if w.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg.save(out / "config.yaml")
     seed_everything(cfg.seed)
 
+    # Bad input (data, model, target, budget) fails here, before the run directory claims a run,
+    # so the corrected command can be rerun into the same --out.
     target = as_target(cfg.target)
     budget = Budget.from_strings(**cfg.budget)
     data = load_dataset(cfg.data, cfg.data_dir, cfg.seed)
     model = get_model(cfg.model)
     weight_bits, act_bits = choose_bits(cfg, model, target, data.input_shape, budget)
+    barrier()  # every process has looked before the first one writes
+    if w.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.yaml")
     log.info("target %s, budget %s, uniform start %d/%d bits, device %s%s", target.name, budget.limits(),
              weight_bits, act_bits, dev, f", {w.size} processes" if w.distributed else "")
 
