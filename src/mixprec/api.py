@@ -82,7 +82,7 @@ def cost_report(qm: QuantModel, target: str | Target) -> CostReport:
         ig = qm.lower()
     except RuntimeError:  # not calibrated yet: nominal bits only
         return report
-    in_bits = assignment(qm)
+    in_bits = assignment(qm).detach()
     total = 0.0
     for row in report.layers:
         node = qm.graph[row.name]

@@ -114,7 +114,11 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="run direc
 def search(model: str = typer.Option(..., help="registered model name or package.module:function"),
            data: str = typer.Option(..., help="dataset name"),
            target: str = typer.Option("generic", help="target name or YAML path"),
-           method: str = typer.Option("uniform", help="search method"),
+           method: str = typer.Option("uniform", help="search method: uniform, hgq or dq"),
+           option: list[str] = typer.Option([], "--option", "-o",
+                                            help="method option KEY=VALUE (repeatable), e.g. -o cost=ebops -o beta=0.1"),
+           float_from: Optional[str] = typer.Option(None, "--float-from",
+                                                    help="start from this run's float model instead of training one"),
            bits: Optional[int] = typer.Option(None, help="weight bits (default: widest that fits the budget)"),
            act_bits: Optional[int] = typer.Option(None, help="activation bits (default: >= weight bits)"),
            granularity: Optional[str] = typer.Option(None, help="weight granularity"),
@@ -141,8 +145,20 @@ def search(model: str = typer.Option(..., help="registered model name or package
     _run(dict(model=model, data=data, target=target, method=method, bits=bits, act_bits=act_bits,
               weight_granularity=granularity, budget=_budget(flash, ram, ebops, energy_uj, latency_cycles),
               float_epochs=float_epochs, qat_epochs=qat_epochs, budget_epochs=budget_epochs, lr=lr, qat_lr=qat_lr,
-              batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, seed=seed, data_dir=data_dir),
+              batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, seed=seed, data_dir=data_dir,
+              options=_options(option), float_from=float_from),
          out, quiet, verbose, resume, device)
+
+
+def _options(items: list[str]) -> dict:
+    """``KEY=VALUE`` pairs into a dict (values stay text; the method converts them)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(ValueError(f"--option {item!r}: write KEY=VALUE, e.g. --option beta=0.1"))
+        out[key.strip()] = value.strip()
+    return out
 
 
 @app.command()

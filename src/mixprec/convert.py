@@ -1,6 +1,8 @@
 """Turn a float model into a quantized one for a target: trace, fold, insert quantizers."""
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 from .granularity import shape_for
@@ -29,20 +31,34 @@ def convert(model: nn.Module, input_shape: tuple[int, ...], numerics: str = "sca
     ``weight_bits`` / ``act_bits``: an int for every layer, or a dict ``{node name: int or
     tensor}`` (nodes missing from the dict get 8). Tensors give the granularity by their shape.
     """
-    graph, params = trace(model, tuple(input_shape))
-
     def pick(spec, name):
         return spec.get(name, 8) if isinstance(spec, dict) else spec
 
+    def weight_quantizer(node, weight):
+        bits = bits_tensor_for(pick(weight_bits, node.name), weight_granularity, node.weight_shape)
+        return FixedWeightQuantizer(node.weight_shape, bits, numerics)
+
+    def act_quantizer(node):
+        bits = bits_tensor_for(pick(act_bits, node.name), act_granularity, node.out_shape)
+        return ActQuantizer(node.out_shape, bits, numerics, clip=activation_clip(node))
+
+    return convert_with(model, input_shape, numerics, weight_quantizer, act_quantizer, target_name)
+
+
+def activation_clip(node) -> tuple[float, float]:
+    """The range a fused activation (ReLU6, Hardtanh) bounds its output to."""
+    return (node.attrs.get("act_min", float("-inf")), node.attrs.get("act_max", float("inf")))
+
+
+def convert_with(model: nn.Module, input_shape: tuple[int, ...], numerics: str,
+                 weight_quantizer: Callable, act_quantizer: Callable, target_name: str = "generic") -> QuantModel:
+    """Quantize ``model`` with quantizers a method builds: ``weight_quantizer(node, folded float
+    weight)`` for every conv/linear node and ``act_quantizer(node)`` for every node that
+    requantizes (the input included)."""
+    graph, params = trace(model, tuple(input_shape))
     layers = {}
     for node in graph.weighted():
         p = params[node.name]
-        bits = bits_tensor_for(pick(weight_bits, node.name), weight_granularity, node.weight_shape)
-        layers[node.name] = QuantLayer(p.weight, p.bias, FixedWeightQuantizer(node.weight_shape, bits, numerics))
-    acts = {}
-    for node in graph:
-        if node.op in REQUANTIZING_OPS:
-            bits = bits_tensor_for(pick(act_bits, node.name), act_granularity, node.out_shape)
-            clip = (node.attrs.get("act_min", float("-inf")), node.attrs.get("act_max", float("inf")))
-            acts[node.name] = ActQuantizer(node.out_shape, bits, numerics, clip=clip)
+        layers[node.name] = QuantLayer(p.weight, p.bias, weight_quantizer(node, p.weight))
+    acts = {node.name: act_quantizer(node) for node in graph if node.op in REQUANTIZING_OPS}
     return QuantModel(graph, layers, acts, numerics, target_name)

@@ -55,8 +55,8 @@ def test_weight_integer_bits_from_values():
     w = torch.tensor([[0.3, -0.2], [3.0, 0.5], [0.01, 0.0]])
     q = HGQWeightQuantizer(w.shape, "per-channel", init_f=2.0)
     # q(w) at f=2: [0.25, -0.25], [3, 0.5], [0, 0] -> I = floor(log2 max) + 1 = -1, 2, pruned
-    b = q.bits(w)
-    assert b.reshape(-1).tolist() == [1.0, 4.0, 0.0]
+    assert q.magnitude_bits(w).reshape(-1).tolist() == [1.0, 4.0, 0.0]
+    assert q.bits(w).reshape(-1).tolist() == [2.0, 5.0, 0.0]  # storage: sign bit unless pruned
     assert q.qparams(w).bits.reshape(-1).tolist() == [2.0, 5.0, 0.0]
 
 
@@ -65,8 +65,8 @@ def test_pruning_at_negative_f():
     q = HGQWeightQuantizer(w.shape, "per-element", init_f=[[-2.0, -1.0, -2.0, 0.0]])
     y = q(w)
     assert y.tolist() == [[0.0, -2.0, 4.0, 1.0]]
-    assert q.bits(w).tolist() == [[0.0, 1.0, 1.0, 1.0]]
-    assert q.qparams(w).bits.tolist() == [[0.0, 2.0, 2.0, 2.0]]
+    assert q.magnitude_bits(w).tolist() == [[0.0, 1.0, 1.0, 1.0]]
+    assert q.qparams(w).bits.tolist() == [[0.0, 2.0, 2.0, 2.0]] == q.bits(w).tolist()
     # bits() is differentiable in f (where not pruned)
     q.bits(w).sum().backward()
     assert q.f.grad.tolist() == [[0.0, 1.0, 1.0, 1.0]]

@@ -10,10 +10,12 @@ from ..granularity import expand, granularity_of, reduce_to
 from .base import QParams, Quantizer, as_bits_tensor, range_scale
 
 
-def _scale_group_shape(bits_shape: tuple[int, ...], value_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Range is measured per bits group, but never finer than per channel (dim 0): finer bits
-    share their channel's range and differ in precision (fractional bits), as in HGQ."""
-    if granularity_of(bits_shape, value_shape) == "per-element":
+def _scale_group_shape(bits_shape: tuple[int, ...], value_shape: tuple[int, ...], numerics: str) -> tuple[int, ...]:
+    """Range is measured per bits group. Scaled numerics have one real scale per channel at most,
+    so finer bits share their channel's range there; fixed-point grids may differ per element
+    (aligning powers of two is exact), so each element gets the finest step its bits can hold,
+    which is HGQ's per-weight grid."""
+    if numerics == "scaled" and granularity_of(bits_shape, value_shape) == "per-element":
         return (value_shape[0],) + (1,) * (len(value_shape) - 1)
     return tuple(bits_shape)
 
@@ -40,7 +42,7 @@ class FixedWeightQuantizer(Quantizer):
 
     def qparams(self, x: torch.Tensor | None = None) -> QParams:
         bits = self.bits_param
-        group = _scale_group_shape(tuple(bits.shape), self.weight_shape)
+        group = _scale_group_shape(tuple(bits.shape), self.weight_shape, self.numerics)
         max_abs = reduce_to(x.detach().abs(), group)
         if self.numerics == "fixed":
             scale = range_scale(expand(max_abs, self.weight_shape), expand(bits, self.weight_shape), True, "fixed", True)

@@ -14,9 +14,10 @@ own quantized values, so they never saturate; activations take them from a runni
 group (``calibrate``/``freeze`` control the observer). ``f`` may go negative: values smaller than
 half a step round to zero, and a group whose ``I + f <= 0`` is pruned.
 
-Bits reported by ``bits()`` (the cost bits, differentiable in ``f``): weights
-``relu(I + f)`` (magnitude bits, no sign bit), activations ``relu(I + f)`` where ``I`` includes a
-sign bit unless the observed range is non-negative.
+Bits reported by ``bits()`` are storage bits, what the cost model counts (differentiable in
+``f``): weights ``relu(I + f)`` magnitude bits plus a sign bit unless pruned (HGQ's own figure, the
+magnitude bits, is :meth:`HGQWeightQuantizer.magnitude_bits`); activations ``relu(I + f)`` where
+``I`` includes a sign bit unless the observed range is non-negative.
 
 ``qparams()`` expresses the grid as power-of-two scales ``2^-round(f)`` (one per group) and storage
 bits (sign included), which is what :mod:`mixprec.lower` consumes for ``fixed`` numerics, so the
@@ -155,11 +156,17 @@ class HGQWeightQuantizer(_HGQBase):
         f, i = self._codes(w)
         return torch.relu(i + f)
 
-    def bits(self, w: torch.Tensor | None = None) -> torch.Tensor:
-        """Cost bits ``relu(I + f)`` per group (0 = pruned); differentiable in ``f``. ``I`` comes
-        from the weights: pass them, or the last weights seen by ``forward``/``qparams`` are used."""
+    def magnitude_bits(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """HGQ's bits ``relu(I + f)`` per group (no sign bit; 0 = pruned); differentiable in ``f``.
+        ``I`` comes from the weights: pass them, or the last weights seen by ``forward``/``qparams``."""
         w = self._last_weight() if w is None else w
         return self._mag_bits(w)
+
+    def bits(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """Storage bits per group: magnitude bits plus the sign bit, 0 where pruned; the gradient
+        is that of the magnitude bits."""
+        mag = self.magnitude_bits(w)
+        return mag + (mag.detach() > 0).to(mag.dtype)
 
     def _last_weight(self) -> torch.Tensor:
         w = getattr(self, "_weight_ref", None)

@@ -2,8 +2,10 @@
 from .config import METHODS, RunConfig
 from .context import SearchContext
 from .run import load_run, run_search
+from .hgq import HGQOptions, search_hgq
 from .uniform import search_uniform
 
-SEARCH_METHODS = {"uniform": search_uniform}
+SEARCH_METHODS = {"uniform": search_uniform, "hgq": search_hgq}
+METHOD_OPTIONS = {"hgq": HGQOptions}
 
 __all__ = ["METHODS", "RunConfig", "SearchContext", "SEARCH_METHODS", "load_run", "run_search"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-METHODS = ("uniform",)
+METHODS = ("uniform", "hgq", "dq")
 
 
 @dataclass
@@ -29,6 +29,8 @@ class RunConfig:
     weight_decay: float = 0.0
     seed: int = 0
     data_dir: str | None = None
+    options: dict = field(default_factory=dict)  # the method's own options (see its ...Options dataclass)
+    float_from: str | None = None  # start from this run's float model (RUN_DIR or a float.pt) instead of training one
 
     def __post_init__(self):
         if self.method not in METHODS:

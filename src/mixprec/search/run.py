@@ -55,10 +55,13 @@ def choose_bits(cfg: RunConfig, model, target, input_shape, budget: Budget) -> t
 
 
 def _float_warmup(cfg: RunConfig, model, data, ckpt_dir: Path, device, progress, epoch_hook) -> list[dict]:
-    done = ckpt_dir / "float.pt"
+    done = _float_source(cfg) or ckpt_dir / "float.pt"
     if done.exists():
         state = load_checkpoint(done)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except (RuntimeError, KeyError) as exc:
+            raise ValueError(f"{done} does not hold a float {cfg.model} model: {exc}") from exc
         log.info("float model from %s", done)
         return state.get("history", [])
     hook = (lambda e, s: epoch_hook("float", e, s)) if epoch_hook else None
@@ -69,6 +72,30 @@ def _float_warmup(cfg: RunConfig, model, data, ckpt_dir: Path, device, progress,
     if world().is_main:
         save_checkpoint(done, {"model": model.state_dict(), "history": history})
     return history
+
+
+def check_options(cfg: RunConfig) -> None:
+    """Refuse unknown or malformed method options before any training."""
+    from . import METHOD_OPTIONS
+    from .learned import parse_options
+
+    if cfg.method in METHOD_OPTIONS:
+        parse_options(METHOD_OPTIONS[cfg.method], cfg.options, cfg.method)
+    elif cfg.options:
+        raise ValueError(f"--method {cfg.method} takes no options (got {sorted(cfg.options)})")
+
+
+def _float_source(cfg: RunConfig) -> Path | None:
+    """The float checkpoint ``float_from`` names (a run directory or a ``float.pt``), checked to exist."""
+    if not cfg.float_from:
+        return None
+    path = Path(cfg.float_from)
+    if path.is_dir():
+        path = path / "checkpoints" / "float.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"--float-from {cfg.float_from}: no float model at {path} (a run directory that "
+                                f"finished its float phase, or its checkpoints/float.pt)")
+    return path
 
 
 def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=None, *,
@@ -95,6 +122,8 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
     data = load_dataset(cfg.data, cfg.data_dir, cfg.seed)
     model = get_model(cfg.model)
     weight_bits, act_bits = choose_bits(cfg, model, target, data.input_shape, budget)
+    _float_source(cfg)
+    check_options(cfg)
     barrier()  # every process has looked before the first one writes
     if w.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -149,8 +149,10 @@ class Trainer:
                  checkpoint: str | Path | None = None, callbacks: Sequence[Callback] = (),
                  augment: Callable | None = None, device: torch.device | str = "cpu",
                  on_epoch: Callable[[int, dict], None] | None = None,
-                 progress: Callable[[int, int], None] | None = None, params=None):
+                 progress: Callable[[int, int], None] | None = None, params=None,
+                 best_if: Callable[[dict], bool] | None = None):
         self.cfg = cfg
+        self.best_if = best_if
         self.device = torch.device(device)
         self.world = init_distributed(self.device)
         self.model = model.to(self.device)
@@ -302,7 +304,8 @@ class Trainer:
             if self.world.is_main:
                 log.info("epoch %d loss %.4f val %.4f lr %.3g (%.1f s, %.0f samples/s)", self.epoch, stats["loss"],
                          stats["val_accuracy"], stats["lr"], stats["seconds"], stats["samples_per_second"])
-            if stats["val_accuracy"] > self.best_acc:
+            eligible = self.best_if is None or self.best_if(stats)
+            if eligible and stats["val_accuracy"] > self.best_acc:
                 self.best_acc, self.best_state = stats["val_accuracy"], copy.deepcopy(self.model.state_dict())
             self.epoch += 1
             self._save()
@@ -320,7 +323,9 @@ def fit(model: nn.Module, x_train, y_train, x_val, y_val, cfg: TrainConfig,
 
     ``on_epoch(epoch, stats)`` runs after each epoch; ``progress(done, total)`` after each step
     (progress bars live in the CLI). ``options``: ``checkpoint`` (a path: written every epoch and
-    resumed from when it exists), ``callbacks``, ``augment``, ``device``, ``params``. Returns the
-    per-epoch stats.
+    resumed from when it exists), ``callbacks``, ``augment``, ``device``, ``params`` (tensors or
+    optimiser parameter groups), ``best_if`` (``stats -> bool``: only epochs it accepts compete for
+    "best", e.g. those that meet a budget; when none does, the last epoch's weights stay). Returns
+    the per-epoch stats.
     """
     return Trainer(model, x_train, y_train, x_val, y_val, cfg, on_epoch=on_epoch, progress=progress, **options).fit()

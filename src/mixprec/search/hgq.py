@@ -1,0 +1,165 @@
+"""``--method hgq``: High Granularity Quantization (Sun et al., arXiv 2405.00645).
+
+Every weight group (element, channel, slice or tensor: the target decides what is allowed) and
+every activation tensor learns its fractional bits ``f`` by the surrogate gradient of
+:mod:`mixprec.quantizers.hgq`, against a cost penalty ``beta * cost / reference``. The cost is any
+total of the cost model (EBOPs, FLASH, peak RAM, energy, latency). ``beta`` follows a schedule
+(constant, linear or log ramp) or a controller that tracks a target cost (by default 95% of the
+budget on that cost). Every epoch is measured exactly; epochs on the (validation accuracy, cost)
+Pareto front are kept in ``RUN/pareto/``; the result is the most accurate epoch that meets the
+budget (the last one when none does), recalibrated and frozen into fixed bits for the budget step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..convert import convert_with
+from ..quantizers.hgq import HGQActQuantizer, HGQWeightQuantizer
+from ..train import Callback, fit
+from .context import SearchContext
+from .learned import (EpochCosts, ParetoFront, cost_key, default_cost, differentiable_costs, every_k, freeze,
+                      is_feasible, log_ramp, pareto_folder, parse_options, relaxed)
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("constant", "linear", "log", "controller")
+
+
+@dataclass
+class HGQOptions:
+    cost: str = ""  # the cost to steer by (flash, ram, ebops, energy, latency); "" = the first budget limit, else ebops
+    schedule: str = ""  # constant | linear | log | controller; "" = controller when the cost has a budget, else log
+    beta: float = 1e-2  # penalty weight of cost / reference (the budget, else the starting cost)
+    beta_end: float = 1.0  # end of the linear / log ramp
+    target_ratio: float = 0.95  # controller: aim at this fraction of the budget (containers round up)
+    gain: float = 0.05  # controller: change of ln(beta) per penalty step per unit of relative error
+    init_bits: float = 8.0  # starting weight storage bits (sign included)
+    act_init_bits: float = 8.0  # starting activation bits
+    bits_lr: float = 3e-2  # learning rate of f (its own parameter group, no weight decay)
+    gamma: float = 0.0  # + gamma * sum(f): HGQ's small pull towards fewer bits
+    penalty_every: int = 8  # compute the cost term every k steps, weighted by k
+
+    def __post_init__(self):
+        if self.schedule and self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown beta schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.cost:
+            cost_key(self.cost)
+        if self.penalty_every < 1:
+            raise ValueError("penalty_every must be at least 1")
+
+
+class BetaPenalty(Callback):
+    """``beta * cost / reference`` (+ ``gamma * sum f``) every ``every`` steps, times ``every``;
+    ``beta`` follows the schedule, or the controller's multiplicative update towards ``target``."""
+
+    def __init__(self, opts: HGQOptions, key: str, schedule: str, reference: float, target: float | None,
+                 total_steps: int, target_model):
+        self.opts, self.key, self.schedule = opts, key, schedule
+        self.reference, self.target, self.total_steps = reference, target, max(total_steps, 1)
+        self.cost_model = target_model
+        self.beta, self.calls, self.last_cost = opts.beta, 0, float("nan")
+
+    def current_beta(self) -> float:
+        t = self.calls / self.total_steps
+        o = self.opts
+        if self.schedule == "linear":
+            return o.beta + (o.beta_end - o.beta) * min(t, 1.0)
+        if self.schedule == "log":
+            return log_ramp(o.beta, o.beta_end, t)
+        return self.beta
+
+    def extra_loss(self, model) -> torch.Tensor | None:
+        step, self.calls = self.calls, self.calls + 1
+        if not every_k(step, self.opts.penalty_every):
+            return None
+        cost = differentiable_costs(model, self.cost_model)[self.key]
+        self.last_cost = float(cost.detach())
+        if self.schedule == "controller":
+            error = self.last_cost / self.target - 1.0
+            self.beta = min(max(self.beta * math.exp(self.opts.gain * error), 1e-8), 1e4)
+        term = self.current_beta() * cost / self.reference
+        if self.opts.gamma:
+            term = term + self.opts.gamma * sum(q.f.sum() for q in _hgq_quantizers(model))
+        return self.opts.penalty_every * term
+
+    def after_epoch(self, epoch: int, stats: dict) -> None:
+        stats["beta"] = self.current_beta()
+
+    def state_dict(self) -> dict:
+        return {"beta": self.beta, "calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.beta, self.calls = state["beta"], state["calls"]
+
+
+def _hgq_quantizers(qm):
+    return [l.quantizer for l in qm.layers.values()] + list(qm.act_quantizers.values())
+
+
+def hgq_model(ctx: SearchContext, opts: HGQOptions):
+    """The float model with HGQ quantizers at the run's weight granularity (per-tensor activations)."""
+    from ..api import default_weight_granularity
+
+    t = ctx.target
+    gran = ctx.config.weight_granularity or default_weight_granularity(t)
+    if gran not in t.weight_granularities:
+        raise ValueError(f"target {t.name} does not support {gran} weights; it supports {', '.join(t.weight_granularities)}")
+
+    def weight_quantizer(node, weight):
+        return HGQWeightQuantizer(node.weight_shape, gran, init_bits=opts.init_bits - 1, weight=weight)
+
+    def act_quantizer(node):
+        return HGQActQuantizer(node.out_shape, "per-tensor", init_bits=opts.act_init_bits)
+
+    return convert_with(ctx.float_model, ctx.data.input_shape, t.numerics, weight_quantizer, act_quantizer, t.name)
+
+
+def _calibrate_acts(ctx: SearchContext, qm, act_bits: float | None = None) -> None:
+    """Observe activation ranges afresh (extremes over the calibration set), optionally set each
+    activation's ``f`` so it starts at ``act_bits``, and freeze the ranges."""
+    for q in qm.act_quantizers.values():
+        q.freeze(False)
+        q.reset_range()
+    ctx.calibrate(qm)
+    for q in qm.act_quantizers.values():
+        if act_bits is not None:
+            q.set_f(act_bits - q._int_bits(torch.full_like(q.f, 24.0)))  # I of the range itself
+        q.freeze(True)
+
+
+def search_hgq(ctx: SearchContext):
+    cfg, data, t = ctx.config, ctx.data, ctx.target
+    opts = parse_options(HGQOptions, cfg.options, "hgq")
+    key = cost_key(opts.cost) if opts.cost else default_cost(ctx.budget)
+    limit = ctx.budget.limits().get(key)
+    schedule = opts.schedule or ("controller" if limit is not None else "log")
+    if schedule == "controller" and limit is None:
+        raise ValueError(f"the beta controller tracks a budget on {key}; give one (e.g. --flash) or choose "
+                         f"--option schedule=constant|linear|log")
+    qm = hgq_model(ctx, opts)
+    _calibrate_acts(ctx, qm, opts.act_init_bits)
+    for q in qm.act_quantizers.values():
+        q.freeze(False)  # ranges keep growing with what training sees (HGQ)
+    steer = relaxed(t)
+    start_cost = float(differentiable_costs(qm, steer)[key].detach())
+    reference = limit if limit is not None else max(start_cost, 1.0)
+    train_cfg = cfg.train_config("qat")
+    total = train_cfg.epochs * math.ceil(len(data.x_train) / train_cfg.batch_size)
+    penalty = BetaPenalty(opts, key, schedule, reference, None if limit is None else opts.target_ratio * limit,
+                          total, steer)
+    measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
+    f_params = [q.f for q in _hgq_quantizers(qm)]
+    weights = [p for l in qm.layers.values() for p in (l.weight, l.bias)]
+    groups = [{"params": weights}, {"params": f_params, "lr": opts.bits_lr, "weight_decay": 0.0}]
+    log.info("HGQ on %s: cost %s (start %.6g, reference %.6g), beta %s from %g, %d epochs", t.name, key, start_cost,
+             reference, schedule, opts.beta, train_cfg.epochs)
+    history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val, train_cfg, params=groups,
+                  callbacks=[penalty, measure], best_if=is_feasible, **ctx.fit_options("hgq"))
+    ctx.history["hgq"] = history
+    qm.cpu()
+    _calibrate_acts(ctx, qm)  # integer bits from the calibration set before export (HGQ)
+    return freeze(qm), history

@@ -1,0 +1,206 @@
+"""What the gradient-based methods (HGQ, DQ) share.
+
+- Options: each method reads its own dataclass from ``RunConfig.options`` (CLI ``--option k=v``).
+- Cost in the loss: the cost model's differentiable totals (``evaluate_torch``), computed every
+  ``penalty_every`` steps and weighted by it, so the average gradient is the per-step one while
+  the graph walk costs a fraction of a step.
+- Every epoch the exact deployed cost is measured, the epoch is marked feasible or not, and
+  the checkpoints on the (validation accuracy, cost) Pareto front are kept in ``RUN/pareto/``.
+- The result is frozen into fixed-bit quantizers (what the budget step, fine-tuning and export
+  take).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+from ..api import assignment, cost_report
+from ..convert import activation_clip
+from ..cost import Budget, Target, evaluate_torch
+from ..nn.model import QuantLayer, QuantModel
+from ..numerics import qrange
+from ..quantizers.fixed import ActQuantizer, FixedWeightQuantizer
+from ..train import Callback, save_checkpoint
+from ..train.distributed import world
+
+log = logging.getLogger(__name__)
+
+#: Cost names users write (``--option cost=flash``) and the report totals they mean.
+COSTS = {"flash": "flash_bytes", "ram": "ram_bytes", "ebops": "ebops", "bops": "bops",
+         "energy": "energy_uj", "latency": "latency_cycles"}
+
+
+def parse_options(cls, options: dict, method: str):
+    """``cls(**options)`` with values given as text (from the command line) converted to the field
+    types; unknown keys name the known ones."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for --method {method}; known: {', '.join(sorted(known))}")
+    return cls(**{k: _convert(v, cls.__dataclass_fields__[k].default) for k, v in options.items()})
+
+
+def _convert(value, default):
+    if not isinstance(value, str) or isinstance(default, str) or default is None:
+        return value
+    if isinstance(default, bool):
+        return value.lower() in ("1", "true", "yes", "on")
+    return type(default)(float(value)) if isinstance(default, int) else float(value)
+
+
+def cost_key(name: str) -> str:
+    """A report total from a user's cost name (``flash``) or the total itself (``flash_bytes``)."""
+    if name in COSTS.values():
+        return name
+    if name not in COSTS:
+        raise ValueError(f"unknown cost {name!r}; choose one of {', '.join(COSTS)}")
+    return COSTS[name]
+
+
+def default_cost(budget: Budget) -> str:
+    """The cost a method steers by: the first budget limit given, else EBOPs."""
+    limits = budget.limits()
+    return next(iter(limits)) if limits else "ebops"
+
+
+def differentiable_costs(qm: QuantModel, target: Target) -> dict[str, torch.Tensor]:
+    return evaluate_torch(qm.graph, assignment(qm), target)
+
+
+def relaxed(target: Target) -> Target:
+    """``target`` with a storage container for every width up to its widest: the cost a method
+    steers by then falls with every bit it saves, not only where a bit crosses a container
+    boundary (which would stall a controller on a flat cost and then overshoot). Feasibility is
+    always judged on the real containers."""
+    return replace(target, weight_containers=tuple(range(1, max(target.weight_containers) + 1)),
+                   act_containers=tuple(range(1, max(target.act_containers) + 1)))
+
+
+def measured_costs(qm: QuantModel, target: Target) -> dict[str, float]:
+    """Exact costs of the model as it would deploy now (integer weights, containers, arena)."""
+    totals = cost_report(qm, target).totals
+    return {k: float(totals[k]) for k in COSTS.values()}
+
+
+def meets(costs: dict[str, float], budget: Budget) -> bool:
+    return all(costs[k] <= limit for k, limit in budget.limits().items())
+
+
+class ParetoFront:
+    """Checkpoints that no other epoch beats on both validation accuracy and cost, in ``folder``
+    with an index ``pareto.json``; dominated ones are deleted as better ones arrive."""
+
+    def __init__(self, folder: Path | None, key: str):
+        self.folder, self.key = folder, key
+        self.entries: list[dict] = []
+
+    def offer(self, epoch: int, accuracy: float, costs: dict, state: dict) -> bool:
+        cost = costs[self.key]
+        if any(e["val_accuracy"] >= accuracy and e["cost"] <= cost for e in self.entries):
+            return False
+        keep = [e for e in self.entries if not (accuracy >= e["val_accuracy"] and cost <= e["cost"])]
+        entry = {"epoch": epoch, "val_accuracy": accuracy, "cost": cost, "costs": dict(costs)}
+        if self.folder is not None and world().is_main:
+            entry["checkpoint"] = f"epoch{epoch:03d}.pt"
+            save_checkpoint(self.folder / entry["checkpoint"], {"model": state, "entry": entry})
+            for gone in self.entries:
+                if gone not in keep:
+                    (self.folder / gone["checkpoint"]).unlink(missing_ok=True)
+        self.entries = sorted(keep + [entry], key=lambda e: e["cost"])
+        self._write_index()
+        return True
+
+    def _write_index(self) -> None:
+        if self.folder is not None and world().is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / "pareto.json").write_text(json.dumps({"cost": self.key, "front": self.entries}, indent=1))
+
+
+class EpochCosts(Callback):
+    """Measures each epoch's exact costs into ``stats["cost"]`` and ``stats["feasible"]``, and
+    offers the epoch to the Pareto front."""
+
+    def __init__(self, target: Target, budget: Budget, front: ParetoFront):
+        self.target, self.budget, self.front = target, budget, front
+        self.model: QuantModel | None = None
+
+    def bind(self, model: QuantModel) -> "EpochCosts":
+        self.model = model
+        return self
+
+    def after_epoch(self, epoch: int, stats: dict) -> None:
+        costs = measured_costs(self.model, self.target)
+        stats["cost"] = costs
+        stats["feasible"] = meets(costs, self.budget)
+        if self.front.offer(epoch, stats["val_accuracy"], costs, self.model.state_dict()):
+            log.info("epoch %d joins the Pareto front (%s %.6g, val %.4f)", epoch, self.front.key,
+                     costs[self.front.key], stats["val_accuracy"])
+
+    def state_dict(self) -> dict:
+        return {"front": self.front.entries}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.front.entries = list(state.get("front", []))
+
+
+def pareto_folder(checkpoint_dir: Path | None) -> Path | None:
+    return None if checkpoint_dir is None else Path(checkpoint_dir).parent / "pareto"
+
+
+def is_feasible(stats: dict) -> bool:
+    return bool(stats.get("feasible", True))
+
+
+def every_k(step: int, k: int) -> bool:
+    return k <= 1 or step % k == 0
+
+
+def log_ramp(start: float, end: float, t: float) -> float:
+    return math.exp(math.log(start) + (math.log(end) - math.log(start)) * min(max(t, 0.0), 1.0))
+
+
+# ----------------------------------------------------------------------------- freezing
+
+
+@torch.no_grad()
+def freeze(qm: QuantModel) -> QuantModel:
+    """The same model with fixed-bit quantizers holding the learned bits and grids.
+
+    Weights keep their learned bits; a quantizer with a learned range (``frozen_weight``) clips
+    the float weights to it first, so the fixed quantizer (which takes its range from the weights)
+    keeps the learned step. Activations keep their bits and the learned range as the observer's
+    frozen range."""
+    layers = {}
+    for name, layer in qm.layers.items():
+        q = layer.quantizer
+        bits = q.qparams(layer.weight).bits.detach().round().clamp_min(0)
+        weight = q.frozen_weight(layer.weight) if hasattr(q, "frozen_weight") else layer.weight.detach()
+        fixed = FixedWeightQuantizer(tuple(layer.weight.shape), bits.cpu(), qm.numerics)
+        layers[name] = QuantLayer(weight.cpu(), layer.bias.detach().cpu(), fixed)
+    acts = {name: _frozen_act(qm, name, q) for name, q in qm.act_quantizers.items()}
+    out = QuantModel(qm.graph, layers, acts, qm.numerics, qm.target_name)
+    for q in out.act_quantizers.values():
+        q.momentum = 0.0  # the range stays the learned one during fine-tuning
+    return out
+
+
+def _frozen_act(qm: QuantModel, name: str, q) -> ActQuantizer:
+
+    qp = q.qparams()
+    if qp.bits.numel() != 1:
+        raise ValueError(f"activation {name!r}: learned methods freeze per-tensor activation bits only")
+    node = qm.graph[name]
+    bits = qp.bits.detach().round().clamp_min(1).reshape((1,) * len(node.out_shape)).cpu()
+    fixed = ActQuantizer(node.out_shape, bits, qm.numerics, clip=activation_clip(node))
+    _, hi = qrange(qp.bits.detach().round().clamp_min(1), qp.signed)
+    top = float(hi.double() * qp.scale.detach().double().reshape(()))
+    # symmetric when signed: the observer's scale is max|range| / largest code, the learned step
+    fixed.running_min.fill_(-top if qp.signed else 0.0)
+    fixed.running_max.fill_(top)
+    fixed.observed.fill_(True)
+    return fixed
