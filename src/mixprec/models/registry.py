@@ -56,8 +56,34 @@ def list_models() -> list[str]:
     return list(MODELS)
 
 
+def split_arguments(name: str) -> tuple[str, dict]:
+    """``"lenet5[width=0.5]"`` -> ``("lenet5", {"width": 0.5})``: builder arguments in a model name,
+    so a run's config names a resized model (numbers become int or float, the rest stay text)."""
+    if not name.endswith("]") or "[" not in name:
+        return name, {}
+    base, _, args = name[:-1].partition("[")
+    kwargs = {}
+    for item in filter(None, (a.strip() for a in args.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"model {name!r}: write arguments as name[key=value,...], e.g. lenet5[width=0.5]")
+        kwargs[key.strip()] = _number(value.strip())
+    return base, kwargs
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def get_spec(name: str) -> ModelSpec:
-    """The spec of a registered name or of a ``"package.module:function"`` reference."""
+    """The spec of a registered name or of a ``"package.module:function"`` reference (builder
+    arguments in brackets are allowed and ignored here)."""
+    name, _ = split_arguments(name)
     if name in MODELS:
         return MODELS[name]
     if ":" in name:
@@ -70,8 +96,15 @@ def get_spec(name: str) -> ModelSpec:
 
 
 def get_model(name: str, **kwargs) -> nn.Module:
-    """Build a fresh, randomly initialized model; ``kwargs`` go to its builder."""
-    model = get_spec(name).builder(**kwargs)
+    """Build a fresh, randomly initialized model; ``kwargs`` (and arguments in the name's
+    brackets, ``resnet8[width=8]``) go to its builder."""
+    _, named = split_arguments(name)
+    try:
+        model = get_spec(name).builder(**{**named, **kwargs})
+    except TypeError as exc:
+        if not named:
+            raise
+        raise ValueError(f"model {name!r}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise TypeError(f"{name!r} returned {type(model).__name__}, not an nn.Module")
     return model

@@ -27,27 +27,30 @@ def digits_cnn(num_classes: int = 10, width: int = 16) -> nn.Module:
     )
 
 
-def lenet5(num_classes: int = 10) -> nn.Module:
+def lenet5(num_classes: int = 10, width: float = 1.0) -> nn.Module:
     """LeNet-5 (LeCun et al., 1998) for MNIST with modern ReLU activations.
 
     Input (1, 28, 28). conv 6@5x5 (pad 2) -> maxpool -> conv 16@5x5 -> maxpool ->
     fc 120 -> fc 84 -> fc num_classes: 61,706 parameters, the classic count.
     Max pooling replaces the original trainable subsampling (same parameter count as
     average pooling, and the converter passes it through without requantization).
+    ``width`` scales every hidden layer (6, 16, 120, 84 channels/units at 1.0; at least one each):
+    the way to shrink the model to a memory budget at a fixed precision.
     """
+    c1, c2, f1, f2 = (max(1, round(n * width)) for n in (6, 16, 120, 84))
     return nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2),
+        nn.Conv2d(1, c1, 5, padding=2),
         nn.ReLU(),
         nn.MaxPool2d(2),  # 28x28 -> 14x14
-        nn.Conv2d(6, 16, 5),
+        nn.Conv2d(c1, c2, 5),
         nn.ReLU(),
         nn.MaxPool2d(2),  # 10x10 -> 5x5
         nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120),
+        nn.Linear(c2 * 5 * 5, f1),
         nn.ReLU(),
-        nn.Linear(120, 84),
+        nn.Linear(f1, f2),
         nn.ReLU(),
-        nn.Linear(84, num_classes),
+        nn.Linear(f2, num_classes),
     )
 
 

@@ -76,6 +76,7 @@ class ModRound(torch.autograd.Function):
 
 class _DQBase(Quantizer):
     d_max = 1.0
+    max_mag_bits = 15  # plus the sign bit: 16
 
     def _setup(self, param_shape, numerics: str, grad_mod: str, delta: float) -> None:
         if numerics not in NUMERICS:
@@ -98,10 +99,13 @@ class _DQBase(Quantizer):
 
     @torch.no_grad()
     def project(self) -> None:
-        """Clamp in place: ``d`` in ``[2^-12, d_max]``, ``xmax >= 2^-12`` and ``d <= xmax``."""
+        """Clamp in place: ``d`` in ``[2^-12, d_max]``, ``xmax >= 2^-12``, ``d <= xmax`` and at most
+        ``MAX_MAG_BITS`` implied magnitude bits (16-bit codes, the widest any target stores)."""
         self.log2_xmax.clamp_(min=math.log2(D_MIN))
         self.log2_d.clamp_(math.log2(D_MIN), math.log2(self.d_max))
         torch.minimum(self.log2_d, self.log2_xmax, out=self.log2_d)
+        top = torch.log2(self.step().detach()) + math.log2(2.0 ** self.max_mag_bits - 1) - _EDGE
+        torch.minimum(self.log2_xmax, top.to(self.log2_xmax.dtype), out=self.log2_xmax)
 
     clamp_ = project
 
@@ -182,6 +186,13 @@ class DQWeightQuantizer(_DQBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._quantize(x, self.weight_shape)
+
+    @torch.no_grad()
+    def frozen_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` clipped to the learned range (the implied width's largest code times ``d``), so a
+        fixed quantizer that takes its range from the weights keeps the learned step."""
+        top = expand(self.step() * (torch.exp2(self._mag_bits()) - 1), self.weight_shape)
+        return torch.minimum(torch.maximum(w.detach(), -top), top)
 
 
 def _group_quantile(a: torch.Tensor, param_shape: tuple[int, ...], q: float, limit: int = 2 ** 20):

@@ -28,6 +28,7 @@ class SearchContext:
     history: dict = field(default_factory=dict)  # phase -> per-epoch stats (the method fills it)
     checkpoint_dir: Path | None = None  # per-epoch checkpoints of each phase go here
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    fine_tune_after: bool = False  # a method sets it when its result needs a fine-tune with bits frozen
 
     def checkpoint(self, phase: str) -> Path | None:
         return None if self.checkpoint_dir is None else self.checkpoint_dir / f"{phase}_last.pt"

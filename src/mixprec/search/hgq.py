@@ -162,4 +162,5 @@ def search_hgq(ctx: SearchContext):
     ctx.history["hgq"] = history
     qm.cpu()
     _calibrate_acts(ctx, qm)  # integer bits from the calibration set before export (HGQ)
+    ctx.fine_tune_after = True  # freezing re-derives the grids from the weights: let the weights adapt
     return freeze(qm), history

@@ -175,11 +175,10 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
 def run_budget_step(ctx: SearchContext, qm) -> dict:
     """The budget step after the method, when its result misses the budget or holds widths the
     target does not run: selection with sensitivities measured on the validation split, then
-    ``budget_epochs`` of fine-tuning with the bits frozen. Returns what goes into ``result.json``."""
+    ``budget_epochs`` of fine-tuning with the bits frozen (also without a step when the method
+    asks for it, ``ctx.fine_tune_after``). Returns what goes into ``result.json``."""
     from .budget_step import budget_step, needs_step
 
-    if not needs_step(qm, ctx.target, ctx.budget):
-        return {"applied": False}
     cfg, data = ctx.config, ctx.data
 
     def fine_tune(model):
@@ -191,6 +190,11 @@ def run_budget_step(ctx: SearchContext, qm) -> dict:
         ctx.history["budget"] = history
         return history
 
+    if not needs_step(qm, ctx.target, ctx.budget):
+        if ctx.fine_tune_after and fine_tune(qm) is not None:
+            qm.cpu()
+            return {"applied": False, "fine_tune_epochs": cfg.budget_epochs}
+        return {"applied": False}
     result = budget_step(qm, ctx.target, ctx.budget, x_val=data.x_val, y_val=data.y_val, fine_tune=fine_tune)
     qm.cpu()
     out = result.to_dict()

@@ -1,0 +1,162 @@
+"""``--method dq``: fully differentiable mixed precision (Schaefer et al., arXiv 2206.07741).
+
+Each weight slice (per output channel by default) and each activation tensor learns a step size
+and a range (:mod:`mixprec.quantizers.dq`); the bits are implied and differentiable. The
+multi-phase schedule, within the run's QAT epochs:
+
+a. ``weight_epochs`` of weights only, precision frozen;
+b. the rest: weights every step, quantizer parameters every ``k`` steps on their own optimiser,
+   against the ramped squared hinge ``s(t) * sum_c weight_c * relu(cost_c / target_c - 1)^2`` over
+   every budget limit (FLASH and RAM are the paper's weight and activation memories; EBOPs,
+   energy and latency work the same way), ``s`` rising from 0.01 to 1 over the first half;
+c. the most accurate epoch whose measured cost meets the budget is kept (the last when none does);
+d. the precision is frozen into fixed bits; the run's final stage (budget step when needed, then
+   ``budget_epochs`` of fine-tuning with the bits frozen) finishes it.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..convert import activation_clip, convert_with
+from ..quantizers.dq import DQActQuantizer, DQWeightQuantizer
+from ..quantizers.dq import GRAD_MODS
+from ..train import Callback, fit
+from .context import SearchContext
+from .learned import (EpochCosts, ParetoFront, default_cost, differentiable_costs, every_k, freeze, is_feasible,
+                      log_ramp, pareto_folder, parse_options, relaxed)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DQOptions:
+    init_bits: int = 8  # starting bits of weights and activations
+    weight_epochs: int = 1  # phase a: weights only, precision frozen
+    k: int = 5  # phase b: quantizer update every k steps
+    quant_lr: float = 0.05  # Adam learning rate of log2(step) and log2(range)
+    weight_grad: str = "ewgs"  # ewgs | atanh | ste: the weights' gradient modification
+    act_grad: str = "atanh"  # ewgs | atanh | ste: the activations'
+    delta: float = 5e-3  # strength of the gradient modification
+    penalty: float = 1.0  # weight of each constraint's squared hinge
+    target_ratio: float = 0.95  # aim at this fraction of each budget limit
+    ramp_start: float = 0.01  # s(t) rises from this to 1 over the first half of phase b
+
+    def __post_init__(self):
+        for name in ("weight_grad", "act_grad"):
+            if getattr(self, name) not in GRAD_MODS:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(GRAD_MODS)}")
+        if self.k < 1 or self.weight_epochs < 0:
+            raise ValueError("k must be at least 1 and weight_epochs at least 0")
+
+
+class HingePenalty(Callback):
+    """The ramped squared-hinge memory (and other budget) penalty, and the quantizer optimiser
+    that steps every ``k`` training steps on the gradients accumulated since its last step."""
+
+    def __init__(self, opts: DQOptions, quantizers: list, targets: dict[str, float], total_steps: int, cost_target):
+        self.opts, self.quantizers, self.targets = opts, quantizers, targets
+        self.total_steps, self.cost_target = max(total_steps, 1), cost_target
+        params = [p for q in quantizers for p in (q.log2_d, q.log2_xmax)]
+        self.optimizer = torch.optim.Adam(params, lr=opts.quant_lr)
+        self.calls = 0
+
+    def ramp(self) -> float:
+        return log_ramp(self.opts.ramp_start, 1.0, 2.0 * self.calls / self.total_steps)
+
+    def extra_loss(self, model) -> torch.Tensor | None:
+        if not self.targets or not every_k(self.calls + 1, self.opts.k):
+            return None
+        costs = differentiable_costs(model, self.cost_target)
+        hinge = sum(torch.relu(costs[key] / target - 1.0) ** 2 for key, target in self.targets.items())
+        return self.opts.k * self.ramp() * self.opts.penalty * hinge
+
+    def after_step(self, step: int) -> None:
+        self.calls += 1
+        if every_k(self.calls, self.opts.k):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            for q in self.quantizers:
+                q.project()
+
+    def after_epoch(self, epoch: int, stats: dict) -> None:
+        stats["penalty_scale"] = self.ramp()
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"]
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def dq_model(ctx: SearchContext, opts: DQOptions):
+    """The float model with DQ quantizers: weights at the run's granularity (per channel by
+    default), activations per tensor."""
+    from ..api import default_weight_granularity
+
+    t = ctx.target
+    gran = ctx.config.weight_granularity or default_weight_granularity(t)
+    if gran not in t.weight_granularities:
+        raise ValueError(f"target {t.name} does not support {gran} weights; it supports {', '.join(t.weight_granularities)}")
+
+    def weight_quantizer(node, weight):
+        return DQWeightQuantizer(node.weight_shape, gran, init_bits=opts.init_bits, weight=weight, numerics=t.numerics,
+                                 grad_mod=opts.weight_grad, delta=opts.delta)
+
+    def act_quantizer(node):
+        return DQActQuantizer(node.out_shape, "per-tensor", init_bits=opts.init_bits, numerics=t.numerics,
+                              grad_mod=opts.act_grad, delta=opts.delta, clip=activation_clip(node))
+
+    return convert_with(ctx.float_model, ctx.data.input_shape, t.numerics, weight_quantizer, act_quantizer, t.name)
+
+
+def _quantizers(qm) -> list:
+    return [l.quantizer for l in qm.layers.values()] + list(qm.act_quantizers.values())
+
+
+def _precision_trainable(qm, on: bool) -> None:
+    for q in _quantizers(qm):
+        q.log2_d.requires_grad_(on)
+        q.log2_xmax.requires_grad_(on)
+
+
+def search_dq(ctx: SearchContext):
+    cfg, data, t = ctx.config, ctx.data, ctx.target
+    opts = parse_options(DQOptions, cfg.options, "dq")
+    qm = dq_model(ctx, opts)
+    ctx.calibrate(qm)  # activation step and range from the first batch's 99.9th percentile
+    weights = [p for l in qm.layers.values() for p in (l.weight, l.bias)]
+    base = cfg.train_config("qat")
+    phase_a = min(opts.weight_epochs, base.epochs)
+    key = default_cost(ctx.budget)
+    history = []
+    if phase_a:
+        _precision_trainable(qm, False)
+        ctx.history["dq-weights"] = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val, _epochs(base, phase_a),
+                                        params=weights, **ctx.fit_options("dq-weights"))
+    phase_b = base.epochs - phase_a
+    if phase_b:
+        _precision_trainable(qm, True)
+        steer = relaxed(t)
+        targets = {k: opts.target_ratio * v for k, v in ctx.budget.limits().items()}
+        steps = phase_b * math.ceil(len(data.x_train) / base.batch_size)
+        penalty = HingePenalty(opts, _quantizers(qm), targets, steps, steer)
+        measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
+        log.info("DQ phase b on %s: %d epochs, quantizers every %d steps, targets %s", t.name, phase_b, opts.k, targets)
+        history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val,
+                      _epochs(base, phase_b, seed_offset=1), params=weights, callbacks=[penalty, measure],
+                      best_if=is_feasible, **ctx.fit_options("dq"))
+        ctx.history["dq"] = history
+    ctx.fine_tune_after = True  # phase d: the run fine-tunes with the precision frozen
+    qm.cpu()
+    return freeze(qm), history
+
+
+def _epochs(cfg, epochs: int, seed_offset: int = 0):
+    from dataclasses import replace
+
+    return replace(cfg, epochs=epochs, seed=cfg.seed + seed_offset)

@@ -1,0 +1,193 @@
+"""HGQ and DQ end to end on the bundled digits data (short), and the pieces they share."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mixprec import quantize
+from mixprec.cost import Budget, load_target
+from mixprec.execute import reference
+from mixprec.search import RunConfig, load_run, run_search
+from mixprec.search.dq import DQOptions
+from mixprec.search.hgq import BetaPenalty, HGQOptions
+from mixprec.search.learned import ParetoFront, freeze, parse_options, relaxed
+
+FAST = dict(float_epochs=3, qat_epochs=3, budget_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def float_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("float")
+    run_search(RunConfig(float_epochs=3, qat_epochs=1, budget_epochs=0), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hgq_run(tmp_path_factory, float_run):
+    out = tmp_path_factory.mktemp("hgq")
+    cfg = RunConfig(method="hgq", budget={"flash": "6KiB"}, float_from=str(float_run),
+                    options={"bits_lr": "0.1"}, **FAST)
+    return out, run_search(cfg, out)
+
+
+@pytest.fixture(scope="module")
+def dq_run(tmp_path_factory, float_run):
+    out = tmp_path_factory.mktemp("dq")
+    cfg = RunConfig(method="dq", budget={"flash": "6KiB", "ram": "3KiB"}, float_from=str(float_run),
+                    options={"k": 2}, **FAST)
+    return out, run_search(cfg, out)
+
+
+@pytest.mark.parametrize("which", ["hgq_run", "dq_run"])
+def test_learned_run_meets_budget_with_supported_widths(which, request, digits):
+    out, result = request.getfixturevalue(which)
+    t = load_target("cortex-m4")
+    assert result["feasible"] is True
+    assert all(c["ok"] for c in result["budget_checks"].values())
+    assert result["reference_mismatches"] == 0
+    assert result["accuracy"]["quantized"] > 0.8
+    for row in result["layers"]:
+        if "weight_bits" in row:
+            assert set(np.atleast_1d(row["weight_bits"]).tolist()) <= set(t.weight_bits)
+        assert row["act_bits"] in t.act_bits
+    # the run reloads bit-exactly
+    _, qm, _ = load_run(out)
+    ig = qm.lower()
+    x = digits.x_test[:32]
+    assert np.array_equal(qm(x).numpy(), (reference(ig, x.numpy()) * ig.output_scale).astype(np.float32))
+
+
+@pytest.mark.parametrize("which,phase", [("hgq_run", "hgq"), ("dq_run", "dq")])
+def test_every_epoch_is_measured_and_the_pareto_front_is_kept(which, phase, request):
+    out, result = request.getfixturevalue(which)
+    epochs = result["history"][phase]
+    assert all("cost" in e and "feasible" in e for e in epochs)
+    for e in epochs:  # feasibility is judged on the measured cost
+        assert e["feasible"] == (e["cost"]["flash_bytes"] <= 6 * 1024 and e["cost"]["ram_bytes"] <= (
+            3 * 1024 if phase == "dq" else float("inf")))
+    front = json.loads((out / "pareto" / "pareto.json").read_text())
+    assert front["cost"] == "flash_bytes"
+    entries = front["front"]
+    assert entries and sorted(e["cost"] for e in entries) == [e["cost"] for e in entries]
+    for a in entries:
+        assert (out / "pareto" / a["checkpoint"]).exists()
+        for b in entries:  # nobody dominates anybody
+            assert a is b or not (b["val_accuracy"] >= a["val_accuracy"] and b["cost"] <= a["cost"])
+    for e in epochs:  # and every epoch is dominated by (or on) the front
+        assert any(f["val_accuracy"] >= e["val_accuracy"] and f["cost"] <= e["cost"]["flash_bytes"] for f in entries)
+    kept = {p.name for p in (out / "pareto").glob("*.pt")}
+    assert kept == {e["checkpoint"] for e in entries}
+
+
+def test_hgq_controller_drives_the_cost_down(hgq_run):
+    _, result = hgq_run
+    epochs = result["history"]["hgq"]
+    assert epochs[-1]["cost"]["flash_bytes"] < epochs[0]["cost"]["flash_bytes"]
+    assert all(e["beta"] > 0 for e in epochs)
+
+
+def test_dq_phases_and_float_model_reused(dq_run, hgq_run, float_run):
+    _, result = dq_run
+    assert len(result["history"]["dq-weights"]) == 1 and len(result["history"]["dq"]) == 2
+    assert result["history"]["float"] == json.loads((float_run / "result.json").read_text())["history"]["float"]
+    assert result["accuracy"]["float"] == hgq_run[1]["accuracy"]["float"]
+
+
+def test_float_from_missing_is_refused_before_the_run_directory_is_written(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no float model"):
+        run_search(RunConfig(method="hgq", float_from=str(tmp_path / "nope"), **FAST), tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_options_are_parsed_and_checked(tmp_path):
+    o = parse_options(HGQOptions, {"beta": "0.5", "penalty_every": "4", "schedule": "log"}, "hgq")
+    assert o.beta == 0.5 and o.penalty_every == 4 and o.schedule == "log"
+    assert parse_options(DQOptions, {"k": "3", "weight_grad": "ste"}, "dq").k == 3
+    with pytest.raises(ValueError, match="known: .*beta"):
+        parse_options(HGQOptions, {"bta": "1"}, "hgq")
+    with pytest.raises(ValueError, match="ewgs"):
+        parse_options(DQOptions, {"act_grad": "magic"}, "dq")
+    with pytest.raises(ValueError, match="takes no options"):
+        run_search(RunConfig(options={"beta": "1"}, **FAST), tmp_path / "u")
+    with pytest.raises(ValueError, match="controller"):  # a controller needs a budget on its cost
+        run_search(RunConfig(method="hgq", options={"schedule": "controller"}, **FAST), tmp_path / "h")
+
+
+def _tiny(target="cortex-m4"):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 3))
+    return model
+
+
+def test_beta_controller_moves_towards_the_target():
+    from mixprec.search.hgq import HGQOptions
+
+    t = relaxed(load_target("cortex-m4"))
+    qm = quantize(_tiny(), "cortex-m4", (1, 8, 8), bits=8)
+    qm.calibrate([torch.randn(8, 1, 8, 8)])
+    opts = HGQOptions(beta=1.0, penalty_every=1, gain=0.5)
+    flash = float(qm.weight_bits()["_0"].sum())  # any positive number: only the ratio matters below
+    up = BetaPenalty(opts, "flash_bytes", "controller", 1000.0, target=1.0, total_steps=10, target_model=t)
+    up.extra_loss(qm)
+    down = BetaPenalty(opts, "flash_bytes", "controller", 1000.0, target=1e9, total_steps=10, target_model=t)
+    down.extra_loss(qm)
+    assert up.beta > 1.0 > down.beta and flash > 0
+    ramp = BetaPenalty(HGQOptions(beta=1e-3, beta_end=1.0), "flash_bytes", "log", 1.0, None, 100, t)
+    assert ramp.current_beta() == pytest.approx(1e-3)
+    ramp.calls = 50
+    assert ramp.current_beta() == pytest.approx(10 ** -1.5)
+
+
+def test_relaxed_target_counts_every_bit():
+    t = load_target("cortex-m4")
+    r = relaxed(t)
+    assert r.weight_containers == tuple(range(1, 9)) and r.weight_bits == t.weight_bits
+
+
+def test_pareto_front_keeps_only_non_dominated_checkpoints(tmp_path):
+    front = ParetoFront(tmp_path, "flash_bytes")
+    state = {"w": torch.zeros(1)}
+    assert front.offer(0, 0.90, {"flash_bytes": 100.0}, state)
+    assert not front.offer(1, 0.85, {"flash_bytes": 120.0}, state)  # dominated
+    assert front.offer(2, 0.80, {"flash_bytes": 50.0}, state)
+    assert front.offer(3, 0.95, {"flash_bytes": 90.0}, state)  # dominates epoch 0
+    assert [e["epoch"] for e in front.entries] == [2, 3]
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["epoch002.pt", "epoch003.pt"]
+    index = json.loads((tmp_path / "pareto.json").read_text())
+    assert [e["epoch"] for e in index["front"]] == [2, 3]
+
+
+@pytest.mark.parametrize("target", ["cortex-m4", "fpga-hls4ml"])
+@pytest.mark.parametrize("method", ["hgq", "dq"])
+def test_freeze_keeps_bits_and_activation_grids(method, target):
+    from types import SimpleNamespace
+
+    from mixprec.search.dq import DQOptions, dq_model
+    from mixprec.search.hgq import HGQOptions, hgq_model
+
+    t = load_target(target)
+    x = torch.randn(32, 1, 8, 8)
+    ctx = SimpleNamespace(target=t, float_model=_tiny(), data=SimpleNamespace(input_shape=(1, 8, 8)),
+                          config=RunConfig(target=target))
+    qm = (hgq_model(ctx, HGQOptions(init_bits=5)) if method == "hgq" else dq_model(ctx, DQOptions(init_bits=5)))
+    qm.calibrate([x])
+    frozen = freeze(qm)
+    for name, layer in qm.layers.items():
+        learned = layer.quantizer.qparams(layer.weight)
+        fixed = frozen.layers[name].qparams()
+        assert torch.equal(fixed.bits, learned.bits.detach().round())
+        # the fixed grid is the learned one or finer (the range comes from the (clipped) weights)
+        assert bool((fixed.full(tuple(layer.weight.shape)).scale <= learned.full(tuple(layer.weight.shape)).scale.detach() * (1 + 1e-6)).all())
+    for name, q in qm.act_quantizers.items():
+        a, b = q.qparams(), frozen.act_quantizers[name].qparams()
+        assert a.signed == b.signed
+        assert torch.equal(a.bits.detach().round().reshape(-1), b.bits.reshape(-1))
+        assert torch.allclose(a.scale.detach().reshape(-1), b.scale.reshape(-1), rtol=1e-6)
+    frozen.eval()
+    ig = frozen.lower()
+    assert np.array_equal(frozen(x).numpy(), (reference(ig, x.numpy()) * ig.output_scale).astype(np.float32))
+
+
+def test_budget_accepts_report_keys():
+    assert Budget.from_strings(flash="6KiB").limits() == {"flash_bytes": 6144}
