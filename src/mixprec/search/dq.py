@@ -41,9 +41,10 @@ class DQOptions:
     weight_grad: str = "ewgs"  # ewgs | atanh | ste: the weights' gradient modification
     act_grad: str = "atanh"  # ewgs | atanh | ste: the activations'
     delta: float = 5e-3  # strength of the gradient modification
-    penalty: float = 1.0  # weight of each constraint's squared hinge
+    penalty: float = 20.0  # weight of each constraint's squared hinge (it vanishes near the limit: make it steep)
     target_ratio: float = 0.95  # aim at this fraction of each budget limit
     ramp_start: float = 0.01  # s(t) rises from this to 1 over the first half of phase b
+    learn_input: bool = False  # learn the input's precision too (its gradient needs the first layer's input gradient, a large share of a small model's step; data usually comes at a fixed width)
 
     def __post_init__(self):
         for name in ("weight_grad", "act_grad"):
@@ -114,14 +115,16 @@ def dq_model(ctx: SearchContext, opts: DQOptions):
     return convert_with(ctx.float_model, ctx.data.input_shape, t.numerics, weight_quantizer, act_quantizer, t.name)
 
 
-def _quantizers(qm) -> list:
-    return [l.quantizer for l in qm.layers.values()] + list(qm.act_quantizers.values())
+def _quantizers(qm, learn_input: bool = True) -> list:
+    acts = [q for name, q in qm.act_quantizers.items() if learn_input or name != "input"]
+    return [l.quantizer for l in qm.layers.values()] + acts
 
 
-def _precision_trainable(qm, on: bool) -> None:
+def _precision_trainable(qm, on: bool, learn_input: bool) -> None:
     for q in _quantizers(qm):
-        q.log2_d.requires_grad_(on)
-        q.log2_xmax.requires_grad_(on)
+        on_here = on and (learn_input or q is not qm.act_quantizers["input"])
+        q.log2_d.requires_grad_(on_here)
+        q.log2_xmax.requires_grad_(on_here)
 
 
 def search_dq(ctx: SearchContext):
@@ -135,16 +138,16 @@ def search_dq(ctx: SearchContext):
     key = default_cost(ctx.budget)
     history = []
     if phase_a:
-        _precision_trainable(qm, False)
+        _precision_trainable(qm, False, opts.learn_input)
         ctx.history["dq-weights"] = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val, _epochs(base, phase_a),
                                         params=weights, **ctx.fit_options("dq-weights"))
     phase_b = base.epochs - phase_a
     if phase_b:
-        _precision_trainable(qm, True)
+        _precision_trainable(qm, True, opts.learn_input)
         steer = relaxed(t)
         targets = {k: opts.target_ratio * v for k, v in ctx.budget.limits().items()}
         steps = phase_b * math.ceil(len(data.x_train) / base.batch_size)
-        penalty = HingePenalty(opts, _quantizers(qm), targets, steps, steer)
+        penalty = HingePenalty(opts, _quantizers(qm, opts.learn_input), targets, steps, steer)
         measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
         log.info("DQ phase b on %s: %d epochs, quantizers every %d steps, targets %s", t.name, phase_b, opts.k, targets)
         history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val,

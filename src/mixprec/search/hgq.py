@@ -42,6 +42,7 @@ class HGQOptions:
     bits_lr: float = 3e-2  # learning rate of f (its own parameter group, no weight decay)
     gamma: float = 0.0  # + gamma * sum(f): HGQ's small pull towards fewer bits
     penalty_every: int = 8  # compute the cost term every k steps, weighted by k
+    learn_input: bool = False  # learn the input's bits too (its gradient needs the first layer's input gradient, a large share of a small model's step; data usually comes at a fixed width)
 
     def __post_init__(self):
         if self.schedule and self.schedule not in SCHEDULES:
@@ -152,7 +153,9 @@ def search_hgq(ctx: SearchContext):
     penalty = BetaPenalty(opts, key, schedule, reference, None if limit is None else opts.target_ratio * limit,
                           total, steer)
     measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
-    f_params = [q.f for q in _hgq_quantizers(qm)]
+    if not opts.learn_input:
+        qm.act_quantizers["input"].f.requires_grad_(False)
+    f_params = [q.f for q in _hgq_quantizers(qm) if q.f.requires_grad]
     weights = [p for l in qm.layers.values() for p in (l.weight, l.bias)]
     groups = [{"params": weights}, {"params": f_params, "lr": opts.bits_lr, "weight_decay": 0.0}]
     log.info("HGQ on %s: cost %s (start %.6g, reference %.6g), beta %s from %g, %d epochs", t.name, key, start_cost,

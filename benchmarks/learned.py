@@ -1,0 +1,209 @@
+"""Learned precision against uniform baselines under FLASH budgets -> the "Learned precision" and
+"Training cost" tables of docs/benchmarks.md.
+
+    .venv/bin/python benchmarks/learned.py [--only lenet5-mnist resnet8-cifar10] [--budgets 16KiB ...]
+        [--methods hgq dq uniform8 uniform4 uniform2] [--runs runs/bench-learned] [--table-only]
+
+For every (model, FLASH budget) on ``cortex-m4``:
+
+- ``uniform8/4/2``: the widest model of the family (``lenet5[width=w]``, ``resnet8[width=w]``) whose
+  uniform b-bit version fits the budget, judged from shapes by the cost model before training,
+  then trained float and quantization-aware: the best uniform model that fits.
+- ``hgq`` and ``dq`` (per-channel weights; cortex-m4 has no per-element kernels): the widest model
+  whose all-2-bit version uses at most ``--headroom`` of the budget, so the method has room to
+  give some channels more bits; its budget step then guarantees the limit.
+
+Every run is ``mixprec search`` (the command is in the table) and resumable. Runs of the same
+width share one float model (``--float-from`` the first run of that width), so the methods are
+compared from the same starting point. Uniform runs get the learned runs' QAT and fine-tune
+epochs together as QAT epochs, so every method trains the same number of quantized epochs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tables import write_section  # noqa: E402
+
+from mixprec.api import activation_width_for, quantize  # noqa: E402
+from mixprec.cost import Budget, evaluate, feasible, load_target  # noqa: E402
+from mixprec.cost.bits import uniform  # noqa: E402
+from mixprec.models import get_model  # noqa: E402
+from mixprec.search import RunConfig, run_search  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = "cortex-m4"
+PRESETS = {
+    "lenet5-mnist": dict(
+        family="lenet5", widths=[round(i / 32, 5) for i in range(32, 0, -1)], shape=(1, 28, 28),
+        budgets=["4KiB", "8KiB", "16KiB"],
+        train=dict(data="mnist", float_epochs=10, qat_epochs=8, budget_epochs=2, batch_size=128, lr=2e-3,
+                   qat_lr=5e-4)),
+    "resnet8-cifar10": dict(
+        family="resnet8", widths=list(range(16, 0, -1)), shape=(3, 32, 32),
+        budgets=["16KiB", "24KiB", "32KiB", "48KiB"],
+        train=dict(data="cifar10", float_epochs=30, qat_epochs=8, budget_epochs=2, batch_size=64, lr=2e-3,
+                   qat_lr=5e-4, weight_decay=0.01, optimizer="adamw")),
+}
+METHODS = ("hgq", "dq", "uniform8", "uniform4", "uniform2")
+
+
+def model_name(family: str, width, full) -> str:
+    return family if width == full else f"{family}[width={width}]"
+
+
+def fits(family: str, width, shape, bits: int, budget: Budget, share: float = 1.0) -> bool:
+    """Does the uniform ``bits`` model of this width meet ``share`` of every budget limit?"""
+    t = load_target(TARGET)
+    graph = quantize(get_model(f"{family}[width={width}]"), t, shape, bits=bits,
+                     act_bits=activation_width_for(bits, t)).graph
+    report = evaluate(graph, uniform(graph, bits, activation_width_for(bits, t), "per-channel"), t)
+    scaled = Budget(**{k: v * share for k, v in budget.limits().items()})
+    return feasible(report, scaled)
+
+
+def widest(preset: dict, bits: int, budget: Budget, share: float = 1.0):
+    for w in preset["widths"]:  # widest first
+        if fits(preset["family"], w, preset["shape"], bits, budget, share):
+            return w
+    return None
+
+
+def plan(preset: dict, budget_text: str, methods, headroom: float) -> list[dict]:
+    budget = Budget.from_strings(flash=budget_text)
+    full = preset["widths"][0]
+    runs = []
+    for m in methods:
+        if m.startswith("uniform"):
+            bits = int(m[len("uniform"):])
+            w = widest(preset, bits, budget)
+            extra = dict(method="uniform", bits=bits)
+        else:
+            w = widest(preset, 2, budget, headroom)
+            extra = dict(method=m)
+        if w is not None:
+            runs.append(dict(name=m, width=w, model=model_name(preset["family"], w, full), **extra))
+    return runs
+
+
+def config_for(preset: dict, run: dict, budget_text: str, float_from: str | None) -> RunConfig:
+    train = dict(preset["train"])
+    if run["method"] == "uniform":  # the same number of quantized epochs as the learned methods
+        train["qat_epochs"] += train.pop("budget_epochs")
+        train["budget_epochs"] = 0
+    extra = {"bits": run["bits"]} if run["method"] == "uniform" else {}
+    return RunConfig(model=run["model"], target=TARGET, method=run["method"], budget={"flash": budget_text},
+                     float_from=float_from, **extra, **train)
+
+
+def command_for(cfg: RunConfig, out) -> str:
+    parts = [f"mixprec search --model '{cfg.model}' --data {cfg.data} --target {cfg.target} --method {cfg.method}"]
+    if cfg.bits:
+        parts.append(f"--bits {cfg.bits}")
+    parts.append(f"--flash {cfg.budget['flash']}")
+    for key in ("float_epochs", "qat_epochs", "budget_epochs", "batch_size", "lr", "qat_lr", "weight_decay", "optimizer"):
+        parts.append(f"--{key.replace('_', '-')} {getattr(cfg, key)}")
+    if cfg.float_from:
+        parts.append(f"--float-from {cfg.float_from}")
+    parts.append(f"--out {out}")
+    return " ".join(parts)
+
+
+def _median(values):
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _rel(path: Path) -> Path:
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
+def run_all(args) -> None:
+    float_sources: dict[str, Path] = {}
+    for name in args.only:
+        preset = PRESETS[name]
+        for budget_text in args.budgets or preset["budgets"]:
+            for run in plan(preset, budget_text, args.methods, args.headroom):
+                out = args.runs / name / budget_text / run["name"]
+                source = float_sources.get(run["model"])
+                cfg = config_for(preset, run, budget_text, str(_rel(source)) if source else None)
+                (out.parent).mkdir(parents=True, exist_ok=True)
+                (out.parent / f"{run['name']}.command").write_text(command_for(cfg, _rel(out)) + "\n")
+                if not args.table_only:
+                    logging.info("%s %s %s: %s", name, budget_text, run["name"], command_for(cfg, _rel(out)))
+                    run_search(cfg, out, resume=True, device=args.device)
+                if (out / "checkpoints" / "float.pt").exists() and not cfg.float_from:
+                    float_sources[run["model"]] = out
+
+
+def tables(args) -> None:
+    acc_rows = ["| model | FLASH budget | method | model width | test acc (integer-exact) | FLASH B | feasible | "
+                "weight bits (mean) | command |", "|---|---|---|---|---|---|---|---|---|"]
+    cost_rows = ["| model | method | median s/epoch float | median s/epoch method | ratio |", "|---|---|---|---|---|"]
+    ratios: dict[tuple, list] = {}
+    for name, preset in PRESETS.items():
+        for budget_text in preset["budgets"]:
+            for method in METHODS:
+                out = args.runs / name / budget_text / method
+                if not (out / "result.json").exists():
+                    continue
+                r = json.loads((out / "result.json").read_text())
+                cmd = (out.parent / f"{method}.command").read_text().strip()
+                bits = [x["weight_bits_mean"] for x in r["layers"] if x.get("weight_bits_mean") is not None]
+                params = [x["params"] for x in r["layers"] if x.get("weight_bits_mean") is not None]
+                mean_bits = sum(b * p for b, p in zip(bits, params)) / max(sum(params), 1)
+                acc_rows.append(f"| {name} | {budget_text} | {method} | {_width(r['model'])} | "
+                                f"{r['accuracy']['quantized']:.2%} | {r['cost']['flash_bytes']:,} | "
+                                f"{'yes' if r['feasible'] else 'NO'} | {mean_bits:.2f} | `{cmd}` |")
+                phase = {"hgq": "hgq", "dq": "dq"}.get(method, "qat")
+                method_s = _median([h["seconds"] for h in r["history"].get(phase, [])])
+                float_s = _median([h["seconds"] for h in r["history"].get("float", [])])
+                ratios.setdefault((name, method if phase != "qat" else "uniform (QAT)"), []).append(
+                    (float_s, method_s))
+    for (name, method), pairs in sorted(ratios.items()):
+        f = _median([p[0] for p in pairs])
+        m = _median([p[1] for p in pairs])
+        cost_rows.append(f"| {name} | {method} | {f:.2f} | {m:.2f} | {m / f:.2f}x |")
+    write_section("Learned precision under FLASH budgets",
+                  "cortex-m4 (2/4/8-bit kernels, per-channel weights). `uniformB`: the widest model of the family "
+                  "whose uniform B-bit version fits, trained float then quantization-aware. `hgq`/`dq`: the widest "
+                  "model whose all-2-bit version uses at most 75% of the budget, then the method, then the budget "
+                  "step (snap to 2/4/8, meet the limit) and a fine-tune with bits frozen. Runs of one width share "
+                  "one float model. Accuracy on the full test set with the integer-exact model; 'weight bits' is "
+                  "the parameter-weighted mean. A missing row: no model of the family fits at that width.",
+                  "python benchmarks/learned.py", acc_rows)
+    write_section("Training cost of the methods",
+                  "Median seconds per training epoch (validation excluded) of each method's quantized phase "
+                  "divided by the float phase of the same model, over the runs of the table above, on this "
+                  "machine's 2 CPU cores.", "python benchmarks/learned.py --table-only", cost_rows)
+
+
+def _width(model: str) -> str:
+    return model.split("width=")[1].rstrip("]") if "width=" in model else "full"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="+", choices=sorted(PRESETS), default=sorted(PRESETS))
+    ap.add_argument("--budgets", nargs="+", help="subset of the preset's budgets")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--headroom", type=float, default=0.75, help="learned runs: all-2-bit share of the budget")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-learned")
+    ap.add_argument("--data-dir", default=os.environ.get("MIXPREC_DATA", str(ROOT.parent / "shared" / "datasets")))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the tables from finished runs")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ["MIXPREC_DATA"] = args.data_dir
+    if not args.table_only:
+        run_all(args)
+    tables(args)
+
+
+if __name__ == "__main__":
+    main()
