@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/learned.py [--only lenet5-mnist resnet8-cifar10] [--budgets 16KiB ...]
         [--methods hgq dq uniform8 uniform4 uniform2] [--runs runs/bench-learned] [--table-only]
+        [--float resnet8=runs/bench-int8/resnet8-cifar10]
 
 For every (model, FLASH budget) on ``cortex-m4``:
 
@@ -125,6 +126,9 @@ def _rel(path: Path) -> Path:
 
 def run_all(args) -> None:
     float_sources: dict[str, Path] = {}
+    for item in args.float or []:  # MODEL=RUN_DIR: a float model trained elsewhere with the preset's settings
+        model, _, path = item.partition("=")
+        float_sources[model] = Path(path)
     for name in args.only:
         preset = PRESETS[name]
         for budget_text in args.budgets or preset["budgets"]:
@@ -197,6 +201,9 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("MIXPREC_DATA", str(ROOT.parent / "shared" / "datasets")))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--table-only", action="store_true", help="only rewrite the tables from finished runs")
+    ap.add_argument("--float", nargs="+", metavar="MODEL=RUN_DIR",
+                    help="reuse these float models (trained with the preset's float settings), e.g. "
+                         "resnet8=runs/bench-int8/resnet8-cifar10")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ["MIXPREC_DATA"] = args.data_dir

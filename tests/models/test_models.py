@@ -110,6 +110,16 @@ def test_builder_kwargs_are_passed():
     assert count_params(half) < count_params(get_model("mobilenetv2", num_classes=10))
 
 
+def test_builder_arguments_in_the_name():
+    assert count_params(get_model("lenet5[width=0.5]")) == count_params(get_model("lenet5", width=0.5)) < 20_000
+    assert count_params(get_model("resnet8[width=8]")) < count_params(get_model("resnet8"))
+    assert get_spec("resnet8[width=8]").name == "resnet8"
+    with pytest.raises(ValueError, match="key=value"):
+        get_model("lenet5[0.5]")
+    with pytest.raises(ValueError, match="lenet5\\[depth=3\\]"):
+        get_model("lenet5[depth=3]")
+
+
 def test_unknown_name_lists_models_and_explains_import_form():
     with pytest.raises(ValueError) as err:
         get_model("resnet9")

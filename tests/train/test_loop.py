@@ -106,6 +106,30 @@ def test_best_epoch_is_kept_and_throughput_logged(digits):
         assert torch.equal(model.state_dict()[k], v)
 
 
+def test_best_if_restricts_which_epochs_compete(digits):
+    # only epoch 1 is eligible: its weights are kept even if another epoch validates better
+    model = _model()
+    chosen = {}
+
+    class Mark(Callback):
+        def after_epoch(self, epoch, stats):
+            stats["ok"] = epoch == 1
+            if epoch == 1:
+                chosen.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    history = fit(model, *_data(digits), TrainConfig(epochs=3, batch_size=64), callbacks=[Mark()],
+                  best_if=lambda s: s["ok"])
+    assert [h["ok"] for h in history] == [False, True, False]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in chosen.items())
+    # no eligible epoch: the last epoch's weights stay
+    model = _model()
+    fit(model, *_data(digits), TrainConfig(epochs=2, batch_size=64), best_if=lambda s: False)
+    last = {k: v.clone() for k, v in model.state_dict().items()}
+    again = _model()
+    fit(again, *_data(digits), TrainConfig(epochs=2, batch_size=64), best_if=lambda s: False)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in last.items())
+
+
 def test_augmentation_is_applied_to_training_batches_only(digits):
     seen = []
 
