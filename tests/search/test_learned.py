@@ -191,3 +191,42 @@ def test_freeze_keeps_bits_and_activation_grids(method, target):
 
 def test_budget_accepts_report_keys():
     assert Budget.from_strings(flash="6KiB").limits() == {"flash_bytes": 6144}
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method,phase,options", [("hgq", "hgq", {"bits_lr": "0.1"}), ("dq", "dq", {"k": "2"})])
+def test_interrupted_learned_run_resumes_to_the_same_result(method, phase, options, tmp_path, float_run):
+    def cfg():
+        return RunConfig(method=method, budget={"flash": "6KiB"}, float_from=str(float_run), options=dict(options), **FAST)
+
+    whole = run_search(cfg(), tmp_path / "whole")
+
+    def stop_after_first(p, epoch, stats):
+        if p == phase and epoch == 0:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_search(cfg(), tmp_path / "cut", epoch_hook=stop_after_first)
+    resumed = run_search(cfg(), tmp_path / "cut", resume=True)
+    assert resumed["accuracy"] == whole["accuracy"]
+    assert resumed["cost"] == whole["cost"]
+    strip = lambda h: [{k: v for k, v in e.items() if k not in ("seconds", "samples_per_second")} for e in h]  # noqa: E731
+    assert strip(resumed["history"][phase]) == strip(whole["history"][phase])
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "quantized.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "cut" / "checkpoints" / "quantized.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    front = lambda d: json.loads((d / "pareto" / "pareto.json").read_text())["front"]  # noqa: E731
+    assert front(tmp_path / "whole") == front(tmp_path / "cut")
+
+
+def test_hgq_per_element_on_the_fpga_meets_an_ebops_budget(tmp_path, float_run):
+    cfg = RunConfig(target="fpga-hls4ml", method="hgq", weight_granularity="per-element", budget={"ebops": "3e4"},
+                    options={"bits_lr": "0.1", "init_bits": "6", "act_init_bits": "6"}, **FAST)
+    result = run_search(cfg, tmp_path / "fpga")
+    assert result["feasible"] and result["cost"]["ebops"] <= 3e4
+    assert result["reference_mismatches"] == 0
+    bits = [np.asarray(r["weight_bits"]) for r in result["layers"] if "weight_bits" in r]
+    assert any(b.size > 16 and len(np.unique(b)) > 1 for b in bits)  # per-element, mixed

@@ -86,12 +86,20 @@ class HingePenalty(Callback):
     def after_epoch(self, epoch: int, stats: dict) -> None:
         stats["penalty_scale"] = self.ramp()
 
+    def _params(self) -> list:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def state_dict(self) -> dict:
-        return {"calls": self.calls, "optimizer": self.optimizer.state_dict()}
+        # gradients accumulated since the last quantizer step belong to the state: an epoch need not
+        # end on a multiple of k
+        grads = [None if p.grad is None else p.grad.detach().clone() for p in self._params()]
+        return {"calls": self.calls, "optimizer": self.optimizer.state_dict(), "grads": grads}
 
     def load_state_dict(self, state: dict) -> None:
         self.calls = state["calls"]
         self.optimizer.load_state_dict(state["optimizer"])
+        for p, g in zip(self._params(), state["grads"]):
+            p.grad = None if g is None else g.to(p.device).clone()
 
 
 def dq_model(ctx: SearchContext, opts: DQOptions):
