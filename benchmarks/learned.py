@@ -1,5 +1,5 @@
-"""Learned precision against uniform baselines under FLASH budgets -> the "Learned precision" and
-"Training cost" tables of docs/benchmarks.md.
+"""Learned precision against uniform baselines under FLASH budgets -> the "Learned precision under
+FLASH budgets" table of docs/benchmarks.md; ``--timing`` -> the "Training cost of the methods" table.
 
     .venv/bin/python benchmarks/learned.py [--only lenet5-mnist resnet8-cifar10] [--budgets 16KiB ...]
         [--methods hgq dq uniform8 uniform4 uniform2] [--runs runs/bench-learned] [--table-only]
@@ -148,8 +148,6 @@ def run_all(args) -> None:
 def tables(args) -> None:
     acc_rows = ["| model | FLASH budget | method | model width | test acc (integer-exact) | FLASH B | feasible | "
                 "weight bits (mean) | command |", "|---|---|---|---|---|---|---|---|---|"]
-    cost_rows = ["| model | method | median s/epoch float | median s/epoch method | ratio |", "|---|---|---|---|---|"]
-    ratios: dict[tuple, list] = {}
     for name, preset in PRESETS.items():
         for budget_text in preset["budgets"]:
             for method in METHODS:
@@ -164,15 +162,6 @@ def tables(args) -> None:
                 acc_rows.append(f"| {name} | {budget_text} | {method} | {_width(r['model'])} | "
                                 f"{r['accuracy']['quantized']:.2%} | {r['cost']['flash_bytes']:,} | "
                                 f"{'yes' if r['feasible'] else 'NO'} | {mean_bits:.2f} | `{cmd}` |")
-                phase = {"hgq": "hgq", "dq": "dq"}.get(method, "qat")
-                method_s = _median([h["seconds"] for h in r["history"].get(phase, [])])
-                float_s = _median([h["seconds"] for h in r["history"].get("float", [])])
-                ratios.setdefault((name, method if phase != "qat" else "uniform (QAT)"), []).append(
-                    (float_s, method_s))
-    for (name, method), pairs in sorted(ratios.items()):
-        f = _median([p[0] for p in pairs])
-        m = _median([p[1] for p in pairs])
-        cost_rows.append(f"| {name} | {method} | {f:.2f} | {m:.2f} | {m / f:.2f}x |")
     write_section("Learned precision under FLASH budgets",
                   "cortex-m4 (2/4/8-bit kernels, per-channel weights). `uniformB`: the widest model of the family "
                   "whose uniform B-bit version fits, trained float then quantization-aware. `hgq`/`dq`: the widest "
@@ -181,10 +170,55 @@ def tables(args) -> None:
                   "one float model. Accuracy on the full test set with the integer-exact model; 'weight bits' is "
                   "the parameter-weighted mean. A missing row: no model of the family fits at that width.",
                   "python benchmarks/learned.py", acc_rows)
+
+
+def time_methods(name: str, preset: dict, n_train: int, epochs: int = 3) -> list[dict]:
+    """Seconds per training epoch (validation excluded) of float training and of each method's
+    quantized phase, on the full-width model, in this one process: the training cost ratio."""
+    import dataclasses
+
+    import torch
+
+    from mixprec.data import load_dataset
+    from mixprec.search import SEARCH_METHODS, SearchContext
+    from mixprec.train import fit
+
+    train = preset["train"]
+    data = load_dataset(train["data"], None, 0)
+    data = dataclasses.replace(data, x_train=data.x_train[:n_train], y_train=data.y_train[:n_train],
+                               x_val=data.x_val[:512], y_val=data.y_val[:512])
+    budget = Budget.from_strings(flash=preset["budgets"][-1])
+    rows = []
+    common = {k: v for k, v in train.items() if k not in ("data",)}
+    torch.manual_seed(0)
+    model = get_model(preset["family"])
+    cfg = RunConfig(model=preset["family"], data=train["data"], target=TARGET, **{**common, "float_epochs": epochs})
+    hist = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, cfg.train_config("float"), augment=data.augment)
+    rows.append({"method": "float", "seconds": _median([h["seconds"] for h in hist])})
+    for method, phase, options in (("uniform", "qat", {}), ("hgq", "hgq", {}), ("dq", "dq", {"weight_epochs": 0})):
+        cfg = RunConfig(model=preset["family"], data=train["data"], target=TARGET, method=method, budget={"flash": preset["budgets"][-1]},
+                        options=options, **{**common, "qat_epochs": epochs})
+        torch.manual_seed(0)
+        ctx = SearchContext(cfg, model, data, load_target(TARGET), budget, 8, 8)
+        SEARCH_METHODS[method](ctx)
+        rows.append({"method": method, "seconds": _median([h["seconds"] for h in ctx.history[phase]])})
+    return rows
+
+
+def timing_table(args) -> None:
+    rows = ["| model | training samples | float s/epoch | uniform QAT | hgq | dq | ratios to float (uniform / hgq / dq) |",
+            "|---|---|---|---|---|---|---|"]
+    for name in args.only:
+        n = args.timing_samples
+        t = {r["method"]: r["seconds"] for r in time_methods(name, PRESETS[name], n)}
+        f = t["float"]
+        rows.append(f"| {name} | {n:,} | {f:.2f} | {t['uniform']:.2f} | {t['hgq']:.2f} | {t['dq']:.2f} | "
+                    f"{t['uniform'] / f:.2f}x / {t['hgq'] / f:.2f}x / {t['dq'] / f:.2f}x |")
     write_section("Training cost of the methods",
-                  "Median seconds per training epoch (validation excluded) of each method's quantized phase "
-                  "divided by the float phase of the same model, over the runs of the table above, on this "
-                  "machine's 2 CPU cores.", "python benchmarks/learned.py --table-only", cost_rows)
+                  "Median seconds per training epoch (3 epochs each, validation excluded) of float training and of "
+                  "each method's quantized phase (DQ: the alternating phase b), on the full-width model and a "
+                  "subset of the training set, measured one after the other in one process on this machine's "
+                  "2 CPU cores with nothing else running.", "python benchmarks/learned.py --timing", rows)
 
 
 def _width(model: str) -> str:
@@ -201,12 +235,17 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("MIXPREC_DATA", str(ROOT.parent / "shared" / "datasets")))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--table-only", action="store_true", help="only rewrite the tables from finished runs")
+    ap.add_argument("--timing", action="store_true", help="only measure the training cost table")
+    ap.add_argument("--timing-samples", type=int, default=12_800)
     ap.add_argument("--float", nargs="+", metavar="MODEL=RUN_DIR",
                     help="reuse these float models (trained with the preset's float settings), e.g. "
                          "resnet8=runs/bench-int8/resnet8-cifar10")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ["MIXPREC_DATA"] = args.data_dir
+    if args.timing:
+        timing_table(args)
+        return
     if not args.table_only:
         run_all(args)
     tables(args)
