@@ -55,14 +55,17 @@ class HGQOptions:
 
 class BetaPenalty(Callback):
     """``beta * cost / reference`` (+ ``gamma * sum f``) every ``every`` steps, times ``every``;
-    ``beta`` follows the schedule, or the controller's multiplicative update towards ``target``."""
+    ``beta`` follows the schedule, or the controller's multiplicative update towards ``target``.
+    The gradient comes from the relaxed cost (every bit counts); the controller compares the cost
+    with the real storage containers, what the budget is judged on."""
 
     def __init__(self, opts: HGQOptions, key: str, schedule: str, reference: float, target: float | None,
-                 total_steps: int, target_model):
+                 total_steps: int, target_model, measure_model=None):
         self.opts, self.key, self.schedule = opts, key, schedule
         self.reference, self.target, self.total_steps = reference, target, max(total_steps, 1)
-        self.cost_model = target_model
-        self.beta, self.calls, self.last_cost = opts.beta, 0, float("nan")
+        self.cost_model = target_model  # the gradient's cost model (relaxed containers)
+        self.measure_model = measure_model or target_model  # the controller's: the real containers
+        self.beta, self.calls, self.last_cost = opts.beta, 0, float("nan")  # last_cost: what the controller saw
 
     def current_beta(self) -> float:
         t = self.calls / self.total_steps
@@ -78,8 +81,12 @@ class BetaPenalty(Callback):
         if not every_k(step, self.opts.penalty_every):
             return None
         cost = differentiable_costs(model, self.cost_model)[self.key]
-        self.last_cost = float(cost.detach())
         if self.schedule == "controller":
+            if self.measure_model is self.cost_model:
+                self.last_cost = float(cost.detach())
+            else:
+                with torch.no_grad():
+                    self.last_cost = float(differentiable_costs(model, self.measure_model)[self.key])
             error = self.last_cost / self.target - 1.0
             self.beta = min(max(self.beta * math.exp(self.opts.gain * error), 1e-8), 1e4)
         term = self.current_beta() * cost / self.reference
@@ -151,7 +158,7 @@ def search_hgq(ctx: SearchContext):
     train_cfg = cfg.train_config("qat")
     total = train_cfg.epochs * math.ceil(len(data.x_train) / train_cfg.batch_size)
     penalty = BetaPenalty(opts, key, schedule, reference, None if limit is None else opts.target_ratio * limit,
-                          total, steer)
+                          total, steer, t)
     measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
     if not opts.learn_input:
         qm.act_quantizers["input"].f.requires_grad_(False)
