@@ -1,0 +1,287 @@
+"""The selection problem of the budget step: per weight group / activation quantizer the candidate
+widths and the cost of each (FLASH, EBOPs, cycles, activation buffer bytes), built by ``_build``;
+applying a choice to the model; and the internal limits a budget sets and their tightening."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from ...cost import Budget, CostReport, Target
+from ...cost import compute, memory
+from ...cost.bits import BitAssignment, act_bits as resolve_act_bits, act_storage_bits
+from ...granularity import expand, reduce_to
+from ...graph.ir import ALIAS_OPS
+from ...numerics import qrange
+from .bits import _EPS, _apply, _apply_all, _padded, _set_bits
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+@dataclass
+class _Act:
+    name: str
+    shape: tuple  # the quantizer's own bits shape
+    bits: torch.Tensor  # snapped bits, padded to the tensor's rank
+    widths: np.ndarray  # (A,) candidate widths, ascending
+    cur: int  # index of the unchanged width
+    sens: np.ndarray  # (A,)
+    buffers: dict  # buffer -> (A,) aligned bytes
+
+
+@dataclass
+class _Layer:
+    name: str
+    in_q: str
+    shape: tuple
+    bits: torch.Tensor  # snapped bits, padded to the weight's rank
+    widths: np.ndarray  # (K,)
+    allowed: np.ndarray  # (G, K) bool
+    cur: np.ndarray  # (G,) index of each group's unchanged width
+    flash: np.ndarray  # (G, K)
+    ebops: np.ndarray  # (G, K, A)
+    cycles: np.ndarray  # (G, K, A)
+    err: np.ndarray  # (G, K) squared weight quantization error
+    sens: np.ndarray  # (G, K)
+    prune_k: int | None  # index of width 0 when some group may be pruned
+
+    @property
+    def groups(self) -> int:
+        return self.allowed.shape[0]
+
+
+@dataclass
+class _Problem:
+    layers: list[_Layer]
+    acts: dict[str, _Act]
+    param_bytes: float
+    elem_cycles: float
+    live_sets: list[list[str]]  # buffers live together at some step (deduplicated)
+    buffer_q: dict[str, str]  # buffer -> the activation quantizer that sets its size
+
+    def n_vars(self) -> int:
+        return (sum(layer.allowed.size for layer in self.layers) + sum(len(a.widths) for a in self.acts.values())
+                + 2 * len(self.layers))
+
+    def start(self) -> tuple[dict, dict]:
+        return {layer.name: layer.cur.copy() for layer in self.layers}, {q: a.cur for q, a in self.acts.items()}
+
+    def totals(self, kw: dict, ka: dict) -> dict:
+        """Internal totals of a choice: weight bytes, EBOPs, MAC cycles, live-set RAM bound."""
+        out = {"flash": 0.0, "ebops": 0.0, "cycles": 0.0}
+        for layer in self.layers:
+            g, k, a = np.arange(layer.groups), kw[layer.name], ka[layer.in_q]
+            out["flash"] += float(layer.flash[g, k].sum())
+            out["ebops"] += float(layer.ebops[g, k, a].sum())
+            out["cycles"] += float(layer.cycles[g, k, a].sum())
+        out["ram"] = self.ram(ka)
+        return out
+
+    def live_bytes(self, ka: dict) -> list[float]:
+        size = {b: self.acts[q].buffers[b][ka[q]] for b, q in self.buffer_q.items()}
+        return [sum(size[b] for b in live) for live in self.live_sets]
+
+    def ram(self, ka: dict) -> float:
+        return max(self.live_bytes(ka), default=0.0)
+
+    def ram_excess(self, ka: dict, limit: float) -> float:
+        """Bytes over ``limit`` summed over the live sets (0 iff the live-set bound meets it); unlike
+        the peak, every buffer of every set over the limit counts, so ties do not stall the greedy."""
+        return float(sum(max(0.0, s - limit) for s in self.live_bytes(ka)))
+
+    def sens(self, kw: dict, ka: dict) -> float:
+        s = sum(float(layer.sens[np.arange(layer.groups), kw[layer.name]].sum()) for layer in self.layers)
+        return s + sum(float(a.sens[ka[q]]) for q, a in self.acts.items())
+
+
+def _with_in_shapes(graph, node):
+    return node if node.in_shapes else replace(node, in_shapes=[graph[i].out_shape for i in node.inputs])
+
+
+def _calibrated(qm) -> bool:
+    try:
+        qm.lower()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _act_tables(qm, t: Target, base: BitAssignment, upward: bool) -> tuple[dict, dict]:
+    graph = qm.graph
+    buffer_q = {n.name: graph.grid_source(n.name) for n in graph if n.op not in ALIAS_OPS}
+    acts = {}
+    for q, quant in qm.act_quantizers.items():
+        shape = tuple(quant.bits().shape)
+        bits = _padded(quant.bits(), len(graph[q].out_shape))
+        top = float(bits.max())
+        widths = [w for w in t.act_bits if w <= top + _EPS] + ([w for w in t.act_bits if w > top + _EPS] if upward else [])
+        widths = np.array(sorted(widths), dtype=float)
+        mine = [b for b, src in buffer_q.items() if src == q]
+        sizes = {b: np.zeros(len(widths)) for b in mine}
+        for i, w in enumerate(widths):
+            a = BitAssignment(base.weight, {**base.act, q: _apply_all(bits, w).reshape(shape)}, base.act_shift)
+            for b in mine:
+                nbytes = float(memory.act_bytes(graph[b].out_shape, act_storage_bits(a, graph, b), t))
+                sizes[b][i] = math.ceil(round(nbytes) / t.alignment) * t.alignment
+        acts[q] = _Act(q, shape, bits, widths, int(np.argmin(np.abs(widths - top))), np.zeros(len(widths)), sizes)
+    return acts, buffer_q
+
+
+def _weight_candidates(t: Target, top: np.ndarray, prunable: bool, upward: bool):
+    support = sorted(t.weight_bits)
+    widths = sorted({w for w in support if w <= top.max() + _EPS and (w > 0 or prunable or (top <= _EPS).any())}
+                    | ({w for w in support if w > 0 and w > top.min() + _EPS} if upward else set()))
+    widths = np.array(widths, dtype=float)
+    allowed = np.zeros((len(top), len(widths)), dtype=bool)
+    for g, m in enumerate(top):
+        if m <= _EPS:  # already pruned: stays
+            allowed[g] = widths == 0
+            continue
+        down = (widths <= m + _EPS) & ((widths > 0) | prunable)
+        up = (widths > m + _EPS) if upward else np.zeros_like(down)
+        allowed[g] = down | up
+    return widths, allowed
+
+
+def _int_weights(w: torch.Tensor, qp) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized weights and the integer weights exactly as ``lower.lower_weighted`` makes them."""
+    shape = tuple(w.shape)
+    full = qp.full(shape)
+    scale = full.scale.detach().double()
+    lo, hi = qrange(full.bits.detach().round(), True, qp.narrow)
+    k = torch.clamp(torch.round(w.detach().double() / scale), lo, hi)
+    channel = reduce_to(scale, (shape[0],) + (1,) * (len(shape) - 1), "amin")
+    return k * scale, torch.round(k * scale / channel)
+
+
+def _layer_table(qm, t: Target, name: str, acts: dict, base: BitAssignment, calibrated: bool, upward: bool,
+                 last: bool) -> _Layer:
+    graph = qm.graph
+    node = _with_in_shapes(graph, graph[name])
+    layer = qm.layers[name]
+    quant = layer.quantizer
+    ws = tuple(node.weight_shape)
+    shape = tuple(quant.bits().shape)
+    bits = _padded(quant.bits(), len(ws))
+    g0, cout = bits.shape[0], ws[0]
+    top = bits.reshape(g0, -1).amax(1).numpy()
+    prunable = t.allows_pruning and not last and g0 > 1
+    widths, allowed = _weight_candidates(t, top, prunable, upward)
+    in_q = graph.grid_source(node.inputs[0])
+    act = acts[in_q]
+    # input activation bits per candidate width of the input quantizer
+    in_bits, a_max = [], []
+    for w in act.widths:
+        a = BitAssignment(base.weight, {**base.act, in_q: _apply_all(act.bits, w).reshape(act.shape)})
+        b = resolve_act_bits(a, graph, node.inputs[0])
+        in_bits.append(compute.weight_input_bits(node, b).double())
+        a_max.append(compute.input_channel_bits(node, b).amax())
+    K, A = len(widths), len(act.widths)
+    flash, err = np.zeros((g0, K)), np.zeros((g0, K))
+    ebops, cycles = np.zeros((g0, K, A)), np.zeros((g0, K, A))
+    w = layer.weight.detach().cpu()
+    try:
+        for k, width in enumerate(widths):
+            bk = _apply(bits, torch.full((g0,), float(width)))
+            quant.set_bits(bk.reshape(shape))
+            deq, w_int = _int_weights(w, quant.qparams(w))
+            err[:, k] = ((deq - w.double()) ** 2).reshape(g0, -1).sum(1).numpy()
+            flash[:, k] = memory.channel_weight_bytes(node, bk, t).reshape(g0, -1).sum(1).numpy()
+            full = expand(bk, ws).double()
+            eff = compute.effective_bits(w_int).double() if calibrated else full
+            w_c = full.reshape(cout, -1).amax(1)
+            for i in range(A):
+                ebops[:, k, i] = (eff * in_bits[i]).reshape(g0, -1).sum(1).numpy()
+                cyc = (node.macs / cout) * compute.cycles_per_mac(t, a_max[i], w_c.float()).double()
+                cycles[:, k, i] = cyc.reshape(g0, -1).sum(1).numpy()
+    finally:
+        quant.set_bits(bits.reshape(shape))
+    cur = np.array([int(np.argmin(np.abs(widths - m))) for m in top])
+    prune_k = int(np.flatnonzero(widths == 0)[0]) if prunable and (widths == 0).any() else None
+    return _Layer(name, in_q, shape, bits, widths, allowed, cur, flash, ebops, cycles, err, np.zeros((g0, K)), prune_k)
+
+
+def _build(qm, t: Target, upward: bool) -> _Problem:
+    graph = qm.graph
+    calibrated = _calibrated(qm)
+    base = BitAssignment(qm.weight_bits(), qm.act_bits(), qm.act_shifts() if calibrated else {}).detach()
+    base = BitAssignment({k: v.cpu() for k, v in base.weight.items()}, {k: v.cpu() for k, v in base.act.items()},
+                         {k: v.cpu() for k, v in base.act_shift.items()})
+    acts, buffer_q = _act_tables(qm, t, base, upward)
+    weighted = [n.name for n in graph.weighted()]
+    layers = [_layer_table(qm, t, name, acts, base, calibrated, upward, name == weighted[-1]) for name in weighted]
+    params = float(sum(memory.param_flash_bytes(graph, base, n.name, t) for n in graph))
+    elem = float(sum(compute.elementwise_cycles(n, t) for n in graph))
+    spans = memory.lifetimes(graph)
+    steps = max(last for _, last in spans.values()) + 1
+    live = {tuple(sorted(b for b, (s, e) in spans.items() if s <= step <= e)) for step in range(steps)}
+    live = [list(s) for s in live if not any(set(s) < set(o) for o in live)]  # drop dominated sets
+    return _Problem(layers, acts, params, elem, sorted(live), buffer_q)
+
+
+def _apply_choice(qm, p: _Problem, kw: dict, ka: dict) -> None:
+    for layer in p.layers:
+        bits = _apply(layer.bits, torch.as_tensor(layer.widths[kw[layer.name]], dtype=torch.float32))
+        _set_bits(qm.layers[layer.name].quantizer, bits, layer.shape)
+    for q, a in p.acts.items():
+        _set_bits(qm.act_quantizers[q], _apply_all(a.bits, a.widths[ka[q]]), a.shape)
+    qm.invalidate()
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+def _cycles_per_uj(t: Target) -> float:
+    return t.clock_hz / (t.power_mw * 1e3)
+
+
+def _wider_can_be_faster(t: Target) -> bool:
+    """Whether some wider (activation, weight) pair runs more MACs per cycle than a narrower one."""
+    pairs = [(a, w) for a in t.act_bits for w in t.weight_bits if w > 0]
+    return any(t.throughput(a2, w2) > t.throughput(a1, w1) + 1e-12
+               for a1, w1 in pairs for a2, w2 in pairs if a2 >= a1 and w2 >= w1 and (a2, w2) != (a1, w1))
+
+
+def _limits(p: _Problem, budget: Budget, t: Target) -> dict:
+    lim = {}
+    if budget.flash_bytes is not None:
+        lim["flash"] = budget.flash_bytes - p.param_bytes
+    if budget.ram_bytes is not None:
+        lim["ram"] = float(budget.ram_bytes)
+    if budget.ebops is not None:
+        lim["ebops"] = float(budget.ebops)
+    cyc = []
+    if budget.latency_cycles is not None:
+        cyc.append(budget.latency_cycles - p.elem_cycles)
+    if budget.energy_uj is not None:
+        cyc.append(budget.energy_uj * _cycles_per_uj(t) - p.elem_cycles)
+    if cyc:
+        lim["cycles"] = min(cyc)
+    return lim
+
+
+def _tighten(lim: dict, report: CostReport, budget: Budget, t: Target, p: _Problem, est: dict) -> None:
+    """Lower each internal limit whose measured cost exceeds its budget by the excess."""
+    totals = report.totals
+    excess = {}
+    if budget.flash_bytes is not None and totals["flash_bytes"] > budget.flash_bytes:
+        excess["flash"] = totals["flash_bytes"] - budget.flash_bytes
+    if budget.ram_bytes is not None and totals["ram_bytes"] > budget.ram_bytes:
+        excess["ram"] = totals["ram_bytes"] - budget.ram_bytes
+    if budget.ebops is not None and totals["ebops"] > budget.ebops:
+        excess["ebops"] = totals["ebops"] - budget.ebops
+    cyc = []
+    if budget.latency_cycles is not None and totals["latency_cycles"] > budget.latency_cycles:
+        cyc.append(totals["latency_cycles"] - budget.latency_cycles)
+    if budget.energy_uj is not None and totals["energy_uj"] > budget.energy_uj:
+        cyc.append((totals["energy_uj"] - budget.energy_uj) * _cycles_per_uj(t))
+    if cyc:
+        excess["cycles"] = max(cyc)
+    for k, e in excess.items():
+        step = max(e, 1.0 if k in ("flash", "ram") else abs(lim[k]) * 1e-6)
+        if k == "ram":
+            step = max(step, t.alignment)
+        lim[k] = min(lim[k], est[k]) - step
