@@ -8,8 +8,8 @@ FLASH budgets" table of docs/benchmarks.md; ``--timing`` -> the "Training cost o
 For every (model, FLASH budget) on ``cortex-m4``:
 
 - ``uniform8/4/2``: the widest model of the family (``lenet5[width=w]``, ``resnet8[width=w]``) whose
-  uniform b-bit version fits the budget, judged from shapes by the cost model before training,
-  then trained float and quantization-aware: the best uniform model that fits.
+  uniform b-bit weights (8-bit activations) fit the budget, judged from shapes by the cost model
+  before training, then trained float and quantization-aware: the best uniform model that fits.
 - ``hgq`` and ``dq`` (per-channel weights; cortex-m4 has no per-element kernels): the widest model
   whose all-2-bit version uses at most ``--headroom`` of the budget, so the method has room to
   give some channels more bits; its budget step then guarantees the limit.
@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from _tables import write_section  # noqa: E402
 
-from mixprec.api import activation_width_for, quantize  # noqa: E402
+from mixprec.api import quantize  # noqa: E402
 from mixprec.cost import Budget, evaluate, feasible, load_target  # noqa: E402
 from mixprec.cost.bits import uniform  # noqa: E402
 from mixprec.models import get_model  # noqa: E402
@@ -62,9 +62,8 @@ def model_name(family: str, width, full) -> str:
 def fits(family: str, width, shape, bits: int, budget: Budget, share: float = 1.0) -> bool:
     """Does the uniform ``bits`` model of this width meet ``share`` of every budget limit?"""
     t = load_target(TARGET)
-    graph = quantize(get_model(f"{family}[width={width}]"), t, shape, bits=bits,
-                     act_bits=activation_width_for(bits, t)).graph
-    report = evaluate(graph, uniform(graph, bits, activation_width_for(bits, t), "per-channel"), t)
+    graph = quantize(get_model(f"{family}[width={width}]"), t, shape, bits=bits, act_bits=8).graph
+    report = evaluate(graph, uniform(graph, bits, 8, "per-channel"), t)
     scaled = Budget(**{k: v * share for k, v in budget.limits().items()})
     return feasible(report, scaled)
 
@@ -98,7 +97,9 @@ def config_for(preset: dict, run: dict, budget_text: str, float_from: str | None
     if run["method"] == "uniform":  # the same number of quantized epochs as the learned methods
         train["qat_epochs"] += train.pop("budget_epochs")
         train["budget_epochs"] = 0
-    extra = {"bits": run["bits"]} if run["method"] == "uniform" else {}
+    # uniform baselines: b-bit weights, 8-bit activations (only FLASH is budgeted; a 2-bit input and
+    # 2-bit activations would make a straw man)
+    extra = {"bits": run["bits"], "act_bits": 8} if run["method"] == "uniform" else {}
     return RunConfig(model=run["model"], target=TARGET, method=run["method"], budget={"flash": budget_text},
                      float_from=float_from, **extra, **train)
 
@@ -106,7 +107,7 @@ def config_for(preset: dict, run: dict, budget_text: str, float_from: str | None
 def command_for(cfg: RunConfig, out) -> str:
     parts = [f"mixprec search --model '{cfg.model}' --data {cfg.data} --target {cfg.target} --method {cfg.method}"]
     if cfg.bits:
-        parts.append(f"--bits {cfg.bits}")
+        parts.append(f"--bits {cfg.bits} --act-bits {cfg.act_bits}")
     parts.append(f"--flash {cfg.budget['flash']}")
     for key in ("float_epochs", "qat_epochs", "budget_epochs", "batch_size", "lr", "qat_lr", "weight_decay", "optimizer"):
         parts.append(f"--{key.replace('_', '-')} {getattr(cfg, key)}")
@@ -164,7 +165,7 @@ def tables(args) -> None:
                                 f"{'yes' if r['feasible'] else 'NO'} | {mean_bits:.2f} | `{cmd}` |")
     write_section("Learned precision under FLASH budgets",
                   "cortex-m4 (2/4/8-bit kernels, per-channel weights). `uniformB`: the widest model of the family "
-                  "whose uniform B-bit version fits, trained float then quantization-aware. `hgq`/`dq`: the widest "
+                  "whose uniform B-bit weights (8-bit activations) fit, trained float then quantization-aware. `hgq`/`dq`: the widest "
                   "model whose all-2-bit version uses at most 75% of the budget, then the method, then the budget "
                   "step (snap to 2/4/8, meet the limit) and a fine-tune with bits frozen. Runs of one width share "
                   "one float model. Accuracy on the full test set with the integer-exact model; 'weight bits' is "
