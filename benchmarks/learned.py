@@ -4,6 +4,7 @@ FLASH budgets" table of docs/benchmarks.md; ``--timing`` -> the "Training cost o
     .venv/bin/python benchmarks/learned.py [--only lenet5-mnist resnet8-cifar10] [--budgets 16KiB ...]
         [--methods hgq dq uniform8 uniform4 uniform2] [--runs runs/bench-learned] [--table-only]
         [--float resnet8=runs/bench-int8/resnet8-cifar10]
+    .venv/bin/python benchmarks/learned.py --fpga --float lenet5=runs/bench-int8/lenet5-mnist
 
 For every (model, FLASH budget) on ``cortex-m4``:
 
@@ -108,7 +109,9 @@ def command_for(cfg: RunConfig, out) -> str:
     parts = [f"mixprec search --model '{cfg.model}' --data {cfg.data} --target {cfg.target} --method {cfg.method}"]
     if cfg.bits:
         parts.append(f"--bits {cfg.bits} --act-bits {cfg.act_bits}")
-    parts.append(f"--flash {cfg.budget['flash']}")
+    if cfg.weight_granularity:
+        parts.append(f"--granularity {cfg.weight_granularity}")
+    parts += [f"--{k} {v}" for k, v in cfg.budget.items()]
     for key in ("float_epochs", "qat_epochs", "budget_epochs", "batch_size", "lr", "qat_lr", "weight_decay", "optimizer"):
         parts.append(f"--{key.replace('_', '-')} {getattr(cfg, key)}")
     if cfg.float_from:
@@ -157,9 +160,7 @@ def tables(args) -> None:
                     continue
                 r = json.loads((out / "result.json").read_text())
                 cmd = (out.parent / f"{method}.command").read_text().strip()
-                bits = [x["weight_bits_mean"] for x in r["layers"] if x.get("weight_bits_mean") is not None]
-                params = [x["params"] for x in r["layers"] if x.get("weight_bits_mean") is not None]
-                mean_bits = sum(b * p for b, p in zip(bits, params)) / max(sum(params), 1)
+                mean_bits = _mean_bits(r)
                 acc_rows.append(f"| {name} | {budget_text} | {method} | {_width(r['model'])} | "
                                 f"{r['accuracy']['quantized']:.2%} | {r['cost']['flash_bytes']:,} | "
                                 f"{'yes' if r['feasible'] else 'NO'} | {mean_bits:.2f} | `{cmd}` |")
@@ -171,6 +172,65 @@ def tables(args) -> None:
                   "one float model. Accuracy on the full test set with the integer-exact model; 'weight bits' is "
                   "the parameter-weighted mean. A missing row: no model of the family fits at that width.",
                   "python benchmarks/learned.py", acc_rows)
+
+
+FPGA = dict(model="lenet5", data="mnist", target="fpga-hls4ml", budgets=["1e5", "3e5", "1e6"],
+            train=dict(float_epochs=10, qat_epochs=8, budget_epochs=2, batch_size=128, lr=2e-3, qat_lr=5e-4))
+FPGA_RUNS = {"hgq-element": dict(method="hgq", weight_granularity="per-element"),
+             "hgq-channel": dict(method="hgq", weight_granularity="per-channel"),
+             "dq-channel": dict(method="dq", weight_granularity="per-channel"),
+             "uniform": dict(method="uniform")}
+
+
+def fpga_config(name: str, budget: str, float_from: str | None) -> RunConfig:
+    from mixprec.api import largest_uniform_bits
+
+    extra = dict(FPGA_RUNS[name])
+    if extra["method"] == "uniform":  # the widest uniform width (weights = activations) within the EBOPs budget
+        extra["bits"] = largest_uniform_bits(get_model(FPGA["model"]), FPGA["target"], (1, 28, 28),
+                                             Budget.from_strings(ebops=budget))
+    return RunConfig(model=FPGA["model"], data=FPGA["data"], target=FPGA["target"], budget={"ebops": budget},
+                     float_from=float_from, **extra, **FPGA["train"])
+
+
+def run_fpga(args) -> None:
+    """LeNet-5 on fpga-hls4ml under EBOPs budgets: HGQ per element against per channel, DQ and the
+    widest uniform width; all from one float model (``--float lenet5=RUN`` or the first run's)."""
+    source = next((Path(i.partition("=")[2]) for i in args.float or [] if i.startswith("lenet5=")), None)
+    for budget in FPGA["budgets"]:
+        for name in FPGA_RUNS:
+            out = args.runs / "lenet5-mnist-fpga" / budget / name
+            cfg = fpga_config(name, budget, str(_rel(source)) if source else None)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            (out.parent / f"{name}.command").write_text(command_for(cfg, _rel(out)) + "\n")
+            if not args.table_only:
+                run_search(cfg, out, resume=True, device=args.device)
+            if source is None:
+                source = out
+
+
+def fpga_table(args) -> None:
+    rows = ["| EBOPs budget | run | test acc (integer-exact) | EBOPs | feasible | weight bits (mean) | command |",
+            "|---|---|---|---|---|---|---|"]
+    for budget in FPGA["budgets"]:
+        for name in FPGA_RUNS:
+            out = args.runs / "lenet5-mnist-fpga" / budget / name
+            if not (out / "result.json").exists():
+                continue
+            r = json.loads((out / "result.json").read_text())
+            cmd = (out.parent / f"{name}.command").read_text().strip()
+            rows.append(f"| {budget} | {name} | {r['accuracy']['quantized']:.2%} | {r['cost']['ebops']:,.0f} | "
+                        f"{'yes' if r['feasible'] else 'NO'} | {_mean_bits(r):.2f} | `{cmd}` |")
+    write_section("HGQ granularity on the FPGA",
+                  "LeNet-5 / MNIST on `fpga-hls4ml` (fixed point, any width 0..16, EBOPs as HGQ counts them: "
+                  "effective bits of the integer weights times input bits). HGQ per element and per channel, DQ "
+                  "per channel, and the widest uniform width (weights = activations) that meets the budget, all "
+                  "from one float model, 8 + 2 quantized epochs each.", "python benchmarks/learned.py --fpga", rows)
+
+
+def _mean_bits(r: dict) -> float:
+    rows = [x for x in r["layers"] if x.get("weight_bits_mean") is not None]
+    return sum(x["weight_bits_mean"] * x["params"] for x in rows) / max(sum(x["params"] for x in rows), 1)
 
 
 def time_methods(name: str, preset: dict, n_train: int, epochs: int = 3) -> list[dict]:
@@ -237,6 +297,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--table-only", action="store_true", help="only rewrite the tables from finished runs")
     ap.add_argument("--timing", action="store_true", help="only measure the training cost table")
+    ap.add_argument("--fpga", action="store_true", help="only the HGQ-granularity table on fpga-hls4ml")
     ap.add_argument("--timing-samples", type=int, default=12_800)
     ap.add_argument("--float", nargs="+", metavar="MODEL=RUN_DIR",
                     help="reuse these float models (trained with the preset's float settings), e.g. "
@@ -246,6 +307,11 @@ def main() -> None:
     os.environ["MIXPREC_DATA"] = args.data_dir
     if args.timing:
         timing_table(args)
+        return
+    if args.fpga:
+        if not args.table_only:
+            run_fpga(args)
+        fpga_table(args)
         return
     if not args.table_only:
         run_all(args)
