@@ -98,7 +98,7 @@ class HingePenalty(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.calls = state["calls"]
         self.optimizer.load_state_dict(state["optimizer"])
-        for p, g in zip(self._params(), state["grads"]):
+        for p, g in zip(self._params(), state.get("grads", [])):
             p.grad = None if g is None else g.to(p.device).clone()
 
 
