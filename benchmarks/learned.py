@@ -153,6 +153,11 @@ def tables(args) -> None:
     acc_rows = ["| model | FLASH budget | method | model width | test acc (integer-exact) | FLASH B | feasible | "
                 "weight bits (mean) | command |", "|---|---|---|---|---|---|---|---|---|"]
     for name, preset in PRESETS.items():
+        ref = ROOT / "runs" / "bench-int8" / name / "result.json"  # benchmarks/uniform_int8.py
+        if ref.exists():
+            r = json.loads(ref.read_text())
+            acc_rows.append(f"| {name} | none (reference) | uniform int8 | full | {r['accuracy']['quantized']:.2%} | "
+                            f"{r['cost']['flash_bytes']:,} | yes | 8.00 | `python benchmarks/uniform_int8.py` |")
         for budget_text in preset["budgets"]:
             for method in METHODS:
                 out = args.runs / name / budget_text / method
