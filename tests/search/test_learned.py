@@ -230,3 +230,18 @@ def test_hgq_per_element_on_the_fpga_meets_an_ebops_budget(tmp_path, float_run):
     assert result["reference_mismatches"] == 0
     bits = [np.asarray(r["weight_bits"]) for r in result["layers"] if "weight_bits" in r]
     assert any(b.size > 16 and len(np.unique(b)) > 1 for b in bits)  # per-element, mixed
+
+
+def test_hgq_keeps_activations_alive():
+    from mixprec.quantizers.hgq import HGQActQuantizer
+    from mixprec.search.hgq import keep_activations_alive
+
+    q = HGQActQuantizer((3,), "per-tensor", init_f=-20.0)
+    q.train()
+    q(torch.tensor([[0.5, 3.0, 1.0]]))
+    assert q.bits().item() == 0.0  # pruned: would pass no gradient
+    keep_activations_alive([q])
+    assert 1.0 <= q.bits().item() <= 2.0  # at least a bit (rounding the range up may add one)
+    q.set_f(4.0)
+    keep_activations_alive([q])
+    assert q.f.item() == 4.0  # untouched above the floor

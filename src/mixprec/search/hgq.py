@@ -64,6 +64,7 @@ class BetaPenalty(Callback):
         self.opts, self.key, self.schedule = opts, key, schedule
         self.reference, self.target, self.total_steps = reference, target, max(total_steps, 1)
         self.cost_model = target_model  # the gradient's cost model (relaxed containers)
+        self.act_quantizers: list = []  # kept at 1 bit or more (see keep_activations_alive)
         self.measure_model = measure_model or target_model  # the controller's: the real containers
         self.beta, self.calls, self.last_cost = opts.beta, 0, float("nan")  # last_cost: what the controller saw
 
@@ -94,6 +95,10 @@ class BetaPenalty(Callback):
             term = term + self.opts.gamma * sum(q.f.sum() for q in _hgq_quantizers(model))
         return self.opts.penalty_every * term
 
+    def after_step(self, step: int) -> None:
+        if self.act_quantizers and every_k(step, self.opts.penalty_every):
+            keep_activations_alive(self.act_quantizers)
+
     def after_epoch(self, epoch: int, stats: dict) -> None:
         stats["beta"] = self.current_beta()
 
@@ -102,6 +107,16 @@ class BetaPenalty(Callback):
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.calls = state["beta"], state["calls"]
+
+
+@torch.no_grad()
+def keep_activations_alive(quantizers) -> None:
+    """Raise ``f`` where an activation would get fewer than 1 bit: a 0-bit activation passes no
+    gradient, so a beta overshoot (cost far above its target at the start) could prune the network
+    dead for good; weights may still prune."""
+    for q in quantizers:
+        floor = 1.0 - q._int_bits(torch.full_like(q.f, 24.0))  # I of the range itself
+        q.f.copy_(torch.maximum(q.f, floor))
 
 
 def _hgq_quantizers(qm):
@@ -159,6 +174,7 @@ def search_hgq(ctx: SearchContext):
     total = train_cfg.epochs * math.ceil(len(data.x_train) / train_cfg.batch_size)
     penalty = BetaPenalty(opts, key, schedule, reference, None if limit is None else opts.target_ratio * limit,
                           total, steer, t)
+    penalty.act_quantizers = [q for name, q in qm.act_quantizers.items() if q.f.requires_grad]
     measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
     if not opts.learn_input:
         qm.act_quantizers["input"].f.requires_grad_(False)
