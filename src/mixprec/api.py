@@ -44,10 +44,7 @@ def quantize(model: nn.Module, target: str | Target, input_shape: tuple[int, ...
     """Convert a float model into a quantized model for ``target`` (fixed bit-widths)."""
     t = as_target(target)
     act_bits = bits if act_bits is None else act_bits
-    gran = weight_granularity or default_weight_granularity(t)
-    if gran not in t.weight_granularities:
-        raise ValueError(f"target {t.name} does not support {gran} weights; it supports "
-                         f"{', '.join(t.weight_granularities)}")
+    gran = weight_granularity_for(t, weight_granularity)
     for b in _values(bits):
         if b not in t.weight_bits:
             raise ValueError(f"{b}-bit weights are not supported by {t.name}; supported: {', '.join(map(str, t.weight_bits))}")
@@ -55,6 +52,16 @@ def quantize(model: nn.Module, target: str | Target, input_shape: tuple[int, ...
         if b not in t.act_bits:
             raise ValueError(f"{b}-bit activations are not supported by {t.name}; supported: {', '.join(map(str, t.act_bits))}")
     return convert(model, input_shape, t.numerics, bits, act_bits, gran, t.act_granularities[0], t.name)
+
+
+def weight_granularity_for(t: Target, requested: str | None) -> str:
+    """The requested weight granularity (the target's default when ``None``), refused with the
+    supported ones when the target's kernels cannot run it."""
+    gran = requested or default_weight_granularity(t)
+    if gran not in t.weight_granularities:
+        raise ValueError(f"target {t.name} does not support {gran} weights; it supports "
+                         f"{', '.join(t.weight_granularities)}")
+    return gran
 
 
 def _values(bits) -> list[int]:
@@ -160,7 +167,7 @@ def _fine_tune_with(data, epochs: int, lr: float):
     from .train import TrainConfig, fit
 
     def run(qm: QuantModel):
-        params = [p for layer in qm.layers.values() for p in (layer.weight, layer.bias)]
+        params = qm.weight_parameters()
         return fit(qm, data.x_train, data.y_train, data.x_val, data.y_val, TrainConfig(epochs=epochs, lr=lr),
                    params=params, augment=getattr(data, "augment", None))
     return run

@@ -57,6 +57,10 @@ class QuantModel(nn.Module):
     def act_quantizer(self, name: str) -> Quantizer:
         return self.act_quantizers[self.graph.grid_source(name)]
 
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Weights and biases of every layer: what trains when the bits stay frozen."""
+        return [p for layer in self.layers.values() for p in (layer.weight, layer.bias)]
+
     def weight_bits(self) -> dict[str, torch.Tensor]:
         return {name: layer.quantizer.bits() for name, layer in self.layers.items()}
 

@@ -27,7 +27,7 @@ from ..quantizers.dq import GRAD_MODS
 from ..train import Callback, fit
 from .context import SearchContext
 from .learned import (EpochCosts, ParetoFront, default_cost, differentiable_costs, every_k, freeze, is_feasible,
-                      log_ramp, pareto_folder, parse_options, relaxed)
+                      log_ramp, model_quantizers, pareto_folder, parse_options, relaxed)
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,10 @@ class HingePenalty(Callback):
 def dq_model(ctx: SearchContext, opts: DQOptions):
     """The float model with DQ quantizers: weights at the run's granularity (per channel by
     default), activations per tensor."""
-    from ..api import default_weight_granularity
+    from ..api import weight_granularity_for
 
     t = ctx.target
-    gran = ctx.config.weight_granularity or default_weight_granularity(t)
-    if gran not in t.weight_granularities:
-        raise ValueError(f"target {t.name} does not support {gran} weights; it supports {', '.join(t.weight_granularities)}")
+    gran = weight_granularity_for(t, ctx.config.weight_granularity)
 
     def weight_quantizer(node, weight):
         return DQWeightQuantizer(node.weight_shape, gran, init_bits=opts.init_bits, weight=weight, numerics=t.numerics,
@@ -123,13 +121,8 @@ def dq_model(ctx: SearchContext, opts: DQOptions):
     return convert_with(ctx.float_model, ctx.data.input_shape, t.numerics, weight_quantizer, act_quantizer, t.name)
 
 
-def _quantizers(qm, learn_input: bool = True) -> list:
-    acts = [q for name, q in qm.act_quantizers.items() if learn_input or name != "input"]
-    return [l.quantizer for l in qm.layers.values()] + acts
-
-
 def _precision_trainable(qm, on: bool, learn_input: bool) -> None:
-    for q in _quantizers(qm):
+    for q in model_quantizers(qm):
         on_here = on and (learn_input or q is not qm.act_quantizers["input"])
         q.log2_d.requires_grad_(on_here)
         q.log2_xmax.requires_grad_(on_here)
@@ -140,7 +133,7 @@ def search_dq(ctx: SearchContext):
     opts = parse_options(DQOptions, cfg.options, "dq")
     qm = dq_model(ctx, opts)
     ctx.calibrate(qm)  # activation step and range from the first batch's 99.9th percentile
-    weights = [p for l in qm.layers.values() for p in (l.weight, l.bias)]
+    weights = qm.weight_parameters()
     base = cfg.train_config("qat")
     phase_a = min(opts.weight_epochs, base.epochs)
     key = default_cost(ctx.budget)
@@ -155,7 +148,7 @@ def search_dq(ctx: SearchContext):
         steer = relaxed(t)
         targets = {k: opts.target_ratio * v for k, v in ctx.budget.limits().items()}
         steps = phase_b * math.ceil(len(data.x_train) / base.batch_size)
-        penalty = HingePenalty(opts, _quantizers(qm, opts.learn_input), targets, steps, steer)
+        penalty = HingePenalty(opts, model_quantizers(qm, opts.learn_input), targets, steps, steer)
         measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
         log.info("DQ phase b on %s: %d epochs, quantizers every %d steps, targets %s", t.name, phase_b, opts.k, targets)
         history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val,

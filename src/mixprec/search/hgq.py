@@ -22,7 +22,7 @@ from ..quantizers.hgq import HGQActQuantizer, HGQWeightQuantizer
 from ..train import Callback, fit
 from .context import SearchContext
 from .learned import (EpochCosts, ParetoFront, cost_key, default_cost, differentiable_costs, every_k, freeze,
-                      is_feasible, log_ramp, pareto_folder, parse_options, relaxed)
+                      is_feasible, log_ramp, model_quantizers, pareto_folder, parse_options, relaxed)
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class BetaPenalty(Callback):
             self.beta = min(max(self.beta * math.exp(self.opts.gain * error), 1e-8), 1e4)
         term = self.current_beta() * cost / self.reference
         if self.opts.gamma:
-            term = term + self.opts.gamma * sum(q.f.sum() for q in _hgq_quantizers(model))
+            term = term + self.opts.gamma * sum(q.f.sum() for q in model_quantizers(model))
         return self.opts.penalty_every * term
 
     def after_step(self, step: int) -> None:
@@ -119,18 +119,12 @@ def keep_activations_alive(quantizers) -> None:
         q.f.copy_(torch.maximum(q.f, floor))
 
 
-def _hgq_quantizers(qm):
-    return [l.quantizer for l in qm.layers.values()] + list(qm.act_quantizers.values())
-
-
 def hgq_model(ctx: SearchContext, opts: HGQOptions):
     """The float model with HGQ quantizers at the run's weight granularity (per-tensor activations)."""
-    from ..api import default_weight_granularity
+    from ..api import weight_granularity_for
 
     t = ctx.target
-    gran = ctx.config.weight_granularity or default_weight_granularity(t)
-    if gran not in t.weight_granularities:
-        raise ValueError(f"target {t.name} does not support {gran} weights; it supports {', '.join(t.weight_granularities)}")
+    gran = weight_granularity_for(t, ctx.config.weight_granularity)
 
     def weight_quantizer(node, weight):
         return HGQWeightQuantizer(node.weight_shape, gran, init_bits=opts.init_bits - 1, weight=weight)
@@ -178,8 +172,8 @@ def search_hgq(ctx: SearchContext):
     measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
     if not opts.learn_input:
         qm.act_quantizers["input"].f.requires_grad_(False)
-    f_params = [q.f for q in _hgq_quantizers(qm) if q.f.requires_grad]
-    weights = [p for l in qm.layers.values() for p in (l.weight, l.bias)]
+    f_params = [q.f for q in model_quantizers(qm) if q.f.requires_grad]
+    weights = qm.weight_parameters()
     groups = [{"params": weights}, {"params": f_params, "lr": opts.bits_lr, "weight_decay": 0.0}]
     log.info("HGQ on %s: cost %s (start %.6g, reference %.6g), beta %s from %g, %d epochs", t.name, key, start_cost,
              reference, schedule, opts.beta, train_cfg.epochs)

@@ -148,6 +148,12 @@ class EpochCosts(Callback):
         self.front.entries = list(state.get("front", []))
 
 
+def model_quantizers(qm: QuantModel, with_input: bool = True) -> list:
+    """Every weight quantizer, then every activation quantizer (the input's unless excluded)."""
+    acts = [q for name, q in qm.act_quantizers.items() if with_input or name != "input"]
+    return [layer.quantizer for layer in qm.layers.values()] + acts
+
+
 def pareto_folder(checkpoint_dir: Path | None) -> Path | None:
     return None if checkpoint_dir is None else Path(checkpoint_dir).parent / "pareto"
 

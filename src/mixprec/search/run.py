@@ -184,7 +184,7 @@ def run_budget_step(ctx: SearchContext, qm) -> dict:
     def fine_tune(model):
         if cfg.budget_epochs <= 0:
             return None
-        params = [p for layer in model.layers.values() for p in (layer.weight, layer.bias)]
+        params = model.weight_parameters()
         history = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, cfg.train_config("budget"),
                       params=params, **ctx.fit_options("budget"))
         ctx.history["budget"] = history
