@@ -227,8 +227,8 @@ def fpga_table(args) -> None:
             rows.append(f"| {budget} | {name} | {r['accuracy']['quantized']:.2%} | {r['cost']['ebops']:,.0f} | "
                         f"{'yes' if r['feasible'] else 'NO'} | {_mean_bits(r):.2f} | `{cmd}` |")
     write_section("HGQ granularity on the FPGA",
-                  "LeNet-5 / MNIST on `fpga-hls4ml` (fixed point, any width 0..16, EBOPs as HGQ counts them: "
-                  "effective bits of the integer weights times input bits). HGQ per element and per channel, DQ "
+                  "LeNet-5 / MNIST on `fpga-hls4ml` (fixed point, any width 0..16; EBOPs of the deployed model: "
+                  "effective bits of each integer weight, highest to lowest set bit, times its input's bits). HGQ per element and per channel, DQ "
                   "per channel, and the widest uniform width (weights = activations) that meets the budget, all "
                   "from one float model, 8 + 2 quantized epochs each.", "python benchmarks/learned.py --fpga", rows)
 

@@ -22,6 +22,7 @@ from .cost import (Budget, BudgetError, CostReport, Target, check_achievable, ev
 from .cost.bits import BitAssignment, act_bits as resolve_act_bits, uniform
 from .cost.compute import ebops as node_ebops, effective_bits
 from .execute import reference
+from .lower import integer_weights
 from .nn.model import QuantModel
 
 log = logging.getLogger(__name__)
@@ -81,24 +82,39 @@ def cost_term(qm: QuantModel, target: str | Target, key: str = "flash_bytes") ->
 
 
 def cost_report(qm: QuantModel, target: str | Target) -> CostReport:
-    """Exact cost of the model as deployed. EBOPs use the HGQ definition on the integer weights
-    (a weight that rounds to zero costs nothing) when the model has been calibrated."""
+    """Exact cost of the model as deployed. EBOPs count each weight's effective bits (see
+    :func:`mixprec.cost.compute.effective_bits`: a weight that rounds to zero costs nothing) once
+    the model has been calibrated."""
     t = as_target(target)
     report = evaluate(qm.graph, assignment(qm), t)
     try:
         ig = qm.lower()
     except RuntimeError:  # not calibrated yet: nominal bits only
         return report
-    in_bits = assignment(qm).detach()
-    total = 0.0
+    rows = _effective_ebops(qm, {n: torch.as_tensor(ig[n].params["weight"]) for n in qm.layers})
     for row in report.layers:
-        node = qm.graph[row.name]
-        if node.has_weights:
-            eff = effective_bits(torch.as_tensor(ig[node.name].params["weight"]))
-            row.ebops = float(node_ebops(node, eff.float(), resolve_act_bits(in_bits, qm.graph, node.inputs[0])))
-            total += row.ebops
-    report.totals["ebops"] = total
+        if row.name in rows:
+            row.ebops = float(rows[row.name])
+    report.totals["ebops"] = float(sum(rows.values()))
     return report
+
+
+@torch.no_grad()
+def effective_ebops(qm: QuantModel) -> float:
+    """``cost_report(qm, t).totals["ebops"]`` of a calibrated model without lowering it (the integer
+    weights straight from the quantizers' grids): cheap enough to steer training by."""
+    ints = {}
+    for name, layer in qm.layers.items():
+        w = layer.weight.detach()
+        ints[name] = integer_weights(w, layer.quantizer.qparams(w))[1]
+    return float(sum(_effective_ebops(qm, ints).values()))
+
+
+def _effective_ebops(qm: QuantModel, w_int: dict) -> dict:
+    in_bits = assignment(qm).detach()
+    return {name: node_ebops(qm.graph[name], effective_bits(k).float(),
+                             resolve_act_bits(in_bits, qm.graph, qm.graph[name].inputs[0]))
+            for name, k in w_int.items()}
 
 
 def largest_uniform_bits(model: nn.Module, target: str | Target, input_shape, budget: Budget,

@@ -111,8 +111,9 @@ def _compact(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def lower_weighted(node, w: torch.Tensor, b: torch.Tensor, wqp, s_in: float, grid: OutputGrid, kind: str) -> dict:
-    """Integer weight, int32 bias and per-channel requantization of a conv/linear node."""
+def integer_weights(w: torch.Tensor, wqp) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dequantized, integer, channel scale)``: the weights on their quantizer's grid (float64),
+    and as the deployed int64 codes on each output channel's finest grid, with that grid's scale."""
     shape = tuple(w.shape)
     full = wqp.full(shape)
     w_scale = full.scale.detach().double()
@@ -120,6 +121,12 @@ def lower_weighted(node, w: torch.Tensor, b: torch.Tensor, wqp, s_in: float, gri
     k = torch.clamp(torch.round(w.detach().double() / w_scale), lo, hi)
     channel_scale = reduce_to(w_scale, _channel_shape(shape), "amin")  # the channel's finest grid
     w_int = torch.round(k * w_scale / channel_scale).to(torch.int64)  # exact: powers of two apart
+    return k * w_scale, w_int, channel_scale
+
+
+def lower_weighted(node, w: torch.Tensor, b: torch.Tensor, wqp, s_in: float, grid: OutputGrid, kind: str) -> dict:
+    """Integer weight, int32 bias and per-channel requantization of a conv/linear node."""
+    _, w_int, channel_scale = integer_weights(w, wqp)
     acc_scale = (s_in * channel_scale.reshape(-1)).cpu().numpy()
     b_int = np.clip(np.round(b.detach().double().cpu().numpy() / acc_scale), INT32_MIN, INT32_MAX).astype(np.int64)
     acc_scale_b = acc_scale.reshape(_channel_shape(node.out_shape))

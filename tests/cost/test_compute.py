@@ -65,8 +65,10 @@ def test_per_element_input_bits_take_channel_max_for_conv():
 
 
 def test_effective_bits():
-    k = torch.tensor([0, 1, -1, 2, 3, -4, 7, 8, 127, -128])
-    assert compute.effective_bits(k).tolist() == [0, 1, 1, 2, 2, 3, 3, 4, 7, 8]
+    k = torch.tensor([0, 1, -1, 2, 3, -4, 7, 8, 127, -128, 6, -12, 40, 32767])
+    assert compute.effective_bits(k).tolist() == [0, 1, 1, 1, 2, 1, 3, 1, 7, 1, 2, 2, 3, 15]
+    # the same value on a 2^3 finer grid costs the same: trailing zeros are shifts
+    assert torch.equal(compute.effective_bits(k * 8), compute.effective_bits(k))
 
 
 def test_mpic_cycles_per_channel_with_pruning():

@@ -1,5 +1,6 @@
 """HGQ and DQ end to end on the bundled digits data (short), and the pieces they share."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from mixprec.execute import reference
 from mixprec.search import RunConfig, load_run, run_search
 from mixprec.search.dq import DQOptions
 from mixprec.search.hgq import BetaPenalty, HGQOptions
-from mixprec.search.learned import ParetoFront, freeze, parse_options, relaxed
+from mixprec.search.learned import ParetoFront, differentiable_costs, freeze, parse_options, relaxed
 
 FAST = dict(float_epochs=3, qat_epochs=3, budget_epochs=1)
 
@@ -245,3 +246,55 @@ def test_hgq_keeps_activations_alive():
     q.set_f(4.0)
     keep_activations_alive([q])
     assert q.f.item() == 4.0  # untouched above the floor
+
+
+def test_beta_controller_step_is_bounded_far_over_budget():
+    from mixprec.search.hgq import HGQOptions
+
+    t = relaxed(load_target("cortex-m4"))
+    qm = quantize(_tiny(), "cortex-m4", (1, 8, 8), bits=8)
+    qm.calibrate([torch.randn(8, 1, 8, 8)])
+    opts = HGQOptions(beta=1.0, penalty_every=1, gain=0.5)
+    far = BetaPenalty(opts, "flash_bytes", "controller", 1.0, target=1e-6, total_steps=10, target_model=t)
+    far.extra_loss(qm)
+    assert far.last_cost / far.target > 1e3  # a huge relative error ...
+    assert far.beta == pytest.approx(math.exp(0.5))  # ... moves ln(beta) by at most gain * max_error
+
+
+def test_hgq_keeps_one_group_of_every_layer_alive():
+    from mixprec.quantizers.hgq import HGQWeightQuantizer
+    from mixprec.search.hgq import keep_layers_alive
+
+    w = torch.tensor([[0.1, -0.2], [0.75, 0.3], [-0.05, 0.01]])
+    q = HGQWeightQuantizer(tuple(w.shape), "per-channel", init_f=-20.0)
+    q(w)
+    assert (q.magnitude_bits() == 0).all()  # the whole layer pruned
+    keep_layers_alive([q])
+    bits = q.magnitude_bits(w).flatten()
+    assert bits[1] >= 1 and bits[0] == 0 and bits[2] == 0  # only the channel with the largest weight
+    out = q(w)
+    assert (out[1] != 0).all() and (out[[0, 2]] == 0).all()
+    before = q.f.detach().clone()
+    keep_layers_alive([q])
+    assert torch.equal(q.f, before)  # a live layer is left alone
+
+
+@pytest.mark.parametrize("granularity", ["per-element", "per-channel"])
+def test_controller_ebops_match_the_deployed_count(granularity):
+    """The controller steers by the EBOPs the budget is judged on, computed without lowering."""
+    from mixprec.api import cost_report, effective_ebops
+    from mixprec.convert import convert_with
+    from mixprec.quantizers.hgq import HGQActQuantizer, HGQWeightQuantizer
+
+    t = load_target("fpga-hls4ml")
+    qm = convert_with(_tiny(), (1, 8, 8), t.numerics,
+                      lambda node, w: HGQWeightQuantizer(node.weight_shape, granularity, init_bits=4, weight=w),
+                      lambda node: HGQActQuantizer(node.out_shape, "per-tensor", init_bits=5), t.name)
+    qm.calibrate([torch.randn(16, 1, 8, 8)])
+    torch.manual_seed(1)
+    for layer in qm.layers.values():  # mixed widths, some pruned, grids far apart within a channel
+        layer.quantizer.set_f(torch.randint(-3, 7, layer.quantizer.f.shape).float())
+    deployed = cost_report(qm, t).totals["ebops"]
+    assert effective_ebops(qm) == deployed > 0
+    nominal = float(differentiable_costs(qm, t)["ebops"].detach())
+    assert deployed < nominal  # nominal bits count the sign and trailing zeros

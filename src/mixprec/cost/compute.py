@@ -2,8 +2,8 @@
 
 - BOPs: every MAC costs ``b_in * b_w``: ``positions * sum_e b_w[e] * b_in[cin(e)]``.
 - EBOPs (HGQ): each multiplier counted once, no spatial factor: ``sum_e b_w[e] * b_in[cin(e)]``;
-  dense: ``sum_ij b_in[i] * b_w[i, j]``. Pass ``effective_bits(w_int)`` as weight bits for HGQ's
-  figure, or nominal bits.
+  dense: ``sum_ij b_in[i] * b_w[i, j]``. Pass ``effective_bits(w_int)`` as weight bits for the
+  deployed figure, or nominal bits.
 - Cycles: per output channel ``MACs_c / macs_per_cycle[b_a][b_w_c]`` at the table entry of the next
   supported width up (0-bit channels: pruned, 0 cycles), plus elementwise work of add/act/pool.
 - Energy: ``cycles / clock_hz * power_mw`` is mJ; times 1e3 is uJ.
@@ -17,7 +17,7 @@ multiplier must take the widest input it sees; HGQ does the same for convolution
 >>> float(ebops(fc, torch.tensor([[2.0]]), torch.tensor([4.0])))  # 6 weights * 2 * 4
 48.0
 >>> effective_bits(torch.tensor([0, 1, -1, 3, 4, -8])).tolist()
-[0.0, 1.0, 1.0, 2.0, 3.0, 4.0]
+[0.0, 1.0, 1.0, 2.0, 1.0, 1.0]
 """
 from __future__ import annotations
 
@@ -32,9 +32,14 @@ from .targets import Target
 
 
 def effective_bits(w_int: torch.Tensor) -> torch.Tensor:
-    """HGQ's bits of an integer weight ``k``: ``floor(log2|k|) + 1`` (no sign bit), 0 for ``k = 0``."""
-    mag = w_int.detach().abs().to(torch.float64)
-    bits = torch.floor(torch.log2(mag.clamp_min(1.0))) + 1
+    """Bits a constant multiplier by the integer weight ``k`` needs: from its highest to its lowest
+    set bit (no sign bit), 0 for ``k = 0``. Trailing zeros are a shift, free in hardware, so a
+    weight costs the same on its own fixed-point grid as on a layer's common finer grid (where
+    lowering puts HGQ's per-element grids); on its own grid this is at most HGQ's ``relu(I + f)``."""
+    mag = w_int.detach().abs().to(torch.int64)
+    low = mag & -mag  # the lowest set bit
+    top = torch.floor(torch.log2(mag.clamp_min(1).to(torch.float64)))
+    bits = top - torch.log2(low.clamp_min(1).to(torch.float64)) + 1
     return torch.where(mag > 0, bits, torch.zeros_like(bits)).to(torch.float32)
 
 

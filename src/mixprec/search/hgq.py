@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..api import effective_ebops
 from ..convert import convert_with
+from ..granularity import reduce_to
 from ..quantizers.hgq import HGQActQuantizer, HGQWeightQuantizer
 from ..train import Callback, fit
 from .context import SearchContext
@@ -37,6 +39,7 @@ class HGQOptions:
     beta_end: float = 1.0  # end of the linear / log ramp
     target_ratio: float = 0.95  # controller: aim at this fraction of the budget (containers round up)
     gain: float = 0.05  # controller: change of ln(beta) per penalty step per unit of relative error
+    max_error: float = 1.0  # controller: the relative error is clipped to +-this (bounds each step)
     init_bits: float = 8.0  # starting weight storage bits (sign included)
     act_init_bits: float = 8.0  # starting activation bits
     bits_lr: float = 3e-2  # learning rate of f (its own parameter group, no weight decay)
@@ -65,6 +68,7 @@ class BetaPenalty(Callback):
         self.reference, self.target, self.total_steps = reference, target, max(total_steps, 1)
         self.cost_model = target_model  # the gradient's cost model (relaxed containers)
         self.act_quantizers: list = []  # kept at 1 bit or more (see keep_activations_alive)
+        self.weight_quantizers: list = []  # each keeps one group alive (see keep_layers_alive)
         self.measure_model = measure_model or target_model  # the controller's: the real containers
         self.beta, self.calls, self.last_cost = opts.beta, 0, float("nan")  # last_cost: what the controller saw
 
@@ -83,21 +87,30 @@ class BetaPenalty(Callback):
             return None
         cost = differentiable_costs(model, self.cost_model)[self.key]
         if self.schedule == "controller":
-            if self.measure_model is self.cost_model:
-                self.last_cost = float(cost.detach())
-            else:
-                with torch.no_grad():
-                    self.last_cost = float(differentiable_costs(model, self.measure_model)[self.key])
-            error = self.last_cost / self.target - 1.0
+            self.last_cost = self.measured(model, cost)
+            # clipped: a start far over budget (13x on an FPGA run) otherwise let beta leap ~e^0.6 per
+            # step and prune whole layers before the cost could answer
+            error = min(max(self.last_cost / self.target - 1.0, -self.opts.max_error), self.opts.max_error)
             self.beta = min(max(self.beta * math.exp(self.opts.gain * error), 1e-8), 1e4)
         term = self.current_beta() * cost / self.reference
         if self.opts.gamma:
             term = term + self.opts.gamma * sum(q.f.sum() for q in model_quantizers(model))
         return self.opts.penalty_every * term
 
+    def measured(self, model, cost: torch.Tensor) -> float:
+        """The cost as the budget judges it: real containers, and EBOPs from the integer weights
+        (nominal bits count trailing zeros and the sign bit, so they would overstate it)."""
+        if self.key == "ebops":
+            return effective_ebops(model)
+        if self.measure_model is self.cost_model:
+            return float(cost.detach())
+        with torch.no_grad():
+            return float(differentiable_costs(model, self.measure_model)[self.key])
+
     def after_step(self, step: int) -> None:
-        if self.act_quantizers and every_k(step, self.opts.penalty_every):
+        if every_k(step, self.opts.penalty_every):
             keep_activations_alive(self.act_quantizers)
+            keep_layers_alive(self.weight_quantizers)
 
     def after_epoch(self, epoch: int, stats: dict) -> None:
         stats["beta"] = self.current_beta()
@@ -117,6 +130,21 @@ def keep_activations_alive(quantizers) -> None:
     for q in quantizers:
         floor = 1.0 - q._int_bits(torch.full_like(q.f, 24.0))  # I of the range itself
         q.f.copy_(torch.maximum(q.f, floor))
+
+
+@torch.no_grad()
+def keep_layers_alive(quantizers) -> None:
+    """Where every group of a layer's weights is pruned, give the group with the largest weight one
+    magnitude bit again: a layer of zeros cuts the network, as the budget step never allows either."""
+    for q in quantizers:
+        w = getattr(q, "_weight_ref", None)
+        if w is None or bool((q.magnitude_bits(w) > 0).any()):
+            continue
+        peak = reduce_to(w.abs().float(), q.param_shape)
+        g = int(torch.argmax(peak))
+        # f = -floor(log2 m): m * 2^f lies in [1, 2), so the group's largest weight keeps code 1 or 2
+        f = -torch.floor(torch.log2(peak.view(-1)[g].clamp_min(2.0 ** -126)))
+        q.f.view(-1)[g] = torch.maximum(q.f.view(-1)[g], f)
 
 
 def hgq_model(ctx: SearchContext, opts: HGQOptions):
@@ -169,6 +197,7 @@ def search_hgq(ctx: SearchContext):
     penalty = BetaPenalty(opts, key, schedule, reference, None if limit is None else opts.target_ratio * limit,
                           total, steer, t)
     penalty.act_quantizers = [q for name, q in qm.act_quantizers.items() if q.f.requires_grad]
+    penalty.weight_quantizers = [layer.quantizer for layer in qm.layers.values()]
     measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
     if not opts.learn_input:
         qm.act_quantizers["input"].f.requires_grad_(False)

@@ -38,8 +38,8 @@ Sensitivities are made non-increasing in the width; a negligible multiple of the
 
 **Costs** per group and width come from the cost model's own functions (``memory``,
 ``compute``), computed once per layer and width: FLASH bytes of the group's channels (parameter
-bytes do not depend on the widths), EBOPs (HGQ's effective bits of the integer weights as lowering
-computes them once the model is calibrated, nominal bits before) and cycles (the throughput table
+bytes do not depend on the widths), EBOPs (effective bits, highest to lowest set bit, of the integer
+weights as lowering computes them once the model is calibrated, nominal bits before) and cycles (the throughput table
 at the channel's widest weight and the input's widest activation) for every width of the layer's
 input activation quantizer, and, per activation quantizer and width, the aligned size of every
 activation buffer whose grid it defines. FLASH is additive over groups; EBOPs and cycles are
@@ -96,7 +96,7 @@ from ...cost.budget import _LABELS, _fmt
 from .bits import (_EPS, _apply, _apply_all, _bits_snapshot, _broadcast_bits, _changes, _padded, _restore, _set_bits,
                    _snap, _snap_model, _supported)
 from .problem import (_Act, _Layer, _Problem, _act_tables, _apply_choice, _build, _calibrated, _cycles_per_uj,
-                      _int_weights, _layer_table, _limits, _tighten, _weight_candidates, _wider_can_be_faster,
+                      _layer_table, _limits, _tighten, _weight_candidates, _wider_can_be_faster,
                       _with_in_shapes)
 from .sensitivity import _TIE, _UP, _LossProbe, _finish_sensitivity, _measure, _proxy
 from .solve import (HULL_MAX_VARS, MILP_MAX_VARS, MIP_GAP, _big_m_rows, _greedy_totals, _min_choice, _moves, _over,
@@ -108,7 +108,7 @@ __all__ = [
     "BudgetStepResult", "budget_step", "needs_step", "COST_KEYS", "MILP_MAX_VARS", "HULL_MAX_VARS", "MIP_GAP",
     "_EPS", "_apply", "_apply_all", "_bits_snapshot", "_broadcast_bits", "_changes", "_padded", "_restore",
     "_set_bits", "_snap", "_snap_model", "_supported", "_Act", "_Layer", "_Problem", "_act_tables", "_apply_choice",
-    "_build", "_calibrated", "_cycles_per_uj", "_int_weights", "_layer_table", "_limits", "_tighten",
+    "_build", "_calibrated", "_cycles_per_uj", "_layer_table", "_limits", "_tighten",
     "_weight_candidates", "_wider_can_be_faster", "_with_in_shapes", "_TIE", "_UP", "_LossProbe",
     "_finish_sensitivity", "_measure", "_proxy", "_big_m_rows", "_greedy_totals", "_min_choice", "_moves", "_over",
     "_polish", "_solve", "_solve_greedy", "_solve_milp",

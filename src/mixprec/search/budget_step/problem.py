@@ -12,9 +12,9 @@ import torch
 from ...cost import Budget, CostReport, Target
 from ...cost import compute, memory
 from ...cost.bits import BitAssignment, act_bits as resolve_act_bits, act_storage_bits
-from ...granularity import expand, reduce_to
+from ...granularity import expand
 from ...graph.ir import ALIAS_OPS
-from ...numerics import qrange
+from ...lower import integer_weights
 from .bits import _EPS, _apply, _apply_all, _padded, _set_bits
 
 
@@ -146,17 +146,6 @@ def _weight_candidates(t: Target, top: np.ndarray, prunable: bool, upward: bool)
     return widths, allowed
 
 
-def _int_weights(w: torch.Tensor, qp) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantized weights and the integer weights exactly as ``lower.lower_weighted`` makes them."""
-    shape = tuple(w.shape)
-    full = qp.full(shape)
-    scale = full.scale.detach().double()
-    lo, hi = qrange(full.bits.detach().round(), True, qp.narrow)
-    k = torch.clamp(torch.round(w.detach().double() / scale), lo, hi)
-    channel = reduce_to(scale, (shape[0],) + (1,) * (len(shape) - 1), "amin")
-    return k * scale, torch.round(k * scale / channel)
-
-
 def _layer_table(qm, t: Target, name: str, acts: dict, base: BitAssignment, calibrated: bool, upward: bool,
                  last: bool) -> _Layer:
     graph = qm.graph
@@ -187,7 +176,7 @@ def _layer_table(qm, t: Target, name: str, acts: dict, base: BitAssignment, cali
         for k, width in enumerate(widths):
             bk = _apply(bits, torch.full((g0,), float(width)))
             quant.set_bits(bk.reshape(shape))
-            deq, w_int = _int_weights(w, quant.qparams(w))
+            deq, w_int, _ = integer_weights(w, quant.qparams(w))
             err[:, k] = ((deq - w.double()) ** 2).reshape(g0, -1).sum(1).numpy()
             flash[:, k] = memory.channel_weight_bytes(node, bk, t).reshape(g0, -1).sum(1).numpy()
             full = expand(bk, ws).double()
