@@ -298,3 +298,26 @@ def test_controller_ebops_match_the_deployed_count(granularity):
     assert effective_ebops(qm) == deployed > 0
     nominal = float(differentiable_costs(qm, t)["ebops"].detach())
     assert deployed < nominal  # nominal bits count the sign and trailing zeros
+
+
+@pytest.mark.parametrize("method, options", [
+    ("hgq", {"bits_lr": "0.1", "init_bits": "6", "act_init_bits": "6"}),
+    ("dq", {"k": "2", "init_bits": "6"})])
+def test_per_channel_activations_on_the_fpga_freeze_and_reload_exactly(method, options, tmp_path, digits):
+    cfg = RunConfig(target="fpga-hls4ml", method=method, weight_granularity="per-channel", budget={"ebops": "5e4"},
+                    options={**options, "act_granularity": "per-channel"}, **FAST)
+    result = run_search(cfg, tmp_path / "fpga")
+    assert result["feasible"] and result["cost"]["ebops"] <= 5e4 and result["reference_mismatches"] == 0
+    _, qm, reloaded = load_run(tmp_path / "fpga")
+    acts = [q.bits() for name, q in qm.act_quantizers.items() if name != "input"]
+    assert all(b.numel() > 1 for b in acts) and any(len(torch.unique(b)) > 1 for b in acts)  # per channel, mixed
+    ig = qm.lower()
+    x = digits.x_test[:64]
+    assert np.array_equal(qm(x).numpy(), (reference(ig, x.numpy()) * ig.output_scale).astype(np.float32))
+
+
+@pytest.mark.parametrize("method", ["hgq", "dq"])
+def test_activation_granularity_is_checked_against_the_target(method, tmp_path):
+    with pytest.raises(ValueError, match="activation granularity per-tensor"):
+        run_search(RunConfig(method=method, budget={"flash": "6KiB"}, options={"act_granularity": "per-channel"},
+                             **FAST), tmp_path / "h")

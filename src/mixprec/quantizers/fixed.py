@@ -60,6 +60,8 @@ class ActQuantizer(Quantizer):
     In training mode the observed range follows an exponential moving average; in eval mode it
     is frozen. Signedness follows the observed minimum, so a tensor after ReLU is unsigned.
     ``clip`` bounds the range by the fused activation (ReLU6 at 6, Hardtanh at its limits).
+    The range is one per tensor, or one per bits group under fixed numerics (``set_range``: a
+    learned per-channel or per-element grid frozen as it was learned).
     """
 
     def __init__(self, shape: tuple[int, ...], bits, numerics: str = "scaled", momentum: float = 0.1,
@@ -82,11 +84,33 @@ class ActQuantizer(Quantizer):
 
     @property
     def signed(self) -> bool:
-        return bool(self.running_min < 0)
+        return bool((self.running_min < 0).any())
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Fix the observed range: scalars, or one per bits group (fixed numerics only)."""
+        lo, hi = torch.as_tensor(lo, dtype=torch.float32), torch.as_tensor(hi, dtype=torch.float32)
+        if lo.numel() > 1 and (self.numerics != "fixed" or tuple(lo.shape) != tuple(self.bits_param.shape)):
+            raise ValueError(f"a per-group activation range needs fixed numerics and the bits' shape "
+                             f"{tuple(self.bits_param.shape)}, got {tuple(lo.shape)} under {self.numerics}")
+        self.running_min = lo.reshape(() if lo.numel() == 1 else lo.shape).clone().to(self.bits_param.device)
+        self.running_max = hi.reshape(self.running_min.shape).clone().to(self.bits_param.device)
+        self.observed.fill_(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("running_min", "running_max"):  # a per-group range comes back in its own shape
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != getattr(self, name).shape:
+                setattr(self, name, torch.zeros_like(saved, device=self.bits_param.device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def observe(self, x: torch.Tensor) -> None:
-        lo = x.detach().min().clamp(*self.clip).to(self.running_min.dtype)
-        hi = x.detach().max().clamp(*self.clip).to(self.running_max.dtype)
+        if self.running_min.dim():
+            v = x.detach().to(self.running_min.dtype)
+            lo = reduce_to(v.amin(0), tuple(self.running_min.shape), "amin").clamp(*self.clip)
+            hi = reduce_to(v.amax(0), tuple(self.running_max.shape), "amax").clamp(*self.clip)
+        else:
+            lo = x.detach().min().clamp(*self.clip).to(self.running_min.dtype)
+            hi = x.detach().max().clamp(*self.clip).to(self.running_max.dtype)
         if not bool(self.observed):
             self.running_min.copy_(lo)
             self.running_max.copy_(hi)
@@ -103,7 +127,8 @@ class ActQuantizer(Quantizer):
         max_abs = torch.maximum(self.running_max, -self.running_min) if signed else self.running_max
         bits = self.bits_param
         if self.numerics == "fixed":
-            scale = range_scale(expand(max_abs.reshape((1,) * len(self.shape)), tuple(bits.shape)), bits, signed, "fixed")
+            shape = tuple(max_abs.shape) if max_abs.dim() else (1,) * len(self.shape)
+            scale = range_scale(expand(max_abs.reshape(shape), tuple(bits.shape)), bits, signed, "fixed")
         else:
             scale = range_scale(max_abs.reshape((1,) * len(self.shape)), bits.amax().reshape((1,) * len(self.shape)),
                                 signed, "scaled")

@@ -26,7 +26,7 @@ from ..quantizers.dq import DQActQuantizer, DQWeightQuantizer
 from ..quantizers.dq import GRAD_MODS
 from ..train import Callback, fit
 from .context import SearchContext
-from .learned import (EpochCosts, ParetoFront, default_cost, differentiable_costs, every_k, freeze, is_feasible,
+from .learned import (EpochCosts, ParetoFront, check_act_granularity, default_cost, differentiable_costs, every_k, freeze, is_feasible,
                       log_ramp, model_quantizers, pareto_folder, parse_options, relaxed)
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class DQOptions:
     penalty: float = 20.0  # weight of each constraint's squared hinge (it vanishes near the limit: make it steep)
     target_ratio: float = 0.95  # aim at this fraction of each budget limit
     ramp_start: float = 0.01  # s(t) rises from this to 1 over the first half of phase b
+    act_granularity: str = "per-tensor"  # of the activations' step and range (finer on fixed-point targets)
     learn_input: bool = False  # learn the input's precision too (its gradient needs the first layer's input gradient, a large share of a small model's step; data usually comes at a fixed width)
 
     def __post_init__(self):
@@ -104,7 +105,7 @@ class HingePenalty(Callback):
 
 def dq_model(ctx: SearchContext, opts: DQOptions):
     """The float model with DQ quantizers: weights at the run's granularity (per channel by
-    default), activations per tensor."""
+    default), activations at the options' (per tensor by default; the input always)."""
     from ..api import weight_granularity_for
 
     t = ctx.target
@@ -114,8 +115,11 @@ def dq_model(ctx: SearchContext, opts: DQOptions):
         return DQWeightQuantizer(node.weight_shape, gran, init_bits=opts.init_bits, weight=weight, numerics=t.numerics,
                                  grad_mod=opts.weight_grad, delta=opts.delta)
 
+    check_act_granularity(t, opts.act_granularity)
+
     def act_quantizer(node):
-        return DQActQuantizer(node.out_shape, "per-tensor", init_bits=opts.init_bits, numerics=t.numerics,
+        gran = "per-tensor" if node.op == "input" else opts.act_granularity  # data comes at one width
+        return DQActQuantizer(node.out_shape, gran, init_bits=opts.init_bits, numerics=t.numerics,
                               grad_mod=opts.act_grad, delta=opts.delta, clip=activation_clip(node))
 
     return convert_with(ctx.float_model, ctx.data.input_shape, t.numerics, weight_quantizer, act_quantizer, t.name)

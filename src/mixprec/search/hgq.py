@@ -23,7 +23,7 @@ from ..granularity import reduce_to
 from ..quantizers.hgq import HGQActQuantizer, HGQWeightQuantizer
 from ..train import Callback, fit
 from .context import SearchContext
-from .learned import (EpochCosts, ParetoFront, cost_key, default_cost, differentiable_costs, every_k, freeze,
+from .learned import (EpochCosts, check_act_granularity, ParetoFront, cost_key, default_cost, differentiable_costs, every_k, freeze,
                       is_feasible, log_ramp, model_quantizers, pareto_folder, parse_options, relaxed)
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class HGQOptions:
     max_error: float = 1.0  # controller: the relative error is clipped to +-this (bounds each step)
     init_bits: float = 8.0  # starting weight storage bits (sign included)
     act_init_bits: float = 8.0  # starting activation bits
+    act_granularity: str = "per-tensor"  # of the activations' bits (per-channel/per-element on fixed-point targets)
     bits_lr: float = 3e-2  # learning rate of f (its own parameter group, no weight decay)
     gamma: float = 0.0  # + gamma * sum(f): HGQ's small pull towards fewer bits
     penalty_every: int = 8  # compute the cost term every k steps, weighted by k
@@ -148,7 +149,8 @@ def keep_layers_alive(quantizers) -> None:
 
 
 def hgq_model(ctx: SearchContext, opts: HGQOptions):
-    """The float model with HGQ quantizers at the run's weight granularity (per-tensor activations)."""
+    """The float model with HGQ quantizers at the run's weight granularity and the options' activation
+    granularity (the input stays per tensor)."""
     from ..api import weight_granularity_for
 
     t = ctx.target
@@ -157,8 +159,11 @@ def hgq_model(ctx: SearchContext, opts: HGQOptions):
     def weight_quantizer(node, weight):
         return HGQWeightQuantizer(node.weight_shape, gran, init_bits=opts.init_bits - 1, weight=weight)
 
+    check_act_granularity(t, opts.act_granularity)
+
     def act_quantizer(node):
-        return HGQActQuantizer(node.out_shape, "per-tensor", init_bits=opts.act_init_bits)
+        gran = "per-tensor" if node.op == "input" else opts.act_granularity  # data comes at one width
+        return HGQActQuantizer(node.out_shape, gran, init_bits=opts.act_init_bits)
 
     return convert_with(ctx.float_model, ctx.data.input_shape, t.numerics, weight_quantizer, act_quantizer, t.name)
 

@@ -174,6 +174,16 @@ def log_ramp(start: float, end: float, t: float) -> float:
 
 
 @torch.no_grad()
+def check_act_granularity(t: Target, granularity: str) -> None:
+    """Learned activation bits finer than per tensor need the target to allow them and fixed-point
+    numerics (one real scale per activation tensor is what the integer kernels take otherwise)."""
+    if granularity not in t.act_granularities:
+        raise ValueError(f"{t.name} supports activation granularity {', '.join(t.act_granularities)}; "
+                         f"got act_granularity={granularity}")
+    if granularity != "per-tensor" and t.numerics != "fixed":
+        raise ValueError(f"act_granularity={granularity} needs a fixed-point target ({t.name} is {t.numerics})")
+
+
 def freeze(qm: QuantModel) -> QuantModel:
     """The same model with fixed-bit quantizers holding the learned bits and grids.
 
@@ -196,17 +206,19 @@ def freeze(qm: QuantModel) -> QuantModel:
 
 
 def _frozen_act(qm: QuantModel, name: str, q) -> ActQuantizer:
-
+    """A fixed activation quantizer with the learned bits and grid: its range is the largest code
+    times the learned step, one per tensor or (fixed numerics) one per bits group."""
     qp = q.qparams()
-    if qp.bits.numel() != 1:
-        raise ValueError(f"activation {name!r}: learned methods freeze per-tensor activation bits only")
     node = qm.graph[name]
-    bits = qp.bits.detach().round().clamp_min(1).reshape((1,) * len(node.out_shape)).cpu()
+    bits = qp.bits.detach().round().clamp_min(1).cpu()
+    if bits.numel() == 1:
+        bits = bits.reshape((1,) * len(node.out_shape))
+    elif qm.numerics != "fixed":
+        raise ValueError(f"activation {name!r}: per-group activation bits need fixed-point numerics "
+                         f"({qm.target_name} is {qm.numerics})")
     fixed = ActQuantizer(node.out_shape, bits, qm.numerics, clip=activation_clip(node))
-    _, hi = qrange(qp.bits.detach().round().clamp_min(1), qp.signed)
-    top = float(hi.double() * qp.scale.detach().double().reshape(()))
+    _, hi = qrange(bits, qp.signed)
+    top = (hi.double() * qp.scale.detach().double().cpu().reshape(bits.shape)).float()
     # symmetric when signed: the observer's scale is max|range| / largest code, the learned step
-    fixed.running_min.fill_(-top if qp.signed else 0.0)
-    fixed.running_max.fill_(top)
-    fixed.observed.fill_(True)
+    fixed.set_range(-top if qp.signed else torch.zeros_like(top), top)
     return fixed
