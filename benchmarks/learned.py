@@ -114,6 +114,7 @@ def command_for(cfg: RunConfig, out) -> str:
     parts += [f"--{k} {v}" for k, v in cfg.budget.items()]
     for key in ("float_epochs", "qat_epochs", "budget_epochs", "batch_size", "lr", "qat_lr", "weight_decay", "optimizer"):
         parts.append(f"--{key.replace('_', '-')} {getattr(cfg, key)}")
+    parts += [f"-o {k}={v}" for k, v in cfg.options.items()]
     if cfg.float_from:
         parts.append(f"--float-from {cfg.float_from}")
     parts.append(f"--out {out}")
@@ -183,6 +184,10 @@ FPGA = dict(model="lenet5", data="mnist", target="fpga-hls4ml", budgets=["1e5", 
             train=dict(float_epochs=10, qat_epochs=8, budget_epochs=2, batch_size=128, lr=2e-3, qat_lr=5e-4))
 FPGA_RUNS = {"hgq-element": dict(method="hgq", weight_granularity="per-element"),
              "hgq-channel": dict(method="hgq", weight_granularity="per-channel"),
+             "hgq-element-act-channel": dict(method="hgq", weight_granularity="per-element",
+                                             options={"act_granularity": "per-channel"}),
+             "hgq-element-act-element": dict(method="hgq", weight_granularity="per-element",
+                                             options={"act_granularity": "per-element"}),
              "dq-channel": dict(method="dq", weight_granularity="per-channel"),
              "uniform": dict(method="uniform")}
 
@@ -228,7 +233,8 @@ def fpga_table(args) -> None:
                         f"{'yes' if r['feasible'] else 'NO'} | {_mean_bits(r):.2f} | `{cmd}` |")
     write_section("HGQ granularity on the FPGA",
                   "LeNet-5 / MNIST on `fpga-hls4ml` (fixed point, any width 0..16; EBOPs of the deployed model: "
-                  "effective bits of each integer weight, highest to lowest set bit, times its input's bits). HGQ per element and per channel, DQ "
+                  "effective bits of each integer weight, highest to lowest set bit, times its input's bits). HGQ per element and per channel "
+                  "(activations per tensor unless the run says otherwise), DQ "
                   "per channel, and the widest uniform width (weights = activations) that meets the budget, all "
                   "from one float model, 8 + 2 quantized epochs each.", "python benchmarks/learned.py --fpga", rows)
 

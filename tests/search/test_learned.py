@@ -245,7 +245,23 @@ def test_hgq_keeps_activations_alive():
     assert 1.0 <= q.bits().item() <= 2.0  # at least a bit (rounding the range up may add one)
     q.set_f(4.0)
     keep_activations_alive([q])
-    assert q.f.item() == 4.0  # untouched above the floor
+    assert q.f.item() == 4.0  # untouched between floor and ceiling
+    q.set_f(40.0)
+    keep_activations_alive([q], max_bits=8)
+    assert q.bits().item() == 8.0  # a grid too fine for its range would overflow x / step
+
+
+def test_hgq_dead_activation_channel_cannot_overflow_when_it_wakes():
+    from mixprec.quantizers.hgq import HGQActQuantizer
+    from mixprec.search.hgq import keep_activations_alive
+
+    q = HGQActQuantizer((2,), "per-channel", init_f=130.0)  # as calibrating a channel of zeros made it
+    q.train()
+    q(torch.tensor([[0.5, 0.0]]))
+    keep_activations_alive([q], max_bits=16)
+    assert q.f[1].item() == 16.0
+    y = q(torch.tensor([[0.5, 0.002]]))  # the dead channel sees its first small value
+    assert torch.isfinite(y).all() and q.bits()[1].item() <= 16
 
 
 def test_beta_controller_step_is_bounded_far_over_budget():

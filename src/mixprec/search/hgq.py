@@ -68,9 +68,10 @@ class BetaPenalty(Callback):
         self.opts, self.key, self.schedule = opts, key, schedule
         self.reference, self.target, self.total_steps = reference, target, max(total_steps, 1)
         self.cost_model = target_model  # the gradient's cost model (relaxed containers)
-        self.act_quantizers: list = []  # kept at 1 bit or more (see keep_activations_alive)
+        self.act_quantizers: list = []  # kept at 1 to max_act_bits bits (see keep_activations_alive)
         self.weight_quantizers: list = []  # each keeps one group alive (see keep_layers_alive)
         self.measure_model = measure_model or target_model  # the controller's: the real containers
+        self.max_act_bits = max(self.measure_model.act_containers)
         self.beta, self.calls, self.last_cost = opts.beta, 0, float("nan")  # last_cost: what the controller saw
 
     def current_beta(self) -> float:
@@ -110,7 +111,7 @@ class BetaPenalty(Callback):
 
     def after_step(self, step: int) -> None:
         if every_k(step, self.opts.penalty_every):
-            keep_activations_alive(self.act_quantizers)
+            keep_activations_alive(self.act_quantizers, self.max_act_bits)
             keep_layers_alive(self.weight_quantizers)
 
     def after_epoch(self, epoch: int, stats: dict) -> None:
@@ -124,13 +125,18 @@ class BetaPenalty(Callback):
 
 
 @torch.no_grad()
-def keep_activations_alive(quantizers) -> None:
-    """Raise ``f`` where an activation would get fewer than 1 bit: a 0-bit activation passes no
+def keep_activations_alive(quantizers, max_bits: int = 16) -> None:
+    """Keep every activation group between 1 and ``max_bits`` bits: a 0-bit activation passes no
     gradient, so a beta overshoot (cost far above its target at the start) could prune the network
-    dead for good; weights may still prune."""
+    dead for good (weights may still prune), and a group whose range is tiny must not get a grid so
+    fine that ``x / step`` overflows. A group that has only seen zeros (a dead channel) has no range:
+    its ``f`` is capped as if its integer bits were 0, so a first small value cannot overflow either."""
     for q in quantizers:
-        floor = 1.0 - q._int_bits(torch.full_like(q.f, 24.0))  # I of the range itself
-        q.f.copy_(torch.maximum(q.f, floor))
+        i = q._int_bits(torch.full_like(q.f, 24.0))  # I of the range itself
+        seen = torch.maximum(q.running_max.abs(), q.running_min.abs()) > 0
+        lo = torch.where(seen, 1.0 - i, torch.full_like(i, -math.inf))
+        hi = torch.where(seen, max_bits - i, torch.full_like(i, float(max_bits)))
+        q.f.copy_(torch.minimum(torch.maximum(q.f, lo), hi))
 
 
 @torch.no_grad()
@@ -176,8 +182,10 @@ def _calibrate_acts(ctx: SearchContext, qm, act_bits: float | None = None) -> No
         q.reset_range()
     ctx.calibrate(qm)
     for q in qm.act_quantizers.values():
-        if act_bits is not None:
-            q.set_f(act_bits - q._int_bits(torch.full_like(q.f, 24.0)))  # I of the range itself
+        if act_bits is not None:  # I of the range itself; 0 for a group that saw only zeros
+            seen = torch.maximum(q.running_max.abs(), q.running_min.abs()) > 0
+            i = q._int_bits(torch.full_like(q.f, 24.0))
+            q.set_f(act_bits - torch.where(seen, i, torch.zeros_like(i)))
         q.freeze(True)
 
 
