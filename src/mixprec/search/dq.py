@@ -21,13 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..convert import activation_clip, convert_with
-from ..quantizers.dq import DQActQuantizer, DQWeightQuantizer
-from ..quantizers.dq import GRAD_MODS
+from ..convert import activation_clip
+from ..quantizers.dq import GRAD_MODS, DQActQuantizer, DQWeightQuantizer
 from ..train import Callback, fit
 from .context import SearchContext
-from .learned import (EpochCosts, ParetoFront, check_act_granularity, default_cost, differentiable_costs, every_k, freeze, is_feasible,
-                      log_ramp, model_quantizers, pareto_folder, parse_options, relaxed)
+from .learned import (EpochCosts, ParetoFront, default_cost, differentiable_costs, every_k, freeze, is_feasible,
+                      learned_model, log_ramp, model_quantizers, pareto_folder, parse_options, relaxed)
 
 log = logging.getLogger(__name__)
 
@@ -105,24 +104,14 @@ class HingePenalty(Callback):
 
 def dq_model(ctx: SearchContext, opts: DQOptions):
     """The float model with DQ quantizers: weights at the run's granularity (per channel by
-    default), activations at the options' (per tensor by default; the input always)."""
-    from ..api import weight_granularity_for
-
+    default), activations at the options' (per tensor by default)."""
     t = ctx.target
-    gran = weight_granularity_for(t, ctx.config.weight_granularity)
-
-    def weight_quantizer(node, weight):
-        return DQWeightQuantizer(node.weight_shape, gran, init_bits=opts.init_bits, weight=weight, numerics=t.numerics,
-                                 grad_mod=opts.weight_grad, delta=opts.delta)
-
-    check_act_granularity(t, opts.act_granularity)
-
-    def act_quantizer(node):
-        gran = "per-tensor" if node.op == "input" else opts.act_granularity  # data comes at one width
-        return DQActQuantizer(node.out_shape, gran, init_bits=opts.init_bits, numerics=t.numerics,
-                              grad_mod=opts.act_grad, delta=opts.delta, clip=activation_clip(node))
-
-    return convert_with(ctx.float_model, ctx.data.input_shape, t.numerics, weight_quantizer, act_quantizer, t.name)
+    return learned_model(
+        ctx, opts.act_granularity,
+        lambda node, w, gran: DQWeightQuantizer(node.weight_shape, gran, init_bits=opts.init_bits, weight=w,
+                                                numerics=t.numerics, grad_mod=opts.weight_grad, delta=opts.delta),
+        lambda node, gran: DQActQuantizer(node.out_shape, gran, init_bits=opts.init_bits, numerics=t.numerics,
+                                          grad_mod=opts.act_grad, delta=opts.delta, clip=activation_clip(node)))
 
 
 def _precision_trainable(qm, on: bool, learn_input: bool) -> None:

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from ..api import effective_ebops
-from ..convert import convert_with
 from ..granularity import reduce_to
 from ..quantizers.hgq import HGQActQuantizer, HGQWeightQuantizer
 from ..train import Callback, fit
 from .context import SearchContext
-from .learned import (EpochCosts, check_act_granularity, ParetoFront, cost_key, default_cost, differentiable_costs, every_k, freeze,
-                      is_feasible, log_ramp, model_quantizers, pareto_folder, parse_options, relaxed)
+from .learned import (EpochCosts, ParetoFront, cost_key, default_cost, differentiable_costs, every_k, freeze,
+                      is_feasible, learned_model, log_ramp, model_quantizers, pareto_folder, parse_options, relaxed)
 
 log = logging.getLogger(__name__)
 
@@ -156,22 +155,11 @@ def keep_layers_alive(quantizers) -> None:
 
 def hgq_model(ctx: SearchContext, opts: HGQOptions):
     """The float model with HGQ quantizers at the run's weight granularity and the options' activation
-    granularity (the input stays per tensor)."""
-    from ..api import weight_granularity_for
-
-    t = ctx.target
-    gran = weight_granularity_for(t, ctx.config.weight_granularity)
-
-    def weight_quantizer(node, weight):
-        return HGQWeightQuantizer(node.weight_shape, gran, init_bits=opts.init_bits - 1, weight=weight)
-
-    check_act_granularity(t, opts.act_granularity)
-
-    def act_quantizer(node):
-        gran = "per-tensor" if node.op == "input" else opts.act_granularity  # data comes at one width
-        return HGQActQuantizer(node.out_shape, gran, init_bits=opts.act_init_bits)
-
-    return convert_with(ctx.float_model, ctx.data.input_shape, t.numerics, weight_quantizer, act_quantizer, t.name)
+    granularity."""
+    return learned_model(
+        ctx, opts.act_granularity,
+        lambda node, w, gran: HGQWeightQuantizer(node.weight_shape, gran, init_bits=opts.init_bits - 1, weight=w),
+        lambda node, gran: HGQActQuantizer(node.out_shape, gran, init_bits=opts.act_init_bits))
 
 
 def _calibrate_acts(ctx: SearchContext, qm, act_bits: float | None = None) -> None:

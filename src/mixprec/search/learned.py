@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..api import assignment, cost_report
-from ..convert import activation_clip
+from ..api import assignment, cost_report, weight_granularity_for
+from ..convert import activation_clip, convert_with
 from ..cost import Budget, Target, evaluate_torch
 from ..nn.model import QuantLayer, QuantModel
 from ..numerics import qrange
@@ -174,6 +174,19 @@ def log_ramp(start: float, end: float, t: float) -> float:
 
 
 @torch.no_grad()
+def learned_model(ctx, act_granularity: str, weight_quantizer, act_quantizer) -> QuantModel:
+    """The run's float model with a method's quantizers: ``weight_quantizer(node, weight,
+    granularity)`` at the run's weight granularity and ``act_quantizer(node, granularity)`` at
+    ``act_granularity`` (the input always per tensor: data comes at one width)."""
+    t = ctx.target
+    weights = weight_granularity_for(t, ctx.config.weight_granularity)
+    check_act_granularity(t, act_granularity)
+    return convert_with(ctx.float_model, ctx.data.input_shape, t.numerics,
+                        lambda node, w: weight_quantizer(node, w, weights),
+                        lambda node: act_quantizer(node, "per-tensor" if node.op == "input" else act_granularity),
+                        t.name)
+
+
 def check_act_granularity(t: Target, granularity: str) -> None:
     """Learned activation bits finer than per tensor need the target to allow them and fixed-point
     numerics (one real scale per activation tensor is what the integer kernels take otherwise)."""
