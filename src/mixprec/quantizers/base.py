@@ -95,11 +95,11 @@ class _FakeQuant(torch.autograd.Function):
         gx = grad * ctx.saved_tensors[0] if ctx.needs_input_grad[0] else None
         gs = None
         if ctx.needs_input_grad[1]:  # d(k * s)/ds: k - x/s inside the range, k where clipped
-            gs = _sum_to_shape(grad * ctx.saved_tensors[1], ctx.scale_shape)
+            gs = sum_to_shape(grad * ctx.saved_tensors[1], ctx.scale_shape)
         return gx, gs, None, None
 
 
-def _sum_to_shape(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+def sum_to_shape(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Sum a gradient over the dims that were broadcast to reach ``g``'s shape."""
     lead = g.dim() - len(shape)
     if lead:

@@ -36,21 +36,10 @@ from torch import nn
 
 from ..granularity import check_compatible, expand, reduce_to, shape_for
 from ..numerics import qrange
-from .base import QParams, Quantizer
+from .base import QParams, Quantizer, sum_to_shape
 
 LN2 = math.log(2.0)
 _TINY = 2.0 ** -126
-
-
-def _sum_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum a gradient over the dims that were broadcast to reach ``g``'s shape."""
-    if tuple(g.shape) == tuple(shape):
-        return g
-    lead = g.dim() - len(shape)
-    if lead:
-        g = g.sum(dim=tuple(range(lead)))
-    dims = tuple(d for d, n in enumerate(shape) if n == 1 and g.shape[d] != 1)
-    return g.sum(dim=dims, keepdim=True) if dims else g
 
 
 class HGQRound(torch.autograd.Function):
@@ -74,7 +63,7 @@ class HGQRound(torch.autograd.Function):
         gx = grad * inside.to(grad.dtype) if ctx.needs_input_grad[0] else None
         gf = None
         if ctx.needs_input_grad[1]:
-            gf = _sum_to(grad * (-LN2) * (q - x), ctx.f_shape)
+            gf = sum_to_shape(grad * (-LN2) * (q - x), ctx.f_shape)
         return gx, gf, None, None
 
 
@@ -267,6 +256,12 @@ class HGQActQuantizer(_HGQBase):
             i_neg = torch.ceil(torch.log2((-lo).clamp_min(_TINY)))
             i = torch.maximum(i, i_neg) + 1
         return i + self.margin_bits
+
+    def range_int_bits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(I, seen)`` per group: the integer bits of the observed range itself (no rounding to a
+        grid), and whether the group has seen anything but zeros (where ``I`` means nothing)."""
+        seen = torch.maximum(self.running_max.abs(), self.running_min.abs()) > 0
+        return self._int_bits(torch.full_like(self.f, 24.0)), seen
 
     def bits(self) -> torch.Tensor:
         """Cost bits ``relu(I + f)`` per group (sign included when signed); differentiable in ``f``."""

@@ -131,8 +131,7 @@ def keep_activations_alive(quantizers, max_bits: int = 16) -> None:
     fine that ``x / step`` overflows. A group that has only seen zeros (a dead channel) has no range:
     its ``f`` is capped as if its integer bits were 0, so a first small value cannot overflow either."""
     for q in quantizers:
-        i = q._int_bits(torch.full_like(q.f, 24.0))  # I of the range itself
-        seen = torch.maximum(q.running_max.abs(), q.running_min.abs()) > 0
+        i, seen = q.range_int_bits()
         lo = torch.where(seen, 1.0 - i, torch.full_like(i, -math.inf))
         hi = torch.where(seen, max_bits - i, torch.full_like(i, float(max_bits)))
         q.f.copy_(torch.minimum(torch.maximum(q.f, lo), hi))
@@ -171,8 +170,7 @@ def _calibrate_acts(ctx: SearchContext, qm, act_bits: float | None = None) -> No
     ctx.calibrate(qm)
     for q in qm.act_quantizers.values():
         if act_bits is not None:  # I of the range itself; 0 for a group that saw only zeros
-            seen = torch.maximum(q.running_max.abs(), q.running_min.abs()) > 0
-            i = q._int_bits(torch.full_like(q.f, 24.0))
+            i, seen = q.range_int_bits()
             q.set_f(act_bits - torch.where(seen, i, torch.zeros_like(i)))
         q.freeze(True)
 
