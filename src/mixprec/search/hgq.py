@@ -195,11 +195,11 @@ def search_hgq(ctx: SearchContext):
     total = train_cfg.epochs * math.ceil(len(data.x_train) / train_cfg.batch_size)
     penalty = BetaPenalty(opts, key, schedule, reference, None if limit is None else opts.target_ratio * limit,
                           total, steer, t)
-    penalty.act_quantizers = [q for name, q in qm.act_quantizers.items() if q.f.requires_grad]
-    penalty.weight_quantizers = [layer.quantizer for layer in qm.layers.values()]
-    measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
     if not opts.learn_input:
         qm.act_quantizers["input"].f.requires_grad_(False)
+    penalty.act_quantizers = [q for q in qm.act_quantizers.values() if q.f.requires_grad]  # the trained ones
+    penalty.weight_quantizers = [layer.quantizer for layer in qm.layers.values()]
+    measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
     f_params = [q.f for q in model_quantizers(qm) if q.f.requires_grad]
     weights = qm.weight_parameters()
     groups = [{"params": weights}, {"params": f_params, "lr": opts.bits_lr, "weight_decay": 0.0}]
