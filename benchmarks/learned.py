@@ -132,7 +132,7 @@ def _rel(path: Path) -> Path:
 def run_all(args) -> None:
     float_sources: dict[str, Path] = {}
     for item in args.float or []:  # MODEL=RUN_DIR: a float model trained elsewhere with the preset's settings
-        model, _, path = item.partition("=")
+        model, _, path = item.rpartition("=")  # model names hold '=' too: resnet8[width=13]=RUN
         float_sources[model] = Path(path)
     for name in args.only:
         preset = PRESETS[name]
