@@ -328,3 +328,50 @@ def test_activation_state_dict_round_trip():
     b.eval()
     assert bool(b.initialized) and b.signed
     assert torch.equal(a(x), b(x)) and torch.equal(a.bits(), b.bits())
+
+
+def _composed(q, x, value_shape):
+    """The quantizer's forward written with plain autograd ops: the fused pass must match it."""
+    d = expand(q.step(), value_shape)
+    lo, hi = (expand(t, value_shape) for t in q._codes(q._mag_bits()))
+    return ModRound.apply(torch.minimum(torch.maximum(x / d, lo), hi), q.grad_mod, q.delta) * d
+
+
+def _grads(q, f, x, g):
+    q.zero_grad()
+    x = x.clone().requires_grad_(True)
+    out = f(x)
+    (out * g).sum().backward()
+    return [out.detach(), x.grad, q.log2_d.grad.clone(), q.log2_xmax.grad.clone()]
+
+
+@pytest.mark.parametrize("mode", ["ste", "ewgs", "atanh"])
+@pytest.mark.parametrize("gran", [name for name, _ in GRANS])
+@pytest.mark.parametrize("kind", ["weight", "activation"])
+def test_fused_pass_matches_composed_ops(mode, gran, kind):
+    w = _w(seed=7, dtype=torch.float64)
+    if kind == "weight":
+        q = DQWeightQuantizer(w.shape, gran, init_bits=3, weight=w, grad_mod=mode, delta=0.3).double()
+        x, shape = 1.5 * w, w.shape  # some weights clip
+    else:
+        x = 2 * torch.randn((5, *w.shape), generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+        q = DQActQuantizer(w.shape, gran, init_bits=3, grad_mod=mode, delta=0.3).double()
+        q.calibrate([x])
+        shape = w.shape
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    fused = _grads(q, lambda t: q._quantize(t, shape), x, g)
+    composed = _grads(q, lambda t: _composed(q, t, shape), x, g)
+    assert torch.equal(fused[0], composed[0])
+    for a, b in zip(fused[1:], composed[1:]):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert fused[3].abs().sum() > 0  # clipped elements reached the range
+
+
+def test_fused_pass_tie_with_bound_goes_to_x():
+    q = DQWeightQuantizer((3,), "per-tensor", numerics="fixed").double()
+    _set(q, 0.125, 0.8)  # codes [-7, 7]
+    x = torch.tensor([0.875, -0.875, 1.0], dtype=torch.float64)  # on both bounds, beyond
+    _, gx, _, gxmax = _grads(q, q, x, torch.ones(3, dtype=torch.float64))
+    assert gx.tolist() == [1.0, 1.0, 0.0]
+    # only the clipped element pulls the range: d * dhi/dc * dc/dlog2(xmax), all positive
+    assert gxmax.item() > 0

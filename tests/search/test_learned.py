@@ -337,3 +337,4 @@ def test_activation_granularity_is_checked_against_the_target(method, tmp_path):
     with pytest.raises(ValueError, match="activation granularity per-tensor"):
         run_search(RunConfig(method=method, budget={"flash": "6KiB"}, options={"act_granularity": "per-channel"},
                              **FAST), tmp_path / "h")
+    assert not (tmp_path / "h").exists()  # refused before the run directory is claimed

@@ -74,13 +74,16 @@ def _float_warmup(cfg: RunConfig, model, data, ckpt_dir: Path, device, progress,
     return history
 
 
-def check_options(cfg: RunConfig) -> None:
-    """Refuse unknown or malformed method options before any training."""
+def check_options(cfg: RunConfig, target) -> None:
+    """Refuse unknown or malformed method options, and options the target cannot take, before any
+    training."""
     from . import METHOD_OPTIONS
-    from .learned import parse_options
+    from .learned import check_act_granularity, parse_options
 
     if cfg.method in METHOD_OPTIONS:
-        parse_options(METHOD_OPTIONS[cfg.method], cfg.options, cfg.method)
+        opts = parse_options(METHOD_OPTIONS[cfg.method], cfg.options, cfg.method)
+        if hasattr(opts, "act_granularity"):
+            check_act_granularity(target, opts.act_granularity)
     elif cfg.options:
         raise ValueError(f"--method {cfg.method} takes no options (got {sorted(cfg.options)})")
 
@@ -123,7 +126,7 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
     model = get_model(cfg.model)
     weight_bits, act_bits = choose_bits(cfg, model, target, data.input_shape, budget)
     _float_source(cfg)
-    check_options(cfg)
+    check_options(cfg, target)
     barrier()  # every process has looked before the first one writes
     if w.is_main:
         out.mkdir(parents=True, exist_ok=True)
