@@ -14,6 +14,8 @@ For every (model, FLASH budget) on ``cortex-m4``:
 - ``hgq`` and ``dq`` (per-channel weights; cortex-m4 has no per-element kernels): the widest model
   whose all-2-bit version uses at most ``--headroom`` of the budget, so the method has room to
   give some channels more bits; its budget step then guarantees the limit.
+- ``hgq-u4`` and ``dq-u4``: the same at uniform4's width, from uniform4's float model (skipped when
+  that is the width above): method against baseline from one starting point.
 
 Every run is ``mixprec search`` (the command is in the table) and resumable. Runs of the same
 width share one float model (``--float-from`` the first run of that width), so the methods are
@@ -23,6 +25,7 @@ epochs together as QAT epochs, so every method trains the same number of quantiz
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -53,18 +56,27 @@ PRESETS = {
         train=dict(data="cifar10", float_epochs=30, qat_epochs=8, budget_epochs=2, batch_size=64, lr=2e-3,
                    qat_lr=5e-4, weight_decay=0.01, optimizer="adamw")),
 }
-METHODS = ("hgq", "dq", "uniform8", "uniform4", "uniform2")
+# ``hgq-u4``/``dq-u4``: the learned methods at the uniform4 model's width, from its float model, so a
+# learned run and the strongest uniform baseline start from the very same float weights
+METHODS = ("hgq", "dq", "hgq-u4", "dq-u4", "uniform8", "uniform4", "uniform2")
 
 
 def model_name(family: str, width, full) -> str:
     return family if width == full else f"{family}[width={width}]"
 
 
-def fits(family: str, width, shape, bits: int, budget: Budget, share: float = 1.0) -> bool:
-    """Does the uniform ``bits`` model of this width meet ``share`` of every budget limit?"""
+@functools.lru_cache(maxsize=None)
+def uniform_report(family: str, width, shape, bits: int):
+    """The cost of the uniform ``bits`` model (8-bit activations) of this width (the planner asks
+    for each width many times)."""
     t = load_target(TARGET)
     graph = quantize(get_model(f"{family}[width={width}]"), t, shape, bits=bits, act_bits=8).graph
-    report = evaluate(graph, uniform(graph, bits, 8, "per-channel"), t)
+    return evaluate(graph, uniform(graph, bits, 8, "per-channel"), t)
+
+
+def fits(family: str, width, shape, bits: int, budget: Budget, share: float = 1.0) -> bool:
+    """Does the uniform ``bits`` model of this width meet ``share`` of every budget limit?"""
+    report = uniform_report(family, width, tuple(shape), bits)
     scaled = Budget(**{k: v * share for k, v in budget.limits().items()})
     return feasible(report, scaled)
 
@@ -85,6 +97,11 @@ def plan(preset: dict, budget_text: str, methods, headroom: float) -> list[dict]
             bits = int(m[len("uniform"):])
             w = widest(preset, bits, budget)
             extra = dict(method="uniform", bits=bits)
+        elif m.endswith("-u4"):
+            w = widest(preset, 4, budget)
+            if w == widest(preset, 2, budget, headroom):
+                continue  # the same run as the plain method's
+            extra = dict(method=m[:-len("-u4")])
         else:
             w = widest(preset, 2, budget, headroom)
             extra = dict(method=m)
@@ -116,7 +133,7 @@ def command_for(cfg: RunConfig, out) -> str:
         parts.append(f"--{key.replace('_', '-')} {getattr(cfg, key)}")
     parts += [f"-o {k}={v}" for k, v in cfg.options.items()]
     if cfg.float_from:
-        parts.append(f"--float-from {cfg.float_from}")
+        parts.append(f"--float-from {_rel(Path(cfg.float_from).resolve())}")
     parts.append(f"--out {out}")
     return " ".join(parts)
 
@@ -134,30 +151,35 @@ def run_all(args) -> None:
     for item in args.float or []:  # MODEL=RUN_DIR: a float model trained elsewhere with the preset's settings
         model, _, path = item.rpartition("=")  # model names hold '=' too: resnet8[width=13]=RUN
         float_sources[model] = Path(path)
-    for name in args.only:
-        preset = PRESETS[name]
-        for budget_text in args.budgets or preset["budgets"]:
-            for run in plan(preset, budget_text, args.methods, args.headroom):
-                out = args.runs / name / budget_text / run["name"]
-                source = float_sources.get(run["model"])
-                cfg = config_for(preset, run, budget_text, str(_rel(source)) if source else None)
-                (out.parent).mkdir(parents=True, exist_ok=True)
-                (out.parent / f"{run['name']}.command").write_text(command_for(cfg, _rel(out)) + "\n")
-                if not args.table_only:
-                    logging.info("%s %s %s: %s", name, budget_text, run["name"], command_for(cfg, _rel(out)))
-                    run_search(cfg, out, resume=True, device=args.device)
-                if (out / "checkpoints" / "float.pt").exists() and not cfg.float_from:
-                    float_sources[run["model"]] = out
+    planned = [(name, budget_text, run, args.runs / name / budget_text / run["name"])
+               for name in args.only for budget_text in args.budgets or PRESETS[name]["budgets"]
+               for run in plan(PRESETS[name], budget_text, args.methods, args.headroom)]
+    for _, _, run, out in planned:  # float models earlier invocations trained (any budget) are shared too
+        if (out / "checkpoints" / "float.pt").exists() and not RunConfig.load(out / "config.yaml").float_from:
+            float_sources.setdefault(run["model"], out)
+    for name, budget_text, run, out in planned:
+        source = float_sources.get(run["model"])
+        cfg = config_for(PRESETS[name], run, budget_text, str(_rel(source)) if source and source != out else None)
+        if (out / "config.yaml").exists():  # the command a run was made with, whatever this call would give
+            cfg = RunConfig.load(out / "config.yaml")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (out.parent / f"{run['name']}.command").write_text(command_for(cfg, _rel(out)) + "\n")
+        if not args.table_only and not (out / "result.json").exists():
+            logging.info("%s %s %s: %s", name, budget_text, run["name"], command_for(cfg, _rel(out)))
+            run_search(cfg, out, resume=True, device=args.device)
+        if (out / "checkpoints" / "float.pt").exists() and not cfg.float_from:
+            float_sources.setdefault(run["model"], out)
 
 
 def tables(args) -> None:
-    acc_rows = ["| model | FLASH budget | method | model width | test acc (integer-exact) | FLASH B | feasible | "
-                "weight bits (mean) | command |", "|---|---|---|---|---|---|---|---|---|"]
+    acc_rows = ["| model | FLASH budget | method | model width | float test acc (start) | test acc (integer-exact) | "
+                "FLASH B | feasible | weight bits (mean) | command |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, preset in PRESETS.items():
         ref = ROOT / "runs" / "bench-int8" / name / "result.json"  # benchmarks/uniform_int8.py
         if ref.exists():
             r = json.loads(ref.read_text())
-            acc_rows.append(f"| {name} | none (reference) | uniform int8 | full | {r['accuracy']['quantized']:.2%} | "
+            acc_rows.append(f"| {name} | none (reference) | uniform int8 | full | {r['accuracy']['float']:.2%} | "
+                            f"{r['accuracy']['quantized']:.2%} | "
                             f"{r['cost']['flash_bytes']:,} | yes | 8.00 | `python benchmarks/uniform_int8.py` |")
         for budget_text in preset["budgets"]:
             for method in METHODS:
@@ -168,14 +190,18 @@ def tables(args) -> None:
                 cmd = (out.parent / f"{method}.command").read_text().strip()
                 mean_bits = _mean_bits(r)
                 acc_rows.append(f"| {name} | {budget_text} | {method} | {_width(r['model'])} | "
-                                f"{r['accuracy']['quantized']:.2%} | {r['cost']['flash_bytes']:,} | "
+                                f"{r['accuracy']['float']:.2%} | {r['accuracy']['quantized']:.2%} | {r['cost']['flash_bytes']:,} | "
                                 f"{'yes' if r['feasible'] else 'NO'} | {mean_bits:.2f} | `{cmd}` |")
     write_section("Learned precision under FLASH budgets",
                   "cortex-m4 (2/4/8-bit kernels, per-channel weights). `uniformB`: the widest model of the family "
                   "whose uniform B-bit weights (8-bit activations) fit, trained float then quantization-aware. `hgq`/`dq`: the widest "
                   "model whose all-2-bit version uses at most 75% of the budget, then the method, then the budget "
-                  "step (snap to 2/4/8, meet the limit) and a fine-tune with bits frozen. Runs of one width share "
-                  "one float model. Accuracy on the full test set with the integer-exact model; 'weight bits' is "
+                  "step (snap to 2/4/8, meet the limit) and a fine-tune with bits frozen. `hgq-u4`/`dq-u4`: the same "
+                  "at uniform4's width (when it differs), so they start from uniform4's very float model. Runs of "
+                  "one width share one float model; 'float test acc' is that model's, so a row's loss to "
+                  "quantization is the difference of its two accuracies (between widths, float training noise "
+                  "of a single seed is about 0.1 points on MNIST). Accuracy on the full test set with the "
+                  "integer-exact model; 'weight bits' is "
                   "the parameter-weighted mean. A missing row: no model of the family fits at that width.",
                   "python benchmarks/learned.py", acc_rows)
 
@@ -325,8 +351,7 @@ def main() -> None:
             run_fpga(args)
         fpga_table(args)
         return
-    if not args.table_only:
-        run_all(args)
+    run_all(args)  # with --table-only: only each run's command file
     tables(args)
 
 

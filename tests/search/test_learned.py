@@ -277,6 +277,32 @@ def test_beta_controller_step_is_bounded_far_over_budget():
     assert far.beta == pytest.approx(math.exp(0.5))  # ... moves ln(beta) by at most gain * max_error
 
 
+def test_annealed_controller_target_falls_from_the_start_cost():
+    from mixprec.search.hgq import HGQOptions
+
+    t = relaxed(load_target("cortex-m4"))
+    qm = quantize(_tiny(), "cortex-m4", (1, 8, 8), bits=8)
+    qm.calibrate([torch.randn(8, 1, 8, 8)])
+    opts = HGQOptions(beta=1.0, penalty_every=1, gain=0.5, anneal=0.5)
+    c = BetaPenalty(opts, "flash_bytes", "controller", 1.0, target=1.0, total_steps=100, target_model=t)
+    c.extra_loss(qm)  # first measurement: the target starts there, so beta hardly moves yet
+    start = c.start_cost
+    assert start > 100 and 1.0 < c.beta < 1.1
+    c.calls = 25  # half way through the anneal: the geometric mean of start and target
+    assert c.current_target() == pytest.approx(math.sqrt(start * 1.0))
+    c.calls = 80  # past it: the final target
+    assert c.current_target() == pytest.approx(1.0)
+    resumed = BetaPenalty(opts, "flash_bytes", "controller", 1.0, target=1.0, total_steps=100, target_model=t)
+    resumed.load_state_dict(c.state_dict())
+    assert resumed.start_cost == start and resumed.current_target() == pytest.approx(1.0)
+    plain = BetaPenalty(HGQOptions(beta=1.0, penalty_every=1, gain=0.5), "flash_bytes", "controller", 1.0,
+                        target=1.0, total_steps=100, target_model=t)
+    plain.extra_loss(qm)
+    assert plain.current_target() == 1.0 and plain.beta == pytest.approx(math.exp(0.5))
+    with pytest.raises(ValueError, match="anneal"):
+        HGQOptions(anneal=1.5)
+
+
 def test_hgq_keeps_one_group_of_every_layer_alive():
     from mixprec.quantizers.hgq import HGQWeightQuantizer
     from mixprec.search.hgq import keep_layers_alive

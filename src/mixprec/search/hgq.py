@@ -39,6 +39,7 @@ class HGQOptions:
     target_ratio: float = 0.95  # controller: aim at this fraction of the budget (containers round up)
     gain: float = 0.05  # controller: change of ln(beta) per penalty step per unit of relative error
     max_error: float = 1.0  # controller: the relative error is clipped to +-this (bounds each step)
+    anneal: float = 0.0  # controller: its target falls from the starting cost to the final one over this fraction of the phase (geometrically); 0 = the final target from the first step
     init_bits: float = 8.0  # starting weight storage bits (sign included)
     act_init_bits: float = 8.0  # starting activation bits
     act_granularity: str = "per-tensor"  # of the activations' bits (per-channel/per-element on fixed-point targets)
@@ -54,13 +55,17 @@ class HGQOptions:
             cost_key(self.cost)
         if self.penalty_every < 1:
             raise ValueError("penalty_every must be at least 1")
+        if not 0.0 <= self.anneal <= 1.0:
+            raise ValueError(f"anneal is a fraction of the phase, 0..1 (got {self.anneal})")
 
 
 class BetaPenalty(Callback):
     """``beta * cost / reference`` (+ ``gamma * sum f``) every ``every`` steps, times ``every``;
-    ``beta`` follows the schedule, or the controller's multiplicative update towards ``target``.
-    The gradient comes from the relaxed cost (every bit counts); the controller compares the cost
-    with the real storage containers, what the budget is judged on."""
+    ``beta`` follows the schedule, or the controller's multiplicative update towards ``target``
+    (annealed from the first measured cost when ``opts.anneal``: compressing a deep network to the
+    budget in the first epoch costs accuracy that a short phase does not win back). The gradient
+    comes from the relaxed cost (every bit counts); the controller compares the cost with the real
+    storage containers, what the budget is judged on."""
 
     def __init__(self, opts: HGQOptions, key: str, schedule: str, reference: float, target: float | None,
                  total_steps: int, target_model, measure_model=None):
@@ -72,6 +77,7 @@ class BetaPenalty(Callback):
         self.measure_model = measure_model or target_model  # the controller's: the real containers
         self.max_act_bits = max(self.measure_model.act_containers)
         self.beta, self.calls, self.last_cost = opts.beta, 0, float("nan")  # last_cost: what the controller saw
+        self.start_cost: float | None = None  # the first measured cost: where an annealed target starts
 
     def current_beta(self) -> float:
         t = self.calls / self.total_steps
@@ -82,6 +88,12 @@ class BetaPenalty(Callback):
             return log_ramp(o.beta, o.beta_end, t)
         return self.beta
 
+    def current_target(self) -> float:
+        if not self.opts.anneal or self.start_cost is None:
+            return self.target
+        t = self.calls / (self.opts.anneal * self.total_steps)
+        return log_ramp(max(self.start_cost, self.target), self.target, t)
+
     def extra_loss(self, model) -> torch.Tensor | None:
         step, self.calls = self.calls, self.calls + 1
         if not every_k(step, self.opts.penalty_every):
@@ -89,9 +101,11 @@ class BetaPenalty(Callback):
         cost = differentiable_costs(model, self.cost_model)[self.key]
         if self.schedule == "controller":
             self.last_cost = self.measured(model, cost)
+            if self.start_cost is None:
+                self.start_cost = self.last_cost
             # clipped: a start far over budget (13x on an FPGA run) otherwise let beta leap ~e^0.6 per
             # step and prune whole layers before the cost could answer
-            error = min(max(self.last_cost / self.target - 1.0, -self.opts.max_error), self.opts.max_error)
+            error = min(max(self.last_cost / self.current_target() - 1.0, -self.opts.max_error), self.opts.max_error)
             self.beta = min(max(self.beta * math.exp(self.opts.gain * error), 1e-8), 1e4)
         term = self.current_beta() * cost / self.reference
         if self.opts.gamma:
@@ -115,12 +129,15 @@ class BetaPenalty(Callback):
 
     def after_epoch(self, epoch: int, stats: dict) -> None:
         stats["beta"] = self.current_beta()
+        if self.target is not None and self.opts.anneal:
+            stats["target_cost"] = self.current_target()
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "calls": self.calls}
+        return {"beta": self.beta, "calls": self.calls, "start_cost": self.start_cost}
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.calls = state["beta"], state["calls"]
+        self.start_cost = state.get("start_cost")
 
 
 @torch.no_grad()
