@@ -199,44 +199,53 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
     return q_fixed, shift
 
 
-def _div_pow2_trunc(x, k: int):
-    """Divide by ``2**k`` rounding toward zero (C integer division)."""
-    return _where(x >= 0, x >> k, -((-x) >> k))
+def _negative_mask(x):
+    """-1 where ``x < 0``, 0 elsewhere (for int64, one arithmetic shift of the sign bit)."""
+    if isinstance(x, torch.Tensor):
+        return x >> 63 if x.dtype == torch.int64 else -(x < 0).to(x.dtype)
+    x = np.asarray(x)
+    return x >> 63 if x.dtype == np.int64 else -(x < 0).astype(x.dtype)
 
 
 def saturating_rounding_doubling_high_mul(a, b):
     """High 32 bits of ``2*a*b`` rounded to nearest (TFLite ``SaturatingRoundingDoublingHighMul``).
 
+    TFLite truncates ``(a*b + nudge) / 2**31`` with ``nudge = 2**30`` for ``a*b >= 0`` and
+    ``1 - 2**30`` otherwise; both cases equal ``floor((a*b + 2**30) / 2**31)``, one arithmetic shift
+    (the integer-exact evaluation of a model spends most of its time here).
+
     >>> int(saturating_rounding_doubling_high_mul(np.array([2**30]), np.array([2**30]))[0])
     536870912
     """
-    overflow = (a == INT32_MIN) & (b == INT32_MIN)
-    ab = a * b
-    nudge = _where(ab >= 0, _like(ab, 1 << 30), _like(ab, 1 - (1 << 30)))
-    high = _div_pow2_trunc(ab + nudge, 31)
+    high = (a * b + (1 << 30)) >> 31
+    b_min = _like(high, b) == INT32_MIN
+    if not bool(b_min.any()):  # b is the (small) multiplier: settle the overflow case on it
+        return high
+    overflow = (a == INT32_MIN) & b_min
     return _where(overflow, _like(high, INT32_MAX), high)
 
 
 def rounding_divide_by_pot(x, exponent):
-    """``x / 2**exponent`` rounded half away from zero (TFLite ``RoundingDivideByPOT``).
+    """``x / 2**exponent`` rounded half away from zero (TFLite ``RoundingDivideByPOT``): the floor
+    of ``(x + 2**(e-1) - [x < 0]) / 2**e`` for ``e > 0``, ``x`` itself for ``e == 0``.
 
     >>> rounding_divide_by_pot(np.array([5, -5, 6, -6]), 2).tolist()
     [1, -1, 2, -2]
     """
     exponent = _like(x, exponent)
-    mask = pow2(exponent) - 1
-    remainder = x & mask
-    threshold = (mask >> 1) + _as_int(x < 0)
-    return (x >> exponent) + _as_int(remainder > threshold)
+    half = pow2(exponent) >> 1
+    dividing = -_as_int(exponent > 0)  # all ones where e > 0: the sign correction applies
+    return (x + half + (_negative_mask(x) & dividing)) >> exponent
 
 
 def multiply_by_quantized_multiplier(x, multiplier, shift):
     """``x * M * 2**(shift-31)`` with TFLite-Micro rounding (``MultiplyByQuantizedMultiplier``)."""
     shift = _like(x, shift)
     zero = _like(x, 0)
-    left = _where(shift > 0, shift, zero)
+    if bool((shift > 0).any()):
+        x = x * pow2(_where(shift > 0, shift, zero))
     right = _where(shift > 0, zero, -shift)
-    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x * pow2(left), _like(x, multiplier)), right)
+    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, _like(x, multiplier)), right)
 
 
 # --- power-of-two requantization ------------------------------------------------------------

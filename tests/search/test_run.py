@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from mixprec import BudgetError
 from mixprec.execute import reference

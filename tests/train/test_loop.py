@@ -1,7 +1,6 @@
 """The training loop: per-epoch checkpoints that resume exactly, rollback on a non-finite loss."""
 import pytest
 import torch
-from torch import nn
 
 from mixprec.models import get_model
 from mixprec.train import Callback, TrainConfig, TrainingDiverged, fit, load_checkpoint
