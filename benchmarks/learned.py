@@ -154,9 +154,12 @@ def run_all(args) -> None:
     planned = [(name, budget_text, run, args.runs / name / budget_text / run["name"])
                for name in args.only for budget_text in args.budgets or PRESETS[name]["budgets"]
                for run in plan(PRESETS[name], budget_text, args.methods, args.headroom)]
-    for _, _, run, out in planned:  # float models earlier invocations trained (any budget) are shared too
-        if (out / "checkpoints" / "float.pt").exists() and not RunConfig.load(out / "config.yaml").float_from:
-            float_sources.setdefault(run["model"], out)
+    for name in args.only:  # float models earlier invocations trained (any budget, any method) are shared too
+        for budget_text in PRESETS[name]["budgets"]:
+            for run in plan(PRESETS[name], budget_text, METHODS, args.headroom):
+                out = args.runs / name / budget_text / run["name"]
+                if (out / "checkpoints" / "float.pt").exists() and not RunConfig.load(out / "config.yaml").float_from:
+                    float_sources.setdefault(run["model"], out)
     for name, budget_text, run, out in planned:
         source = float_sources.get(run["model"])
         cfg = config_for(PRESETS[name], run, budget_text, str(_rel(source)) if source and source != out else None)
