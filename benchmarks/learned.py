@@ -146,21 +146,24 @@ def _rel(path: Path) -> Path:
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
+def _planned(args, all_budgets: bool, methods):
+    """``(preset name, budget, run, run directory)`` for the presets asked for, in run order."""
+    for name in args.only:
+        for budget_text in (PRESETS[name]["budgets"] if all_budgets else args.budgets or PRESETS[name]["budgets"]):
+            for run in plan(PRESETS[name], budget_text, methods, args.headroom):
+                yield name, budget_text, run, args.runs / name / budget_text / run["name"]
+
+
 def run_all(args) -> None:
     float_sources: dict[str, Path] = {}
     for item in args.float or []:  # MODEL=RUN_DIR: a float model trained elsewhere with the preset's settings
         model, _, path = item.rpartition("=")  # model names hold '=' too: resnet8[width=13]=RUN
         float_sources[model] = Path(path)
-    planned = [(name, budget_text, run, args.runs / name / budget_text / run["name"])
-               for name in args.only for budget_text in args.budgets or PRESETS[name]["budgets"]
-               for run in plan(PRESETS[name], budget_text, args.methods, args.headroom)]
-    for name in args.only:  # float models earlier invocations trained (any budget, any method) are shared too
-        for budget_text in PRESETS[name]["budgets"]:
-            for run in plan(PRESETS[name], budget_text, METHODS, args.headroom):
-                out = args.runs / name / budget_text / run["name"]
-                if (out / "checkpoints" / "float.pt").exists() and not RunConfig.load(out / "config.yaml").float_from:
-                    float_sources.setdefault(run["model"], out)
-    for name, budget_text, run, out in planned:
+    # float models earlier invocations trained (any budget, any method) are shared too
+    for _, _, run, out in _planned(args, all_budgets=True, methods=METHODS):
+        if (out / "checkpoints" / "float.pt").exists() and not RunConfig.load(out / "config.yaml").float_from:
+            float_sources.setdefault(run["model"], out)
+    for name, budget_text, run, out in _planned(args, all_budgets=False, methods=args.methods):
         source = float_sources.get(run["model"])
         cfg = config_for(PRESETS[name], run, budget_text, str(_rel(source)) if source and source != out else None)
         if (out / "config.yaml").exists():  # the command a run was made with, whatever this call would give
