@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..granularity import expand, reduce_to
-from .base import NUMERICS, QParams, Quantizer, ceil_ste, round_ste, sum_to_shape
+from .base import NUMERICS, QParams, Quantizer, beyond_mask, ceil_ste, inside_mask, round_ste, sum_to_shape
 from .hgq import _param_shape
 
 GRAD_MODS = ("ewgs", "atanh", "ste")
@@ -58,6 +58,15 @@ def _modifier_of_error(r: torch.Tensor, mode: str, alpha: float = ALPHA) -> torc
     if mode == "ste":
         return torch.zeros_like(r)
     raise ValueError(f"unknown grad_mod {mode!r}; supported: {', '.join(GRAD_MODS)}")
+
+
+def _modifier_of_error_(r: torch.Tensor, mode: str, alpha: float = ALPHA) -> torch.Tensor:
+    """:func:`_modifier_of_error` computed in ``r``'s own storage (the fused backward's hot path)."""
+    if mode == "ewgs":
+        return r
+    if mode == "atanh":
+        return r.mul_(alpha).atanh_().mul_(0.5 / math.atanh(alpha / 2))
+    return _modifier_of_error(r, mode, alpha)
 
 
 class ModRound(torch.autograd.Function):
@@ -182,18 +191,18 @@ class _DQFakeQuant(torch.autograd.Function):
         u, uc, r, d, lo, hi = ctx.saved_tensors
         need_x, need_d, need_lo, need_hi = ctx.needs_input_grad[:4]
         gm = g  # dq/du = d * dR/du, with dR/du = 1 + delta * sign(g) * m(u): g * dR/du = g + delta * |g| * m
-        if ctx.mode != "ste" and ctx.delta != 0:
-            gm = torch.add(g, g.abs() * _modifier_of_error(uc - r, ctx.mode), alpha=ctx.delta)
+        if ctx.mode != "ste" and ctx.delta != 0:  # in place on fresh tensors: one allocation per term
+            gm = g.abs().mul_(_modifier_of_error_(uc - r, ctx.mode)).mul_(ctx.delta).add_(g)
         gx = gd = glo = ghi = None
         if need_x or need_d:
-            gux = torch.where(u == uc, gm, 0.0)  # also dq/dx: q = d * R(x / d)
+            gux = inside_mask(u, uc).mul_(gm)  # also dq/dx: q = d * R(x / d)
             gx = gux if need_x else None
             if need_d:  # dq/dd = R(u) - u * dR/du where x passes
-                gd = sum_to_shape(torch.addcmul(g * r, gux, u, value=-1), d.shape)
+                gd = sum_to_shape((g * r).addcmul_(gux, u, value=-1), d.shape)
         if need_lo:
-            glo = sum_to_shape(torch.where(u < lo, gm, 0.0), lo.shape) * d.reshape(lo.shape)
+            glo = sum_to_shape(beyond_mask(lo - u).mul_(gm), lo.shape) * d.reshape(lo.shape)
         if need_hi:
-            ghi = sum_to_shape(torch.where(u > hi, gm, 0.0), hi.shape) * d.reshape(hi.shape)
+            ghi = sum_to_shape(beyond_mask(u - hi).mul_(gm), hi.shape) * d.reshape(hi.shape)
         return gx, gd, glo, ghi, None, None
 
 

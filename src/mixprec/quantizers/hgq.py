@@ -36,7 +36,7 @@ from torch import nn
 
 from ..granularity import check_compatible, expand, reduce_to, shape_for
 from ..numerics import qrange
-from .base import QParams, Quantizer, sum_to_shape
+from .base import QParams, Quantizer, inside_mask, sum_to_shape
 
 LN2 = math.log(2.0)
 _TINY = 2.0 ** -126
@@ -51,16 +51,17 @@ class HGQRound(torch.autograd.Function):
     def forward(ctx, x, f, lo, hi):
         step = torch.exp2(-f.to(x.dtype))
         k = torch.round(x / step)
-        k_clip = torch.minimum(torch.maximum(k, lo.to(x.dtype)), hi.to(x.dtype))
-        q = k_clip * step
-        ctx.save_for_backward(x, q, k == k_clip)
+        k_clip = torch.clamp(k, lo.to(x.dtype), hi.to(x.dtype))
+        inside = inside_mask(k, k_clip)
+        q = k_clip.mul_(step)
+        ctx.save_for_backward(x, q, inside)
         ctx.f_shape = f.shape
         return q
 
     @staticmethod
     def backward(ctx, grad):
         x, q, inside = ctx.saved_tensors
-        gx = grad * inside.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        gx = grad * inside if ctx.needs_input_grad[0] else None
         gf = None
         if ctx.needs_input_grad[1]:
             gf = sum_to_shape(grad * (-LN2) * (q - x), ctx.f_shape)
