@@ -100,13 +100,13 @@ def qrange(bits, signed, narrow: bool = False):
     >>> qrange(4, True), qrange(4, False), qrange(8, True, narrow=True), qrange(0, True)
     ((-8, 7), (0, 15), (-127, 127), (0, 0))
     """
-    if isinstance(bits, torch.Tensor):
-        b = bits.to(torch.float64)
-        mag = torch.where(b > 0, torch.exp2(b - 1), torch.zeros_like(b))
+    if isinstance(bits, torch.Tensor):  # float64: 2^31 - 1 (32-bit biases) is exact; no compares, as
+        b = bits.to(torch.float64)     # every training step calls this a few times per layer
         if signed:
-            hi = torch.where(b > 0, mag - 1, torch.zeros_like(b))
+            mag = torch.exp2(b - 1).mul_(b.clamp(0.0, 1.0).ceil_())  # 0 where pruned (bits <= 0)
+            hi = (mag - 1).clamp_min_(0.0)
             return -hi if narrow else -mag, hi
-        return torch.zeros_like(b), torch.where(b > 0, torch.exp2(b) - 1, torch.zeros_like(b))
+        return torch.zeros_like(b), torch.exp2(b).sub_(1).clamp_min_(0.0)
     b = np.asarray(bits, dtype=np.int64)
     if signed:
         hi = np.where(b > 0, (np.int64(1) << np.maximum(b - 1, 0)) - 1, 0)
