@@ -84,16 +84,17 @@ class QuantModel(nn.Module):
         return out
 
     # -- training path ---------------------------------------------------------------------
-    def _bias_qparams(self, layer: QuantLayer, wqp: QParams, in_name: str) -> QParams:
-        s_in = self.act_quantizer(in_name).qparams().scale.amin().detach()  # the common (finest) grid
+    @torch.no_grad()  # the bias grid follows the weight and input grids but trains neither
+    def _bias_qparams(self, layer: QuantLayer, in_name: str) -> QParams:
+        s_in = self.act_quantizer(in_name).qparams().scale.amin()  # the common (finest) grid
+        wqp = layer.qparams()
         channel = wqp.full(tuple(layer.weight.shape)).scale.reshape(layer.weight.shape[0], -1).amin(1)
-        return QParams((s_in * channel.detach()).reshape(-1), torch.full_like(channel, 32.0), signed=True)
+        return QParams((s_in * channel).reshape(-1), torch.full_like(channel, 32.0), signed=True)
 
     def _weighted(self, node, x: torch.Tensor) -> torch.Tensor:
         layer = self.layers[node.name]
-        wqp = layer.qparams()
         w = layer.quantizer(layer.weight)  # the method's own gradients (equal to fake_quant(weight, wqp) in value)
-        b = fake_quant(layer.bias, self._bias_qparams(layer, wqp, node.inputs[0]))
+        b = fake_quant(layer.bias, self._bias_qparams(layer, node.inputs[0]))
         if node.op == "linear":
             return F.linear(x, w, b)
         a = node.attrs
