@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tables import write_section  # noqa: E402
+from _tables import merge_rows, write_section  # noqa: E402
 
 from mixprec.api import quantize  # noqa: E402
 from mixprec.cost import Budget, evaluate, feasible, load_target  # noqa: E402
@@ -177,10 +177,14 @@ def run_all(args) -> None:
             float_sources.setdefault(run["model"], out)
 
 
+ACC_TITLE = "Learned precision under FLASH budgets"
+
+
 def tables(args) -> None:
-    acc_rows = ["| model | FLASH budget | method | model width | float test acc (start) | test acc (integer-exact) | "
-                "FLASH B | feasible | weight bits (mean) | command |", "|---|---|---|---|---|---|---|---|---|---|"]
+    acc_rows, order = [], []
     for name, preset in PRESETS.items():
+        order.append((name, "none (reference)", "uniform int8"))
+        order += [(name, b, m) for b in preset["budgets"] for m in METHODS]
         ref = ROOT / "runs" / "bench-int8" / name / "result.json"  # benchmarks/uniform_int8.py
         if ref.exists():
             r = json.loads(ref.read_text())
@@ -198,7 +202,9 @@ def tables(args) -> None:
                 acc_rows.append(f"| {name} | {budget_text} | {method} | {_width(r['model'])} | "
                                 f"{r['accuracy']['float']:.2%} | {r['accuracy']['quantized']:.2%} | {r['cost']['flash_bytes']:,} | "
                                 f"{'yes' if r['feasible'] else 'NO'} | {mean_bits:.2f} | `{cmd}` |")
-    write_section("Learned precision under FLASH budgets",
+    header = ["| model | FLASH budget | method | model width | float test acc (start) | test acc (integer-exact) | "
+              "FLASH B | feasible | weight bits (mean) | command |", "|---|---|---|---|---|---|---|---|---|---|"]
+    write_section(ACC_TITLE,
                   "cortex-m4 (2/4/8-bit kernels, per-channel weights). `uniformB`: the widest model of the family "
                   "whose uniform B-bit weights (8-bit activations) fit, trained float then quantization-aware. `hgq`/`dq`: the widest "
                   "model whose all-2-bit version uses at most 75% of the budget, then the method, then the budget "
@@ -208,8 +214,10 @@ def tables(args) -> None:
                   "quantization is the difference of its two accuracies (between widths, float training noise "
                   "of a single seed is about 0.1 points on MNIST). Accuracy on the full test set with the "
                   "integer-exact model; 'weight bits' is "
-                  "the parameter-weighted mean. A missing row: no model of the family fits at that width.",
-                  "python benchmarks/learned.py", acc_rows)
+                  "the parameter-weighted mean. A missing row: no model of the family fits at that width, or "
+                  "the run is not done yet. Rows whose run directory is not on the machine that wrote the table "
+                  "are kept as measured before; the command of each row reproduces it.",
+                  "python benchmarks/learned.py", header + merge_rows(ACC_TITLE, acc_rows, 3, order))
 
 
 FPGA = dict(model="lenet5", data="mnist", target="fpga-hls4ml", budgets=["1e5", "3e5", "1e6"],
@@ -251,9 +259,11 @@ def run_fpga(args) -> None:
                 source = out
 
 
+FPGA_TITLE = "HGQ granularity on the FPGA"
+
+
 def fpga_table(args) -> None:
-    rows = ["| EBOPs budget | run | test acc (integer-exact) | EBOPs | feasible | weight bits (mean) | command |",
-            "|---|---|---|---|---|---|---|"]
+    rows = []
     for budget in FPGA["budgets"]:
         for name in FPGA_RUNS:
             out = args.runs / "lenet5-mnist-fpga" / budget / name
@@ -263,12 +273,16 @@ def fpga_table(args) -> None:
             cmd = (out.parent / f"{name}.command").read_text().strip()
             rows.append(f"| {budget} | {name} | {r['accuracy']['quantized']:.2%} | {r['cost']['ebops']:,.0f} | "
                         f"{'yes' if r['feasible'] else 'NO'} | {_mean_bits(r):.2f} | `{cmd}` |")
-    write_section("HGQ granularity on the FPGA",
+    header = ["| EBOPs budget | run | test acc (integer-exact) | EBOPs | feasible | weight bits (mean) | command |",
+              "|---|---|---|---|---|---|---|"]
+    order = [(b, n) for b in FPGA["budgets"] for n in FPGA_RUNS]
+    write_section(FPGA_TITLE,
                   "LeNet-5 / MNIST on `fpga-hls4ml` (fixed point, any width 0..16; EBOPs of the deployed model: "
                   "effective bits of each integer weight, highest to lowest set bit, times its input's bits). HGQ per element and per channel "
                   "(activations per tensor unless the run says otherwise), DQ "
                   "per channel, and the widest uniform width (weights = activations) that meets the budget, all "
-                  "from one float model, 8 + 2 quantized epochs each.", "python benchmarks/learned.py --fpga", rows)
+                  "from one float model, 8 + 2 quantized epochs each.", "python benchmarks/learned.py --fpga",
+                  header + merge_rows(FPGA_TITLE, rows, 2, order))
 
 
 def _mean_bits(r: dict) -> float:
@@ -309,20 +323,25 @@ def time_methods(name: str, preset: dict, n_train: int, epochs: int = 3) -> list
     return rows
 
 
+TIMING_TITLE = "Training cost of the methods"
+
+
 def timing_table(args) -> None:
-    rows = ["| model | training samples | float s/epoch | uniform QAT | hgq | dq | ratios to float (uniform / hgq / dq) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = []
     for name in args.only:
         n = args.timing_samples
         t = {r["method"]: r["seconds"] for r in time_methods(name, PRESETS[name], n)}
         f = t["float"]
         rows.append(f"| {name} | {n:,} | {f:.2f} | {t['uniform']:.2f} | {t['hgq']:.2f} | {t['dq']:.2f} | "
                     f"{t['uniform'] / f:.2f}x / {t['hgq'] / f:.2f}x / {t['dq'] / f:.2f}x |")
-    write_section("Training cost of the methods",
+    header = ["| model | training samples | float s/epoch | uniform QAT | hgq | dq | ratios to float (uniform / hgq / dq) |",
+              "|---|---|---|---|---|---|---|"]
+    write_section(TIMING_TITLE,
                   "Median seconds per training epoch (3 epochs each, validation excluded) of float training and of "
                   "each method's quantized phase (DQ: the alternating phase b), on the full-width model and a "
                   "subset of the training set, measured one after the other in one process on this machine's "
-                  "2 CPU cores with nothing else running.", "python benchmarks/learned.py --timing", rows)
+                  "2 CPU cores with nothing else running.", "python benchmarks/learned.py --timing",
+                  header + merge_rows(TIMING_TITLE, rows, 1, [(n,) for n in PRESETS]))
 
 
 def _width(model: str) -> str:
