@@ -24,6 +24,7 @@ from .cost.compute import ebops as node_ebops, effective_bits
 from .execute import reference
 from .lower import integer_weights
 from .nn.model import QuantModel
+from .train.loop import CPU_EVAL_BATCH
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +222,15 @@ def save_integer_model(qm: QuantModel, path: str | Path) -> Path:
 def verify_against_reference(qm: QuantModel, x: torch.Tensor) -> int:
     """Number of outputs where the model's evaluation differs from the NumPy reference (want 0)."""
     qm.eval()
-    with torch.no_grad():
-        got = qm(x).numpy()
     ig = qm.lower()
-    want = (reference(ig, x.numpy()) * ig.output_scale).astype(np.float32)
-    return int((got != want).sum())
+    mismatches = 0
+    for i in range(0, len(x), CPU_EVAL_BATCH):  # cache-sized batches (see CPU_EVAL_BATCH)
+        xb = x[i:i + CPU_EVAL_BATCH]
+        with torch.no_grad():
+            got = qm(xb).numpy()
+        want = (reference(ig, xb.numpy()) * ig.output_scale).astype(np.float32)
+        mismatches += int((got != want).sum())
+    return mismatches
 
 
 __all__ = ["Budget", "BudgetError", "as_target", "assignment", "cost_report", "cost_term", "finalize",

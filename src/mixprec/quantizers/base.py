@@ -127,6 +127,14 @@ def sum_to_shape(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return (g.sum(dim=dims, keepdim=True) if dims else g).reshape(shape)
 
 
+def broadcastable(param: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``param`` shaped to broadcast against ``shape`` (its gradient then sums where it broadcast);
+    slices of more than one element along a dim need the full expansion."""
+    if all(n in (1, full) for n, full in zip(param.shape[::-1], shape[::-1])):
+        return param.reshape((1,) * (len(shape) - param.dim()) + tuple(param.shape))
+    return expand(param, shape)
+
+
 def range_scale(max_abs: torch.Tensor, bits: torch.Tensor, signed: bool, numerics: str,
                 narrow: bool = False) -> torch.Tensor:
     """Scale that maps ``max_abs`` onto the largest code of ``bits``; a power of two (rounded up,

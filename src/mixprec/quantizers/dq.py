@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from ..granularity import expand, reduce_to
-from .base import NUMERICS, QParams, Quantizer, beyond_mask, ceil_ste, inside_mask, round_ste, sum_to_shape
+from .base import (NUMERICS, QParams, Quantizer, beyond_mask, broadcastable, ceil_ste, inside_mask, round_ste,
+                   sum_to_shape)
 from .hgq import _param_shape
 
 GRAD_MODS = ("ewgs", "atanh", "ste")
@@ -157,17 +158,9 @@ class _DQBase(Quantizer):
         raise NotImplementedError
 
     def _quantize(self, x: torch.Tensor, value_shape: tuple[int, ...]) -> torch.Tensor:
-        d = _broadcastable(self.step(), value_shape)
-        lo, hi = (_broadcastable(t, value_shape) for t in self._codes(self._mag_bits()))
+        d = broadcastable(self.step(), value_shape)
+        lo, hi = (broadcastable(t, value_shape) for t in self._codes(self._mag_bits()))
         return _DQFakeQuant.apply(x, d, lo, hi, self.grad_mod, self.delta)
-
-
-def _broadcastable(param: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """``param`` shaped to broadcast against ``shape`` (its gradient then sums where it broadcast);
-    slices of more than one element along a dim need the full expansion."""
-    if all(n in (1, full) for n, full in zip(param.shape[::-1], shape[::-1])):
-        return param.reshape((1,) * (len(shape) - param.dim()) + tuple(param.shape))
-    return expand(param, shape)
 
 
 class _DQFakeQuant(torch.autograd.Function):

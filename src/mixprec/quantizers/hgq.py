@@ -36,7 +36,7 @@ from torch import nn
 
 from ..granularity import check_compatible, expand, reduce_to, shape_for
 from ..numerics import qrange
-from .base import QParams, Quantizer, inside_mask, sum_to_shape
+from .base import QParams, Quantizer, broadcastable, sum_to_shape
 
 LN2 = math.log(2.0)
 _TINY = 2.0 ** -126
@@ -45,27 +45,44 @@ _TINY = 2.0 ** -126
 class HGQRound(torch.autograd.Function):
     """``clip(round(x * 2^f), lo, hi) / 2^f`` with STE for ``x`` (inside the range) and the HGQ
     surrogate ``dq/df = -ln(2) * (q - x)`` for ``f``. ``f`` must hold integers (already rounded)
-    and broadcast onto ``x``; ``lo``/``hi`` are integer code bounds broadcasting onto ``x``."""
+    and broadcast onto ``x``; ``lo``/``hi`` are integer code bounds broadcasting onto ``x``.
+
+    Each pass over ``x`` is memory-bound on a CPU, so the forward allocates two tensors (the
+    codes, reused for the mask, and ``q``) and saves the mask and the error ``q - x``; the
+    backward is one product for ``x`` and one reduction for ``f`` (a dot product when ``f`` is one
+    number), with ``-ln 2`` applied to the reduced gradient."""
 
     @staticmethod
     def forward(ctx, x, f, lo, hi):
         step = torch.exp2(-f.to(x.dtype))
-        k = torch.round(x / step)
-        k_clip = torch.clamp(k, lo.to(x.dtype), hi.to(x.dtype))
-        inside = inside_mask(k, k_clip)
-        q = k_clip.mul_(step)
-        ctx.save_for_backward(x, q, inside)
+        k = torch.div(x, step).round_()
+        q = torch.clamp(k, *_bounds(lo, hi, x.dtype))
+        inside = k.sub_(q).abs_().sign_().neg_().add_(1.0)  # inside_mask(k, q), in k's storage
+        q.mul_(step)
+        ctx.save_for_backward(inside, q - x if ctx.needs_input_grad[1] else None)
         ctx.f_shape = f.shape
         return q
 
     @staticmethod
     def backward(ctx, grad):
-        x, q, inside = ctx.saved_tensors
+        inside, error = ctx.saved_tensors
         gx = grad * inside if ctx.needs_input_grad[0] else None
         gf = None
         if ctx.needs_input_grad[1]:
-            gf = sum_to_shape(grad * (-LN2) * (q - x), ctx.f_shape)
+            if math.prod(ctx.f_shape) == 1:
+                gf = torch.dot(grad.reshape(-1), error.reshape(-1)).reshape(ctx.f_shape)
+            else:
+                gf = sum_to_shape(grad * error, ctx.f_shape)
+            gf = gf.mul_(-LN2)
         return gx, gf, None, None
+
+
+def _bounds(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype):
+    """Clamp bounds: plain numbers for one range on a CPU (the tensor form broadcasts a bound per
+    element), else tensors in ``dtype``."""
+    if lo.numel() == 1 and hi.numel() == 1 and lo.device.type == "cpu":
+        return float(lo), float(hi)
+    return lo.to(dtype), hi.to(dtype)
 
 
 def scale_grad(t: torch.Tensor, factor: float) -> torch.Tensor:
@@ -278,6 +295,5 @@ class HGQActQuantizer(_HGQBase):
         if self.training and not self.frozen:
             self.observe(x)
         qp = self.qparams()
-        lo, hi = qrange(expand(qp.bits, self.shape), qp.signed)
-        f_full = expand(-torch.log2(qp.scale), self.shape)
-        return HGQRound.apply(x, f_full, lo, hi)
+        lo, hi = qrange(broadcastable(qp.bits, self.shape), qp.signed)
+        return HGQRound.apply(x, broadcastable(-torch.log2(qp.scale), self.shape), lo, hi)

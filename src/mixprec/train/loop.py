@@ -113,10 +113,21 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+#: Evaluation batch on a CPU. The integer path works on int64 tensors: at 512 CIFAR images a
+#: ResNet-8 activation is 64 MB, so every elementwise op streams from RAM and page-faults a fresh
+#: allocation; at 32 images one fits in cache and is reused (an eval about 5x faster, measured).
+CPU_EVAL_BATCH = 32
+
+
+def eval_batch_size(device: torch.device) -> int:
+    return CPU_EVAL_BATCH if torch.device(device).type == "cpu" else 512
+
+
 @torch.no_grad()
-def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512,
+def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None,
                       progress: Callable[[int, int], None] | None = None, world: World | None = None) -> float:
-    """Top-1 accuracy in eval mode (for a quantized model: the integer-exact path).
+    """Top-1 accuracy in eval mode (for a quantized model: the integer-exact path), in batches of
+    ``batch_size`` (default: :func:`eval_batch_size` of the model's device).
 
     With a distributed ``world`` each process scores its share and the counts are summed.
     """
@@ -125,6 +136,7 @@ def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_
     if world is not None and world.distributed:
         x, y = x[world.rank::world.size], y[world.rank::world.size]
     device = _model_device(model)
+    batch_size = batch_size or eval_batch_size(device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     total = torch.tensor(len(y), dtype=torch.int64, device=device)
     n_batches = math.ceil(len(y) / batch_size)
