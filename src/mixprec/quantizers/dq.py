@@ -38,7 +38,7 @@ from torch import nn
 from ..granularity import expand, reduce_to
 from .base import (NUMERICS, QParams, Quantizer, beyond_mask, broadcastable, ceil_ste, inside_mask, round_ste,
                    sum_to_shape)
-from .hgq import _param_shape
+from .hgq import _bounds, _param_shape
 
 GRAD_MODS = ("ewgs", "atanh", "ste")
 ALPHA = 1.9
@@ -173,30 +173,44 @@ class _DQFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, d, lo, hi, mode: str, delta: float):
         u = x / d
-        uc = torch.clamp(u, lo, hi)
+        uc = torch.clamp(u, *_bounds(lo, hi, u.dtype))
         r = torch.round(uc)
-        ctx.save_for_backward(u, uc, r, d, lo, hi)
+        out = r * d
+        # Saved in the storage of the temporaries: the region sign(u - uc) (-1 below the range, 0
+        # inside or on a bound, +1 above) and the rounding error uc - r; with r they give every
+        # gradient (inside the range u == uc == r + error), so u and uc need not be kept.
+        region = u.sub_(uc).sign_()
+        error = uc.sub_(r)
+        ctx.save_for_backward(region, error, r, d, lo, hi)
         ctx.mode, ctx.delta = mode, delta
-        return r * d
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        u, uc, r, d, lo, hi = ctx.saved_tensors
+        region, error, r, d, lo, hi = ctx.saved_tensors
         need_x, need_d, need_lo, need_hi = ctx.needs_input_grad[:4]
         gm = g  # dq/du = d * dR/du, with dR/du = 1 + delta * sign(g) * m(u): g * dR/du = g + delta * |g| * m
-        if ctx.mode != "ste" and ctx.delta != 0:  # in place on fresh tensors: one allocation per term
-            gm = g.abs().mul_(_modifier_of_error_(uc - r, ctx.mode)).mul_(ctx.delta).add_(g)
+        if ctx.mode != "ste" and ctx.delta != 0:  # m from a copy of the error: the error is still needed
+            gm = g.abs().mul_(_modifier_of_error_(error.clone() if ctx.mode != "ewgs" else error, ctx.mode))
+            gm = gm.mul_(ctx.delta).add_(g)
         gx = gd = glo = ghi = None
         if need_x or need_d:
-            gux = inside_mask(u, uc).mul_(gm)  # also dq/dx: q = d * R(x / d)
+            gux = region.abs().neg_().add_(1.0).mul_(gm)  # inside mask times gm; also dq/dx (q = d * R(x / d))
             gx = gux if need_x else None
-            if need_d:  # dq/dd = R(u) - u * dR/du where x passes
-                gd = sum_to_shape((g * r).addcmul_(gux, u, value=-1), d.shape)
+            if need_d:  # dq/dd = R(u) - u * dR/du where x passes, R(u) where clipped; u = r + error inside
+                gd = _reduce(g - gux, r, d.shape) - _reduce(gux, error, d.shape)
         if need_lo:
-            glo = sum_to_shape(beyond_mask(lo - u).mul_(gm), lo.shape) * d.reshape(lo.shape)
+            glo = _reduce(region.clamp(max=0.0), gm, lo.shape).neg_() * d.reshape(lo.shape)
         if need_hi:
-            ghi = sum_to_shape(beyond_mask(u - hi).mul_(gm), hi.shape) * d.reshape(hi.shape)
+            ghi = _reduce(region.clamp(min=0.0), gm, hi.shape) * d.reshape(hi.shape)
         return gx, gd, glo, ghi, None, None
+
+
+def _reduce(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``sum_to_shape(a * b, shape)``; one dot product when ``shape`` is a single number."""
+    if math.prod(shape) == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(shape)
+    return sum_to_shape(a * b, shape)
 
 
 class DQWeightQuantizer(_DQBase):
