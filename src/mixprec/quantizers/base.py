@@ -77,11 +77,6 @@ def inside_mask(value: torch.Tensor, clipped: torch.Tensor) -> torch.Tensor:
     return (value - clipped).abs_().sign_().neg_().add_(1.0)
 
 
-def beyond_mask(excess: torch.Tensor) -> torch.Tensor:
-    """1.0 where ``excess > 0``, else 0.0 (in place, float arithmetic; see :func:`inside_mask`)."""
-    return excess.clamp_(min=0.0).sign_()
-
-
 def _pass_x(k: torch.Tensor, lo, hi) -> torch.Tensor:
     """x's straight-through gradient for the rounded codes ``k`` (``k`` is overwritten): 1 inside the
     range, 0 outside, a half on its edges, where clipping ties (as the min/max form always did: the

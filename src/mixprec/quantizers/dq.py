@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..granularity import expand, reduce_to
-from .base import (NUMERICS, QParams, Quantizer, beyond_mask, broadcastable, ceil_ste, inside_mask, round_ste,
+from .base import (NUMERICS, QParams, Quantizer, broadcastable, ceil_ste, round_ste,
                    sum_to_shape)
 from .hgq import _bounds, _param_shape
 
