@@ -24,7 +24,7 @@ from .cost.compute import ebops as node_ebops, effective_bits
 from .execute import reference
 from .lower import integer_weights
 from .nn.model import QuantModel
-from .train.loop import CPU_EVAL_BATCH
+from .train.loop import eval_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -223,9 +223,9 @@ def verify_against_reference(qm: QuantModel, x: torch.Tensor) -> int:
     """Number of outputs where the model's evaluation differs from the NumPy reference (want 0)."""
     qm.eval()
     ig = qm.lower()
-    mismatches = 0
-    for i in range(0, len(x), CPU_EVAL_BATCH):  # cache-sized batches (see CPU_EVAL_BATCH)
-        xb = x[i:i + CPU_EVAL_BATCH]
+    mismatches, batch = 0, eval_batch_size("cpu", x)  # cache-sized batches
+    for i in range(0, len(x), batch):
+        xb = x[i:i + batch]
         with torch.no_grad():
             got = qm(xb).numpy()
         want = (reference(ig, xb.numpy()) * ig.output_scale).astype(np.float32)
