@@ -340,7 +340,9 @@ def timing_table(args) -> None:
                   "Median seconds per training epoch (3 epochs each, validation excluded) of float training and of "
                   "each method's quantized phase (DQ: the alternating phase b), on the full-width model and a "
                   "subset of the training set, measured one after the other in one process on this machine's "
-                  "2 CPU cores with nothing else running.", "python benchmarks/learned.py --timing",
+                  "2 CPU cores with nothing else running. On this shared machine two runs of the same code "
+                  "can differ by a third in a ratio (ResNet-8 hgq: 1.39x and 1.90x on 2026-12-02): read "
+                  "them as ranges.", "python benchmarks/learned.py --timing",
                   header + merge_rows(TIMING_TITLE, rows, 1, [(n,) for n in PRESETS]))
 
 
