@@ -7,6 +7,7 @@ step and range, learned fractional bits, a mixture of choices).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,6 +121,21 @@ def sum_to_shape(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         g = g.sum(dim=tuple(range(lead)))
     dims = tuple(d for d, n in enumerate(shape) if n == 1 and g.shape[d] != 1)
     return (g.sum(dim=dims, keepdim=True) if dims else g).reshape(shape)
+
+
+def reduce_product(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``sum_to_shape(a * b, shape)``; one dot product when ``shape`` is a single number."""
+    if math.prod(shape) == 1:
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(shape)
+    return sum_to_shape(a * b, shape)
+
+
+def clamp_bounds(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype):
+    """Clamp bounds: plain numbers for one range on a CPU (the tensor form broadcasts a bound per
+    element), else tensors in ``dtype``."""
+    if lo.numel() == 1 and hi.numel() == 1 and lo.device.type == "cpu":
+        return float(lo), float(hi)
+    return lo.to(dtype), hi.to(dtype)
 
 
 def broadcastable(param: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

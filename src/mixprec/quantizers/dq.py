@@ -36,9 +36,8 @@ import torch
 from torch import nn
 
 from ..granularity import expand, reduce_to
-from .base import (NUMERICS, QParams, Quantizer, broadcastable, ceil_ste, round_ste,
-                   sum_to_shape)
-from .hgq import _bounds, _param_shape
+from .base import NUMERICS, QParams, Quantizer, broadcastable, ceil_ste, clamp_bounds, reduce_product, round_ste
+from .hgq import _param_shape
 
 GRAD_MODS = ("ewgs", "atanh", "ste")
 ALPHA = 1.9
@@ -173,7 +172,7 @@ class _DQFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, d, lo, hi, mode: str, delta: float):
         u = x / d
-        uc = torch.clamp(u, *_bounds(lo, hi, u.dtype))
+        uc = torch.clamp(u, *clamp_bounds(lo, hi, u.dtype))
         r = torch.round(uc)
         out = r * d
         # Saved in the storage of the temporaries: the region sign(u - uc) (-1 below the range, 0
@@ -198,19 +197,12 @@ class _DQFakeQuant(torch.autograd.Function):
             gux = region.abs().neg_().add_(1.0).mul_(gm)  # inside mask times gm; also dq/dx (q = d * R(x / d))
             gx = gux if need_x else None
             if need_d:  # dq/dd = R(u) - u * dR/du where x passes, R(u) where clipped; u = r + error inside
-                gd = _reduce(g - gux, r, d.shape) - _reduce(gux, error, d.shape)
+                gd = reduce_product(g - gux, r, d.shape) - reduce_product(gux, error, d.shape)
         if need_lo:
-            glo = _reduce(region.clamp(max=0.0), gm, lo.shape).neg_() * d.reshape(lo.shape)
+            glo = reduce_product(region.clamp(max=0.0), gm, lo.shape).neg_() * d.reshape(lo.shape)
         if need_hi:
-            ghi = _reduce(region.clamp(min=0.0), gm, hi.shape) * d.reshape(hi.shape)
+            ghi = reduce_product(region.clamp(min=0.0), gm, hi.shape) * d.reshape(hi.shape)
         return gx, gd, glo, ghi, None, None
-
-
-def _reduce(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``sum_to_shape(a * b, shape)``; one dot product when ``shape`` is a single number."""
-    if math.prod(shape) == 1:
-        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(shape)
-    return sum_to_shape(a * b, shape)
 
 
 class DQWeightQuantizer(_DQBase):

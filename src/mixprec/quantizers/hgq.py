@@ -36,7 +36,7 @@ from torch import nn
 
 from ..granularity import check_compatible, expand, reduce_to, shape_for
 from ..numerics import qrange
-from .base import QParams, Quantizer, broadcastable, sum_to_shape
+from .base import QParams, Quantizer, broadcastable, clamp_bounds, reduce_product
 
 LN2 = math.log(2.0)
 _TINY = 2.0 ** -126
@@ -56,7 +56,7 @@ class HGQRound(torch.autograd.Function):
     def forward(ctx, x, f, lo, hi):
         step = torch.exp2(-f.to(x.dtype))
         k = torch.div(x, step).round_()
-        q = torch.clamp(k, *_bounds(lo, hi, x.dtype))
+        q = torch.clamp(k, *clamp_bounds(lo, hi, x.dtype))
         inside = k.sub_(q).abs_().sign_().neg_().add_(1.0)  # inside_mask(k, q), in k's storage
         q.mul_(step)
         ctx.save_for_backward(inside, q - x if ctx.needs_input_grad[1] else None)
@@ -69,20 +69,8 @@ class HGQRound(torch.autograd.Function):
         gx = grad * inside if ctx.needs_input_grad[0] else None
         gf = None
         if ctx.needs_input_grad[1]:
-            if math.prod(ctx.f_shape) == 1:
-                gf = torch.dot(grad.reshape(-1), error.reshape(-1)).reshape(ctx.f_shape)
-            else:
-                gf = sum_to_shape(grad * error, ctx.f_shape)
-            gf = gf.mul_(-LN2)
+            gf = reduce_product(grad, error, ctx.f_shape).mul_(-LN2)
         return gx, gf, None, None
-
-
-def _bounds(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype):
-    """Clamp bounds: plain numbers for one range on a CPU (the tensor form broadcasts a bound per
-    element), else tensors in ``dtype``."""
-    if lo.numel() == 1 and hi.numel() == 1 and lo.device.type == "cpu":
-        return float(lo), float(hi)
-    return lo.to(dtype), hi.to(dtype)
 
 
 def scale_grad(t: torch.Tensor, factor: float) -> torch.Tensor:
