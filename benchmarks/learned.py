@@ -125,7 +125,9 @@ def config_for(preset: dict, run: dict, budget_text: str, float_from: str | None
 def command_for(cfg: RunConfig, out) -> str:
     parts = [f"mixprec search --model '{cfg.model}' --data {cfg.data} --target {cfg.target} --method {cfg.method}"]
     if cfg.bits:
-        parts.append(f"--bits {cfg.bits} --act-bits {cfg.act_bits}")
+        parts.append(f"--bits {cfg.bits}")
+    if cfg.act_bits is not None:  # unset: the CLI's own default (activations at least as wide as weights)
+        parts.append(f"--act-bits {cfg.act_bits}")
     if cfg.weight_granularity:
         parts.append(f"--granularity {cfg.weight_granularity}")
     parts += [f"--{k} {v}" for k, v in cfg.budget.items()]
