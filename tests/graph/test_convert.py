@@ -118,8 +118,13 @@ def test_trace_folds_running_statistics_even_in_train_mode():
     torch.manual_seed(3)
     model = randomize_bn(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)))
     model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     graph, params = trace(model, (1, 3, 3))
     assert model.training  # mode restored
+    # and the float model untouched: shape propagation once ran a zero batch through the train-mode
+    # BatchNorm, which moved its running statistics (and so the folded weights) towards it
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
     model.eval()
     x = torch.randn(4, 1, 3, 3)
     with torch.no_grad():

@@ -267,19 +267,20 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Graph, dict[s
     running statistics are what gets folded.
     """
     was_training = model.training
-    model.eval()
-    try:
-        traced = fx.symbolic_trace(model)
-    except Exception as exc:  # tracing errors come from user code: keep the cause
-        raise UnsupportedLayerError(f"torch.fx could not trace the model: {exc}. Models must be free of "
-                                    f"data-dependent control flow. Supported: {SUPPORTED}.") from exc
+    model.eval()  # also through shape propagation: the traced modules are the model's own, and a
+    try:          # BatchNorm in train mode would fold a zero batch into its running statistics
+        try:
+            traced = fx.symbolic_trace(model)
+        except Exception as exc:  # tracing errors come from user code: keep the cause
+            raise UnsupportedLayerError(f"torch.fx could not trace the model: {exc}. Models must be free of "
+                                        f"data-dependent control flow. Supported: {SUPPORTED}.") from exc
+        placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) > 1:  # before shape propagation, which would fail on the missing inputs
+            _Builder(traced).fail(placeholders[1], "models with more than one input are not supported")
+        with torch.no_grad():
+            ShapeProp(traced).propagate(torch.zeros((2,) + tuple(input_shape)))
     finally:
         model.train(was_training)
-    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) > 1:  # before shape propagation, which would fail on the missing inputs
-        _Builder(traced).fail(placeholders[1], "models with more than one input are not supported")
-    with torch.no_grad():
-        ShapeProp(traced).propagate(torch.zeros((2,) + tuple(input_shape)))
     builder = _Builder(traced)
     output = None
     for n in traced.graph.nodes:
