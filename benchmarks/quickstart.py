@@ -34,7 +34,7 @@ def main() -> None:
                     f"{r['cost']['flash_bytes']} | {r['budget']['flash_bytes']} | {r['cost']['ram_bytes']} | "
                     f"{r['feasible']} | {r['reference_mismatches']} | {wall:.1f} |")
     write_section("Quickstart", "digits-cnn on digits (scikit-learn 8x8), cortex-m4, 12 KiB FLASH budget, "
-                  "uniform method; wall time of the whole run (data, float warm-up, QAT, evaluation) on this "
+                  "uniform method (the logits keep 8 bits); wall time of the whole run (data, float warm-up, QAT, evaluation) on this "
                   "machine's 2 cores.", "python benchmarks/quickstart.py --seeds " + " ".join(map(str, args.seeds)), rows)
 
 

@@ -120,7 +120,7 @@ def search(model: str = typer.Option(..., help="registered model name or package
            float_from: Optional[str] = typer.Option(None, "--float-from",
                                                     help="start from this run's float model instead of training one"),
            bits: Optional[int] = typer.Option(None, help="weight bits (default: widest that fits the budget)"),
-           act_bits: Optional[int] = typer.Option(None, help="activation bits (default: >= weight bits)"),
+           act_bits: Optional[int] = typer.Option(None, help="activation bits (default: >= weight bits; uniform keeps the logits at >= 8)"),
            granularity: Optional[str] = typer.Option(None, help="weight granularity"),
            flash: Optional[str] = typer.Option(None, help="FLASH budget, e.g. 32KiB"),
            ram: Optional[str] = typer.Option(None, help="peak RAM budget, e.g. 16KiB"),
