@@ -299,7 +299,7 @@ def run_fpga(args) -> None:
     widest uniform width; all from one float model (``--float lenet5=RUN`` or the first run's)."""
     source = next((Path(i.partition("=")[2]) for i in args.float or [] if i.startswith("lenet5=")), None)
     for budget in args.budgets_fpga or FPGA["budgets"]:
-        for name in FPGA_RUNS:
+        for name in args.fpga_runs or FPGA_RUNS:
             out = args.runs / "lenet5-mnist-fpga" / budget / name
             cfg = fpga_config(name, budget, str(_rel(source)) if source else None)
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -414,6 +414,7 @@ def main() -> None:
     ap.add_argument("--timing", action="store_true", help="only measure the training cost table")
     ap.add_argument("--fpga", action="store_true", help="only the HGQ-granularity table on fpga-hls4ml")
     ap.add_argument("--budgets-fpga", nargs="+", help="subset of the FPGA EBOPs budgets")
+    ap.add_argument("--fpga-runs", nargs="+", choices=list(FPGA_RUNS), help="subset of the FPGA runs")
     ap.add_argument("--timing-samples", type=int, default=12_800)
     ap.add_argument("--float", nargs="+", metavar="MODEL=RUN_DIR",
                     help="reuse these float models (trained with the preset's float settings), e.g. "
