@@ -36,7 +36,7 @@ def convert(model: nn.Module, input_shape: tuple[int, ...], numerics: str = "sca
 
     def weight_quantizer(node, weight):
         bits = bits_tensor_for(pick(weight_bits, node.name), weight_granularity, node.weight_shape)
-        return FixedWeightQuantizer(node.weight_shape, bits, numerics)
+        return FixedWeightQuantizer(node.weight_shape, bits, numerics, range_rule="mse")
 
     def act_quantizer(node):
         bits = bits_tensor_for(pick(act_bits, node.name), act_granularity, node.out_shape)

@@ -14,3 +14,55 @@ def test_act_quantizer_per_group_range_fixed_numerics_only():
     assert torch.equal(restored.qparams().scale, q.qparams().scale)
     with pytest.raises(ValueError, match="fixed numerics"):
         ActQuantizer((3, 2, 2), bits, "scaled").set_range(torch.zeros(3, 1, 1), torch.ones(3, 1, 1))
+
+
+def _sq_error(q, w):
+    from mixprec.quantizers.base import fake_quant
+
+    with torch.no_grad():
+        return ((fake_quant(w, q.qparams(w)) - w) ** 2).sum(dim=tuple(range(1, w.dim())))
+
+
+@pytest.mark.parametrize("numerics", ["scaled", "fixed"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_mse_range_never_worse_than_max_and_much_better_at_two_bits(numerics, bits):
+    from mixprec.quantizers.fixed import FixedWeightQuantizer
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3) * torch.linspace(0.05, 1.0, 6).reshape(6, 1, 1, 1)
+    b = torch.full((6, 1, 1, 1), float(bits))
+    by_max = _sq_error(FixedWeightQuantizer(w.shape, b, numerics), w)
+    by_mse = _sq_error(FixedWeightQuantizer(w.shape, b, numerics, range_rule="mse"), w)
+    assert (by_mse <= by_max).all()  # the max range is one of the candidates, per channel
+    if bits == 2:  # Gaussian weights: the max rule rounds most of them to zero
+        assert (by_mse < 0.6 * by_max).all()
+
+
+def test_mse_range_picks_the_best_candidate_per_channel():
+    from mixprec.quantizers.fixed import MSE_FRACTIONS, FixedWeightQuantizer, range_scale
+
+    torch.manual_seed(1)
+    w = torch.randn(3, 50)
+    q = FixedWeightQuantizer(w.shape, torch.full((3, 1), 2.0), "scaled", range_rule="mse")  # per channel
+    scale = q.qparams(w).scale.flatten()
+    max_scale = range_scale(w.abs().amax(1), torch.full((3,), 2.0), True, "scaled", True)
+    for c in range(3):  # brute force over the same candidates, one channel at a time
+        errs = [((torch.clamp(torch.round(w[c] / (max_scale[c] * f)), -1, 1) * max_scale[c] * f - w[c]) ** 2).sum()
+                for f in MSE_FRACTIONS]
+        assert torch.isclose(scale[c], max_scale[c] * MSE_FRACTIONS[int(torch.stack(errs).argmin())])
+
+
+def test_range_rule_travels_with_the_checkpoint():
+    from mixprec.quantizers.fixed import FixedWeightQuantizer
+
+    w = torch.randn(4, 8)
+    q = FixedWeightQuantizer(w.shape, 2, "fixed", range_rule="mse")
+    restored = FixedWeightQuantizer(w.shape, 2, "fixed")  # built with the default rule
+    restored.load_state_dict(q.state_dict())
+    assert restored.range_rule == "mse" and torch.equal(restored.qparams(w).scale, q.qparams(w).scale)
+    old = {k: v for k, v in q.state_dict().items() if k != "mse_range"}  # a checkpoint from before the rule
+    restored = FixedWeightQuantizer(w.shape, 2, "fixed", range_rule="mse")
+    restored.load_state_dict(old)
+    assert restored.range_rule == "max"
+    with pytest.raises(ValueError, match="max, mse"):
+        FixedWeightQuantizer(w.shape, 2, range_rule="percentile")
