@@ -182,6 +182,11 @@ def run_all(args) -> None:
 ACC_TITLE = "Learned precision under FLASH budgets"
 
 
+def _max_range_mark(result: dict) -> str:
+    """`` †`` on a uniform run from before the least-squares weight range (commit 076b3e1)."""
+    return " †" if result["method"] == "uniform" and result.get("weight_range") != "mse" else ""
+
+
 def float_checkpoint(out: Path) -> Path | None:
     """The float model run ``out`` started from: its own, or the one ``--float-from`` names."""
     own = out / "checkpoints" / "float.pt"
@@ -234,7 +239,7 @@ def tables(args) -> None:
         if ref.exists():
             r = json.loads(ref.read_text())
             acc_rows.append(f"| {name} | none (reference) | uniform int8 | full | {r['accuracy']['float']:.2%} | "
-                            f"{r['accuracy']['quantized']:.2%} | "
+                            f"{r['accuracy']['quantized']:.2%}{_max_range_mark(r)} | "
                             f"{r['cost']['flash_bytes']:,} | yes | 8.00 | `python benchmarks/uniform_int8.py` |")
         for budget_text in preset["budgets"]:
             for method in METHODS:
@@ -246,7 +251,7 @@ def tables(args) -> None:
                 mean_bits = _mean_bits(r)
                 float_acc = float_test_accuracy(out, r["accuracy"]["float"])
                 acc_rows.append(f"| {name} | {budget_text} | {method} | {_width(r['model'])} | "
-                                f"{float_acc:.2%} | {r['accuracy']['quantized']:.2%} | {r['cost']['flash_bytes']:,} | "
+                                f"{float_acc:.2%} | {r['accuracy']['quantized']:.2%}{_max_range_mark(r)} | {r['cost']['flash_bytes']:,} | "
                                 f"{'yes' if r['feasible'] else 'NO'} | {mean_bits:.2f} | `{cmd}` |")
     header = ["| model | FLASH budget | method | model width | float test acc (start) | test acc (integer-exact) | "
               "FLASH B | feasible | weight bits (mean) | command |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -267,7 +272,9 @@ def tables(args) -> None:
                   "model's BatchNorm statistics: too low for ResNet-8 (width 6: 65.29% reported, 68.78% from its "
                   "checkpoint; LeNet-5 has no BatchNorm). Their quantized models were folded from those "
                   "statistics too, which costs little: in one check (width 9) the 4-bit model before QAT "
-                  "scored 59.6% against 59.2% from the intact float model.",
+                  "scored 59.6% against 59.2% from the intact float model. † A uniform row measured with max-abs "
+                  "weight ranges, before commit 076b3e1; the uniform method now takes each channel's "
+                  "least-squares range, which matters most at 2 bits.",
                   "python benchmarks/learned.py", header + merge_rows(ACC_TITLE, acc_rows, 3, order))
 
 
@@ -322,7 +329,7 @@ def fpga_table(args) -> None:
                 continue
             r = json.loads((out / "result.json").read_text())
             cmd = (out.parent / f"{name}.command").read_text().strip()
-            rows.append(f"| {budget} | {name} | {r['accuracy']['quantized']:.2%} | {r['cost']['ebops']:,.0f} | "
+            rows.append(f"| {budget} | {name} | {r['accuracy']['quantized']:.2%}{_max_range_mark(r)} | {r['cost']['ebops']:,.0f} | "
                         f"{'yes' if r['feasible'] else 'NO'} | {_mean_bits(r):.2f} | `{cmd}` |")
     header = ["| EBOPs budget | run | test acc (integer-exact) | EBOPs | feasible | weight bits (mean) | command |",
               "|---|---|---|---|---|---|---|"]

@@ -48,6 +48,7 @@ def test_learned_run_meets_budget_with_supported_widths(which, request, digits):
     assert all(c["ok"] for c in result["budget_checks"].values())
     assert result["reference_mismatches"] == 0
     assert result["accuracy"]["quantized"] > 0.8
+    assert result["weight_range"] == "max"  # the learned grid, frozen into the weights
     for row in result["layers"]:
         if "weight_bits" in row:
             assert set(np.atleast_1d(row["weight_bits"]).tolist()) <= set(t.weight_bits)

@@ -31,6 +31,7 @@ def test_run_directory_holds_config_checkpoints_result_and_report(run_dir):
     assert result["accuracy"]["quantized"] > 0.8
     assert all("weight_bits" in r for r in result["layers"] if r["op"] in ("conv", "linear"))
     assert result["wall_seconds"] > 0
+    assert result["weight_range"] == "mse"  # the uniform method: least-squares weight ranges
 
 
 def test_widest_uniform_width_that_fits_is_chosen(run_dir):

@@ -165,6 +165,7 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
         "feasible": all(ok for _, _, ok in checks.values()) and _fits_device(report, target),
         "budget_step": step,
         "reference_mismatches": mismatches,
+        "weight_range": weight_range_rule(qm),
         "layers": layer_bits(qm, report),
         "history": {"float": float_history, **ctx.history},
         "device": str(dev), "processes": w.size,
@@ -173,6 +174,13 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
     (out / "result.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text(summary_markdown(result))
     return result
+
+
+def weight_range_rule(qm) -> str:
+    """How the weight grids took their range: ``mse``, ``max`` (a learned grid frozen into the
+    weights, or a run from before the least-squares rule), or ``mixed``."""
+    rules = {getattr(layer.quantizer, "range_rule", "learned") for layer in qm.layers.values()}
+    return rules.pop() if len(rules) == 1 else "mixed"
 
 
 def run_budget_step(ctx: SearchContext, qm) -> dict:
