@@ -79,29 +79,48 @@ class FixedWeightQuantizer(Quantizer):
             group_bits = reduce_to(expand(bits, self.weight_shape), group)
             scale = range_scale(max_abs, group_bits, True, "scaled", True)
         if bool(self.mse_range):
-            scale = least_squares_scale(x.detach(), expand(bits, self.weight_shape), scale, self.numerics)
+            scale = least_squares_scale(x.detach(), bits, scale, self.numerics)
         return QParams(scale, bits, signed=True, narrow=True)
 
 
 def least_squares_scale(w: torch.Tensor, bits: torch.Tensor, max_scale: torch.Tensor, numerics: str) -> torch.Tensor:
     """Per group of ``max_scale``'s shape, the candidate scale (the max-abs one or smaller) whose
-    rounded and clipped ``w`` is closest to ``w`` in squared error; ties keep the larger scale."""
-    lo, hi = qrange(bits.round(), True, True)
-    group = tuple(max_scale.shape)
+    rounded and clipped ``w`` is closest to ``w`` in squared error; ties keep the larger scale.
+
+    All candidates in a few whole-tensor passes (a pass per candidate made a ResNet-8 forward 20 ms
+    slower on one core), in chunks of about 4M values."""
     if numerics == "fixed":
-        candidates = [max_scale * 2.0 ** -k for k in range(MSE_POW2_STEPS)]
+        factors = [2.0 ** -k for k in range(MSE_POW2_STEPS)]
     else:
-        candidates = [max_scale * f for f in MSE_FRACTIONS]
-    best, best_err = max_scale, None
-    for scale in candidates:
-        s = expand(scale, tuple(w.shape))
-        err = reduce_to((torch.clamp(torch.round(w / s), lo, hi) * s - w).square_(), group, "sum")
-        if best_err is None:
-            best_err = err
-            continue
-        better = err < best_err
-        best, best_err = torch.where(better, scale, best), torch.where(better, err, best_err)
-    return best
+        factors = list(MSE_FRACTIONS)
+    group = tuple(max_scale.shape)
+    split, folded = _group_split(tuple(w.shape), group)
+    wv = w.reshape(split)
+    flat = bits.detach().round().flatten()
+    if bool((flat == flat[0]).all()):  # one width: plain bounds (tensor bounds cost a copy per pass)
+        lo, hi = qrange(int(flat[0]), True, True)
+    else:
+        lo, hi = (t.reshape(split) for t in qrange(expand(bits.detach().round(), tuple(w.shape)), True, True))
+    per_chunk = max(1, (1 << 22) // max(w.numel(), 1))
+    errors = []
+    for i in range(0, len(factors), per_chunk):
+        f = torch.tensor(factors[i:i + per_chunk], dtype=w.dtype, device=w.device)
+        s = max_scale.reshape(folded).unsqueeze(0) * f.reshape((-1,) + (1,) * len(folded))
+        q = torch.round(wv / s).clamp_(lo, hi).mul_(s).sub_(wv).square_()
+        errors.append(q.sum(dim=tuple(range(2, q.dim(), 2))))  # one error per candidate and group
+    best = torch.cat(errors).argmin(0)  # the first minimum: the widest of tied candidates
+    return max_scale * torch.tensor(factors, dtype=max_scale.dtype, device=max_scale.device)[best].reshape(group)
+
+
+def _group_split(shape: tuple[int, ...], group: tuple[int, ...]) -> tuple[list[int], list[int]]:
+    """``shape`` as ``(g0, r0, g1, r1, ...)`` with ``g`` the groups along each dimension, and the
+    group shape padded to match ``(g0, 1, g1, 1, ...)``."""
+    group = (1,) * (len(shape) - len(group)) + tuple(group)
+    split, folded = [], []
+    for g, n in zip(group, shape):
+        split += [g, n // g]
+        folded += [g, 1]
+    return split, folded
 
 
 class ActQuantizer(Quantizer):
