@@ -36,6 +36,20 @@ def test_mse_range_never_worse_than_max_and_much_better_at_two_bits(numerics, bi
     assert (by_mse <= by_max).all()  # the max range is one of the candidates, per channel
     if bits == 2:  # Gaussian weights: the max rule rounds most of them to zero
         assert (by_mse < 0.6 * by_max).all()
+    else:  # wider groups keep the max range (clipping would stop the largest weights' gradients)
+        assert torch.equal(by_mse, by_max)
+
+
+def test_mse_range_only_fits_the_narrow_groups_of_a_mixed_tensor():
+    from mixprec.quantizers.fixed import FixedWeightQuantizer
+
+    torch.manual_seed(2)
+    w = torch.randn(4, 16)
+    bits = torch.tensor([2.0, 8.0, 3.0, 4.0]).reshape(4, 1)
+    by_max = FixedWeightQuantizer(w.shape, bits, "scaled").qparams(w).scale.flatten()
+    by_mse = FixedWeightQuantizer(w.shape, bits, "scaled", range_rule="mse").qparams(w).scale.flatten()
+    assert by_mse[0] < by_max[0] and by_mse[2] <= by_max[2]
+    assert by_mse[1] == by_max[1] and by_mse[3] == by_max[3]
 
 
 def test_mse_range_picks_the_best_candidate_per_channel():
