@@ -43,8 +43,9 @@ def default_weight_granularity(target: Target) -> str:
 
 def quantize(model: nn.Module, target: str | Target, input_shape: tuple[int, ...], bits=8, act_bits=None,
              weight_granularity: str | None = None) -> QuantModel:
-    """Convert a float model into a quantized model for ``target`` (fixed bit-widths; each weight
-    group's scale is the least-squares one of its max-abs range and narrower candidates)."""
+    """Convert a float model into a quantized model for ``target`` (fixed bit-widths; a weight
+    group of 3 bits or fewer takes the least-squares scale of its max-abs range and narrower
+    candidates, a wider one the max-abs range)."""
     t = as_target(target)
     act_bits = bits if act_bits is None else act_bits
     gran = weight_granularity_for(t, weight_granularity)
