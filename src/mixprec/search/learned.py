@@ -209,7 +209,7 @@ def freeze(qm: QuantModel) -> QuantModel:
         q = layer.quantizer
         bits = q.qparams(layer.weight).bits.detach().round().clamp_min(0)
         weight = q.frozen_weight(layer.weight) if hasattr(q, "frozen_weight") else layer.weight.detach()
-        fixed = FixedWeightQuantizer(tuple(layer.weight.shape), bits.cpu(), qm.numerics)
+        fixed = FixedWeightQuantizer(tuple(layer.weight.shape), bits.cpu(), qm.numerics, range_rule="max")  # learned grid
         layers[name] = QuantLayer(weight.cpu(), layer.bias.detach().cpu(), fixed)
     acts = {name: _frozen_act(qm, name, q) for name, q in qm.act_quantizers.items()}
     out = QuantModel(qm.graph, layers, acts, qm.numerics, qm.target_name)
