@@ -215,7 +215,7 @@ def float_test_accuracy(out: Path, reported: float) -> float:
     """Test accuracy of a run's float model, scored from its checkpoint (cached beside it).
 
     Runs before commit ea030b5 reported it after tracing had moved the model's BatchNorm running
-    statistics (1-2 points low); the checkpoint holds the model as trained. ``reported`` stands in
+    statistics (ResNet-8: up to 3.5 points low); the checkpoint holds the model as trained. ``reported`` stands in
     when the checkpoint is gone.
     """
     ckpt = float_checkpoint(out)

@@ -33,10 +33,10 @@ def search_uniform(ctx: SearchContext):
     qm = quantize(ctx.float_model, ctx.target, data.input_shape, bits=ctx.weight_bits, act_bits=ctx.act_bits,
                   weight_granularity=cfg.weight_granularity)
     act_bits = uniform_act_bits(qm.graph, ctx.act_bits, ctx.target)
-    if act_bits != ctx.act_bits:
-        log.info("the network output (logits) keeps %d bits", max(act_bits.values()))
-        qm = quantize(ctx.float_model, ctx.target, data.input_shape, bits=ctx.weight_bits, act_bits=act_bits,
-                      weight_granularity=cfg.weight_granularity)
+    if act_bits != ctx.act_bits:  # only the head differs: widen its quantizer rather than trace again
+        head = qm.graph.grid_source(qm.graph.output)
+        log.info("the network output (logits) keeps %d bits", act_bits[head])
+        qm.act_quantizers[head].set_bits(act_bits[head])
     ctx.calibrate(qm)
     log.info("QAT at %d-bit weights, %d-bit activations for %d epochs", ctx.weight_bits, ctx.act_bits, cfg.qat_epochs)
     history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val, cfg.train_config("qat"),
