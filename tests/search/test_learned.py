@@ -365,3 +365,36 @@ def test_activation_granularity_is_checked_against_the_target(method, tmp_path):
         run_search(RunConfig(method=method, budget={"flash": "6KiB"}, options={"act_granularity": "per-channel"},
                              **FAST), tmp_path / "h")
     assert not (tmp_path / "h").exists()  # refused before the run directory is claimed
+
+
+def test_dq_hinge_on_deployed_containers_stays_active_where_the_relaxed_cost_meets_the_target():
+    from types import SimpleNamespace
+
+    from mixprec.search.dq import HingePenalty, dq_model
+
+    t = load_target("cortex-m4")
+    ctx = SimpleNamespace(target=t, float_model=_tiny(), data=SimpleNamespace(input_shape=(1, 8, 8)),
+                          config=RunConfig(target="cortex-m4"))
+    qm = dq_model(ctx, DQOptions(init_bits=3))  # 3-bit channels: stored in 4-bit containers
+    qm.calibrate([torch.randn(32, 1, 8, 8)])
+    steer = relaxed(t)
+    relaxed_flash = float(differentiable_costs(qm, steer)["flash_bytes"].detach())
+    deployed_flash = float(differentiable_costs(qm, t)["flash_bytes"].detach())
+    assert relaxed_flash < deployed_flash
+    target = {"flash_bytes": (relaxed_flash + deployed_flash) / 2}
+
+    def penalty(hinge_cost):
+        opts = DQOptions(k=1, ramp_start=1.0, hinge_cost=hinge_cost)
+        quantizers = [layer.quantizer for layer in qm.layers.values()]
+        return HingePenalty(opts, quantizers, target, 10, steer, t)
+
+    assert float(penalty("relaxed").extra_loss(qm).detach()) == 0.0
+    deployed = penalty("deployed")
+    assert float(deployed.costs(qm)["flash_bytes"].detach()) == pytest.approx(deployed_flash)
+    loss = deployed.extra_loss(qm)
+    assert float(loss.detach()) > 0
+    loss.backward()  # the relaxed cost carries the gradient: a coarser step (fewer bits) lowers the loss
+    grads = [layer.quantizer.log2_d.grad for layer in qm.layers.values()]
+    assert all(g is not None for g in grads) and any(bool((g < 0).any()) for g in grads)
+    with pytest.raises(ValueError, match="hinge_cost"):
+        DQOptions(hinge_cost="containers")

@@ -30,6 +30,8 @@ from .learned import (EpochCosts, ParetoFront, default_cost, differentiable_cost
 
 log = logging.getLogger(__name__)
 
+HINGE_COSTS = ("relaxed", "deployed")
+
 
 @dataclass
 class DQOptions:
@@ -45,8 +47,11 @@ class DQOptions:
     ramp_start: float = 0.01  # s(t) rises from this to 1 over the first half of phase b
     act_granularity: str = "per-tensor"  # of the activations' step and range (finer on fixed-point targets)
     learn_input: bool = False  # learn the input's precision too (its gradient needs the first layer's input gradient, a large share of a small model's step; data usually comes at a fixed width)
+    hinge_cost: str = "relaxed"  # relaxed | deployed: the hinge's value from the relaxed cost, or from the target's real containers (gradient from the relaxed cost either way)
 
     def __post_init__(self):
+        if self.hinge_cost not in HINGE_COSTS:
+            raise ValueError(f"unknown hinge_cost {self.hinge_cost!r}; choose one of {', '.join(HINGE_COSTS)}")
         for name in ("weight_grad", "act_grad"):
             if getattr(self, name) not in GRAD_MODS:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(GRAD_MODS)}")
@@ -56,11 +61,18 @@ class DQOptions:
 
 class HingePenalty(Callback):
     """The ramped squared-hinge memory (and other budget) penalty, and the quantizer optimiser
-    that steps every ``k`` training steps on the gradients accumulated since its last step."""
+    that steps every ``k`` training steps on the gradients accumulated since its last step.
 
-    def __init__(self, opts: DQOptions, quantizers: list, targets: dict[str, float], total_steps: int, cost_target):
+    ``cost_target`` gives the cost's gradient (relaxed containers: every bit counts). With
+    ``hinge_cost="deployed"`` the hinge's value is the cost in ``deployed_target``'s real containers
+    (2/4/8 on an MCU): a relaxed 2.1-bit channel is stored in 4 bits, so the relaxed cost can sit at
+    the target while the deployed one is far above it and the hinge has gone quiet."""
+
+    def __init__(self, opts: DQOptions, quantizers: list, targets: dict[str, float], total_steps: int, cost_target,
+                 deployed_target=None):
         self.opts, self.quantizers, self.targets = opts, quantizers, targets
         self.total_steps, self.cost_target = max(total_steps, 1), cost_target
+        self.deployed_target = deployed_target or cost_target
         params = [p for q in quantizers for p in (q.log2_d, q.log2_xmax)]
         self.optimizer = torch.optim.Adam(params, lr=opts.quant_lr)
         self.calls = 0
@@ -71,9 +83,18 @@ class HingePenalty(Callback):
     def extra_loss(self, model) -> torch.Tensor | None:
         if not self.targets or not every_k(self.calls + 1, self.opts.k):
             return None
-        costs = differentiable_costs(model, self.cost_target)
+        costs = self.costs(model)
         hinge = sum(torch.relu(costs[key] / target - 1.0) ** 2 for key, target in self.targets.items())
         return self.opts.k * self.ramp() * self.opts.penalty * hinge
+
+    def costs(self, model) -> dict[str, torch.Tensor]:
+        costs = differentiable_costs(model, self.cost_target)
+        if self.opts.hinge_cost == "relaxed" or self.deployed_target is self.cost_target:
+            return costs
+        with torch.no_grad():
+            deployed = differentiable_costs(model, self.deployed_target)
+        # the deployed value, the relaxed gradient
+        return {k: costs[k] + (deployed[k] - costs[k]).detach() for k in self.targets}
 
     def after_step(self, step: int) -> None:
         self.calls += 1
@@ -141,7 +162,7 @@ def search_dq(ctx: SearchContext):
         steer = relaxed(t)
         targets = {k: opts.target_ratio * v for k, v in ctx.budget.limits().items()}
         steps = phase_b * math.ceil(len(data.x_train) / base.batch_size)
-        penalty = HingePenalty(opts, model_quantizers(qm, opts.learn_input), targets, steps, steer)
+        penalty = HingePenalty(opts, model_quantizers(qm, opts.learn_input), targets, steps, steer, t)
         measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
         log.info("DQ phase b on %s: %d epochs, quantizers every %d steps, targets %s", t.name, phase_b, opts.k, targets)
         history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val,
