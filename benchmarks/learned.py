@@ -14,8 +14,9 @@ For every (model, FLASH budget) on ``cortex-m4``:
 - ``hgq`` and ``dq`` (per-channel weights; cortex-m4 has no per-element kernels): the widest model
   whose all-2-bit version uses at most ``--headroom`` of the budget, so the method has room to
   give some channels more bits; its budget step then guarantees the limit.
-- ``hgq-u4`` and ``dq-u4``: the same at uniform4's width, from uniform4's float model (skipped when
-  that is the width above): method against baseline from one starting point.
+- ``hgq-u4`` and ``dq-u4``: the same at uniform4's width, from the float model of that width (uniform4's
+  when it was trained here; skipped when that is the width above): method against baseline from one
+  starting point.
 
 Every run is ``mixprec search`` (the command is in the table) and resumable. Runs of the same
 width share one float model (``--float-from`` the first run of that width), so the methods are
@@ -264,7 +265,8 @@ def tables(args) -> None:
                   "whose uniform B-bit weights (8-bit activations) fit, trained float then quantization-aware. `hgq`/`dq`: the widest "
                   "model whose all-2-bit version uses at most 75% of the budget, then the method, then the budget "
                   "step (snap to 2/4/8, meet the limit) and a fine-tune with bits frozen. `hgq-u4`/`dq-u4`: the same "
-                  "at uniform4's width (when it differs), so they start from uniform4's very float model. Runs of "
+                  "at uniform4's width (when it differs), from uniform4's float model (or, where that run lives on "
+                  "another machine, the float model of that width this machine trained by the same command). Runs of "
                   "one width share one float model; 'float test acc' is that model's, scored from its checkpoint, "
                   "so a row's loss to quantization is the difference of its two accuracies (between widths, float training noise "
                   "of a single seed is about 0.1 points on MNIST). Accuracy on the full test set with the "
