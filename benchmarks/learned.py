@@ -30,7 +30,6 @@ import functools
 import json
 import logging
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -140,10 +139,6 @@ def command_for(cfg: RunConfig, out) -> str:
         parts.append(f"--float-from {_rel(Path(cfg.float_from).resolve())}")
     parts.append(f"--out {out}")
     return " ".join(parts)
-
-
-def _median(values):
-    return float(statistics.median(values)) if values else float("nan")
 
 
 def _rel(path: Path) -> Path:
@@ -359,8 +354,8 @@ def time_methods(name: str, preset: dict, n_train: int, epochs: int = 3, rounds:
     quantized phase, on the full-width model, in this one process: the training cost ratio.
 
     The sequence (float, uniform, hgq, dq) runs ``rounds`` times and each keeps its fastest epoch:
-    on a shared machine an epoch is only ever slowed by other work, so the minimum is the figure
-    that two runs agree on, and interleaving puts every method under the same conditions."""
+    on a shared machine an epoch is only ever slowed by other work, so the minimum is the least
+    disturbed figure, and interleaving spreads the disturbances over every method alike."""
     import dataclasses
 
     import torch
