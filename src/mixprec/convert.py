@@ -59,6 +59,6 @@ def convert_with(model: nn.Module, input_shape: tuple[int, ...], numerics: str,
     layers = {}
     for node in graph.weighted():
         p = params[node.name]
-        layers[node.name] = QuantLayer(p.weight, p.bias, weight_quantizer(node, p.weight))
+        layers[node.name] = QuantLayer(p.weight, p.bias, weight_quantizer(node, p.weight), p.fold_ratio)
     acts = {node.name: act_quantizer(node) for node in graph if node.op in REQUANTIZING_OPS}
     return QuantModel(graph, layers, acts, numerics, target_name)

@@ -157,3 +157,39 @@ def test_trains_on_the_gpu(digits):
     model = _model()
     fit(model, *_data(digits, 256), TrainConfig(epochs=1, batch_size=64), device="cuda")
     assert next(model.parameters()).is_cuda
+
+
+class WreckAt(Callback):
+    """A fault: at the given global steps (each once) the model's weights are scrambled, as a
+    diverging run would leave them (finite, but at chance)."""
+
+    def __init__(self, model, *steps):
+        self.model, self.steps = model, set(steps)
+
+    def after_step(self, step):
+        if step in self.steps:
+            self.steps.discard(step)
+            with torch.no_grad():
+                for p in self.model.parameters():
+                    p.copy_(torch.randn_like(p) * 3)
+
+
+def test_a_collapsed_epoch_rolls_back_with_a_lower_learning_rate_and_says_why(digits):
+    model = _model()
+    history = fit(model, *_data(digits, 2000), TrainConfig(epochs=3, batch_size=32, lr=3e-3),
+                  callbacks=[WreckAt(model, 70)])  # epoch 1 (41 steps an epoch)
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    events = history[1]["rollbacks"]
+    assert len(events) == 1 and "validation accuracy fell" in events[0]["why"] and events[0]["lr_scale"] == 0.5
+    assert history[1]["val_accuracy"] > 0.5 and history[2]["val_accuracy"] > 0.5
+    assert history[0]["start_val_accuracy"] < 0.3  # a random model, measured before the first step
+
+
+def test_collapse_check_can_be_turned_off_and_keeps_the_best_epoch(digits):
+    model = _model()
+    history = fit(model, *_data(digits, 2000), TrainConfig(epochs=2, batch_size=32, lr=3e-3, collapse_drop=0.0),
+                  callbacks=[WreckAt(model, 70)])
+    assert "rollbacks" not in history[1] and history[1]["val_accuracy"] < 0.5
+    from mixprec.train import evaluate_accuracy
+
+    assert evaluate_accuracy(model, digits.x_val, digits.y_val) == history[0]["val_accuracy"]  # best epoch kept

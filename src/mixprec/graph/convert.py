@@ -45,6 +45,9 @@ class FloatParams:
 
     weight: torch.Tensor
     bias: torch.Tensor
+    # ||folded weight|| / ||float weight||: what folding multiplied the weight by (1 without a
+    # BatchNorm). Inputs of magnitude ~128 make a first layer's folded weights ~1e-3 (see QuantLayer)
+    fold_ratio: float = 1.0
 
 
 def _activation_bounds(kind: str, module_or_kwargs) -> tuple[float, float]:
@@ -142,7 +145,9 @@ class _Builder:
         if prod.op not in ("conv", "linear") or producer in self.fused_act or len(self._fx_users(n.args[0])) != 1:
             self.fail(n, "BatchNorm must directly follow a Conv or Linear whose output has no other user")
         p = self.params[producer]
+        before = float(p.weight.norm())
         p.weight, p.bias = fold_batchnorm(p.weight, p.bias, bn)
+        p.fold_ratio = float(p.weight.norm()) / before if before > 0 else 1.0
         self.alias(n, n.args[0])
 
     def activation(self, n: fx.Node, kind: str, bounds: tuple[float, float]) -> None:

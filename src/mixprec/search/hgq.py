@@ -219,7 +219,7 @@ def search_hgq(ctx: SearchContext):
     measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
     f_params = [q.f for q in model_quantizers(qm) if q.f.requires_grad]
     weights = qm.weight_parameters()
-    groups = [{"params": weights}, {"params": f_params, "lr": opts.bits_lr, "weight_decay": 0.0}]
+    groups = weights + [{"params": f_params, "lr": opts.bits_lr, "weight_decay": 0.0}]
     log.info("HGQ on %s: cost %s (start %.6g, reference %.6g), beta %s from %g, %d epochs", t.name, key, start_cost,
              reference, schedule, opts.beta, train_cfg.epochs)
     history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val, train_cfg, params=groups,

@@ -210,7 +210,7 @@ def freeze(qm: QuantModel) -> QuantModel:
         bits = q.qparams(layer.weight).bits.detach().round().clamp_min(0)
         weight = q.frozen_weight(layer.weight) if hasattr(q, "frozen_weight") else layer.weight.detach()
         fixed = FixedWeightQuantizer(tuple(layer.weight.shape), bits.cpu(), qm.numerics, range_rule="max")  # learned grid
-        layers[name] = QuantLayer(weight.cpu(), layer.bias.detach().cpu(), fixed)
+        layers[name] = QuantLayer(weight.cpu(), layer.bias.detach().cpu(), fixed, layer.fold_ratio)
     acts = {name: _frozen_act(qm, name, q) for name, q in qm.act_quantizers.items()}
     out = QuantModel(qm.graph, layers, acts, qm.numerics, qm.target_name)
     for q in out.act_quantizers.values():

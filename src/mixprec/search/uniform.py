@@ -40,6 +40,6 @@ def search_uniform(ctx: SearchContext):
     ctx.calibrate(qm)
     log.info("QAT at %d-bit weights, %d-bit activations for %d epochs", ctx.weight_bits, ctx.act_bits, cfg.qat_epochs)
     history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val, cfg.train_config("qat"),
-                  **ctx.fit_options("qat"))
+                  params=qm.weight_parameters(), **ctx.fit_options("qat"))
     ctx.history["qat"] = history  # all epochs, also those before a resume
     return qm, history

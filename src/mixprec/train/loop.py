@@ -62,12 +62,17 @@ class TrainConfig:
     schedule: str = "cosine"
     max_rollbacks: int = 3
     rollback_lr_factor: float = 0.5
+    # An epoch whose validation accuracy lost more than this share of the phase's best margin over
+    # chance (its start included) is undone like a non-finite one; 0 turns the check off
+    collapse_drop: float = 0.5
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; available: {', '.join(SCHEDULES)}")
+        if not 0.0 <= self.collapse_drop <= 1.0:
+            raise ValueError(f"collapse_drop is a share of the accuracy margin, 0..1 (got {self.collapse_drop})")
 
 
 class Callback:
@@ -155,6 +160,11 @@ def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_
     return int(correct) / max(int(total), 1)
 
 
+def chance_accuracy(y: torch.Tensor) -> float:
+    """What always answering the most frequent class scores on labels ``y``."""
+    return float(torch.bincount(y.reshape(-1).long()).max()) / len(y) if len(y) else 0.0
+
+
 def params_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
@@ -179,14 +189,20 @@ class Trainer:
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.callbacks = list(callbacks)
         self.augment, self.on_epoch, self.progress = augment, on_epoch, progress
-        self.optimizer = OPTIMIZERS[cfg.optimizer](list(params if params is not None else model.parameters()), cfg)
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        # copies: the optimiser writes its settings into a group's dict, which a caller may reuse
+        params = [dict(p) if isinstance(p, dict) else p for p in (params if params is not None else model.parameters())]
+        self.optimizer = OPTIMIZERS[cfg.optimizer](params, cfg)
+        # a group's "lr_scale" multiplies its learning rate (QuantModel.weight_parameters)
+        self.base_lrs = [g["lr"] * g.get("lr_scale", 1.0) for g in self.optimizer.param_groups]
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
         self.total_steps = max(cfg.epochs * self.steps_per_epoch, 1)
         self.epoch, self.step, self.lr_scale = 0, 0, 1.0
         self.history: list[dict] = []
         self.best_acc, self.best_state = -1.0, None
+        self.start_acc: float | None = None  # the model's validation accuracy before the first step
+        self.peak_acc = -1.0  # the best validation accuracy of any epoch (the collapse reference)
+        self.chance = chance_accuracy(y_val)
         self.pending_rollbacks: list[dict] = []
 
     def _wrap(self, model: nn.Module) -> nn.Module:
@@ -204,6 +220,7 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch, "step": self.step, "lr_scale": self.lr_scale,
             "history": self.history, "best_acc": self.best_acc, "best_state": self.best_state,
+            "start_acc": self.start_acc, "peak_acc": self.peak_acc,
             "rng": capture_rng(self.generator),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
         }
@@ -213,7 +230,7 @@ class Trainer:
             raise CheckpointError(f"{source} is not a mixprec training checkpoint (format {state.get('format')!r})")
         mine = asdict(self.cfg)
         changed = {k: (v, mine.get(k)) for k, v in state["config"].items()
-                   if k not in ("max_rollbacks", "rollback_lr_factor") and mine.get(k) != v}
+                   if k not in ("max_rollbacks", "rollback_lr_factor", "collapse_drop") and mine.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
             raise CheckpointError(f"{source} was written with other training settings ({detail}); "
@@ -222,6 +239,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.lr_scale = state["epoch"], state["step"], state["lr_scale"]
         self.history, self.best_acc, self.best_state = list(state["history"]), state["best_acc"], state["best_state"]
+        self.start_acc, self.peak_acc = state.get("start_acc"), state.get("peak_acc", self.best_acc)
         restore_rng(state["rng"], self.generator)
         for cb, cb_state in zip(self.callbacks, state["callbacks"]):
             cb.load_state_dict(cb_state)
@@ -284,25 +302,48 @@ class Trainer:
         return {"epoch": self.epoch, "loss": float(loss_sum) / self.steps_per_epoch, "lr": lr,
                 "seconds": seconds, "samples_per_second": len(self.x_train) / max(seconds, 1e-9)}
 
-    def _rollback(self, good: dict, where: str) -> None:
-        rollbacks = sum(len(h.get("rollbacks", [])) for h in self.history) + len(self.pending_rollbacks)
-        if rollbacks >= self.cfg.max_rollbacks:
-            raise TrainingDiverged(
-                f"non-finite loss at {where} after {rollbacks} rollbacks (learning rate scaled to "
-                f"{self.lr_scale:g}); the last good state is epoch {good['epoch']}"
-                + (f" in {self.checkpoint}" if self.checkpoint else "") + "; no model was written from the diverged state")
+    def _rollbacks_left(self) -> int:
+        done = sum(len(h.get("rollbacks", [])) for h in self.history) + len(self.pending_rollbacks)
+        return self.cfg.max_rollbacks - done
+
+    def _rollback(self, good: dict, where: str, why: str = "non-finite loss") -> None:
+        """Restore ``good`` (the state before the failed epoch) with a lower learning rate."""
         lowered = self.lr_scale * self.cfg.rollback_lr_factor
+        pending = self.pending_rollbacks
         self.load_state(good, "the last good state")
+        self.pending_rollbacks = pending
         self.lr_scale = lowered
-        event = {"where": where, "lr_scale": self.lr_scale}
-        self.pending_rollbacks.append(event)
-        log.warning("non-finite loss at %s: rolled back to the end of epoch %d, learning rate x%g",
-                    where, self.epoch - 1, self.lr_scale)
+        self.pending_rollbacks.append({"where": where, "why": why, "lr_scale": self.lr_scale})
+        log.warning("%s at %s: rolled back to the start of epoch %d, learning rate x%g", why, where, self.epoch,
+                    self.lr_scale)
+
+    def _diverged(self, good: dict, where: str) -> None:
+        if self._rollbacks_left() <= 0:
+            raise TrainingDiverged(
+                f"non-finite loss at {where} after {self.cfg.max_rollbacks} rollbacks (learning rate scaled to "
+                f"{self.lr_scale:g}); the last good state is epoch {good['epoch']}"
+                + (f" in {self.checkpoint}" if self.checkpoint and good["epoch"] > 0 else " (the phase's start)")
+                + "; no model was written from the diverged state. Lower the learning rate (--lr / --qat-lr) "
+                "or check the data for extreme values")
+        self._rollback(good, where)
+
+    def collapse(self, accuracy: float) -> str | None:
+        """Why an epoch's validation ``accuracy`` counts as a collapse (None: it does not): it lost more
+        than ``collapse_drop`` of the best margin over chance seen in this phase."""
+        reference = max(self.peak_acc, self.start_acc if self.start_acc is not None else -1.0)
+        margin = reference - self.chance
+        if not self.cfg.collapse_drop or margin < 0.05 or accuracy >= reference - self.cfg.collapse_drop * margin:
+            return None
+        return (f"validation accuracy fell to {accuracy:.4f} from {reference:.4f} "
+                f"(chance {self.chance:.4f})")
 
     def fit(self) -> list[dict]:
         if self.checkpoint is not None and self.checkpoint.exists():
             self.load_state(load_checkpoint(self.checkpoint, map_location=self.device), str(self.checkpoint))
             log.info("resumed %s at epoch %d of %d", self.checkpoint, self.epoch, self.cfg.epochs)
+        if self.epoch == 0 and self.start_acc is None and self.cfg.epochs > 0:
+            self.start_acc = evaluate_accuracy(self.model, self.x_val, self.y_val, world=self.world)
+            log.info("validation accuracy before training: %.4f (chance %.4f)", self.start_acc, self.chance)
         while self.epoch < self.cfg.epochs:
             good = copy.deepcopy(self.state())
             try:
@@ -310,9 +351,19 @@ class Trainer:
                 if not params_finite(self.model):
                     raise _NonFinite(f"epoch {self.epoch} (non-finite weights after the epoch)")
             except _NonFinite as exc:
-                self._rollback(good, exc.where)
+                self._diverged(good, exc.where)
                 continue
             stats["val_accuracy"] = evaluate_accuracy(self.model, self.x_val, self.y_val, world=self.world)
+            collapse = self.collapse(stats["val_accuracy"])
+            if collapse and self._rollbacks_left() > 0:
+                self._rollback(good, f"epoch {self.epoch}", collapse)
+                continue
+            if collapse:
+                log.warning("%s at epoch %d, with no rollback left: the phase keeps its best epoch", collapse,
+                            self.epoch)
+            if self.epoch == 0:
+                stats["start_val_accuracy"] = self.start_acc
+            self.peak_acc = max(self.peak_acc, stats["val_accuracy"])
             if self.pending_rollbacks:
                 stats["rollbacks"], self.pending_rollbacks = self.pending_rollbacks, []
             for cb in self.callbacks:
