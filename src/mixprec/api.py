@@ -127,8 +127,8 @@ def largest_uniform_bits(model: nn.Module, target: str | Target, input_shape, bu
     t = as_target(target)
     graph = quantize(model, t, input_shape, bits=t.min_weight_bits, act_bits=act_bits or t.min_act_bits,
                      weight_granularity=weight_granularity).graph
-    check_achievable(graph, t, budget)
-    gran = weight_granularity or default_weight_granularity(t)
+    gran = weight_granularity_for(t, weight_granularity)
+    check_achievable(graph, t, budget, gran)
     tried = []
     for b in nonzero_widths(t):
         report = evaluate(graph, uniform(graph, b, act_bits or activation_width_for(b, t), gran,
@@ -136,12 +136,14 @@ def largest_uniform_bits(model: nn.Module, target: str | Target, input_shape, bu
         if feasible(report, budget):
             return b
         tried.append(f"{b}-bit: {violations(report, budget)}")
-    raise BudgetError("no uniform width meets the budget (" + "; ".join(tried) + "); a mixed-precision method may")
+    raise BudgetError("no uniform width meets the budget (" + "; ".join(tried) + "), though the smallest "
+                      "achievable cost does: a mixed-precision method (--method hgq or dq) can reach it")
 
 
 def nonzero_widths(t: Target) -> list[int]:
-    """The target's weight widths, widest first, without 0 (pruning is not a uniform width)."""
-    return sorted((b for b in t.weight_bits if b > 0), reverse=True)
+    """The target's weight widths that hold non-zero values, widest first: neither 0 (pruning is
+    not a uniform width) nor 1 (a signed symmetric 1-bit weight is 0)."""
+    return sorted(t.value_weight_bits, reverse=True)
 
 
 def activation_width_for(weight_bits: int, t: Target) -> int:

@@ -74,6 +74,8 @@ def _print_result(result: dict, out: Path) -> None:
         mark = "[green]ok[/]" if c["ok"] else "[red]over[/]"
         console.print(f"budget {k}: {c['value']:,.6g} <= {c['limit']:,.6g} {mark}")
     verdict = "[green]feasible[/]" if result["feasible"] else "[red]INFEASIBLE[/]"
+    if result.get("degenerate"):
+        verdict = f"[bold red]DEGENERATE[/] ({'feasible' if result['feasible'] else 'infeasible'})"
     console.print(f"{verdict}; reference mismatches: {result['reference_mismatches']}; "
                   f"{result['wall_seconds']:.1f} s; run directory: {out}")
 
@@ -93,9 +95,19 @@ def _run(cfg_kwargs: dict, out: Path, quiet: bool, verbose: bool, resume: bool =
     except (BudgetError, DatasetError, UnsupportedLayerError, CheckpointError, TrainingDiverged, ValueError,
             FileNotFoundError) as exc:
         _fail(exc)
+    except Exception as exc:  # noqa: BLE001  (a bug, not the user's input: say so, traceback with -v)
+        if verbose:
+            raise
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}. This is a mixprec bug, not your "
+                  f"input; rerun with -v for the traceback and report it with the command.", highlight=False)
+        raise typer.Exit(3)
     if result is None:  # a non-first torchrun process: the first one reports
         return {}
     _print_result(result, out)
+    if result.get("degenerate"):
+        err.print(f"[bold red]error:[/] not a usable model: {result['degenerate_reason']}. The run is kept in {out} "
+                  f"(result.json says \"degenerate\": true).", highlight=False)
+        raise typer.Exit(1)
     if not result["feasible"] or result["reference_mismatches"]:
         raise typer.Exit(1)
     return result

@@ -43,6 +43,13 @@ def test_min_assignment_uses_smallest_nonzero_weight_width():
     g = cnn()
     a = min_assignment(g, load_target("mpic"))  # mpic allows 0 (pruned) weights
     assert a.weight["c1"].item() == 2 and a.act["input"].item() == 2
-    assert min_assignment(g, load_target("mpic"), allow_pruning=True).weight["c1"].item() == 0
+    # per tensor nothing can be pruned short of the whole layer, which is no model
+    assert min_assignment(g, load_target("mpic"), allow_pruning=True).weight["c1"].item() == 2
+    # per channel every hidden layer keeps its first channel; the output layer is never pruned
+    p = min_assignment(g, load_target("mpic"), allow_pruning=True, weight_granularity="per-channel")
+    assert p.weight["c1"].flatten().tolist() == [2.0, 0.0, 0.0, 0.0] and set(p.weight["fc"].flatten().tolist()) == {2.0}
+    assert min_assignment(g, load_target("cortex-m4"), allow_pruning=True, weight_granularity="per-channel"
+                          ).weight["c1"].flatten().tolist() == [2.0] * 4  # no pruning on an MCU
     f = min_assignment(g, load_target("fpga-hls4ml"))
-    assert f.weight["fc"].item() == 1 and f.act["fc"].item() == 1
+    # a signed symmetric 1-bit weight holds only 0: the smallest width with values is 2
+    assert f.weight["fc"].item() == 2 and f.act["fc"].item() == 1

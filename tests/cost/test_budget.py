@@ -46,7 +46,7 @@ def test_flash_budget_below_minimum_message():
     with pytest.raises(BudgetError) as err:
         check_achievable(cnn(), M4, Budget.from_strings(flash="100"))
     assert str(err.value) == ("FLASH budget 100 B is below the smallest achievable 244 B "
-                              "(all weights at 2 bits) for this model on cortex-m4")
+                              "(all weights at 2 bits per-tensor) for this model on cortex-m4")
 
 
 def test_several_violations_are_all_named():
@@ -80,4 +80,4 @@ def test_model_too_big_for_device():
 
 
 def test_fpga_has_no_capacity():
-    assert check_achievable(cnn(), load_target("fpga-hls4ml"), Budget(flash_bytes=10**9))["ebops"] == 36 + 640
+    assert check_achievable(cnn(), load_target("fpga-hls4ml"), Budget(flash_bytes=10**9))["ebops"] == 2 * (36 + 640)  # 2-bit weights: the narrowest with values

@@ -23,7 +23,8 @@ def test_run_directory_holds_config_checkpoints_result_and_report(run_dir):
                  "checkpoints/quantized.pt"):
         assert (run_dir / name).exists(), name
     result = json.loads((run_dir / "result.json").read_text())
-    assert set(result["accuracy"]) == {"float", "quantized"}
+    assert set(result["accuracy"]) == {"float", "quantized", "chance"}
+    assert result["degenerate"] is False and result["degenerate_reason"] is None
     assert set(result["cost"]) == {"flash_bytes", "ram_bytes", "macs", "bops", "ebops", "latency_cycles", "energy_uj"}
     assert result["budget"] == {"flash_bytes": 12 * 1024}
     assert result["feasible"] is (result["cost"]["flash_bytes"] <= 12 * 1024)
@@ -38,6 +39,8 @@ def test_widest_uniform_width_that_fits_is_chosen(run_dir):
     result = json.loads((run_dir / "result.json").read_text())
     # 8-bit weights of the 14.5k-parameter digits CNN need > 12 KiB, 4-bit fit
     assert {r["weight_bits_mean"] for r in result["layers"] if "weight_bits" in r} == {4.0}
+    # a FLASH-only budget does not constrain the activations: they keep 8 bits (cost no FLASH)
+    assert {r["act_bits"] for r in result["layers"]} == {8.0}
 
 
 def test_run_reloads_bit_exactly(run_dir, digits):

@@ -52,14 +52,23 @@ def uniform(graph: Graph, weight_bits: float, act_bits: float, granularity: str 
     return BitAssignment(weight, act)
 
 
-def min_assignment(graph: Graph, target: Target, allow_pruning: bool = False) -> BitAssignment:
-    """The smallest widths ``target`` supports everywhere, at its coarsest granularities.
+def min_assignment(graph: Graph, target: Target, allow_pruning: bool = False,
+                   weight_granularity: str | None = None) -> BitAssignment:
+    """The smallest widths ``target`` supports everywhere, at ``weight_granularity`` (default: the
+    target's coarsest) and the coarsest activation granularity.
 
-    Weights take the smallest non-zero width unless ``allow_pruning`` (then 0: every weight pruned).
+    Weights take the smallest width that holds values. With ``allow_pruning`` (where the target
+    allows it) every weighted layer but the last keeps only its first group, as the budget step
+    may leave it: a layer of zeros is no model, and the output layer is never pruned.
     """
-    wbits = 0 if allow_pruning and target.allows_pruning else target.min_weight_bits
-    return uniform(graph, wbits, target.min_act_bits, _coarsest(target.weight_granularities),
-                   _coarsest(target.act_granularities))
+    gran = weight_granularity or _coarsest(target.weight_granularities)
+    a = uniform(graph, target.min_weight_bits, target.min_act_bits, gran, _coarsest(target.act_granularities))
+    if allow_pruning and target.allows_pruning:
+        last = graph.weighted()[-1].name if graph.weighted() else None
+        for name, bits in a.weight.items():
+            if name != last and bits.shape[0] > 1:
+                bits[1:] = 0.0
+    return a
 
 
 def _coarsest(granularities: tuple[str, ...]) -> str:

@@ -63,15 +63,17 @@ _LABELS = {"flash_bytes": "FLASH", "ram_bytes": "RAM", "ebops": "EBOPs", "energy
            "latency_cycles": "latency"}
 
 
-def smallest_costs(graph: Graph, target: Target) -> dict[str, float]:
+def smallest_costs(graph: Graph, target: Target, weight_granularity: str | None = None,
+                   allow_pruning: bool = False) -> dict[str, float]:
     """Lower bounds of every budgeted cost on ``target`` (``how_reached`` says how).
 
-    Memory and EBOPs grow with the bits, so their minimum is every weight at the smallest non-zero
-    width (pruning everything is not a model) and every activation at the smallest width, at the
-    coarsest granularity (fewest scales). Latency need not: a lower bound puts every weighted layer
-    at the fastest (activation, non-zero weight) pair of the table, independently.
+    Memory and EBOPs grow with the bits, so their minimum is every weight at the smallest width
+    that holds values and every activation at the smallest width, at ``weight_granularity`` (a
+    run's; default the target's coarsest: fewest scales) and, with ``allow_pruning``, every layer but
+    the last pruned to one group (``min_assignment``). Latency need not: a lower bound puts every
+    weighted layer at the fastest (activation, non-zero weight) pair of the table, independently.
     """
-    r = evaluate(graph, min_assignment(graph, target), target)
+    r = evaluate(graph, min_assignment(graph, target, allow_pruning, weight_granularity), target)
     elementwise = r.totals["latency_cycles"] - sum(row.cycles for row in r.layers if row.macs)
     cycles = elementwise + _fastest_mac_cycles(graph, target)
     mins = {k: r.totals[k] for k in ("flash_bytes", "ram_bytes", "ebops")}
@@ -79,11 +81,18 @@ def smallest_costs(graph: Graph, target: Target) -> dict[str, float]:
     return mins
 
 
-def how_reached(key: str, target: Target) -> str:
+def how_reached(key: str, target: Target, weight_granularity: str | None = None, allow_pruning: bool = False) -> str:
     """How ``smallest_costs`` reaches its figure for ``key``, for messages."""
-    weights, acts = f"weights at {target.min_weight_bits} bits", f"activations at {target.min_act_bits} bits"
-    return {"flash_bytes": f"all {weights}", "ram_bytes": f"all {acts}", "ebops": f"all {weights}, {acts}"}.get(
+    gran = weight_granularity or min(target.weight_granularities, key=_GRANULARITY_ORDER.index)
+    weights = f"weights at {target.min_weight_bits} bits {gran}"
+    if allow_pruning and target.allows_pruning:
+        weights += ", all but one group of every hidden layer pruned"
+    acts = f"activations at {target.min_act_bits} bits"
+    return {"flash_bytes": f"all {weights}", "ram_bytes": f"all {acts}", "ebops": f"all {weights}; {acts}"}.get(
         key, "every layer at its fastest supported widths")
+
+
+_GRANULARITY_ORDER = ("per-tensor", "per-slice", "per-channel", "per-element")
 
 
 def _fastest_mac_cycles(graph: Graph, target: Target) -> float:
@@ -97,13 +106,13 @@ def _fmt(key: str, value: float, unit: str | None = None) -> str:
     return f"{value:.4g} uJ" if key == "energy_uj" else f"{value:.4g}"
 
 
-def _violation(key: str, limit: float, smallest: float, target: Target) -> str:
+def _violation(key: str, limit: float, smallest: float, target: Target, how: str) -> str:
     unit = size_unit(max(limit, smallest))
     return (f"{_LABELS[key]} budget {_fmt(key, limit, unit)} is below the smallest achievable "
-            f"{_fmt(key, smallest, unit)} ({how_reached(key, target)}) for this model on {target.name}")
+            f"{_fmt(key, smallest, unit)} ({how}) for this model on {target.name}")
 
 
-def _capacity_errors(budget: Budget, mins: dict[str, float], target: Target) -> list[str]:
+def _capacity_errors(budget: Budget, mins: dict[str, float], target: Target, how) -> list[str]:
     errors = []
     for key, capacity in (("flash_bytes", target.flash_bytes), ("ram_bytes", target.ram_bytes)):
         limit = getattr(budget, key)
@@ -112,19 +121,24 @@ def _capacity_errors(budget: Budget, mins: dict[str, float], target: Target) -> 
                           f"of {target.name}")
         if capacity is not None and mins[key] > capacity:
             errors.append(f"the smallest achievable {_LABELS[key]} {_fmt(key, mins[key])} "
-                          f"({how_reached(key, target)}) does not fit the {_fmt(key, capacity)} of {target.name}")
+                          f"({how(key)}) does not fit the {_fmt(key, capacity)} of {target.name}")
     return errors
 
 
-def check_achievable(graph: Graph, target: Target, budget: Budget) -> dict[str, float]:
-    """Raise ``BudgetError`` if no assignment on ``target`` can meet ``budget``; return the minima.
+def check_achievable(graph: Graph, target: Target, budget: Budget, weight_granularity: str | None = None,
+                     allow_pruning: bool = False) -> dict[str, float]:
+    """Raise ``BudgetError`` if no assignment on ``target`` at ``weight_granularity`` (pruned where
+    ``allow_pruning`` and the target allow it) can meet ``budget``; return the minima.
 
     Also raises when a memory budget exceeds the device's capacity (a budget above the memory the
     device has is a mistake) or when even the smallest model does not fit the device.
     """
-    mins = smallest_costs(graph, target)
-    errors = [_violation(k, limit, mins[k], target) for k, limit in budget.limits().items() if mins[k] > limit]
-    errors += _capacity_errors(budget, mins, target)
+    mins = smallest_costs(graph, target, weight_granularity, allow_pruning)
+
+    def how(key: str) -> str:
+        return how_reached(key, target, weight_granularity, allow_pruning)
+    errors = [_violation(k, limit, mins[k], target, how(k)) for k, limit in budget.limits().items() if mins[k] > limit]
+    errors += _capacity_errors(budget, mins, target, how)
     if errors:
         raise BudgetError("; ".join(errors))
     return mins

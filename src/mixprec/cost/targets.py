@@ -28,6 +28,9 @@ NUMERICS = ("scaled", "fixed")
 _RANGE = re.compile(r"^\s*(\d+)\s*\.\.\s*(\d+)\s*$")
 
 
+#: Signed symmetric weight codes: 1 bit holds only 0 (codes -(2^(b-1)-1) .. 2^(b-1)-1)
+MIN_VALUE_WEIGHT_BITS = 2
+
 @dataclass(frozen=True)
 class ParamBytes:
     """Bytes of each stored per-scale / per-channel parameter (0 = not stored)."""
@@ -64,9 +67,16 @@ class Target:
     alignment: int = 1  # byte alignment of every activation buffer offset and size in the arena
 
     @property
+    def value_weight_bits(self) -> tuple[int, ...]:
+        """The weight widths that hold a value other than 0. Weights are signed and symmetric, so
+        1 bit holds only 0: pruning by another name, at a bit per weight (a uniform 1-bit MNIST MLP
+        scored 11.35% at 0 EBOPs), never a width to choose for a layer that is not being pruned."""
+        return tuple(b for b in self.weight_bits if b >= MIN_VALUE_WEIGHT_BITS)
+
+    @property
     def min_weight_bits(self) -> int:
-        """Smallest non-zero weight width (0 = pruning is not a storage width)."""
-        return min(b for b in self.weight_bits if b > 0)
+        """Smallest weight width that holds a non-zero value (see :attr:`value_weight_bits`)."""
+        return min(self.value_weight_bits)
 
     @property
     def min_act_bits(self) -> int:

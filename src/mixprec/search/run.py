@@ -18,10 +18,12 @@ import torch
 
 from .. import __version__
 from ..api import (as_target, assignment, cost_report, largest_uniform_bits, quantize, save_integer_model,
-                   verify_against_reference, activation_width_for)
-from ..cost import Budget, BudgetError, check, evaluate, format_size, violations
+                   verify_against_reference, activation_width_for, weight_granularity_for)
+from ..cost import Budget, BudgetError, check, check_achievable, evaluate, format_size, violations
 from ..data import load_dataset
-from ..models import get_model
+from ..models import get_model, get_spec
+from ..train.loop import chance_accuracy
+from . import preflight
 from ..train import evaluate_accuracy, fit, load_checkpoint, resolve_device, save_checkpoint, world
 from ..train.distributed import barrier, init_distributed
 from .config import RunConfig
@@ -36,12 +38,47 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+#: Budget keys by the widths they depend on: FLASH only on the weights, peak RAM only on the
+#: activations, compute and energy on both
+WEIGHT_COSTS = ("flash_bytes", "ebops", "bops", "energy_uj", "latency_cycles")
+ACT_COSTS = ("ram_bytes", "ebops", "bops", "energy_uj", "latency_cycles")
+#: What a width the budget does not constrain stays at
+UNCONSTRAINED_BITS = 8
+
+
+def constrained(budget: Budget) -> tuple[bool, bool]:
+    """Whether the budget constrains the weights' widths, and the activations'."""
+    limits = budget.limits()
+    return any(k in WEIGHT_COSTS for k in limits), any(k in ACT_COSTS for k in limits)
+
+
 def choose_bits(cfg: RunConfig, model, target, input_shape, budget: Budget) -> tuple[int, int]:
-    """Weight and activation widths for the uniform start; refuses impossible budgets up front."""
+    """Weight and activation widths for the uniform start; refuses impossible budgets up front.
+
+    A width the budget does not constrain is not lowered with the other: under a FLASH-only
+    budget activations keep at least 8 bits (they cost no FLASH; a keyword-spotting model at 2-bit
+    weights and 2-bit activations scored 9.5%), under a RAM-only budget the weights do."""
+    weights_matter, acts_matter = constrained(budget)
+    if cfg.bits is None and cfg.act_bits is None and acts_matter and not weights_matter:
+        wb = _widest_at_most(UNCONSTRAINED_BITS, target.value_weight_bits)
+        return wb, largest_uniform_act_bits(model, target, input_shape, budget, wb, cfg.weight_granularity)
+    act_bits = cfg.act_bits
+    if act_bits is None and weights_matter and not acts_matter:
+        act_bits = activation_width_for(max(UNCONSTRAINED_BITS, cfg.bits or 0), target)
     if cfg.bits is None:
-        wb = largest_uniform_bits(model, target, input_shape, budget, cfg.act_bits, cfg.weight_granularity)
-        return wb, cfg.act_bits or activation_width_for(wb, target)
-    ab = cfg.act_bits or activation_width_for(cfg.bits, target)
+        try:
+            wb = largest_uniform_bits(model, target, input_shape, budget, act_bits, cfg.weight_granularity)
+        except BudgetError:
+            if cfg.method == "uniform":
+                raise
+            # a mixed-precision method needs no uniform model that fits, only a reachable budget
+            graph = quantize(model, target, input_shape, bits=target.min_weight_bits,
+                             act_bits=act_bits or target.min_act_bits, weight_granularity=cfg.weight_granularity).graph
+            check_achievable(graph, target, budget, weight_granularity_for(target, cfg.weight_granularity),
+                             allow_pruning=True)
+            wb = target.min_weight_bits
+        return wb, act_bits or activation_width_for(wb, target)
+    ab = act_bits or activation_width_for(cfg.bits, target)
     qm = quantize(model, target, input_shape, bits=cfg.bits, act_bits=ab, weight_granularity=cfg.weight_granularity)
     report = evaluate(qm.graph, assignment(qm), target)
     detail = violations(report, budget)
@@ -52,6 +89,24 @@ def choose_bits(cfg: RunConfig, model, target, input_shape, budget: Budget) -> t
             hint = f" {exc}."
         raise BudgetError(f"uniform {cfg.bits}-bit weights / {ab}-bit activations do not meet the budget: {detail}.{hint}")
     return cfg.bits, ab
+
+
+def _widest_at_most(bits: int, widths) -> int:
+    return max((b for b in widths if b <= bits), default=min(widths))
+
+
+def largest_uniform_act_bits(model, target, input_shape, budget: Budget, weight_bits: int,
+                             weight_granularity: str | None) -> int:
+    """The widest uniform activation width that meets ``budget`` with ``weight_bits`` weights."""
+    tried = []
+    for ab in sorted(target.act_bits, reverse=True):
+        qm = quantize(model, target, input_shape, bits=weight_bits, act_bits=ab, weight_granularity=weight_granularity)
+        detail = violations(evaluate(qm.graph, assignment(qm), target), budget)
+        if not detail:
+            return ab
+        tried.append(f"{ab}-bit: {detail}")
+    raise BudgetError(f"no uniform activation width meets the budget with {weight_bits}-bit weights ("
+                      + "; ".join(tried) + "); a smaller model or a larger budget does")
 
 
 def _float_warmup(cfg: RunConfig, model, data, ckpt_dir: Path, device, progress, epoch_hook) -> list[dict]:
@@ -118,15 +173,18 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
     _check_resumable(cfg, out, resume)
     seed_everything(cfg.seed)
 
-    # Bad input (data, model, target, budget) fails here, before the run directory claims a run,
-    # so the corrected command can be rerun into the same --out.
+    # Bad input (options, model, target, budget, then data) fails here, before the run directory
+    # claims a run, so the corrected command can be rerun into the same --out. What needs no data
+    # is checked before the data is loaded.
     target = as_target(cfg.target)
     budget = Budget.from_strings(**cfg.budget)
-    data = load_dataset(cfg.data, cfg.data_dir, cfg.seed)
-    model = get_model(cfg.model)
-    weight_bits, act_bits = choose_bits(cfg, model, target, data.input_shape, budget)
-    _float_source(cfg)
+    spec = get_spec(cfg.model)
     check_options(cfg, target)
+    _float_source(cfg)
+    model = get_model(cfg.model)
+    data = load_dataset(cfg.data, cfg.data_dir, cfg.seed)
+    data = preflight.prepare(data, model, spec.input_shape, cfg.data, cfg.model)
+    weight_bits, act_bits = choose_bits(cfg, model, target, data.input_shape, budget)
     barrier()  # every process has looked before the first one writes
     if w.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -153,10 +211,17 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
     checks = check(report, budget)
     mismatches = verify_against_reference(qm, data.x_test[:512])
     save_integer_model(qm, out / "integer_model.npz")
+    chance = chance_accuracy(data.y_test)
+    degenerate = degenerate_reason(float_acc, quant_acc, chance)
+    if degenerate:
+        log.error("%s", degenerate)
+    gap = search_gap(step, budget)
     result = {
         "mixprec_version": __version__, "model": cfg.model, "data": cfg.data, "target": target.name,
         "method": cfg.method, "seed": cfg.seed, "input_shape": list(data.input_shape),
-        "accuracy": {"float": float_acc, "quantized": quant_acc},
+        "accuracy": {"float": float_acc, "quantized": quant_acc, "chance": chance},
+        "degenerate": bool(degenerate), "degenerate_reason": degenerate,
+        "search_gap": gap,
         "cost": {k: report.totals[k] for k in ("flash_bytes", "ram_bytes", "macs", "bops", "ebops",
                                                 "latency_cycles", "energy_uj")},
         "cost_detail": dict(report.totals),
@@ -174,6 +239,49 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
     (out / "result.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text(summary_markdown(result))
     return result
+
+
+#: A result is degenerate when it keeps at most this share of the margin between chance and a
+#: perfect score (10 classes: 19%)...
+NEAR_CHANCE = 0.1
+#: ...or loses more than this share of the float model's margin over chance
+FAR_BELOW_FLOAT = 0.5
+
+
+def degenerate_reason(float_acc: float, quant_acc: float, chance: float) -> str | None:
+    """Why a run's result must not be shipped (None: it may): integer-exact test accuracy at or near
+    chance (the majority class's share of the test labels), or far below the float model's."""
+    near = chance + NEAR_CHANCE * (1.0 - chance)
+    if float_acc <= near:
+        return (f"the float model itself scores {float_acc:.2%} on the test set (chance {chance:.2%}): it did not "
+                f"learn; check the labels and the data's scale, or train longer (--float-epochs) at another --lr")
+    if quant_acc <= near:
+        return (f"the quantized model scores {quant_acc:.2%}, at chance ({chance:.2%}; float {float_acc:.2%}): "
+                f"it collapsed. See the run's history for the phase that lost it; a lower --qat-lr, more bits or "
+                f"a larger budget keep it")
+    if float_acc - quant_acc > FAR_BELOW_FLOAT * (float_acc - chance):
+        return (f"the quantized model scores {quant_acc:.2%}, far below the float model's {float_acc:.2%} "
+                f"(chance {chance:.2%}): it lost more than half the float model's margin over chance; more bits, "
+                f"a larger budget or more QAT epochs keep it")
+    return None
+
+
+#: A method ending its search more than this share over a budget limit is reported (the budget step
+#: then did the cutting the method should have done)
+SEARCH_GAP = 0.1
+
+
+def search_gap(step: dict, budget: Budget) -> dict:
+    """The limits the method's own result missed by more than ``SEARCH_GAP`` (before the budget
+    step): ``{key: {"searched": value, "limit": limit}}``, logged as a warning."""
+    before = step.get("before") or {}
+    gap = {k: {"searched": before[k], "limit": lim} for k, lim in budget.limits().items()
+           if k in before and before[k] > (1.0 + SEARCH_GAP) * lim}
+    for k, g in gap.items():
+        log.warning("the method ended its search at %s %.6g, %.0f%% over the budget's %.6g; the budget step cut the "
+                    "rest, which costs accuracy: a longer search (--qat-epochs) or the method's options (-o) let "
+                    "the method get there itself", k, g["searched"], 100 * (g["searched"] / g["limit"] - 1), g["limit"])
+    return gap
 
 
 def weight_range_rule(qm) -> str:
@@ -229,6 +337,9 @@ def _fits_device(report, target) -> bool:
 def _check_resumable(cfg: RunConfig, out: Path, resume: bool) -> None:
     existing = out / "config.yaml"
     if not existing.exists():
+        if resume and out.is_dir() and any(out.iterdir()):
+            raise ValueError(f"--resume: {out} holds no run (no config.yaml) but is not empty; check --out, or "
+                             f"drop --resume to start a new run in an empty folder")
         if resume:
             log.info("nothing to resume in %s: starting a new run", out)
         return
@@ -297,6 +408,7 @@ def summary_markdown(result: dict) -> str:
              f"MACs {cost['macs']:,}, EBOPs {cost['ebops']:,.0f}, latency {cost['latency_cycles']:,.0f} cycles, "
              f"energy {cost['energy_uj']:.3g} uJ",
              f"- budget: {result['budget'] or 'none'}; feasible: {result['feasible']}",
+             *([f"- **degenerate**: {result['degenerate_reason']}"] if result.get("degenerate") else []),
              *_budget_step_lines(result.get("budget_step") or {}),
              f"- reference mismatches: {result['reference_mismatches']}", "",
              "| layer | op | weight bits | act bits | weight bytes | param bytes | MACs |",

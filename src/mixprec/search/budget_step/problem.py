@@ -131,7 +131,11 @@ def _act_tables(qm, t: Target, base: BitAssignment, upward: bool) -> tuple[dict,
 
 
 def _weight_candidates(t: Target, top: np.ndarray, prunable: bool, upward: bool):
-    support = sorted(t.weight_bits)
+    # 1-bit weights hold only 0: a group there is pruned in effect, and may stay pruned (0 bits)
+    # where pruning is allowed or take the narrowest width that holds values
+    support = sorted({0, *t.value_weight_bits} & set(t.weight_bits))
+    low = (top > _EPS) & (top < t.min_weight_bits - _EPS)
+    top = np.where(low, float(t.min_weight_bits), top)
     widths = sorted({w for w in support if w <= top.max() + _EPS and (w > 0 or prunable or (top <= _EPS).any())}
                     | ({w for w in support if w > 0 and w > top.min() + _EPS} if upward else set()))
     widths = np.array(widths, dtype=float)
