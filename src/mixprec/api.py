@@ -128,7 +128,17 @@ def largest_uniform_bits(model: nn.Module, target: str | Target, input_shape, bu
     graph = quantize(model, t, input_shape, bits=t.min_weight_bits, act_bits=act_bits or t.min_act_bits,
                      weight_granularity=weight_granularity).graph
     gran = weight_granularity_for(t, weight_granularity)
-    check_achievable(graph, t, budget, gran)
+    try:
+        check_achievable(graph, t, budget, gran)
+    except BudgetError as exc:
+        if not t.allows_pruning:
+            raise
+        try:
+            check_achievable(graph, t, budget, gran, allow_pruning=True)
+        except BudgetError:
+            raise exc from None
+        raise BudgetError(f"{exc}; pruning channels, a mixed-precision method (--method hgq or dq) can reach "
+                          f"it") from None
     tried = []
     for b in nonzero_widths(t):
         report = evaluate(graph, uniform(graph, b, act_bits or activation_width_for(b, t), gran,

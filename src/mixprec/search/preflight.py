@@ -65,7 +65,7 @@ def model_outputs(model: nn.Module, input_shape: tuple[int, ...], source: str, n
     except (RuntimeError, ValueError, TypeError, IndexError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DatasetError(f"model {name} does not run on samples of shape {tuple(input_shape)} from data {source}: "
-                           f"{first.rstrip('.')}. Give data of the shape the model was written for") from exc
+                           f"{first.rstrip('.')}. Give data in the shape the model takes") from exc
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
