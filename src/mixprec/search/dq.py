@@ -39,6 +39,7 @@ class DQOptions:
     weight_epochs: int = 1  # phase a: weights only, precision frozen
     k: int = 5  # phase b: quantizer update every k steps
     quant_lr: float = 0.05  # Adam learning rate of log2(step) and log2(range)
+    min_reach: float = 8.0  # at least this many bits of log2(step) movement over phase b (a short phase raises quant_lr)
     weight_grad: str = "ewgs"  # ewgs | atanh | ste: the weights' gradient modification
     act_grad: str = "atanh"  # ewgs | atanh | ste: the activations'
     delta: float = 5e-3  # strength of the gradient modification
@@ -59,6 +60,16 @@ class DQOptions:
             raise ValueError("k must be at least 1 and weight_epochs at least 0")
 
 
+def quantizer_lr(opts: DQOptions, total_steps: int) -> float:
+    """The quantizer optimiser's learning rate for a phase b of ``total_steps``: ``opts.quant_lr``,
+    raised so that its updates (one per ``k`` steps, each moving log2(step) by about the learning
+    rate) can move a step size by ``min_reach`` bits. It scales with the run's length in steps:
+    23 steps an epoch for 9 epochs are 41 updates, 2 bits at 0.05, short of an 8-bit start's way to
+    a budget. Phases of 160 updates or more (every benchmark row) keep ``opts.quant_lr``."""
+    updates = max(1, total_steps // opts.k)
+    return max(opts.quant_lr, opts.min_reach / updates)
+
+
 class HingePenalty(Callback):
     """The ramped squared-hinge memory (and other budget) penalty, and the quantizer optimiser
     that steps every ``k`` training steps on the gradients accumulated since its last step.
@@ -74,7 +85,8 @@ class HingePenalty(Callback):
         self.total_steps, self.cost_target = max(total_steps, 1), cost_target
         self.deployed_target = deployed_target or cost_target
         params = [p for q in quantizers for p in (q.log2_d, q.log2_xmax)]
-        self.optimizer = torch.optim.Adam(params, lr=opts.quant_lr)
+        self.lr = quantizer_lr(opts, self.total_steps)
+        self.optimizer = torch.optim.Adam(params, lr=self.lr)
         self.calls = 0
 
     def ramp(self) -> float:
@@ -164,7 +176,8 @@ def search_dq(ctx: SearchContext):
         steps = phase_b * math.ceil(len(data.x_train) / base.batch_size)
         penalty = HingePenalty(opts, model_quantizers(qm, opts.learn_input), targets, steps, steer, t)
         measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
-        log.info("DQ phase b on %s: %d epochs, quantizers every %d steps, targets %s", t.name, phase_b, opts.k, targets)
+        log.info("DQ phase b on %s: %d epochs, quantizers every %d steps at lr %.3g, targets %s", t.name, phase_b,
+                 opts.k, penalty.lr, targets)
         history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val,
                       _epochs(base, phase_b, seed_offset=1), params=weights, callbacks=[penalty, measure],
                       best_if=is_feasible, **ctx.fit_options("dq"))

@@ -38,12 +38,14 @@ class HGQOptions:
     beta_end: float = 1.0  # end of the linear / log ramp
     target_ratio: float = 0.95  # controller: aim at this fraction of the budget (containers round up)
     gain: float = 0.05  # controller: change of ln(beta) per penalty step per unit of relative error
+    min_reach: float = 16.0  # controller: at least this change of ln(beta) over the phase at full error (a short phase raises its gain)
     max_error: float = 1.0  # controller: the relative error is clipped to +-this (bounds each step)
     anneal: float = 0.0  # controller: its target falls from the starting cost to the final one over this fraction of the phase (geometrically); 0 = the final target from the first step
     init_bits: float = 8.0  # starting weight storage bits (sign included)
     act_init_bits: float = 8.0  # starting activation bits
     act_granularity: str = "per-tensor"  # of the activations' bits (per-channel/per-element on fixed-point targets)
     bits_lr: float = 3e-2  # learning rate of f (its own parameter group, no weight decay)
+    bits_reach: float = 8.0  # f can move at least this many bits over the phase (a short phase raises bits_lr)
     gamma: float = 0.0  # + gamma * sum(f): HGQ's small pull towards fewer bits
     penalty_every: int = 8  # compute the cost term every k steps, weighted by k
     learn_input: bool = False  # learn the input's bits too (its gradient needs the first layer's input gradient, a large share of a small model's step; data usually comes at a fixed width)
@@ -77,6 +79,7 @@ class BetaPenalty(Callback):
         self.measure_model = measure_model or target_model  # the controller's: the real containers
         self.max_act_bits = max(self.measure_model.act_containers)
         self.beta, self.calls, self.last_cost = opts.beta, 0, float("nan")  # last_cost: what the controller saw
+        self.pace = phase_pace(opts, self.total_steps)
         self.start_cost: float | None = None  # the first measured cost: where an annealed target starts
 
     def current_beta(self) -> float:
@@ -96,7 +99,7 @@ class BetaPenalty(Callback):
 
     def extra_loss(self, model) -> torch.Tensor | None:
         step, self.calls = self.calls, self.calls + 1
-        if not every_k(step, self.opts.penalty_every):
+        if not every_k(step, self.pace.every):
             return None
         cost = differentiable_costs(model, self.cost_model)[self.key]
         if self.schedule == "controller":
@@ -106,11 +109,11 @@ class BetaPenalty(Callback):
             # clipped: a start far over budget (13x on an FPGA run) otherwise let beta leap ~e^0.6 per
             # step and prune whole layers before the cost could answer
             error = min(max(self.last_cost / self.current_target() - 1.0, -self.opts.max_error), self.opts.max_error)
-            self.beta = min(max(self.beta * math.exp(self.opts.gain * error), 1e-8), 1e4)
+            self.beta = min(max(self.beta * math.exp(self.pace.gain * error), 1e-8), 1e4)
         term = self.current_beta() * cost / self.reference
         if self.opts.gamma:
             term = term + self.opts.gamma * sum(q.f.sum() for q in model_quantizers(model))
-        return self.opts.penalty_every * term
+        return self.pace.every * term
 
     def measured(self, model, cost: torch.Tensor) -> float:
         """The cost as the budget judges it: real containers, and EBOPs from the integer weights
@@ -123,7 +126,7 @@ class BetaPenalty(Callback):
             return float(differentiable_costs(model, self.measure_model)[self.key])
 
     def after_step(self, step: int) -> None:
-        if every_k(step, self.opts.penalty_every):
+        if every_k(step, self.pace.every):
             keep_activations_alive(self.act_quantizers, self.max_act_bits)
             keep_layers_alive(self.weight_quantizers)
 
@@ -138,6 +141,33 @@ class BetaPenalty(Callback):
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.calls = state["beta"], state["calls"]
         self.start_cost = state.get("start_cost")
+
+
+@dataclass(frozen=True)
+class Pace:
+    """How often the cost term is computed, the controller's gain and f's learning rate for a phase."""
+
+    every: int
+    gain: float
+    bits_lr: float
+
+
+#: A phase of at least this many steps keeps the options' pace (every benchmark row's does)
+FULL_PACE_STEPS = 2560
+
+
+def phase_pace(opts: HGQOptions, total_steps: int) -> Pace:
+    """The options' pace, scaled to a short phase's length in steps (not epochs): the cost term
+    comes every step rather than every ``penalty_every`` (Adam damps a gradient that comes one step
+    in eight, so f moved ~1.6 bits in 126 steps while beta sat at its cap), the controller's updates
+    can move ln(beta) by ``min_reach`` at full error, and Adam's f steps (about ``bits_lr`` each) can
+    move ``bits_reach`` bits. 23 steps an epoch for 10 epochs at the options' pace: 29 controller
+    updates, beta 0.012 -> 0.043 while FLASH stayed at twice its budget. Phases of
+    ``FULL_PACE_STEPS`` or more keep the options as given."""
+    every = opts.penalty_every if total_steps >= FULL_PACE_STEPS else 1
+    updates = max(1, math.ceil(total_steps / every))
+    gain = opts.gain * every / opts.penalty_every  # the options' change of ln(beta) per step, at least
+    return Pace(every, max(gain, opts.min_reach / updates), max(opts.bits_lr, opts.bits_reach / max(total_steps, 1)))
 
 
 @torch.no_grad()
@@ -219,9 +249,14 @@ def search_hgq(ctx: SearchContext):
     measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
     f_params = [q.f for q in model_quantizers(qm) if q.f.requires_grad]
     weights = qm.weight_parameters()
-    groups = weights + [{"params": f_params, "lr": opts.bits_lr, "weight_decay": 0.0}]
+    pace = penalty.pace
+    groups = weights + [{"params": f_params, "lr": pace.bits_lr, "weight_decay": 0.0}]
     log.info("HGQ on %s: cost %s (start %.6g, reference %.6g), beta %s from %g, %d epochs", t.name, key, start_cost,
              reference, schedule, opts.beta, train_cfg.epochs)
+    if pace != Pace(opts.penalty_every, opts.gain, opts.bits_lr):
+        log.info("a short phase (%d steps): cost term every %d steps, controller gain %.3g, bits_lr %.3g (options: "
+                 "%d, %g, %g), so that the bits can reach the budget", total, pace.every, pace.gain, pace.bits_lr,
+                 opts.penalty_every, opts.gain, opts.bits_lr)
     history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val, train_cfg, params=groups,
                   callbacks=[penalty, measure], best_if=is_feasible, **ctx.fit_options("hgq"))
     ctx.history["hgq"] = history
