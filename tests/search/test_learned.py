@@ -266,16 +266,31 @@ def test_hgq_dead_activation_channel_cannot_overflow_when_it_wakes():
 
 
 def test_beta_controller_step_is_bounded_far_over_budget():
-    from mixprec.search.hgq import HGQOptions
+    from mixprec.search.hgq import FULL_PACE_STEPS, HGQOptions
 
     t = relaxed(load_target("cortex-m4"))
     qm = quantize(_tiny(), "cortex-m4", (1, 8, 8), bits=8)
     qm.calibrate([torch.randn(8, 1, 8, 8)])
     opts = HGQOptions(beta=1.0, penalty_every=1, gain=0.5)
-    far = BetaPenalty(opts, "flash_bytes", "controller", 1.0, target=1e-6, total_steps=10, target_model=t)
+    far = BetaPenalty(opts, "flash_bytes", "controller", 1.0, target=1e-6, total_steps=FULL_PACE_STEPS,
+                      target_model=t)
     far.extra_loss(qm)
     assert far.last_cost / far.target > 1e3  # a huge relative error ...
     assert far.beta == pytest.approx(math.exp(0.5))  # ... moves ln(beta) by at most gain * max_error
+
+
+def test_a_short_phase_paces_hgq_to_reach_the_budget_and_a_long_one_keeps_the_options():
+    from mixprec.search.dq import DQOptions, quantizer_lr
+    from mixprec.search.hgq import HGQOptions, Pace, phase_pace
+
+    opts = HGQOptions()
+    assert phase_pace(opts, 3440) == Pace(8, 0.05, 0.03)  # LeNet-5 / MNIST, 8 epochs at batch 128
+    short = phase_pace(opts, 126)  # 6 epochs of 21 steps
+    assert short.every == 1
+    assert short.gain * 126 == pytest.approx(opts.min_reach) and short.bits_lr * 126 == pytest.approx(opts.bits_reach)
+    assert phase_pace(opts, 2000).gain * 2000 == pytest.approx(opts.min_reach)  # reach continuous at FULL_PACE_STEPS
+    assert quantizer_lr(DQOptions(), 3010) == 0.05
+    assert quantizer_lr(DQOptions(), 189) * (189 // 5) == pytest.approx(8.0)
 
 
 def test_annealed_controller_target_falls_from_the_start_cost():

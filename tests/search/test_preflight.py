@@ -102,3 +102,16 @@ def test_degenerate_reasons():
     assert "far below" in degenerate_reason(0.775, 0.40, 0.083)
     assert "did not learn" in degenerate_reason(0.12, 0.12, 0.1)
     assert degenerate_reason(0.775, 0.575, 0.083) is None  # 29% of the margin lost: poor, not degenerate
+
+
+def test_a_search_that_ends_far_over_budget_says_so(caplog):
+    from mixprec.cost import Budget
+    from mixprec.search.run import search_gap
+
+    step = {"applied": True, "before": {"flash_bytes": 29_100.0, "ram_bytes": 900.0}}
+    with caplog.at_level("WARNING"):
+        gap = search_gap(step, Budget(flash_bytes=14_336, ram_bytes=1_000))
+    assert gap == {"flash_bytes": {"searched": 29_100.0, "limit": 14_336}}
+    assert "103% over the budget" in caplog.text and "budget step cut the rest" in caplog.text
+    assert search_gap({"applied": True, "before": {"flash_bytes": 15_000.0}}, Budget(flash_bytes=14_336)) == {}
+    assert search_gap({"applied": False}, Budget(flash_bytes=14_336)) == {}
