@@ -85,11 +85,13 @@ def cost_term(qm: QuantModel, target: str | Target, key: str = "flash_bytes") ->
 
 
 def cost_report(qm: QuantModel, target: str | Target) -> CostReport:
-    """Exact cost of the model as deployed. EBOPs count each weight's effective bits (see
-    :func:`mixprec.cost.compute.effective_bits`: a weight that rounds to zero costs nothing) once
-    the model has been calibrated."""
+    """Exact cost of the model as deployed. Once the model has been calibrated, FLASH is the bytes
+    of the C library's constant sections laid out from the lowered model (weights, parameters and
+    every layout or clamp table), and EBOPs count each weight's effective bits (see
+    :func:`mixprec.cost.compute.effective_bits`: a weight that rounds to zero costs nothing)."""
     t = as_target(target)
-    report = evaluate(qm.graph, assignment(qm), t)
+    a = assignment(qm)
+    report = evaluate(qm.graph, a, t)
     try:
         ig = qm.lower()
     except RuntimeError:  # not calibrated yet: nominal bits only
@@ -99,7 +101,27 @@ def cost_report(qm: QuantModel, target: str | Target) -> CostReport:
         if row.name in rows:
             row.ebops = float(rows[row.name])
     report.totals["ebops"] = float(sum(rows.values()))
+    _measure_flash_sections(report, ig, qm.graph, a, t)
     return report
+
+
+def _measure_flash_sections(report: CostReport, ig, graph, a: BitAssignment, t: Target) -> None:
+    """Replace the cost model's FLASH figure with the library's sections where they differ: tables
+    the lowered values need (alignments of per-element fixed-point grids, clamp tables, shifts a
+    target stores in 0 bytes) are known only once the model is lowered."""
+    from .export.base import ExportError
+    from .export.c.generate import flash_sections
+
+    try:
+        sections = flash_sections(ig, graph, a, t)
+    except ExportError as exc:  # no C library for this model: export says why; the cost model stands
+        log.debug("FLASH from the cost model only: %s", exc)
+        return
+    measured = sum(sections.values())
+    tables = measured - report.totals["weight_bytes"] - report.totals["param_bytes"]
+    if measured != report.totals["flash_bytes"]:
+        log.debug("FLASH sections %s differ from the cost model's %d B", sections, report.totals["flash_bytes"])
+        report.totals["flash_bytes"], report.totals["table_bytes"] = measured, tables
 
 
 @torch.no_grad()

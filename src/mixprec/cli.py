@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -20,8 +21,14 @@ QUICKSTART = dict(model="digits-cnn", data="digits", target="cortex-m4", budget=
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
-    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    """mixprec's own log at INFO (DEBUG with -v, WARNING with -q); other libraries' INFO lines and
+    deprecation warnings (onnx, qonnx, hls4ml, torch) only with -v."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("mixprec").setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category)
 
 
 class _Progress:

@@ -1,5 +1,5 @@
-"""Memory as the deployed artifact lays it out: FLASH (packed weights + per-channel parameters)
-and RAM (activation buffers placed in one arena by a greedy planner over tensor lifetimes).
+"""Memory as the deployed artifact lays it out: FLASH (packed weights, per-channel parameters and
+the layout tables the C runtime reads where containers are not uniform) and RAM (activation buffers placed in one arena by a greedy planner over tensor lifetimes).
 
 Byte counts are torch scalars, exact in the forward pass for integer bits and differentiable in
 the bits: every rounding (bits up to a storage container, bits up to whole bytes, offsets up to
@@ -21,7 +21,7 @@ import torch
 
 from ..granularity import expand
 from ..graph.ir import ALIAS_OPS, Graph, Node
-from .bits import BitAssignment, act_bits, act_storage_bits, weight_bits
+from .bits import BitAssignment, act_bits, act_shift, act_storage_bits, weight_bits
 from .rounding import align_up_ste, snap_up_ste, ste_ceil
 from .targets import Target, load_target  # noqa: F401  (load_target: doctest)
 
@@ -82,6 +82,57 @@ def param_flash_bytes(graph: Graph, assignment: BitAssignment, name: str, target
     node = graph[name]
     bias = node.out_channels * target.param_bytes.bias if node.has_weights and node.attrs.get("bias", True) else 0
     return bias + requant_steps(graph, assignment, name) * target.param_bytes.requant
+
+
+#: Bytes of one row of an activation buffer's layout table: first bit (u32), container bits, shift
+ACT_TABLE_ROW_BYTES = 6
+#: Bytes per element of a weight layout table that is not per channel: container bits, alignment
+WEIGHT_TABLE_ELEMENT_BYTES = 2
+
+
+def weight_table_bytes(node: Node, wbits: torch.Tensor, target: Target) -> int:
+    """FLASH bytes of the table that tells the C runtime where a weighted layer's elements are
+    (``export.c.layout``): none when every element has one container, one byte per output
+    channel when each channel has one, a (container, alignment) pair per element otherwise.
+
+    Counted from the containers alone; the exporter may also need the per-element table where a
+    channel's elements lie on grids of different coarseness (fixed-point per-element scales), which
+    ``mixprec.cost_report`` measures on the lowered model.
+    """
+    cont = snap_up_ste(expand(wbits.detach(), node.weight_shape), target.weight_containers)
+    cont = cont.reshape(node.weight_shape[0], -1)
+    if bool((cont == cont.reshape(-1)[0]).all()):
+        return 0
+    if bool((cont == cont[:, :1]).all()):
+        return int(cont.shape[0])
+    return WEIGHT_TABLE_ELEMENT_BYTES * int(cont.numel())
+
+
+def act_table_bytes(graph: Graph, assignment: BitAssignment, name: str, target: Target) -> int:
+    """FLASH bytes of the layout table of the buffer ``name`` produces: none when every element
+    has one container and one grid shift, a row per channel when each channel has one, a row
+    per element otherwise (``ACT_TABLE_ROW_BYTES`` each)."""
+    node = graph[name]
+    shape = node.out_shape
+    cont = snap_up_ste(expand(act_storage_bits(assignment, graph, name).detach(), shape), target.act_containers)
+    shift = act_shift(assignment, graph, name)
+    cols = [cont.reshape(shape[0], -1)]
+    if shift is not None:
+        cols.append(expand(shift.detach().to(cont), shape).reshape(shape[0], -1))
+    if all(bool((c == c.reshape(-1)[0]).all()) for c in cols):
+        return 0
+    if all(bool((c == c[:, :1]).all()) for c in cols):
+        return ACT_TABLE_ROW_BYTES * int(shape[0])
+    return ACT_TABLE_ROW_BYTES * int(cont.numel())
+
+
+def table_flash_bytes(graph: Graph, assignment: BitAssignment, name: str, target: Target) -> int:
+    """Layout-table bytes node ``name`` stores: its weights' and its output buffer's."""
+    node = graph[name]
+    total = weight_table_bytes(node, weight_bits(assignment, graph, name), target) if node.has_weights else 0
+    if node.op not in ALIAS_OPS:
+        total += act_table_bytes(graph, assignment, name, target)
+    return total
 
 
 # ----------------------------------------------------------------------------- activations

@@ -24,9 +24,9 @@ from .bits import BitAssignment, act_bits, weight_bits
 from .rounding import align_up_ste
 from .targets import Target
 
-TOTALS = ("flash_bytes", "weight_bytes", "param_bytes", "ram_bytes", "ram_lower_bound", "ram_mcu_in_out",
+TOTALS = ("flash_bytes", "weight_bytes", "param_bytes", "table_bytes", "ram_bytes", "ram_lower_bound", "ram_mcu_in_out",
           "macs", "bops", "ebops", "latency_cycles", "energy_uj")
-_INT_TOTALS = ("flash_bytes", "weight_bytes", "param_bytes", "ram_bytes", "ram_lower_bound", "ram_mcu_in_out", "macs")
+_INT_TOTALS = ("flash_bytes", "weight_bytes", "param_bytes", "table_bytes", "ram_bytes", "ram_lower_bound", "ram_mcu_in_out", "macs")
 
 
 @dataclass
@@ -44,6 +44,7 @@ class LayerCost:
     cycles: float
     energy_uj: float
     in_out_bytes: int  # input buffers + output buffer (MCU-paper RAM figure); 0 for input and views
+    table_bytes: int = 0  # layout tables of its weights and output buffer (non-uniform containers)
 
 
 @dataclass
@@ -92,12 +93,13 @@ def _memory_terms(graph: Graph, a: BitAssignment, target: Target):
     return plan, memory.arena_torch(plan, sizes), lower, memory.in_out_bytes(graph, sizes)
 
 
-def _totals(graph, a, target, terms, params, arena, lower, in_out) -> dict[str, torch.Tensor]:
+def _totals(graph, a, target, terms, params, tables, arena, lower, in_out) -> dict[str, torch.Tensor]:
     t = {k: torch.stack([row[k] for row in terms.values()]).sum() for k in ("weight_bytes", "bops", "ebops", "cycles")}
     zero = torch.zeros((), device=_device(a))
     param_bytes = zero + float(sum(params.values()))
-    return {"flash_bytes": t["weight_bytes"] + param_bytes, "weight_bytes": t["weight_bytes"],
-            "param_bytes": param_bytes, "ram_bytes": arena, "ram_lower_bound": lower,
+    table_bytes = zero + float(sum(tables.values()))
+    return {"flash_bytes": t["weight_bytes"] + param_bytes + table_bytes, "weight_bytes": t["weight_bytes"],
+            "param_bytes": param_bytes, "table_bytes": table_bytes, "ram_bytes": arena, "ram_lower_bound": lower,
             "ram_mcu_in_out": torch.stack(list(in_out.values())).max() if in_out else zero,
             "macs": zero + float(sum(n.macs for n in graph)), "bops": t["bops"], "ebops": t["ebops"],
             "latency_cycles": t["cycles"], "energy_uj": compute.energy_uj(t["cycles"], target)}
@@ -106,8 +108,9 @@ def _totals(graph, a, target, terms, params, arena, lower, in_out) -> dict[str, 
 def _evaluate(graph: Graph, a: BitAssignment, target: Target):
     terms = {n.name: _layer_terms(graph, a, n, target) for n in graph}
     params = {n.name: memory.param_flash_bytes(graph, a, n.name, target) for n in graph}
+    tables = {n.name: memory.table_flash_bytes(graph, a, n.name, target) for n in graph}
     plan, arena, lower, in_out = _memory_terms(graph, a, target)
-    return terms, params, plan, in_out, _totals(graph, a, target, terms, params, arena, lower, in_out)
+    return terms, params, tables, plan, in_out, _totals(graph, a, target, terms, params, tables, arena, lower, in_out)
 
 
 def evaluate_torch(graph: Graph, assignment: BitAssignment, target: Target) -> dict[str, torch.Tensor]:
@@ -118,8 +121,9 @@ def evaluate_torch(graph: Graph, assignment: BitAssignment, target: Target) -> d
 def evaluate(graph: Graph, assignment: BitAssignment, target: Target) -> CostReport:
     """Per-layer costs, totals (plain ints / floats) and the arena plan."""
     with torch.no_grad():
-        terms, params, plan, in_out, totals = _evaluate(graph, assignment.detach(), target)
-        rows = [_row(graph, assignment, n, terms[n.name], params[n.name], in_out.get(n.name), target) for n in graph]
+        terms, params, tables, plan, in_out, totals = _evaluate(graph, assignment.detach(), target)
+        rows = [_row(graph, assignment, n, terms[n.name], params[n.name], tables[n.name], in_out.get(n.name), target)
+                for n in graph]
     return CostReport(target.name, rows, {k: _plain(k, v) for k, v in totals.items()}, plan)
 
 
@@ -128,13 +132,13 @@ def _plain(key: str, value: torch.Tensor) -> float | int:
     return int(round(v)) if key in _INT_TOTALS else v
 
 
-def _row(graph, a, node, terms, params, in_out, target) -> LayerCost:
+def _row(graph, a, node, terms, params, tables, in_out, target) -> LayerCost:
     wb = float(weight_bits(a, graph, node.name).mean()) if node.has_weights else None
     cycles = float(terms["cycles"])
     return LayerCost(node.name, node.op, _numel(node.weight_shape), wb, float(act_bits(a, graph, node.name).mean()),
                      int(round(float(terms["weight_bytes"]))), params, node.macs, float(terms["bops"]),
                      float(terms["ebops"]), cycles, compute.energy_uj(cycles, target),
-                     int(round(float(in_out))) if in_out is not None else 0)
+                     int(round(float(in_out))) if in_out is not None else 0, tables)
 
 
 def _numel(shape) -> int:
@@ -148,7 +152,7 @@ def _numel(shape) -> int:
 
 
 _COLUMNS = (("name", "{}"), ("op", "{}"), ("params", "{}"), ("weight_bits", "{:.2f}"), ("act_bits", "{:.2f}"),
-            ("weight_bytes", "{}"), ("param_bytes", "{}"), ("macs", "{}"), ("bops", "{:.4g}"), ("ebops", "{:.4g}"),
+            ("weight_bytes", "{}"), ("param_bytes", "{}"), ("table_bytes", "{}"), ("macs", "{}"), ("bops", "{:.4g}"), ("ebops", "{:.4g}"),
             ("cycles", "{:.4g}"), ("energy_uj", "{:.4g}"), ("in_out_bytes", "{}"))
 
 

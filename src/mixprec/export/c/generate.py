@@ -1,12 +1,14 @@
 """Generate the C99 library of a lowered model: ``model.h``, ``model.c``, ``model_weights.c`` and the
 shared ``mixprec_runtime.h``.
 
-* ``model_weights.c``: ``<prefix>_weights``, one byte array in section ``.mixprec_weights`` holding
-  exactly what the cost model's ``flash_bytes`` counts, layer after layer: packed weights (each
-  output channel from a byte boundary), int32 biases, requantization entries (multiplier, shift,
-  zero point at the target's ``param_bytes``), little-endian and unaligned, so there is no padding.
-  Metadata the cost model does not count (per-channel/per-element containers, clamp tables of
-  per-element grids, shifts a target stores in 0 bytes) goes to ``<prefix>_aux`` in ``.mixprec_aux``.
+* ``model_weights.c``: ``<prefix>_weights``, one byte array in section ``.mixprec_weights``,
+  layer after layer: packed weights (each output channel from a byte boundary), int32 biases,
+  requantization entries (multiplier, shift, zero point at the target's ``param_bytes``),
+  little-endian and unaligned, so there is no padding. The tables that say where elements are when
+  containers are not uniform (per-channel / per-element widths, buffer layouts), clamp tables of
+  per-element grids and shifts a target stores in 0 bytes go to ``<prefix>_aux`` in
+  ``.mixprec_aux``. Both sections are FLASH: their sum is what ``mixprec.cost_report`` counts as
+  ``flash_bytes`` (``flash_sections`` measures it without writing anything).
 * ``model.c``: the arena ``static uint8_t <prefix>_arena[N]`` in ``.mixprec_arena``, laid out by the
   cost model's planner (``N`` = the predicted peak RAM), constant layer descriptors and
   ``<prefix>_model_run``.
@@ -70,8 +72,13 @@ class CModel:
     arena_plan: dict = field(default_factory=dict)
 
     @property
+    def flash_bytes(self) -> int:
+        """What the library stores in FLASH: both constant sections."""
+        return self.weights_bytes + self.aux_bytes
+
+    @property
     def flash_matches(self) -> bool:
-        return self.weights_bytes == self.cost["flash_bytes"]
+        return self.flash_bytes == self.cost["flash_bytes"]
 
     @property
     def ram_matches(self) -> bool:
@@ -79,7 +86,7 @@ class CModel:
 
     def summary(self) -> dict:
         return {"weights_section_bytes": self.weights_bytes, "aux_section_bytes": self.aux_bytes,
-                "arena_bytes": self.arena_bytes, "packed_weight_bytes": self.packed_weight_bytes,
+                "flash_bytes": self.flash_bytes, "arena_bytes": self.arena_bytes, "packed_weight_bytes": self.packed_weight_bytes,
                 "param_bytes": self.param_bytes, "cost_model": dict(self.cost),
                 "flash_matches_cost_model": self.flash_matches, "ram_matches_cost_model": self.ram_matches,
                 "input_ctype": self.in_ctype, "output_ctype": self.out_ctype,
@@ -172,7 +179,23 @@ def generate(ig: IntGraph, graph, assignment, target, out_dir: str | Path, prefi
              stem: str = "model") -> CModel:
     """Write ``<stem>.h``, ``<stem>.c``, ``<stem>_weights.c`` and ``mixprec_runtime.h`` into ``out_dir``."""
     out_dir = Path(out_dir)
+    model, files = _build(ig, graph, assignment, target, out_dir, prefix, stem)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for fname, make in files.items():
+        (out_dir / fname).write_text(make())
+    model.files = list(files)
+    return model
+
+
+def flash_sections(ig: IntGraph, graph, assignment, target) -> dict[str, int]:
+    """Bytes of the library's FLASH sections for this model, laid out as ``generate`` would write
+    them, without writing anything: ``{".mixprec_weights": n, ".mixprec_aux": m}``."""
+    model, _ = _build(ig, graph, assignment, target, Path("."), "mixprec", "model")
+    return {".mixprec_weights": model.weights_bytes, ".mixprec_aux": model.aux_bytes}
+
+
+def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, stem: str):
+    """The model's figures and, per file name, a function that renders its text."""
     if list(n.name for n in ig.nodes) != list(n.name for n in graph):
         raise ExportError("the integer program and the graph disagree on their nodes")
     report = evaluate(graph, assignment, target)
@@ -259,28 +282,22 @@ def generate(ig: IntGraph, graph, assignment, target, out_dir: str | Path, prefi
                            f"{row['cost_param_bytes']} B")
         e.layers.append(row)
 
-    cost = {k: int(report.totals[k]) for k in ("flash_bytes", "weight_bytes", "param_bytes", "ram_bytes")}
+    cost = {k: int(report.totals[k]) for k in ("flash_bytes", "weight_bytes", "param_bytes", "table_bytes", "ram_bytes")}
     model = CModel(prefix, out_dir, [], tuple(inp.out_shape), out_shape, in_ctype, out_ctype, in_dtype, out_dtype,
                    len(e.weights), len(e.aux), arena, e.max_k, cost, e.packed, e.params, e.layers, e.notes,
                    {"offsets": {k: int(v) for k, v in plan.offsets.items()}, "arena": arena,
                     "alignment": int(plan.alignment)})
-    if model.weights_bytes != cost["flash_bytes"]:
-        e.notes.append(f"weights section {model.weights_bytes} B != the cost model's flash_bytes "
-                       f"{cost['flash_bytes']} B")
+    if model.flash_bytes != cost["flash_bytes"]:
+        e.notes.append(f"FLASH sections {model.weights_bytes} + {model.aux_bytes} B != the cost model's flash_bytes "
+                       f"{cost['flash_bytes']} B (mixprec.cost_report counts the sections of the lowered model)")
     if arena != cost["ram_bytes"]:
         e.notes.append(f"arena {arena} B != the cost model's ram_bytes {cost['ram_bytes']} B")
-    if model.aux_bytes:
-        e.notes.append(f"{model.aux_bytes} B of layout/clamp tables in .mixprec_aux (metadata the cost model does not "
-                       "count: per-channel or per-element containers, grids or parameters)")
 
-    files = {f"{stem}.h": _header(model, ig, inp, out_lo, out_hi, in_lo, in_hi, in_numel, out_numel, P, stem),
-             f"{stem}.c": _source(model, e, ig, graph, layouts, in_numel, out_numel, P, stem),
-             f"{stem}_weights.c": _weights_source(model, e, P, stem),
-             RUNTIME_FILE: RUNTIME_H}
-    for fname, text in files.items():
-        (out_dir / fname).write_text(text)
-    model.files = list(files)
-    return model
+    files = {f"{stem}.h": lambda: _header(model, ig, inp, out_lo, out_hi, in_lo, in_hi, in_numel, out_numel, P, stem),
+             f"{stem}.c": lambda: _source(model, e, ig, graph, layouts, in_numel, out_numel, P, stem),
+             f"{stem}_weights.c": lambda: _weights_source(model, e, P, stem),
+             RUNTIME_FILE: lambda: RUNTIME_H}
+    return model, files
 
 
 def _describe(node) -> str:
@@ -421,8 +438,9 @@ def _header(m: CModel, ig, inp, out_lo, out_hi, in_lo, in_hi, in_numel, out_nume
  *   symmetric), saturated to the input grid's range (within [{P}_INPUT_MIN, {P}_INPUT_MAX]).{scale_note}
  * output_q: {out_numel} integers on the output grid: real output = output_q[i] * {P}_OUTPUT_SCALE.
  * Returns 0. Not reentrant: every call uses the one static activation arena.
- * Memory: weights and parameters in section .mixprec_weights ({P}_WEIGHTS_BYTES bytes, what the cost
- * model counts as FLASH), the arena in .mixprec_arena ({P}_ARENA_BYTES bytes, the predicted peak RAM),
+ * Memory: weights and parameters in section .mixprec_weights ({P}_WEIGHTS_BYTES bytes) and layout tables
+ * in .mixprec_aux ({P}_AUX_BYTES bytes): together what the cost model counts as FLASH; the arena in
+ * .mixprec_arena ({P}_ARENA_BYTES bytes, the predicted peak RAM),
  * plus {P}_STACK_SCRATCH_BYTES bytes of stack for one output channel's decoded weights.
  */
 #ifndef {P}_MODEL_H
@@ -515,7 +533,7 @@ def _weights_source(m: CModel, e: _Emitter, P, stem) -> str:
                   f"const uint8_t {m.prefix}_weights[{P}_WEIGHTS_BYTES] MIXPREC_WEIGHTS_SECTION = {{",
                   _c_bytes(bytes(e.weights.data)), "};", ""]
     if m.aux_bytes:
-        parts += ["/* layout and clamp tables the cost model does not count */",
+        parts += ["/* layout and clamp tables (FLASH, counted by the cost model with the weights) */",
                   f"extern const uint8_t {m.prefix}_aux[{P}_AUX_BYTES];",
                   f"const uint8_t {m.prefix}_aux[{P}_AUX_BYTES] MIXPREC_AUX_SECTION = {{",
                   _c_bytes(bytes(e.aux.data)), "};", ""]
