@@ -74,7 +74,8 @@ def _print_result(result: dict, out: Path) -> None:
 
     acc, cost = result["accuracy"], result["cost"]
     console.print(f"test accuracy: float {acc['float']:.2%}  quantized (integer-exact) [bold]{acc['quantized']:.2%}[/]")
-    console.print(f"FLASH {format_size(cost['flash_bytes'])}  peak RAM {format_size(cost['ram_bytes'])}  "
+    tables = (result.get("cost_detail") or {}).get("table_bytes") or 0
+    console.print(f"FLASH {format_size(cost['flash_bytes'])}{f' ({tables:,} B layout tables)' if tables else ''}  peak RAM {format_size(cost['ram_bytes'])}  "
                   f"MACs {cost['macs']:,}  EBOPs {cost['ebops']:,.0f}  latency {cost['latency_cycles']:,.0f} cycles  "
                   f"energy {cost['energy_uj']:.3g} uJ")
     for k, c in result["budget_checks"].items():
@@ -275,7 +276,8 @@ def export(run_dir: Path = typer.Argument(..., help="a run directory"),
 def verify(run_dir: Path = typer.Argument(..., help="a run directory with exported artifacts"),
            inputs: int = typer.Option(256, "--inputs", "-n", help="test inputs per artifact (0: the whole test set)"),
            quiet: bool = typer.Option(False, "--quiet", "-q"), verbose: bool = typer.Option(False, "--verbose", "-v")):
-    """Run every exported artifact against the NumPy reference; exit 1 on any mismatch."""
+    """Run every exported artifact against the NumPy reference; exit 1 on any mismatch or on memory
+    sections over the run's budget."""
     from .export import ExportError
     from .export.verify import verify_run
 
@@ -286,11 +288,11 @@ def verify(run_dir: Path = typer.Argument(..., help="a run directory with export
     except (ExportError, FileNotFoundError, ValueError) as exc:
         _fail(exc)
     table = Table(title=f"verify {run_dir}")
-    for col in ("format", "inputs", "mismatches", "first diverging layer"):
+    for col in ("format", "inputs", "mismatches", "first diverging layer", "memory"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r.format, str(r.inputs), "[green]0[/]" if r.ok else f"[red]{r.mismatches}[/]",
-                      r.first_diverging_layer or "")
+        table.add_row(r.format, str(r.inputs), "[green]0[/]" if not r.mismatches else f"[red]{r.mismatches}[/]",
+                      r.first_diverging_layer or "", "[red]" + "; ".join(r.over_budget) + "[/]" if r.over_budget else "")
     console.print(table)
     console.print(f"wrote {run_dir / 'verify.json'}", highlight=False)
     if not all(r.ok for r in rows):

@@ -74,3 +74,39 @@ def test_verify_without_exports_says_what_to_run(tmp_path):
 def test_unknown_format_lists_the_formats(exported):
     res = runner.invoke(app, ["export", str(exported), "--format", "tflite"])
     assert res.exit_code == 2 and "c, qonnx, hls4ml" in res.output
+
+
+def test_export_measures_the_artifact_against_the_budget_and_verify_fails_over_it(exported, tmp_path):
+    result = json.loads((exported / "result.json").read_text())
+    memory = result["artifact_memory"]["c"]
+    assert memory["over_budget"] == [] and result["feasible"] is True
+    assert memory["flash_bytes"] == result["cost"]["flash_bytes"] <= result["budget"]["flash_bytes"]
+    # the same run under a budget one byte below what its library stores
+    tight = tmp_path / "run"
+    shutil.copytree(exported, tight)
+    result["budget"]["flash_bytes"] = memory["flash_bytes"] - 1
+    (tight / "result.json").write_text(json.dumps(result))
+    res = runner.invoke(app, ["export", str(tight), "--format", "c"])
+    assert res.exit_code == 0, res.output
+    assert "FLASH" in res.output and "exceed the budget" in res.output
+    assert json.loads((tight / "result.json").read_text())["feasible"] is False
+    res = runner.invoke(app, ["verify", str(tight), "--inputs", "16"])
+    assert res.exit_code == 1, res.output
+    rows = {r["format"]: r for r in json.loads((tight / "verify.json").read_text())["rows"]}
+    assert rows["c"]["mismatches"] == 0 and "exceed the budget" in rows["c"]["over_budget"][0]
+    assert rows["qonnx"]["over_budget"] == []
+
+
+def test_export_is_quiet_without_verbose(trained_run):
+    """Only mixprec's own lines reach the terminal: no INFO lines or deprecation warnings of onnx,
+    qonnx or torch unless -v asks for them."""
+    import subprocess
+    import sys
+
+    out = trained_run("cortex-m4")
+    cmd = [sys.executable, "-m", "mixprec.cli", "export", str(out), "--format", "qonnx"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines and all(" mixprec." in ln for ln in lines), proc.stderr
+    assert "Warning" not in proc.stderr

@@ -64,7 +64,8 @@ def test_cost_tables_are_the_cost_model(name, target, gran):
         ka = {q: int(rng.integers(len(a.widths))) for q, a in p.acts.items()}
         bs._apply_choice(qm, p, kw, ka)
         est, real = p.totals(kw, ka), mixprec.cost_report(qm, t).totals
-        assert est["flash"] + p.param_bytes == real["flash_bytes"]
+        # layout tables are measured, not tabled: the tightening loop absorbs them
+        assert est["flash"] + p.param_bytes + real["table_bytes"] == real["flash_bytes"]
         assert est["ebops"] == pytest.approx(real["ebops"], rel=1e-9)
         assert est["cycles"] + p.elem_cycles == pytest.approx(real["latency_cycles"], rel=1e-6)
         assert est["ram"] == real["ram_lower_bound"] <= real["ram_bytes"]

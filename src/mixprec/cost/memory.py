@@ -99,13 +99,20 @@ def weight_table_bytes(node: Node, wbits: torch.Tensor, target: Target) -> int:
     channel's elements lie on grids of different coarseness (fixed-point per-element scales), which
     ``mixprec.cost_report`` measures on the lowered model.
     """
-    cont = snap_up_ste(expand(wbits.detach(), node.weight_shape), target.weight_containers)
+    bits = wbits.detach()
+    if _constant(bits):  # the common case, decided without expanding anything
+        return 0
+    cont = snap_up_ste(expand(bits, node.weight_shape), target.weight_containers)
     cont = cont.reshape(node.weight_shape[0], -1)
-    if bool((cont == cont.reshape(-1)[0]).all()):
+    if _constant(cont):
         return 0
     if bool((cont == cont[:, :1]).all()):
         return int(cont.shape[0])
     return WEIGHT_TABLE_ELEMENT_BYTES * int(cont.numel())
+
+
+def _constant(t: torch.Tensor) -> bool:
+    return t.numel() <= 1 or bool((t == t.reshape(-1)[0]).all())
 
 
 def act_table_bytes(graph: Graph, assignment: BitAssignment, name: str, target: Target) -> int:
@@ -114,12 +121,15 @@ def act_table_bytes(graph: Graph, assignment: BitAssignment, name: str, target: 
     per element otherwise (``ACT_TABLE_ROW_BYTES`` each)."""
     node = graph[name]
     shape = node.out_shape
-    cont = snap_up_ste(expand(act_storage_bits(assignment, graph, name).detach(), shape), target.act_containers)
+    bits = act_storage_bits(assignment, graph, name).detach()
     shift = act_shift(assignment, graph, name)
+    if shift is None and _constant(bits):  # the common case, decided without expanding anything
+        return 0
+    cont = snap_up_ste(expand(bits, shape), target.act_containers)
     cols = [cont.reshape(shape[0], -1)]
     if shift is not None:
         cols.append(expand(shift.detach().to(cont), shape).reshape(shape[0], -1))
-    if all(bool((c == c.reshape(-1)[0]).all()) for c in cols):
+    if all(_constant(c) for c in cols):
         return 0
     if all(bool((c == c[:, :1]).all()) for c in cols):
         return ACT_TABLE_ROW_BYTES * int(shape[0])

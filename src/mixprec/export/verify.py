@@ -1,15 +1,17 @@
-"""``mixprec verify``: every exported artifact of a run against the NumPy reference, input by input."""
+"""``mixprec verify``: every exported artifact of a run against the NumPy reference, input by input,
+and its memory sections against the run's budget."""
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..execute import reference
 from .base import Artifact, ExportError, get_exporter
+from .sections import artifact_memory, over_budget
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +23,11 @@ class VerifyRow:
     mismatches: int  # inputs whose output differs anywhere
     first_diverging_layer: str | None  # in graph order, where the artifact exposes its layers
     notes: list[str]
+    over_budget: list[str] = field(default_factory=list)  # memory sections over the run's budget or device
 
     @property
     def ok(self) -> bool:
-        return self.mismatches == 0
+        return self.mismatches == 0 and not self.over_budget
 
 
 def artifacts_of(run_dir: Path) -> list[Artifact]:
@@ -76,7 +79,10 @@ def verify_run(run_dir: str | Path, n_inputs: int | None = 256, formats: list[st
     inp = load_export_input(run_dir, n_sample=n_inputs if n_inputs is not None else 10**9)
     rows, expected = [], reference_outputs(inp.graph, inp.x_sample)
     for artifact in found:
-        rows.append(verify_artifact(artifact, inp.graph, inp.x_sample, expected))
+        row = verify_artifact(artifact, inp.graph, inp.x_sample, expected)
+        memory = artifact_memory(artifact)
+        row.over_budget = over_budget(memory, inp.result) if memory is not None else []
+        rows.append(row)
         # Artifacts that also run on an (emulated) device check the inputs embedded at export.
         device_runs = getattr(get_exporter(artifact.format), "device_runs", None)
         for run in device_runs(artifact) if device_runs else []:
@@ -84,6 +90,8 @@ def verify_run(run_dir: str | Path, n_inputs: int | None = 256, formats: list[st
                                   None if not run["mismatches"] else inp.graph.output, run["notes"]))
     for row in rows:
         log.info("%s: %d inputs, %d mismatches", row.format, row.inputs, row.mismatches)
+        for line in row.over_budget:
+            log.error("%s: %s", row.format, line)
     (run_dir / "verify.json").write_text(json.dumps(
         {"ok": all(r.ok for r in rows), "rows": [asdict(r) for r in rows]}, indent=2))
     return rows
