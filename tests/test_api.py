@@ -71,3 +71,75 @@ def test_saved_integer_model_holds_every_parameter(tmp_path, digits):
         if node.op == "conv":
             assert np.array_equal(arrays[f"{node.name}.weight"], node.params["weight"])
             assert np.array_equal(arrays[f"{node.name}.requant.multiplier"], node.params["requant"].multiplier)
+
+
+# ----------------------------------------------------------------------------- finished runs
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A real digits run, short (a few seconds)."""
+    from mixprec.search import RunConfig, run_search
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run_search(RunConfig(model="digits-cnn", data="digits", target="cortex-m4", bits=8, float_epochs=2,
+                         qat_epochs=1), out)
+    return out
+
+
+def test_load_run_and_evaluate_score_the_deployed_model(finished_run, digits):
+    run = mixprec.load_run(finished_run)
+    assert isinstance(run, mixprec.Run) and run.dir == finished_run and not run.model.training
+    assert run.config.model == "digits-cnn" and run.input_shape == (1, 8, 8)
+    # result.json's preprocessing: the loader's scaling and the input grid of the integer program
+    record, grid = run.result["preprocessing"], run.model.lower()["input"].grid
+    assert run.preprocessing == mixprec.data.Preprocessing.from_dict(record) and run.preprocessing.raw_divisor == 16.0
+    assert record["input_scale"] == float(grid.scale) and record["input_zero_point"] == 0
+    assert (record["input_min"], record["input_max"]) == (int(np.min(grid.lo)), int(np.max(grid.hi)))
+
+    acc = mixprec.evaluate(run, digits.x_test, digits.y_test)
+    assert acc == run.result["accuracy"]["quantized"] > 0.5
+    x, y = digits.x_test.numpy(), digits.y_test.numpy()
+    assert mixprec.evaluate(run.model, x, y) == acc  # NumPy, the model alone
+    assert mixprec.evaluate(run, x[:, 0], y) == acc  # (N, 8, 8): only an axis of size 1 differs
+    counts = np.round(x * 16).astype(np.uint8)  # the raw pixel counts 0..16
+    assert mixprec.evaluate(run, counts, y, raw=True) == acc
+    assert mixprec.evaluate(run, counts, y) < acc  # taken as normalised inputs they saturate
+
+
+def test_finished_run_errors_are_one_line(finished_run, tmp_path, digits):
+    import shutil
+
+    (tmp_path / "empty").mkdir()
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    shutil.copy(finished_run / "config.yaml", unfinished)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(finished_run, corrupt)
+    (corrupt / "checkpoints" / "quantized.pt").write_bytes(b"not a checkpoint")
+    run = mixprec.load_run(finished_run)
+    x, y = digits.x_test, digits.y_test
+    calls = [(lambda: mixprec.load_run(tmp_path / "nope"), "nope: no such folder"),
+             (lambda: mixprec.load_run(tmp_path / "empty"), r"is not a run folder \(no config.yaml\)"),
+             (lambda: mixprec.load_run(unfinished), r"holds no quantized model .*--resume"),
+             (lambda: mixprec.load_run(corrupt), r"quantized.pt is corrupt"),
+             (lambda: mixprec.evaluate(run, x[:, :, :4], y), r"samples of shape \(1, 4, 8\), but the model takes "
+                                                             r"\(1, 8, 8\); give x of shape \(N, 1, 8, 8\)"),
+             (lambda: mixprec.evaluate(run, x[:0], y[:0]), "x holds no samples"),
+             (lambda: mixprec.evaluate(run, x, y[:-1]), r"y has shape \(\d+,\); give one integer label per sample"),
+             (lambda: mixprec.evaluate(run.model, x, y, raw=True), "raw=True needs a Run"),
+             (lambda: mixprec.evaluate(get_model("digits-cnn"), x, y), "evaluate takes a Run .* not Sequential")]
+    for call, message in calls:
+        with pytest.raises(mixprec.RunError, match=message) as e:
+            call()
+        assert "\n" not in str(e.value), str(e.value)
+
+
+def test_readme_finished_run_snippet_runs(finished_run, digits):
+    readme = README.read_text()
+    snippet = re.search(r"A finished run .*?```python\n(.*?)```", readme, re.S).group(1)
+    run = mixprec.load_run(finished_run)
+    env = {"mixprec": mixprec, "x_test": digits.x_test, "y_test": digits.y_test, "qm": run.model,
+           "raw": np.round(digits.x_test.numpy() * 16)}
+    exec(compile(snippet.replace("runs/quickstart", str(finished_run)), "README", "exec"), env)
+    assert env["acc"] == run.result["accuracy"]["quantized"] and env["run"].dir == finished_run

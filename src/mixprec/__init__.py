@@ -16,6 +16,7 @@ _PUBLIC = {
                                        "largest_uniform_bits", "quantize", "save_integer_model",
                                        "verify_against_reference")},
     **{name: "mixprec.cost" for name in ("Budget", "BudgetError", "load_target", "parse_size")},
+    **{name: "mixprec.runs" for name in ("Run", "RunError", "evaluate", "load_run")},
     "reference": "mixprec.execute",
 }
 

@@ -182,6 +182,8 @@ def test_official_pickle_batches_folder_and_archive(tmp_path, caplog, monkeypatc
     mean, std = np.array(cifar.MEAN)[:, None, None], np.array(cifar.STD)[:, None, None]
     expected = (data.reshape(-1, 3, 32, 32) / 255 - mean) / std
     assert np.allclose(ds.x_test.numpy(), expected, atol=1e-5)
+    assert (ds.preprocessing.raw_divisor, ds.preprocessing.mean, ds.preprocessing.std) == (255.0, cifar.MEAN, cifar.STD)
+    assert np.allclose(ds.preprocessing.apply(data.reshape(-1, 3, 32, 32)), ds.x_test.numpy(), atol=1e-5)
 
     archive_dir = tmp_path / "archive" / "cifar10"
     archive_dir.mkdir(parents=True)

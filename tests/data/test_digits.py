@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,15 @@ def test_digits_splits_are_disjoint_stratified_and_scaled(digits):
     assert 0.0 <= float(digits.x_train.min()) and float(digits.x_train.max()) <= 1.0
     for y in (digits.y_train, digits.y_val, digits.y_test):
         assert set(torch.unique(y).tolist()) == set(range(10))
+
+
+def test_digits_record_their_scaling(digits):
+    """Pixel counts 0..16 divided by 16: the record maps the raw counts onto the loader's inputs."""
+    pre = digits.preprocessing
+    assert (pre.raw_divisor, pre.mean, pre.std) == (16.0, (0.0,), (1.0,))
+    counts = np.round(digits.x_test.numpy() * 16)
+    assert counts.min() == 0 and counts.max() == 16
+    assert np.array_equal(pre.apply(counts).astype(np.float32), digits.x_test.numpy())
 
 
 def test_digits_split_is_reproducible_and_seed_dependent():

@@ -65,6 +65,11 @@ def test_arff_loads_with_the_tutorial_split_and_scaling(tmp_path):
     assert train_val.std(0) == pytest.approx(np.ones(16), abs=1e-4)
     assert np.allclose(train_val[np.argsort(train_val[:, 0])], tr[np.argsort(tr[:, 0])], atol=1e-5)
     assert set(ds.y_val.tolist()) == set(range(5))
+    # The record is the scaler: per-feature mean and std, applied to the raw test features
+    pre = ds.preprocessing
+    assert pre.channels == 16 and pre.raw_divisor == 1.0 and "zlogz" in pre.raw
+    _, x_test = train_test_split(x, test_size=0.2, random_state=42)
+    assert np.allclose(pre.apply(x_test), ds.x_test.numpy(), atol=1e-5)
 
 
 def test_quoted_gzipped_arff_and_csv_read_the_same(tmp_path):

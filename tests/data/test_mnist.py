@@ -47,6 +47,13 @@ def test_mnist_splits_sizes_labels_and_pixel_stats(mnist):
     assert mnist.augment is None and mnist.classes == tuple("0123456789")
 
 
+def test_mnist_records_its_normalisation(mnist, shared_datasets):
+    pre = mnist.preprocessing
+    assert (pre.raw_divisor, pre.mean, pre.std) == (255.0, (0.1307,), (0.3081,))
+    pixels = read_idx(shared_datasets / "mnist" / "t10k-images-idx3-ubyte.gz", 3)[:, None]
+    assert np.array_equal(pre.apply(pixels).astype(np.float32), mnist.x_test.numpy())
+
+
 def test_mnist_split_is_seeded_and_keeps_the_official_test_set(mnist, shared_datasets):
     again = load_dataset("mnist", shared_datasets, seed=0)
     other = load_dataset("mnist", shared_datasets, seed=1)

@@ -61,3 +61,51 @@ def test_bad_labels_missing_and_corrupt_files(tmp_path):
     (tmp_path / "cut.npz").write_bytes((tmp_path / "len.npz").read_bytes()[:100])
     with pytest.raises(DatasetError, match="cut.npz: not a readable .npz"):
         load_dataset(f"npz:{tmp_path / 'cut.npz'}")
+
+
+def test_mean_and_std_in_the_file_normalise_x_and_are_recorded(tmp_path):
+    x, y = kws_like(60)
+    x = x.repeat(2, axis=1) * 40 + 3  # 2 channels, raw-like scale
+    mean, std = np.array([3.0, 5.0]).reshape(2, 1, 1), np.float32(40.0)
+    np.savez(tmp_path / "n.npz", x=x, y=y, mean=mean, std=std)
+    ds = load_dataset(f"npz:{tmp_path / 'n.npz'}")
+    pre = ds.preprocessing
+    assert (pre.raw_divisor, pre.mean, pre.std) == (1.0, (3.0, 5.0), (40.0,))
+    every = torch.cat([ds.x_train, ds.x_val, ds.x_test]).numpy()
+    want = ((x.astype(np.float64) - mean) / 40.0).astype(np.float32)
+    assert sorted(every[:, :, 0, 0].tolist()) == sorted(want[:, :, 0, 0].tolist())
+    assert abs(float(every[:, 0].mean())) < 0.2 and abs(float(every[:, 1].mean()) + 0.05) < 0.2
+    # only a std: the mean is 0; neither: the identity
+    np.savez(tmp_path / "s.npz", x=x, y=y, std=np.array(2.0))
+    assert load_dataset(f"npz:{tmp_path / 's.npz'}").preprocessing.mean == (0.0,)
+    np.savez(tmp_path / "plain.npz", x=x, y=y)
+    plain = load_dataset(f"npz:{tmp_path / 'plain.npz'}")
+    assert plain.preprocessing.is_identity and float(plain.x_train.abs().max()) > 50
+
+
+def test_bad_mean_or_std_names_the_file(tmp_path):
+    x, y = kws_like(40)
+    np.savez(tmp_path / "m.npz", x=x, y=y, mean=np.zeros(3))
+    with pytest.raises(DatasetError, match=r"m.npz: mean is float64\(3,\); .* one per channel \(1: axis 1 of x\)"):
+        load_dataset(f"npz:{tmp_path / 'm.npz'}")
+    np.savez(tmp_path / "z.npz", x=x, y=y, std=np.zeros(1))
+    with pytest.raises(DatasetError, match="z.npz: .*positive std"):
+        load_dataset(f"npz:{tmp_path / 'z.npz'}")
+
+
+def test_readme_npz_conversion_example_runs(tmp_path, monkeypatch):
+    """The README's CSV-to-npz example, run on a small CSV: the file loads, normalised by its own
+    mean and std."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    snippet = re.search(r"### The npz format\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    rng = np.random.default_rng(0)
+    rows = np.column_stack([rng.normal(50, 10, (90, 6)), np.arange(90) % 3])
+    np.savetxt(tmp_path / "features.csv", rows, delimiter=",", header="a,b,c,d,e,f,label", comments="")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README", "exec"), {})
+    ds = load_dataset("npz:features.npz")
+    assert ds.input_shape == (6,) and ds.num_classes == 3 and ds.classes == ("idle", "walk", "run")
+    assert abs(float(ds.x_train.mean())) < 0.3 and ds.preprocessing.channels == 6

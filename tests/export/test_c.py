@@ -13,7 +13,7 @@ import pytest
 from mixprec.api import assignment, cost_report
 from mixprec.cost.targets import load_target, target_from_dict
 from mixprec.execute import reference
-from mixprec.export import ExportError, export_run, load_export_input
+from mixprec.export import ExportError, ExportInput, export_run, load_export_input
 from mixprec.export import checks
 from mixprec.export.c import CExporter, generate, input_grid, quantize_codes
 from mixprec.export.c import toolchain as tc
@@ -94,11 +94,56 @@ def test_firmware_under_qemu(c_artifact):
     assert q["inputs"] == fw["test_inputs"] == 256, q["output"]
     assert q["mismatching_inputs"] == 0 and q["mismatching_outputs"] == 0, q["output"]
     assert q["returncode"] == 0
-    # arm-none-eabi-size -A: the model's sections are exactly the cost model's figures
+    # arm-none-eabi-size -A: the model's sections are exactly the cost model's figures (uniform
+    # widths: no layout tables)
     assert fw["sections"][".mixprec_weights"] == fw["cost_flash_bytes"]
     assert fw["sections"][".mixprec_arena"] == fw["cost_ram_bytes"]
     assert ".mixprec_aux" not in fw["sections"]
     assert 0 < fw["library_text_bytes"] < fw["firmware_text_bytes"]
+
+
+@needs_firmware
+@pytest.mark.parametrize("granularity,numerics,target", [
+    ("per-channel", "scaled", "cortex-m4"), ("per-slice", "scaled", "cortex-m4"), ("per-element", "fixed", "fixed-mcu")])
+def test_firmware_flash_sections_are_the_measured_cost_with_mixed_widths(tmp_path, granularity, numerics, target):
+    """Mixed widths need layout tables in .mixprec_aux: the linked sections of a real Cortex-M4
+    firmware, weights and tables together, are the FLASH that cost_report measures (and a budget
+    is checked against), and the firmware stays bit-exact under QEMU."""
+    t = FIXED_MCU if target == "fixed-mcu" else load_target(target)
+    case = build_case("tiny-cnn", BUILDERS["tiny-cnn"], granularity, numerics)
+    x = np.concatenate([v.numpy() for v in case.inputs.values()]).astype(np.float32)
+    inp = ExportInput(tmp_path, case.ig, case.qm, t, tuple(x.shape[1:]), x)
+    artifact = CExporter().export(inp, tmp_path / "c")
+    fw = artifact.details["firmware"]
+    sections = fw["sections"]
+    assert sections[".mixprec_aux"] > 0
+    assert sections[".mixprec_weights"] + sections[".mixprec_aux"] == cost_report(case.qm, t).totals["flash_bytes"]
+    assert fw["qemu"]["mismatching_inputs"] == 0, fw["qemu"]["output"]
+
+
+@needs_host
+def test_cost_model_counts_the_width_tables_of_mixed_per_channel_weights(tmp_path):
+    """What hgq and dq hand back on a microcontroller (mixed per-channel weight widths, per-tensor
+    activations): the cost model alone, before lowering, predicts both FLASH sections exactly."""
+    import torch
+
+    from mixprec.convert import convert
+    from mixprec.cost import evaluate
+    from mixprec.graph.convert import trace
+    from mixprec.models import get_model
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = get_model("digits-cnn").eval()
+    graph, _ = trace(model, (1, 8, 8))
+    wbits = {n.name: conformance.random_bits(n.weight_shape, "per-channel", rng) for n in graph.weighted()}
+    qm = convert(model, (1, 8, 8), "scaled", wbits, 8, "per-channel", "per-tensor")
+    qm.calibrate([torch.randn(16, 1, 8, 8)])
+    t = load_target("cortex-m4")
+    predicted = evaluate(qm.graph, assignment(qm), t).totals
+    m = generate(qm.lower(), qm.graph, assignment(qm), t, tmp_path / "c")
+    assert m.aux_bytes == predicted["table_bytes"] == sum(n.weight_shape[0] for n in graph.weighted()) > 0
+    assert m.flash_bytes == predicted["flash_bytes"] == cost_report(qm, t).totals["flash_bytes"]
 
 
 # ----------------------------------------------------------------------------- conformance sweep
@@ -242,3 +287,157 @@ def test_overflow_check_passes_a_normal_graph(c_artifact):
 def test_checks_doctests():
     result = doctest.testmod(checks, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
+
+
+# ----------------------------------------------------------------------------- raw inputs in C
+
+QUANTIZE_DRIVER = r"""/* quantize_driver f|i8 RAW.bin CODES.bin: raw float32 or int8 samples -> int32 codes */
+#include <stdint.h>
+#include <stdio.h>
+#include "model.h"
+
+int main(int argc, char **argv) {
+    static float xf[MIXPREC_INPUT_NUMEL];
+    static int8_t xi[MIXPREC_INPUT_NUMEL];
+    static mixprec_in_t q[MIXPREC_INPUT_NUMEL];
+    static int32_t out[MIXPREC_INPUT_NUMEL];
+    FILE *f, *g;
+    uint32_t i;
+    int i8;
+    if (argc != 4 || !(f = fopen(argv[2], "rb")) || !(g = fopen(argv[3], "wb"))) return 2;
+    i8 = argv[1][0] == 'i';
+    while (i8 ? fread(xi, 1, MIXPREC_INPUT_NUMEL, f) == MIXPREC_INPUT_NUMEL
+              : fread(xf, 4, MIXPREC_INPUT_NUMEL, f) == MIXPREC_INPUT_NUMEL) {
+        if (i8) mixprec_quantize_input_i8(xi, q); else mixprec_quantize_input(xf, q);
+        for (i = 0; i < MIXPREC_INPUT_NUMEL; ++i) out[i] = (int32_t)q[i];
+        if (fwrite(out, 4, MIXPREC_INPUT_NUMEL, g) != MIXPREC_INPUT_NUMEL) return 3;
+    }
+    fclose(f);
+    fclose(g);
+    return 0;
+}
+"""
+
+
+def c_quantize(lib: Path, raw: np.ndarray, work: Path) -> np.ndarray:
+    """Codes (N, numel) of the library's ``mixprec_quantize_input`` (float32 ``raw``) or
+    ``mixprec_quantize_input_i8`` (int8 ``raw``) on raw samples (N, ...)."""
+    import subprocess
+
+    exe = work / f"quantize_{lib.name}"
+    if not exe.exists():
+        (work / "quantize_driver.c").write_text(QUANTIZE_DRIVER)
+        tc.compile_host([work / "quantize_driver.c", lib / "model.c", lib / "model_weights.c"], exe, [lib])
+    kind = "i8" if raw.dtype == np.int8 else "f"
+    np.ascontiguousarray(raw, np.int8 if kind == "i8" else "<f4").tofile(work / "raw.bin")
+    subprocess.run([str(exe), kind, str(work / "raw.bin"), str(work / "codes.bin")], check=True)
+    return np.fromfile(work / "codes.bin", "<i4").astype(np.int64).reshape(len(raw), -1)
+
+
+def reference_codes(grid: dict, pre, raw: np.ndarray) -> np.ndarray:
+    """What the NumPy reference quantizes raw values to: the preprocessing (float64), then
+    ``quantize_codes``."""
+    x = pre.apply(raw.reshape(len(raw), *grid["elem_scale"].shape))
+    return quantize_codes(grid, x).reshape(len(raw), -1)
+
+
+def raw_near_boundaries(grid: dict, pre, rng, n: int = 48) -> np.ndarray:
+    """Raw float32 samples (M, numel): for every element, values whose normalised quotient
+    ``x / scale`` is a rounding tie ``k + 0.5`` (exactly, where scales and preprocessing are dyadic),
+    their float32 neighbours, random values past both ends of the grid, infinities and zeros."""
+    scale, lo, hi = (grid[k].reshape(-1) for k in ("elem_scale", "lo", "hi"))
+    mean, std = (np.repeat(np.array(v), scale.size // pre.channels) for v in pre.per_channel())
+    to_raw = lambda x: ((x * std + mean) * pre.raw_divisor).astype(np.float32)  # noqa: E731
+    tie = to_raw((rng.integers(lo - 2, hi + 2, (n, scale.size)) + 0.5) * scale)
+    beyond = to_raw(rng.uniform(lo - 3, hi + 3, (n, scale.size)) * scale)
+    special = np.array([np.inf, -np.inf, 1e30, -1e30, 0.0, -0.0], np.float32)[:, None]
+    return np.concatenate([tie, np.nextafter(tie, np.float32(np.inf)), np.nextafter(tie, np.float32(-np.inf)),
+                           beyond, np.broadcast_to(special, (len(special), scale.size))])
+
+
+def all_int8(numel: int) -> np.ndarray:
+    """256 samples holding every int8 value at every position."""
+    return ((np.arange(256)[:, None] + np.arange(numel)[None]) % 256 - 128).astype(np.int8)
+
+
+@needs_host
+def test_the_runs_preprocessing_reaches_the_c_input_helpers(digits_run, c_artifact, tmp_path):
+    """The digits run's record (pixel counts 0..16, / 16) is in result.json, artifact.json and
+    model.h; the test set's raw pixel counts through ``mixprec_quantize_input`` give exactly the
+    codes the reference computes from the loader's inputs; near-tie, out-of-range and int8 raw
+    values give the reference's codes too."""
+    from mixprec.data import Preprocessing, load_dataset
+
+    result = __import__("json").loads((digits_run / "result.json").read_text())
+    pre = Preprocessing.from_dict(result["preprocessing"])
+    assert pre == Preprocessing(16.0, raw=pre.raw) == load_export_input(digits_run, n_sample=1).preprocessing
+    grid = dict(np.load(c_artifact.path / "input_grid.npz"))
+    record = c_artifact.details["preprocessing"]
+    assert record["raw_divisor"] == 16.0 and record["input_zero_point"] == 0
+    assert record["input_scale"] == result["preprocessing"]["input_scale"] == float(grid["elem_scale"].flat[0])
+    assert (record["input_min"], record["input_max"]) == (int(grid["lo"].min()), int(grid["hi"].max()))
+    header = (c_artifact.path / "model.h").read_text()
+    for line in ("#define MIXPREC_RAW_DIVISOR 16.0", "#define MIXPREC_NORM_MEAN { 0.0 }",
+                 "void mixprec_quantize_input(const float *raw, mixprec_in_t *input_q);",
+                 "void mixprec_quantize_input_i8(const int8_t *raw, mixprec_in_t *input_q);"):
+        assert line in header
+
+    x = load_dataset("digits").x_test.numpy()
+    pixels = np.round(x * 16).astype(np.float32)
+    assert np.array_equal(pixels / 16, x)  # the loader's inputs are the record applied to pixel counts
+    assert np.array_equal(c_quantize(c_artifact.path, pixels, tmp_path), quantize_codes(grid, x).reshape(len(x), -1))
+    raw = raw_near_boundaries(grid, pre, np.random.default_rng(0))
+    assert np.array_equal(c_quantize(c_artifact.path, raw, tmp_path), reference_codes(grid, pre, raw))
+    i8 = all_int8(raw.shape[1])
+    assert np.array_equal(c_quantize(c_artifact.path, i8, tmp_path), reference_codes(grid, pre, i8))
+
+
+@needs_host
+@pytest.mark.parametrize("granularity,numerics", [("per-element", "fixed"), ("per-channel", "fixed"),
+                                                  ("per-tensor", "scaled")])
+def test_c_input_helpers_equal_the_reference_on_ties(tmp_path, granularity, numerics):
+    """Per-channel normalisation over the 2 input channels, with per-element, per-channel and
+    per-tensor input grids: the C helpers round half to even in double exactly as the reference,
+    on thousands of values, exact ties among them (power-of-two scales and a dyadic
+    preprocessing), and a CIFAR-like (not dyadic) preprocessing near every boundary of a scaled grid."""
+    from mixprec.data import Preprocessing
+
+    case = build_case("tiny-cnn", BUILDERS["tiny-cnn"], granularity, numerics)
+    pre = (Preprocessing(4.0, (0.5, -0.25), (0.5, 2.0)) if numerics == "fixed" else
+           Preprocessing(255.0, (0.4914, 0.4822), (0.2470, 0.2435)))
+    target = FIXED_MCU if numerics == "fixed" else load_target("generic")
+    lib = tmp_path / "c"
+    generate(case.ig, case.qm.graph, assignment(case.qm), target, lib, preprocessing=pre)
+    assert f"#define MIXPREC_NORM_STD {{ {', '.join(map(repr, pre.std))} }}" in (lib / "model.h").read_text()
+    grid = input_grid(case.ig)
+    raw = raw_near_boundaries(grid, pre, np.random.default_rng(1), n=256)
+    want = reference_codes(grid, pre, raw)
+    if numerics == "fixed":  # the ties are real: half of the first block sits exactly on k + 0.5
+        q = pre.apply(raw[:256].reshape(256, *grid["elem_scale"].shape)) / grid["elem_scale"]
+        assert np.count_nonzero(q - np.floor(q) == 0.5) > 0.4 * q.size
+    assert np.array_equal(c_quantize(lib, raw, tmp_path), want)
+    i8 = all_int8(raw.shape[1])
+    assert np.array_equal(c_quantize(lib, i8, tmp_path), reference_codes(grid, pre, i8))
+
+
+@needs_host
+def test_a_run_without_a_preprocessing_record_exports_the_identity_with_a_note(trained_run, tmp_path):
+    """A run from before result.json recorded its preprocessing: the helpers take the model's inputs
+    as raw values, artifact.json says so in a note."""
+    import json
+
+    from mixprec.data import load_dataset
+
+    run = trained_run("cortex-m4")
+    result = json.loads((run / "result.json").read_text())
+    del result["preprocessing"]
+    (run / "result.json").write_text(json.dumps(result))
+    inp = load_export_input(run, n_sample=4)
+    assert inp.preprocessing is None
+    artifact = CExporter(firmware=False).export(inp, tmp_path / "c")
+    assert any("no preprocessing recorded" in n for n in artifact.notes)
+    assert artifact.details["preprocessing"]["raw_divisor"] == 1.0
+    assert "#define MIXPREC_RAW_DIVISOR 1.0" in (artifact.path / "model.h").read_text()
+    x = load_dataset("digits").x_test.numpy()[:64]
+    grid = input_grid(inp.graph)
+    assert np.array_equal(c_quantize(artifact.path, x, tmp_path), quantize_codes(grid, x).reshape(len(x), -1))

@@ -7,7 +7,8 @@ download unless given ``download=True``; a missing or damaged file is a :class:`
 that names it.
 """
 from .augment import random_crop_flip
-from .base import DatasetError, Splits, data_dir_from_env, load_dataset, list_datasets, stratified_split
+from .base import (DatasetError, Preprocessing, Splits, data_dir_from_env, load_dataset, list_datasets,
+                   stratified_split)
 
-__all__ = ["DatasetError", "Splits", "data_dir_from_env", "load_dataset", "list_datasets", "random_crop_flip",
+__all__ = ["DatasetError", "Preprocessing", "Splits", "data_dir_from_env", "load_dataset", "list_datasets", "random_crop_flip",
            "stratified_split"]

@@ -1,10 +1,11 @@
 """Dataset registry and the split container every loader returns."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -12,6 +13,76 @@ import torch
 
 class DatasetError(ValueError):
     """A dataset is missing, truncated or corrupt; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a loader did to raw values to make the model's inputs, so a device can do the same:
+
+    ``x = (raw / raw_divisor - mean[c]) / std[c]``
+
+    computed in float64, where ``c`` is the channel: axis 1 of the loader's (N, C, ...) arrays, that
+    is consecutive blocks of ``numel / C`` elements of a sample in row-major order (so the record
+    holds whatever axes of size 1 a model adds). One ``mean`` or ``std`` entry applies to every
+    channel. A divisor rather than a factor: ``raw / 255`` is what the image loaders compute, and
+    ``raw * (1 / 255)`` differs from it in the last bit for some pixels. The default is the
+    identity: the model takes the raw values as they are.
+    """
+
+    raw_divisor: float = 1.0
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    raw: str = "the model's inputs as given"  # what the raw values are, for the people deploying
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", _floats(self.mean))
+        object.__setattr__(self, "std", _floats(self.std))
+        object.__setattr__(self, "raw_divisor", float(self.raw_divisor))
+        n = {len(self.mean), len(self.std)} - {1}
+        if not self.mean or not self.std or len(n) > 1:
+            raise ValueError(f"preprocessing mean has {len(self.mean)} entries and std {len(self.std)}; "
+                             "give one per channel, or one for all")
+        values = (self.raw_divisor, *self.mean, *self.std)
+        if not all(math.isfinite(v) for v in values) or self.raw_divisor <= 0 or min(self.std) <= 0:
+            raise ValueError(f"preprocessing needs finite values, a positive raw_divisor and positive std; got "
+                             f"raw_divisor {self.raw_divisor}, mean {self.mean}, std {self.std}")
+
+    @property
+    def channels(self) -> int:
+        return max(len(self.mean), len(self.std))
+
+    @property
+    def is_identity(self) -> bool:
+        return self.raw_divisor == 1.0 and set(self.mean) == {0.0} and set(self.std) == {1.0}
+
+    def per_channel(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(mean, std)`` with one entry per channel each."""
+        c = self.channels
+        return tuple(self.mean * (c // len(self.mean))), tuple(self.std * (c // len(self.std)))
+
+    def apply(self, raw) -> np.ndarray:
+        """Raw values (N, ...) to the model's inputs, float64 (the device helpers compute the same)."""
+        raw = np.asarray(raw)
+        numel = int(np.prod(raw.shape[1:], dtype=np.int64))
+        if raw.ndim < 2 or numel % self.channels:
+            raise ValueError(f"raw values of shape {raw.shape} do not split into {self.channels} channels "
+                             "(batch first: (N, C, ...))")
+        x = raw.astype(np.float64).reshape(len(raw), self.channels, numel // self.channels)
+        mean, std = (np.array(v, np.float64)[:, None] for v in self.per_channel())
+        return ((x / self.raw_divisor - mean) / std).reshape(raw.shape)
+
+    def to_dict(self) -> dict:
+        return {"raw": self.raw, "raw_divisor": self.raw_divisor, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocessing":
+        """The record ``to_dict`` wrote (other keys, such as the input grid's, are ignored)."""
+        return cls(d.get("raw_divisor", 1.0), tuple(d.get("mean", (0.0,))), tuple(d.get("std", (1.0,))),
+                   d.get("raw", cls.raw))
+
+
+def _floats(values: float | Sequence[float] | np.ndarray) -> tuple[float, ...]:
+    return tuple(float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1))
 
 
 @dataclass
@@ -31,6 +102,9 @@ class Splits:
     # augment(x_batch, cpu_generator) -> x_batch. Random numbers are drawn on the CPU from the
     # generator (reproducible whatever the device) and moved to x_batch.device.
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    # What the loader did to the raw values (None: not recorded, e.g. Splits made by hand); it
+    # travels into result.json and the C export's input helpers.
+    preprocessing: Preprocessing | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

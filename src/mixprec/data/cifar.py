@@ -32,7 +32,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .augment import random_crop_flip
-from .base import DatasetError, Splits, register, stratified_split, tensor
+from .base import DatasetError, Preprocessing, Splits, register, stratified_split, tensor
 from .download import cache_dir, download as fetch, find_file, resolve_data_dir, verify_file
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
+# normalise() computes it in float32 (a 180 MB array); the record's float64 differs in the last bits
+PREPROCESSING = Preprocessing(255.0, MEAN, STD, raw="uint8 RGB pixels 0..255, channels-first (3, 32, 32)")
 SIZE = 32
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -382,4 +384,5 @@ def load_cifar10(data_dir=None, seed: int = 0, download: bool = False, val_size:
     train, val = stratified_split(raw.y_train, val_size, seed)
     return Splits("cifar10", tensor(normalise(raw.x_train[train])), tensor(raw.y_train[train]),
                   tensor(normalise(raw.x_train[val])), tensor(raw.y_train[val]),
-                  tensor(normalise(raw.x_test)), tensor(raw.y_test), len(CLASSES), CLASSES, random_crop_flip(4))
+                  tensor(normalise(raw.x_test)), tensor(raw.y_test), len(CLASSES), CLASSES, random_crop_flip(4),
+                  preprocessing=PREPROCESSING)

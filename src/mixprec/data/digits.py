@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Splits, register, stratified_split
+from .base import Preprocessing, Splits, register, stratified_split
+
+PREPROCESSING = Preprocessing(16.0, raw="8x8 pixel counts 0..16 (one channel)")
 
 
 @register("digits")
@@ -19,4 +21,5 @@ def load_digits(data_dir=None, seed: int = 0, test_fraction: float = 0.2, val_fr
     train_i, val_i = stratified_split(y[rest], val_fraction, seed + 1)
     train, val = rest[train_i], rest[val_i]
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    return Splits("digits", t(x[train]), t(y[train]), t(x[val]), t(y[val]), t(x[test]), t(y[test]), 10)
+    return Splits("digits", t(x[train]), t(y[train]), t(x[val]), t(y[val]), t(x[test]), t(y[test]), 10,
+                  preprocessing=PREPROCESSING)

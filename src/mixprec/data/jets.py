@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetError, Splits, register, stratified_split, tensor
+from .base import DatasetError, Preprocessing, Splits, register, stratified_split, tensor
 from .download import download as fetch, find_file, resolve_data_dir, verify_file
 
 log = logging.getLogger(__name__)
@@ -138,4 +138,6 @@ def load_jets(data_dir=None, seed: int = 0, download: bool = False, val_fraction
     train, val = rest[train], rest[val]
     log.info("jets: %d train, %d val, %d test from %s", len(train), len(val), len(test), path)
     return Splits("jets", tensor(x[train]), tensor(y[train]), tensor(x[val]), tensor(y[val]),
-                  tensor(x[test]), tensor(y[test]), len(CLASSES), CLASSES)
+                  tensor(x[test]), tensor(y[test]), len(CLASSES), CLASSES,
+                  preprocessing=Preprocessing(1.0, scaler.mean_, scaler.scale_,
+                                              raw=f"the 16 jet features in this order: {', '.join(FEATURES)}"))

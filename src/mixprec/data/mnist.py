@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetError, Splits, register, stratified_split, tensor
+from .base import DatasetError, Preprocessing, Splits, register, stratified_split, tensor
 from .download import find_or_download, resolve_data_dir
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,11 @@ def _normalise(x: np.ndarray, mean: float, std: float) -> np.ndarray:
     return lut[x][:, None]
 
 
+def preprocessing(ds: IdxDataset) -> Preprocessing:
+    """What :func:`_normalise` does, as a record: pixels / 255, standardised."""
+    return Preprocessing(255.0, (ds.mean,), (ds.std,), raw="uint8 pixels 0..255 (28x28, one channel)")
+
+
 def load_idx_dataset(ds: IdxDataset, data_dir=None, seed: int = 0, download: bool = False,
                      val_size: int = 5000) -> Splits:
     """Pixels scaled to [0, 1] then standardised, shape (1, 28, 28); validation is a stratified
@@ -124,7 +129,8 @@ def load_idx_dataset(ds: IdxDataset, data_dir=None, seed: int = 0, download: boo
     norm = lambda a: tensor(_normalise(a, ds.mean, ds.std))  # noqa: E731
     log.info("%s: %d train, %d val, %d test from %s", ds.name, len(train), len(val), len(y_test), data_dir)
     return Splits(ds.name, norm(x_train[train]), tensor(y_train[train]), norm(x_train[val]), tensor(y_train[val]),
-                  norm(x_test), tensor(y_test), len(ds.classes), ds.classes)
+                  norm(x_test), tensor(y_test), len(ds.classes), ds.classes,
+                  preprocessing=preprocessing(ds))
 
 
 @register("mnist")

@@ -3,8 +3,11 @@ such as keyword-spotting MFCCs of shape (N, 1, 49, 10).
 
 The file holds ``x_train, y_train, x_val, y_val, x_test, y_test``; or ``x_train, y_train,
 x_test, y_test`` (validation held out of train); or just ``x, y`` (a stratified 80/10/10 split).
-An optional ``classes`` array names the labels. Inputs are used as stored (cast to float32):
-whatever normalisation they need was part of preparing them.
+An optional ``classes`` array names the labels. Inputs are used as stored (cast to float32),
+unless the file holds ``mean`` and/or ``std``: the normalisation of your own choosing, applied here
+as ``x = (x - mean) / std`` (in float64) and recorded with the run, so the deployed model's input
+helpers apply it to raw sensor values too. Each is a scalar or one value per channel (axis 1 of
+``x``, e.g. shape (C,) or (C, 1, 1)); the one left out is 0 (mean) or 1 (std).
 """
 from __future__ import annotations
 
@@ -15,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import DatasetError, Splits, stratified_split, tensor
+from .base import DatasetError, Preprocessing, Splits, stratified_split, tensor
 
 log = logging.getLogger(__name__)
 
 SPLIT_KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+NORMALISATION_KEYS = ("mean", "std")
 
 
 def _locate(path: str | os.PathLike, data_dir) -> Path:
@@ -73,17 +77,41 @@ def _split_arrays(arrays: dict[str, np.ndarray], path: Path, seed: int, val_frac
                        f"it holds {', '.join(sorted(keys)) or 'nothing'}")
 
 
+def _preprocessing(arrays: dict[str, np.ndarray], channels: int, path: Path) -> Preprocessing:
+    """The file's own ``mean`` / ``std`` (identity without them), checked against the channels."""
+    given = {}
+    for key in NORMALISATION_KEYS:
+        if key not in arrays:
+            continue
+        a = arrays[key]
+        if not np.issubdtype(a.dtype, np.number) or a.size not in (1, channels):
+            raise DatasetError(f"{path}: {key} is {a.dtype}{a.shape}; it must be a number or one per channel "
+                               f"({channels}: axis 1 of x)")
+        given[key] = a.astype(np.float64).reshape(-1)
+    if not given:
+        return Preprocessing(raw="the npz file's x as stored")
+    try:
+        return Preprocessing(1.0, given.get("mean", 0.0), given.get("std", 1.0),
+                             raw="the npz file's x as stored, before its mean and std")
+    except ValueError as e:  # non-finite values or a std <= 0
+        raise DatasetError(f"{path}: {e}") from None
+
+
 def load_npz(path: str | os.PathLike, data_dir=None, seed: int = 0, val_fraction: float = 0.1,
              test_fraction: float = 0.1) -> Splits:
     """Splits from an ``.npz`` (see the module docstring); num_classes is the largest label + 1."""
     path = _locate(path, data_dir)
     arrays = _read(path)
     parts = _split_arrays(arrays, path, seed, val_fraction, test_fraction)
+    x_train = parts["x_train"]
+    pre = _preprocessing(arrays, x_train.shape[1] if x_train.ndim >= 2 else 0, path)
     out = {}
     for split in ("train", "val", "test"):
         x, y = parts[f"x_{split}"], _labels(parts[f"y_{split}"], f"y_{split}", path)
         if not np.issubdtype(x.dtype, np.number) or x.ndim < 2 or len(x) != len(y):
             raise DatasetError(f"{path}: x_{split} {x.dtype}{x.shape} does not match y_{split} of {len(y)} labels")
+        if not pre.is_identity and x.shape[1:] == x_train.shape[1:]:  # other shapes are refused below
+            x = pre.apply(x)
         out[split] = tensor(x.astype(np.float32, copy=False)), tensor(y)
     if out["train"][0].shape[1:] != out["val"][0].shape[1:] or out["train"][0].shape[1:] != out["test"][0].shape[1:]:
         raise DatasetError(f"{path}: the splits' inputs differ in shape: "
@@ -94,4 +122,4 @@ def load_npz(path: str | os.PathLike, data_dir=None, seed: int = 0, val_fraction
         raise DatasetError(f"{path}: {len(classes)} class names for labels up to {num_classes - 1}")
     log.info("npz %s: %s", path, {s: len(y) for s, (_, y) in out.items()})
     return Splits(path.stem, *out["train"], *out["val"], *out["test"],
-                  len(classes) if classes else num_classes, classes)
+                  len(classes) if classes else num_classes, classes, preprocessing=pre)

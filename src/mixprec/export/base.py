@@ -14,6 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..data.base import Preprocessing
 from ..lower import IntGraph
 
 
@@ -32,6 +33,9 @@ class ExportInput:
     input_shape: tuple[int, ...]
     x_sample: np.ndarray  # a few real test inputs (float32, batch first), e.g. to embed in firmware
     result: dict = field(default_factory=dict)
+    # what the data loader did to raw values (result.json's "preprocessing"); None: not recorded
+    # (a run from before mixprec recorded it), the exporters take the identity and say so
+    preprocessing: Preprocessing | None = None
 
 
 @dataclass

@@ -232,6 +232,7 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
         "reference_mismatches": mismatches,
         "weight_range": weight_range_rule(qm),
         "layers": layer_bits(qm, report),
+        "preprocessing": preprocessing_entry(data, qm),
         "history": {"float": float_history, **ctx.history},
         "device": str(dev), "processes": w.size,
         "wall_seconds": time.perf_counter() - start,
@@ -359,12 +360,22 @@ def quantized_state(qm) -> dict:
     return {"state_dict": qm.state_dict(), "weight_bits": qm.weight_bits(), "act_bits": qm.act_bits()}
 
 
+def preprocessing_entry(data, qm) -> dict:
+    """What turns raw values into the model's input integers on a device: the data loader's
+    normalisation and the quantized model's input scale, zero point and range (``result.json``'s
+    ``preprocessing``; the C export's input helpers are made from it)."""
+    from ..runs import preprocessing_record
+
+    return preprocessing_record(data.preprocessing, qm.lower())
+
+
 def layer_bits(qm, report) -> list[dict]:
     rows = []
     for row in report.layers:
         if row.op == "input" or row.weight_bits is not None or row.op in ("add", "act"):
             entry = {"name": row.name, "op": row.op, "act_bits": row.act_bits,
-                     "weight_bytes": row.weight_bytes, "param_bytes": row.param_bytes, "macs": row.macs}
+                     "weight_bytes": row.weight_bytes, "param_bytes": row.param_bytes,
+                     "table_bytes": row.table_bytes, "macs": row.macs}
             if row.name in qm.layers:
                 bits = qm.layers[row.name].quantizer.bits().detach()
                 entry["weight_bits"] = bits.flatten().tolist() if bits.numel() > 1 else float(bits)

@@ -1,11 +1,13 @@
 """``CExporter``: a run's integer program as a C99 library, checked on the host and on a Cortex-M4.
 
 ``export`` checks int32 overflow statically, writes the library (``model.h``, ``model.c``,
-``model_weights.c``, ``mixprec_runtime.h``), the input grid (``input_grid.npz``, so the artifact
-can quantize real inputs on its own), a host runner (``host_runner.c``, built with
-``gcc -std=c99 -O2 -Wall -Wextra -Werror``) and Cortex-M4 test firmware (``firmware/``): built with
-arm-none-eabi-gcc, run under QEMU, section sizes compared with the cost model. Missing tools
-skip their step (and say so in the notes). ``run`` executes the host runner on real inputs.
+``model_weights.c``, ``mixprec_runtime.h``; with helpers that quantize raw values after the run's
+preprocessing, recorded in ``artifact.json`` as ``preprocessing``), the input grid
+(``input_grid.npz``, so the artifact can quantize real inputs on its own), a host runner
+(``host_runner.c``, built with ``gcc -std=c99 -O2 -Wall -Wextra -Werror``) and Cortex-M4 test
+firmware (``firmware/``): built with arm-none-eabi-gcc, run under QEMU, section sizes compared with
+the cost model. Missing tools skip their step (and say so in the notes). ``run`` executes the host
+runner on real inputs.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from ...execute import reference
 from ...numerics import quantize, saturate
+from ...runs import preprocessing_record
 from ..base import Artifact, ExportError, ExportInput
 from ..checks import check_int32
 from . import firmware as fw
@@ -61,13 +64,19 @@ class CExporter:
         out_dir.mkdir(parents=True, exist_ok=True)
         ig, qm = inp.graph, inp.qm
         bounds = check_int32(ig)  # raises ExportError naming the layer
-        model = generate(ig, qm.graph, assignment(qm), inp.target, out_dir, self.prefix, STEM)
+        model = generate(ig, qm.graph, assignment(qm), inp.target, out_dir, self.prefix, STEM,
+                         preprocessing=inp.preprocessing)
         grid = input_grid(ig)
         np.savez(out_dir / INPUT_GRID, **grid)
         (out_dir / "host_runner.c").write_text(tc.host_driver_source([(self.prefix, f"{STEM}.h")]))
         files = [*model.files, INPUT_GRID, "host_runner.c"]
         notes = list(model.notes)
+        if inp.preprocessing is None:
+            notes.append(f"no preprocessing recorded for this model (result.json of a run from before mixprec "
+                         f"recorded it): {self.prefix}_quantize_input takes the model's inputs as the raw values "
+                         f"(identity); normalise raw values as the run's data loader did before calling it")
         details = {"target": inp.target.name, "numerics": ig.numerics, **model.summary(),
+                   "preprocessing": preprocessing_record(inp.preprocessing, ig),
                    "int32_bounds": [b.to_dict() for b in bounds]}
         details["min_int32_headroom_bits"] = min((b["headroom_bits"] for b in details["int32_bounds"]), default=None)
 

@@ -11,7 +11,9 @@ shared ``mixprec_runtime.h``.
   ``flash_bytes`` (``flash_sections`` measures it without writing anything).
 * ``model.c``: the arena ``static uint8_t <prefix>_arena[N]`` in ``.mixprec_arena``, laid out by the
   cost model's planner (``N`` = the predicted peak RAM), constant layer descriptors and
-  ``<prefix>_model_run``.
+  ``<prefix>_model_run``; then the input helpers ``<prefix>_quantize_input`` (raw floats) and
+  ``<prefix>_quantize_input_i8`` (raw int8 values): the run's preprocessing, whose constants
+  ``model.h`` carries, and the reference's input quantization, in double.
 
 ``generate(ig, graph, assignment, target, out_dir)`` writes the files and returns a :class:`CModel`
 with the sizes and the cost model's figures side by side.
@@ -25,6 +27,7 @@ import numpy as np
 
 from ...cost.memory import lifetimes, param_flash_bytes, plan_arena, requant_steps
 from ...cost.report import evaluate
+from ...data.base import Preprocessing
 from ...lower import IntGraph
 from ...numerics import Requant
 from ..base import ExportError
@@ -176,10 +179,11 @@ def _ident(name: str) -> str:
 
 
 def generate(ig: IntGraph, graph, assignment, target, out_dir: str | Path, prefix: str = "mixprec",
-             stem: str = "model") -> CModel:
-    """Write ``<stem>.h``, ``<stem>.c``, ``<stem>_weights.c`` and ``mixprec_runtime.h`` into ``out_dir``."""
+             stem: str = "model", preprocessing: Preprocessing | None = None) -> CModel:
+    """Write ``<stem>.h``, ``<stem>.c``, ``<stem>_weights.c`` and ``mixprec_runtime.h`` into ``out_dir``;
+    the input helpers apply ``preprocessing`` (None: the identity) to raw values."""
     out_dir = Path(out_dir)
-    model, files = _build(ig, graph, assignment, target, out_dir, prefix, stem)
+    model, files = _build(ig, graph, assignment, target, out_dir, prefix, stem, preprocessing)
     out_dir.mkdir(parents=True, exist_ok=True)
     for fname, make in files.items():
         (out_dir / fname).write_text(make())
@@ -194,7 +198,8 @@ def flash_sections(ig: IntGraph, graph, assignment, target) -> dict[str, int]:
     return {".mixprec_weights": model.weights_bytes, ".mixprec_aux": model.aux_bytes}
 
 
-def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, stem: str):
+def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, stem: str,
+           preprocessing: Preprocessing | None = None):
     """The model's figures and, per file name, a function that renders its text."""
     if list(n.name for n in ig.nodes) != list(n.name for n in graph):
         raise ExportError("the integer program and the graph disagree on their nodes")
@@ -243,6 +248,10 @@ def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, 
     out_shape = tuple(ig[ig.output].out_shape)
     out_numel = int(np.prod(out_shape))
     e.decls.append(f"static const mp_clamp {prefix}_input_clamp = {e.clamp(inp.grid, inp.out_shape)};")
+    pre = preprocessing or Preprocessing()
+    if in_numel % pre.channels:
+        raise ExportError(f"the preprocessing has {pre.channels} channels, which do not divide the model's "
+                          f"{in_numel} inputs")
 
     # -- layers --------------------------------------------------------------------------------------
     for node in ig.nodes:
@@ -293,8 +302,10 @@ def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, 
     if arena != cost["ram_bytes"]:
         e.notes.append(f"arena {arena} B != the cost model's ram_bytes {cost['ram_bytes']} B")
 
-    files = {f"{stem}.h": lambda: _header(model, ig, inp, out_lo, out_hi, in_lo, in_hi, in_numel, out_numel, P, stem),
-             f"{stem}.c": lambda: _source(model, e, ig, graph, layouts, in_numel, out_numel, P, stem),
+    files = {f"{stem}.h": lambda: _header(model, ig, inp, out_lo, out_hi, in_lo, in_hi, in_numel, out_numel, P, stem,
+                                          pre),
+             f"{stem}.c": lambda: _source(model, e, ig, graph, layouts, in_numel, out_numel, P, stem,
+                                          _input_helpers(model, inp.grid, tuple(inp.out_shape), P)),
              f"{stem}_weights.c": lambda: _weights_source(model, e, P, stem),
              RUNTIME_FILE: lambda: RUNTIME_H}
     return model, files
@@ -422,7 +433,8 @@ def _fmt_float(x: float) -> str:
     return repr(float(x))
 
 
-def _header(m: CModel, ig, inp, out_lo, out_hi, in_lo, in_hi, in_numel, out_numel, P, stem) -> str:
+def _header(m: CModel, ig, inp, out_lo, out_hi, in_lo, in_hi, in_numel, out_numel, P, stem,
+            pre: Preprocessing) -> str:
     g = inp.grid
     per_element_in = np.asarray(g.elem_scale).size > 1
     dims_in = "".join(f"#define {P}_INPUT_DIM{i} {d}\n" for i, d in enumerate(m.input_shape))
@@ -470,11 +482,107 @@ typedef {m.out_ctype} {m.prefix}_out_t;
 
 int {m.prefix}_model_run(const {m.prefix}_in_t *input_q, {m.prefix}_out_t *output_q);
 
+{_preprocessing_header(m.prefix, P, pre)}
 #endif /* {P}_MODEL_H */
 """
 
 
-def _source(m: CModel, e: _Emitter, ig, graph, layouts, in_numel, out_numel, P, stem) -> str:
+def _preprocessing_header(p: str, P: str, pre: Preprocessing) -> str:
+    """The run's preprocessing as constants, and the input helpers' prototypes."""
+    mean, std = pre.per_channel()
+    values = lambda v: "{ " + ", ".join(_fmt_float(x) for x in v) + " }"  # noqa: E731
+    raw = _comment(pre.raw)
+    return f"""/* Raw values to input_q (the run's preprocessing; artifact.json "preprocessing"): for element i of
+ * channel c = i / ({P}_INPUT_NUMEL / {P}_NORM_CHANNELS),
+ *   x[i] = (raw[i] / {P}_RAW_DIVISOR - mean[c]) / std[c],  mean = {P}_NORM_MEAN, std = {P}_NORM_STD,
+ *   input_q[i] = round_half_even(x[i] / scale of i), saturated to the input grid's range,
+ * in double, with the integers of mixprec's reference. Raw values: {raw}.
+ * {p}_quantize_input takes floats, {p}_quantize_input_i8 int8 values (e.g. int8 MFCC features);
+ * both write {P}_INPUT_NUMEL codes for {p}_model_run. */
+#define {P}_RAW_DIVISOR {_fmt_float(pre.raw_divisor)}
+#define {P}_NORM_CHANNELS {pre.channels}
+#define {P}_NORM_MEAN {values(mean)}
+#define {P}_NORM_STD {values(std)}
+
+void {p}_quantize_input(const float *raw, {p}_in_t *input_q);
+void {p}_quantize_input_i8(const int8_t *raw, {p}_in_t *input_q);
+"""
+
+
+def _comment(text: str) -> str:
+    """``text`` safe inside a C block comment, on one line."""
+    return " ".join(text.replace("*/", "* /").split())
+
+
+def _scale_entries(elem_scale, shape: tuple[int, ...]) -> tuple[list[float], int]:
+    """The input grid's scales as the fewest entries: ``(values, elements per entry)``, 0 when one
+    value holds for every element (the usual, per-tensor grid)."""
+    flat = np.broadcast_to(np.asarray(elem_scale, np.float64), shape).reshape(-1)
+    if np.all(flat == flat[0]):
+        return [float(flat[0])], 0
+    per_ch = flat.size // shape[0]
+    chans = flat.reshape(shape[0], per_ch)
+    if np.all(chans == chans[:, :1]):
+        return chans[:, 0].tolist(), per_ch
+    return flat.tolist(), 1
+
+
+def _input_helpers(m: CModel, grid, shape: tuple[int, ...], P: str) -> str:
+    """The C of ``<prefix>_quantize_input`` and ``<prefix>_quantize_input_i8``.
+
+    Exactness: the reference divides float64 values and rounds half to even; here every step is a
+    double division or subtraction (nothing a compiler may fuse into a multiply-add) and the
+    rounding is spelled out, so no <math.h>, no libm and no dependence on the rounding mode.
+    """
+    p = m.prefix
+    scales, div = _scale_entries(grid.elem_scale, shape)
+    index = "0" if div == 0 else ("i" if div == 1 else f"i / {div}u")
+    rows = ",\n    ".join(", ".join(_fmt_float(s) for s in scales[k:k + 8]) for k in range(0, len(scales), 8))
+    return f"""
+/* ---- raw values to input_q (see model.h): the run's preprocessing, then the reference's input
+ * quantization; double throughout, so the codes equal mixprec's NumPy reference bit for bit. */
+static const double {p}_norm_mean[{P}_NORM_CHANNELS] = {P}_NORM_MEAN;
+static const double {p}_norm_std[{P}_NORM_CHANNELS] = {P}_NORM_STD;
+static const double {p}_input_scales[{len(scales)}] = {{
+    {rows}
+}};
+
+/* Round half to even. |v| is capped at 1e15 first (every input grid saturates far below, and the
+ * cast stays defined); NaN gives 0. */
+static int64_t {p}_round_half_even(double v) {{
+    int64_t t;
+    double frac;
+    if (v != v) return 0;
+    if (v > 1e15) v = 1e15;
+    if (v < -1e15) v = -1e15;
+    t = (int64_t)v;        /* toward zero: exact */
+    frac = v - (double)t;  /* exact: the fraction bits of v */
+    if (frac > 0.5 || (frac == 0.5 && (t & 1) != 0)) return t + 1;
+    if (frac < -0.5 || (frac == -0.5 && (t & 1) != 0)) return t - 1;
+    return t;
+}}
+
+static {p}_in_t {p}_quantize_one(double raw, uint32_t i) {{
+    const uint32_t c = i / ({P}_INPUT_NUMEL / {P}_NORM_CHANNELS);
+    const double x = (raw / {P}_RAW_DIVISOR - {p}_norm_mean[c]) / {p}_norm_std[c];
+    return ({p}_in_t)mp_clip(&{p}_input_clamp, i, {p}_round_half_even(x / {p}_input_scales[{index}]));
+}}
+
+void {p}_quantize_input(const float *raw, {p}_in_t *input_q) {{
+    uint32_t i;
+    for (i = 0; i < {P}_INPUT_NUMEL; ++i)
+        input_q[i] = {p}_quantize_one((double)raw[i], i);
+}}
+
+void {p}_quantize_input_i8(const int8_t *raw, {p}_in_t *input_q) {{
+    uint32_t i;
+    for (i = 0; i < {P}_INPUT_NUMEL; ++i)
+        input_q[i] = {p}_quantize_one((double)raw[i], i);
+}}
+"""
+
+
+def _source(m: CModel, e: _Emitter, ig, graph, layouts, in_numel, out_numel, P, stem, helpers: str = "") -> str:
     p = m.prefix
     out_buf = graph.buffer_source(ig.output)
     externs = []
@@ -510,7 +618,7 @@ int {p}_model_run(const {p}_in_t *input_q, {p}_out_t *output_q) {{
         output_q[i] = ({p}_out_t)mp_ld(&{p}_t_{_ident(out_buf)}, i);
     return 0;
 }}
-"""
+{helpers}"""
 
 
 def _c_bytes(data: bytes) -> str:
