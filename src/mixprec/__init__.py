@@ -10,12 +10,16 @@ import importlib
 
 __version__ = "0.1.0"
 
-#: public name -> the module that defines it
+#: public name -> the module that defines it (``mixprec.api`` re-exports the same objects)
 _PUBLIC = {
-    **{name: "mixprec.api" for name in ("as_target", "assignment", "cost_report", "cost_term", "finalize",
-                                       "largest_uniform_bits", "quantize", "save_integer_model",
-                                       "verify_against_reference")},
-    **{name: "mixprec.cost" for name in ("Budget", "BudgetError", "load_target", "parse_size")},
+    "quantize": "mixprec.convert",
+    "assignment": "mixprec.cost.bits",
+    **{name: "mixprec.cost.deployed" for name in ("cost_report", "cost_term")},
+    **{name: "mixprec.cost" for name in ("Budget", "BudgetError", "as_target", "load_target", "parse_size")},
+    "verify_against_reference": "mixprec.execute",
+    "save_integer_model": "mixprec.lower",
+    "finalize": "mixprec.search.finalize",
+    "largest_uniform_bits": "mixprec.search.uniform",
     **{name: "mixprec.runs" for name in ("Run", "RunError", "evaluate", "load_run")},
     "reference": "mixprec.execute",
 }

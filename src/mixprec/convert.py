@@ -3,13 +3,38 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
+from .cost.targets import Target, as_target, weight_granularity_for
 from .granularity import shape_for
 from .graph.convert import trace
 from .graph.ir import REQUANTIZING_OPS
 from .nn.model import QuantLayer, QuantModel
 from .quantizers.fixed import ActQuantizer, FixedWeightQuantizer
+
+
+def quantize(model: nn.Module, target: str | Target, input_shape: tuple[int, ...], bits=8, act_bits=None,
+             weight_granularity: str | None = None) -> QuantModel:
+    """Convert a float model into a quantized model for ``target`` (fixed bit-widths; a weight
+    group of 3 bits or fewer takes the least-squares scale of its max-abs range and narrower
+    candidates, a wider one the max-abs range)."""
+    t = as_target(target)
+    act_bits = bits if act_bits is None else act_bits
+    gran = weight_granularity_for(t, weight_granularity)
+    for b in _values(bits):
+        if b not in t.weight_bits:
+            raise ValueError(f"{b}-bit weights are not supported by {t.name}; supported: {', '.join(map(str, t.weight_bits))}")
+    for b in _values(act_bits):
+        if b not in t.act_bits:
+            raise ValueError(f"{b}-bit activations are not supported by {t.name}; supported: {', '.join(map(str, t.act_bits))}")
+    return convert(model, input_shape, t.numerics, bits, act_bits, gran, t.act_granularities[0], t.name)
+
+
+def _values(bits) -> list[int]:
+    if isinstance(bits, dict):
+        return sorted({int(v) for b in bits.values() for v in torch.as_tensor(b).flatten().tolist()})
+    return sorted({int(v) for v in torch.as_tensor(bits).flatten().tolist()})
 
 
 def bits_tensor_for(bits, granularity: str, shape: tuple[int, ...]):

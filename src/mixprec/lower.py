@@ -3,10 +3,14 @@
 The result (:class:`IntGraph`) is executed by :mod:`mixprec.execute` with NumPy kernels (the
 reference) or torch kernels (the quantized model's evaluation mode), and walked by exporters.
 All parameters are NumPy int64 arrays shaped to broadcast against the tensors they act on.
+:func:`save_integer_model` writes a model's lowered program to ``.npz`` plus JSON.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,6 +18,9 @@ import torch
 from .granularity import expand, reduce_to
 from .graph.ir import Graph
 from .numerics import INT32_MAX, INT32_MIN, Requant, add_left_shift, make_requant, qrange
+
+if TYPE_CHECKING:
+    from .nn.model import QuantModel
 
 REQUANT_KIND = {"scaled": "tflm", "fixed": "pow2"}
 
@@ -176,3 +183,32 @@ def lower(graph: Graph, weights: dict, weight_qparams: dict, act_qparams: dict, 
         nodes.append(IntNode(node.name, node.op, list(node.inputs), dict(node.attrs), node.out_shape, grid, params))
     out_scale = grids[graph.grid_source(graph.output)].scale
     return IntGraph(nodes, graph.output, numerics, out_scale)
+
+
+def save_integer_model(qm: QuantModel, path: str | Path) -> Path:
+    """Write the lowered integer program (weights, biases, requantization, grids) as ``.npz``
+    plus a JSON description: what the reference interpreter and every exporter consume."""
+    ig = qm.lower()
+    arrays, meta = {}, {"numerics": ig.numerics, "output": ig.output, "output_scale": ig.output_scale, "nodes": []}
+    for n in ig.nodes:
+        entry = {"name": n.name, "op": n.op, "inputs": n.inputs, "out_shape": list(n.out_shape),
+                 "attrs": {k: (list(v) if isinstance(v, tuple) else v) for k, v in n.attrs.items()}}
+        if n.grid is not None:
+            entry["scale"] = n.grid.scale
+            entry["signed"] = n.grid.signed
+            arrays[f"{n.name}.bits"] = n.grid.bits
+            arrays[f"{n.name}.lo"], arrays[f"{n.name}.hi"] = np.asarray(n.grid.lo), np.asarray(n.grid.hi)
+        for k, v in n.params.items():
+            if hasattr(v, "kind"):
+                arrays[f"{n.name}.{k}.multiplier"], arrays[f"{n.name}.{k}.shift"] = v.multiplier, v.shift
+                entry.setdefault("requant", {})[k] = v.kind
+            elif isinstance(v, np.ndarray):
+                arrays[f"{n.name}.{k}"] = v
+            else:
+                entry.setdefault("values", {})[k] = v
+        meta["nodes"].append(entry)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=float))
+    return path

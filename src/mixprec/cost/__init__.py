@@ -6,21 +6,21 @@ differentiable in the bits (``evaluate_torch``) and exact for integer bits (``ev
 >>> load_target("cortex-m7").flash_bytes == parse_size("2MiB")
 True
 """
-from .bits import BitAssignment, act_bits, min_assignment, uniform, weight_bits
+from .bits import BitAssignment, act_bits, assignment, min_assignment, uniform, weight_bits
 from .budget import Budget, BudgetError, check, check_achievable, feasible, smallest_costs, violations
 from .compute import bops, ebops, effective_bits, energy_uj, mac_cycles
 from .memory import (MemoryPlan, act_bytes, lifetimes, param_flash_bytes, plan_arena, weight_flash_bytes)
 from .report import CostReport, LayerCost, evaluate, evaluate_torch, format_table
 from .rounding import snap_up
-from .targets import Target, list_targets, load_target
+from .targets import Target, as_target, list_targets, load_target
 from .units import format_size, parse_number, parse_size
 
 __all__ = [
-    "BitAssignment", "act_bits", "min_assignment", "uniform", "weight_bits",
+    "BitAssignment", "act_bits", "assignment", "min_assignment", "uniform", "weight_bits",
     "Budget", "BudgetError", "check", "check_achievable", "feasible", "smallest_costs", "violations",
     "bops", "ebops", "effective_bits", "energy_uj", "mac_cycles",
     "MemoryPlan", "act_bytes", "lifetimes", "param_flash_bytes", "plan_arena", "weight_flash_bytes",
     "CostReport", "LayerCost", "evaluate", "evaluate_torch", "format_table",
-    "snap_up", "Target", "list_targets", "load_target",
+    "snap_up", "Target", "as_target", "list_targets", "load_target",
     "format_size", "parse_number", "parse_size",
 ]

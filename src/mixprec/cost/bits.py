@@ -42,6 +42,12 @@ class BitAssignment:
                              {k: v.detach() for k, v in self.act_shift.items()})
 
 
+def assignment(qm) -> BitAssignment:
+    """The model's bits (and its activation grids' post-shifts) as the cost model takes them
+    (``qm``: a :class:`mixprec.nn.model.QuantModel`)."""
+    return BitAssignment(qm.weight_bits(), qm.act_bits(), qm.act_shifts())
+
+
 def uniform(graph: Graph, weight_bits: float, act_bits: float, granularity: str = "per-tensor",
             act_granularity: str = "per-tensor") -> BitAssignment:
     """The same width everywhere, as bits tensors of the given granularities."""

@@ -101,6 +101,37 @@ def _key_up(bits: float, table: Mapping[int, object]) -> int:
     return next((k for k in keys if k >= bits - 1e-6), keys[-1])
 
 
+# ----------------------------------------------------------------------------- choices on a target
+
+def default_weight_granularity(target: Target) -> str:
+    """Per channel where the target's kernels allow it (it costs a few bytes and buys accuracy)."""
+    for g in ("per-channel", "per-tensor"):
+        if g in target.weight_granularities:
+            return g
+    return target.weight_granularities[0]
+
+
+def weight_granularity_for(t: Target, requested: str | None) -> str:
+    """The requested weight granularity (the target's default when ``None``), refused with the
+    supported ones when the target's kernels cannot run it."""
+    gran = requested or default_weight_granularity(t)
+    if gran not in t.weight_granularities:
+        raise ValueError(f"target {t.name} does not support {gran} weights; it supports "
+                         f"{', '.join(t.weight_granularities)}")
+    return gran
+
+
+def nonzero_widths(t: Target) -> list[int]:
+    """The target's weight widths that hold non-zero values, widest first: neither 0 (pruning is
+    not a uniform width) nor 1 (a signed symmetric 1-bit weight is 0)."""
+    return sorted(t.value_weight_bits, reverse=True)
+
+
+def activation_width_for(weight_bits: int, t: Target) -> int:
+    """The narrowest supported activation width at least as wide as the weights (uniform pairing)."""
+    return min((a for a in t.act_bits if a >= weight_bits), default=max(t.act_bits))
+
+
 # ----------------------------------------------------------------------------- loading
 
 def list_targets() -> list[str]:
@@ -116,6 +147,11 @@ def load_target(name_or_path: str | Path) -> Target:
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML: {err}") from err
     return target_from_dict(data, source=str(path))
+
+
+def as_target(target: str | Target) -> Target:
+    """``target`` itself, or the target it names (see :func:`load_target`)."""
+    return target if isinstance(target, Target) else load_target(target)
 
 
 def _target_dir():

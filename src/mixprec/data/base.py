@@ -81,6 +81,24 @@ class Preprocessing:
                    d.get("raw", cls.raw))
 
 
+def preprocessing_record(pre: Preprocessing | None, ig) -> dict:
+    """``result.json``'s ``preprocessing`` (and the C export's): the data loader's normalisation and
+    the quantized model's input grid of the lowered program ``ig``, what a device needs to turn raw
+    values into the integers ``model_run`` takes. Every grid is symmetric: the zero point is 0."""
+    g = ig["input"].grid
+    elem = np.asarray(g.elem_scale, dtype=np.float64)
+    record = {**(pre or Preprocessing(raw="not recorded by the data loader: the identity is assumed")).to_dict(),
+              "formula": "x = (raw / raw_divisor - mean[c]) / std[c] in float64, c the channel (axis 1); "
+                         "input_q = round_half_even(x / input_scale), saturated to [input_min, input_max]",
+              "input_scale": float(g.scale), "input_zero_point": 0,
+              "input_min": int(np.min(g.lo)), "input_max": int(np.max(g.hi)),
+              "input_bits": int(np.max(g.bits)), "input_signed": bool(g.signed)}
+    if elem.size > 1 and not np.all(elem == elem.reshape(-1)[0]):
+        # fixed point with per-channel or per-element input precision: each element has its own scale
+        record["input_scale_per_element"] = True
+    return record
+
+
 def _floats(values: float | Sequence[float] | np.ndarray) -> tuple[float, ...]:
     return tuple(float(v) for v in np.asarray(values, dtype=np.float64).reshape(-1))
 

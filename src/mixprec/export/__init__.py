@@ -20,7 +20,7 @@ __all__ = ["Artifact", "ExportError", "ExportInput", "FORMATS", "export_run", "g
 
 def load_export_input(run_dir: str | Path, n_sample: int = 256) -> ExportInput:
     """A finished run (``mixprec search`` output) with ``n_sample`` real test inputs."""
-    from ..api import as_target
+    from ..cost import as_target
     from ..data import Preprocessing, load_dataset
     from ..search import load_run
 

@@ -29,7 +29,7 @@ def target_info(name: str | None) -> tuple[dict, float | None]:
     """Device capacities ``{flash_bytes, ram_bytes}`` and clock of a target; empty when unknown."""
     if not name:
         return {}, None
-    from ..api import as_target
+    from ..cost import as_target
 
     try:
         t = as_target(name)

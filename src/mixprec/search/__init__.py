@@ -4,9 +4,8 @@ from .context import SearchContext
 from .run import load_run, run_search
 from .dq import DQOptions, search_dq
 from .hgq import HGQOptions, search_hgq
+from .methods import METHOD_OPTIONS, SEARCH_METHODS
 from .uniform import search_uniform
 
-SEARCH_METHODS = {"uniform": search_uniform, "hgq": search_hgq, "dq": search_dq}
-METHOD_OPTIONS = {"hgq": HGQOptions, "dq": DQOptions}
-
-__all__ = ["METHODS", "RunConfig", "SearchContext", "SEARCH_METHODS", "load_run", "run_search"]
+__all__ = ["METHODS", "METHOD_OPTIONS", "RunConfig", "SearchContext", "SEARCH_METHODS", "DQOptions", "HGQOptions",
+           "load_run", "run_search", "search_dq", "search_hgq", "search_uniform"]

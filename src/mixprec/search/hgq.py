@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..api import effective_ebops
+from ..cost.deployed import effective_ebops
 from ..granularity import reduce_to
 from ..quantizers.hgq import HGQActQuantizer, HGQWeightQuantizer
 from ..train import Callback, fit

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ..api import assignment, cost_report, weight_granularity_for
 from ..convert import activation_clip, convert_with
-from ..cost import Budget, Target, evaluate_torch
+from ..cost import Budget, Target, assignment, evaluate_torch
+from ..cost.deployed import cost_report
+from ..cost.targets import weight_granularity_for
 from ..nn.model import QuantLayer, QuantModel
 from ..numerics import qrange
 from ..quantizers.fixed import ActQuantizer, FixedWeightQuantizer

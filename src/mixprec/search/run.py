@@ -17,10 +17,15 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..api import (as_target, assignment, cost_report, largest_uniform_bits, quantize, save_integer_model,
-                   verify_against_reference, activation_width_for, weight_granularity_for)
-from ..cost import Budget, BudgetError, check, check_achievable, evaluate, format_size, violations
+from ..convert import quantize
+from ..cost import (Budget, BudgetError, as_target, assignment, check, check_achievable, evaluate, format_size,
+                    violations)
+from ..cost.deployed import cost_report
+from ..cost.targets import activation_width_for, weight_granularity_for
 from ..data import load_dataset
+from ..data.base import preprocessing_record
+from ..execute import verify_against_reference
+from ..lower import save_integer_model
 from ..models import get_model, get_spec
 from ..train.loop import chance_accuracy
 from . import preflight
@@ -28,6 +33,8 @@ from ..train import evaluate_accuracy, fit, load_checkpoint, resolve_device, sav
 from ..train.distributed import barrier, init_distributed
 from .config import RunConfig
 from .context import SearchContext
+from .methods import METHOD_OPTIONS, SEARCH_METHODS
+from .uniform import largest_uniform_bits
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +139,6 @@ def _float_warmup(cfg: RunConfig, model, data, ckpt_dir: Path, device, progress,
 def check_options(cfg: RunConfig, target) -> None:
     """Refuse unknown or malformed method options, and options the target cannot take, before any
     training."""
-    from . import METHOD_OPTIONS
     from .learned import check_act_granularity, parse_options
 
     if cfg.method in METHOD_OPTIONS:
@@ -164,8 +170,6 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
     checkpoint and ends with the result an uninterrupted run would have given. Under ``torchrun``
     every process trains and the first one writes; the others return None.
     """
-    from . import SEARCH_METHODS
-
     start = time.perf_counter()
     out = Path(out_dir)
     dev = resolve_device(device)
@@ -364,8 +368,6 @@ def preprocessing_entry(data, qm) -> dict:
     """What turns raw values into the model's input integers on a device: the data loader's
     normalisation and the quantized model's input scale, zero point and range (``result.json``'s
     ``preprocessing``; the C export's input helpers are made from it)."""
-    from ..runs import preprocessing_record
-
     return preprocessing_record(data.preprocessing, qm.lower())
 
 

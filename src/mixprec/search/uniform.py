@@ -1,10 +1,15 @@
-"""The uniform baseline: one bit-width everywhere, quantization-aware training from the float model."""
+"""The uniform baseline: one bit-width everywhere (:func:`largest_uniform_bits`: the widest that meets
+the budget), quantization-aware training from the float model."""
 from __future__ import annotations
 
 import logging
 
-from ..api import activation_width_for, quantize
-from ..cost import Target
+from torch import nn
+
+from ..convert import quantize
+from ..cost import (Budget, BudgetError, Target, as_target, check_achievable, evaluate, feasible, uniform,
+                    violations)
+from ..cost.targets import activation_width_for, nonzero_widths, weight_granularity_for
 from ..graph.ir import Graph
 from ..train import fit
 from .context import SearchContext
@@ -26,6 +31,36 @@ def uniform_act_bits(graph: Graph, act_bits: int, target: Target) -> int | dict[
     if wide == act_bits:
         return act_bits
     return {n.name: (wide if n.name == head else act_bits) for n in graph}
+
+
+def largest_uniform_bits(model: nn.Module, target: str | Target, input_shape, budget: Budget,
+                         act_bits: int | None = None, weight_granularity: str | None = None) -> int:
+    """The widest uniform weight width (activations alike unless given) that meets ``budget``,
+    judged from shapes alone; raises ``BudgetError`` naming the smallest achievable cost."""
+    t = as_target(target)
+    graph = quantize(model, t, input_shape, bits=t.min_weight_bits, act_bits=act_bits or t.min_act_bits,
+                     weight_granularity=weight_granularity).graph
+    gran = weight_granularity_for(t, weight_granularity)
+    try:
+        check_achievable(graph, t, budget, gran)
+    except BudgetError as exc:
+        if not t.allows_pruning:
+            raise
+        try:
+            check_achievable(graph, t, budget, gran, allow_pruning=True)
+        except BudgetError:
+            raise exc from None
+        raise BudgetError(f"{exc}; pruning channels, a mixed-precision method (--method hgq or dq) can reach "
+                          f"it") from None
+    tried = []
+    for b in nonzero_widths(t):
+        report = evaluate(graph, uniform(graph, b, act_bits or activation_width_for(b, t), gran,
+                                         t.act_granularities[0]), t)
+        if feasible(report, budget):
+            return b
+        tried.append(f"{b}-bit: {violations(report, budget)}")
+    raise BudgetError("no uniform width meets the budget (" + "; ".join(tried) + "), though the smallest "
+                      "achievable cost does: a mixed-precision method (--method hgq or dq) can reach it")
 
 
 def search_uniform(ctx: SearchContext):

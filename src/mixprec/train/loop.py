@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..execute import eval_batch_size
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .distributed import World, all_reduce_sum, barrier, init_distributed
 from .state import capture_rng, restore_rng
@@ -116,21 +117,6 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
 def _model_device(model: nn.Module) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-#: Input values per evaluation batch on a CPU. The integer path works on int64 tensors: at 512
-#: CIFAR images a ResNet-8 activation is 64 MB, so every elementwise op streams from RAM and
-#: page-faults a fresh allocation; at about 40 images one stays in cache and is reused (an
-#: evaluation about 5x faster, measured). Small inputs keep large batches (per-batch overhead).
-CPU_EVAL_VALUES = 2 ** 17
-
-
-def eval_batch_size(device: torch.device, x: torch.Tensor) -> int:
-    """Evaluation batch for inputs like ``x`` (batch first): 512 on an accelerator; on a CPU
-    about :data:`CPU_EVAL_VALUES` input values, 32 to 512 samples."""
-    if torch.device(device).type != "cpu":
-        return 512
-    return max(32, min(512, CPU_EVAL_VALUES // max(x[0].numel() if len(x) else 1, 1)))
 
 
 @torch.no_grad()

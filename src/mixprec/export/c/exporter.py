@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ...cost.bits import assignment
+from ...data.base import preprocessing_record
 from ...execute import reference
 from ...numerics import quantize, saturate
-from ...runs import preprocessing_record
 from ..base import Artifact, ExportError, ExportInput
 from ..checks import check_int32
 from . import firmware as fw
@@ -58,8 +59,6 @@ class CExporter:
 
     # ------------------------------------------------------------------------------------- export
     def export(self, inp: ExportInput, out_dir: Path) -> Artifact:
-        from ...api import assignment
-
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         ig, qm = inp.graph, inp.qm

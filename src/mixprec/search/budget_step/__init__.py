@@ -90,14 +90,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ...api import as_target, cost_report
 from ...cost import Budget, BudgetError, CostReport, Target, check_achievable, feasible, violations
 from ...cost.budget import _LABELS, _fmt
+from ...cost.deployed import cost_report
+from ...cost.targets import as_target
 from .bits import (_EPS, _apply, _apply_all, _bits_snapshot, _broadcast_bits, _changes, _padded, _restore, _set_bits,
                    _snap, _snap_model, _supported)
-from .problem import (_Act, _Layer, _Problem, _act_tables, _apply_choice, _build, _calibrated, _cycles_per_uj,
-                      _layer_table, _limits, _tighten, _weight_candidates, _wider_can_be_faster,
-                      _with_in_shapes)
+from .problem import (_Act, _Layer, _Problem, _apply_choice, _build, _calibrated, _cycles_per_uj, _limits,
+                      _tighten, _weight_candidates, _wider_can_be_faster, _with_in_shapes)
 from .sensitivity import _TIE, _UP, _LossProbe, _finish_sensitivity, _measure, _proxy
 from .solve import (HULL_MAX_VARS, MILP_MAX_VARS, MIP_GAP, _big_m_rows, _greedy_totals, _min_choice, _moves, _over,
                     _polish, _solve, _solve_greedy, _solve_milp)
@@ -107,8 +107,8 @@ from .solve import (HULL_MAX_VARS, MILP_MAX_VARS, MIP_GAP, _big_m_rows, _greedy_
 __all__ = [
     "BudgetStepResult", "budget_step", "needs_step", "COST_KEYS", "MILP_MAX_VARS", "HULL_MAX_VARS", "MIP_GAP",
     "_EPS", "_apply", "_apply_all", "_bits_snapshot", "_broadcast_bits", "_changes", "_padded", "_restore",
-    "_set_bits", "_snap", "_snap_model", "_supported", "_Act", "_Layer", "_Problem", "_act_tables", "_apply_choice",
-    "_build", "_calibrated", "_cycles_per_uj", "_layer_table", "_limits", "_tighten",
+    "_set_bits", "_snap", "_snap_model", "_supported", "_Act", "_Layer", "_Problem", "_apply_choice",
+    "_build", "_calibrated", "_cycles_per_uj", "_limits", "_tighten",
     "_weight_candidates", "_wider_can_be_faster", "_with_in_shapes", "_TIE", "_UP", "_LossProbe",
     "_finish_sensitivity", "_measure", "_proxy", "_big_m_rows", "_greedy_totals", "_min_choice", "_moves", "_over",
     "_polish", "_solve", "_solve_greedy", "_solve_milp",
