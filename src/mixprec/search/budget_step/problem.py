@@ -1,19 +1,19 @@
 """The selection problem of the budget step: per weight group / activation quantizer the candidate
-widths and the cost of each (FLASH, EBOPs, cycles, activation buffer bytes), built by ``_build``;
-applying a choice to the model; and the internal limits a budget sets and their tightening."""
+widths and the cost of each (FLASH, EBOPs, cycles, activation buffer bytes: the public
+``cost.tables``), with the squared quantization errors the sensitivities share, built by
+``_build``; applying a choice to the model; and the internal limits a budget sets and their
+tightening."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from ...cost import Budget, CostReport, Target
-from ...cost import compute, memory
-from ...cost.bits import BitAssignment, act_bits as resolve_act_bits, act_storage_bits
-from ...granularity import expand
-from ...graph.ir import ALIAS_OPS
+from ...cost import compute
+from ...cost.bits import BitAssignment
+from ...cost.tables import CostTables, build_tables, cap
 from ...lower import integer_weights
 from .bits import _EPS, _apply, _apply_all, _padded, _set_bits
 
@@ -109,25 +109,21 @@ def _calibrated(qm) -> bool:
         return False
 
 
-def _act_tables(qm, t: Target, base: BitAssignment, upward: bool) -> tuple[dict, dict]:
-    graph = qm.graph
-    buffer_q = {n.name: graph.grid_source(n.name) for n in graph if n.op not in ALIAS_OPS}
+def _act_widths(t: Target, upward: bool):
+    """Candidate widths of an activation quantizer: those at most its widest entry (and wider ones
+    when a wider width may be faster)."""
+    def widths(name: str, top: float) -> list[float]:
+        return [w for w in t.act_bits if w <= top + _EPS] + ([w for w in t.act_bits if w > top + _EPS] if upward else [])
+    return widths
+
+
+def _acts(tables: CostTables) -> dict[str, _Act]:
     acts = {}
-    for q, quant in qm.act_quantizers.items():
-        shape = tuple(quant.bits().shape)
-        bits = _padded(quant.bits(), len(graph[q].out_shape))
-        top = float(bits.max())
-        widths = [w for w in t.act_bits if w <= top + _EPS] + ([w for w in t.act_bits if w > top + _EPS] if upward else [])
-        widths = np.array(sorted(widths), dtype=float)
-        mine = [b for b, src in buffer_q.items() if src == q]
-        sizes = {b: np.zeros(len(widths)) for b in mine}
-        for i, w in enumerate(widths):
-            a = BitAssignment(base.weight, {**base.act, q: _apply_all(bits, w).reshape(shape)}, base.act_shift)
-            for b in mine:
-                nbytes = float(memory.act_bytes(graph[b].out_shape, act_storage_bits(a, graph, b), t))
-                sizes[b][i] = math.ceil(round(nbytes) / t.alignment) * t.alignment
-        acts[q] = _Act(q, shape, bits, widths, int(np.argmin(np.abs(widths - top))), np.zeros(len(widths)), sizes)
-    return acts, buffer_q
+    for q, a in tables.acts.items():
+        top = float(a.base.max())
+        acts[q] = _Act(q, a.shape, a.base, a.widths, int(np.argmin(np.abs(a.widths - top))), np.zeros(len(a.widths)),
+                       a.aligned)
+    return acts
 
 
 def _weight_candidates(t: Target, top: np.ndarray, prunable: bool, upward: bool):
@@ -150,51 +146,44 @@ def _weight_candidates(t: Target, top: np.ndarray, prunable: bool, upward: bool)
     return widths, allowed
 
 
-def _layer_table(qm, t: Target, name: str, acts: dict, base: BitAssignment, calibrated: bool, upward: bool,
-                 last: bool) -> _Layer:
-    graph = qm.graph
-    node = _with_in_shapes(graph, graph[name])
-    layer = qm.layers[name]
-    quant = layer.quantizer
-    ws = tuple(node.weight_shape)
-    shape = tuple(quant.bits().shape)
-    bits = _padded(quant.bits(), len(ws))
-    g0, cout = bits.shape[0], ws[0]
-    top = bits.reshape(g0, -1).amax(1).numpy()
-    prunable = t.allows_pruning and not last and g0 > 1
-    widths, allowed = _weight_candidates(t, top, prunable, upward)
-    in_q = graph.grid_source(node.inputs[0])
-    act = acts[in_q]
-    # input activation bits per candidate width of the input quantizer
-    in_bits, a_max = [], []
-    for w in act.widths:
-        a = BitAssignment(base.weight, {**base.act, in_q: _apply_all(act.bits, w).reshape(act.shape)})
-        b = resolve_act_bits(a, graph, node.inputs[0])
-        in_bits.append(compute.weight_input_bits(node, b).double())
-        a_max.append(compute.input_channel_bits(node, b).amax())
-    K, A = len(widths), len(act.widths)
-    flash, err = np.zeros((g0, K)), np.zeros((g0, K))
-    ebops, cycles = np.zeros((g0, K, A)), np.zeros((g0, K, A))
-    w = layer.weight.detach().cpu()
+def _prunable(t: Target, qm, name: str, last: bool) -> bool:
+    return t.allows_pruning and not last and _padded(qm.layers[name].quantizer.bits(), 1).shape[0] > 1
+
+
+def _effective_bits(qm):
+    """Per-element weight bits for EBOPs at candidate bits: the integer weights' effective bits."""
+    def bits(name: str, candidate: torch.Tensor) -> torch.Tensor:
+        quant, w = qm.layers[name].quantizer, qm.layers[name].weight.detach().cpu()
+        saved = quant.bits().detach().clone()
+        try:
+            quant.set_bits(candidate)
+            return compute.effective_bits(integer_weights(w, quant.qparams(w))[1])
+        finally:
+            quant.set_bits(saved)
+    return bits
+
+
+def _layer(qm, tables: CostTables, t: Target, name: str, prunable: bool, upward: bool) -> _Layer:
+    """A layer of the selection: the public table's costs plus the squared weight quantization
+    error of each group at each width (the sensitivity shares) and the widths it may take."""
+    table = tables.layers[name]
+    quant = qm.layers[name].quantizer
+    g0 = table.groups
+    top = table.base.reshape(g0, -1).amax(1).numpy()
+    _, allowed = _weight_candidates(t, top, prunable, upward)
+    err = np.zeros((g0, len(table.widths)))
+    w = qm.layers[name].weight.detach().cpu()
     try:
-        for k, width in enumerate(widths):
-            bk = _apply(bits, torch.full((g0,), float(width)))
-            quant.set_bits(bk.reshape(shape))
-            deq, w_int, _ = integer_weights(w, quant.qparams(w))
+        for k, width in enumerate(table.widths):
+            quant.set_bits(cap(table.base, torch.full((g0,), float(width))).reshape(table.shape))
+            deq, _, _ = integer_weights(w, quant.qparams(w))
             err[:, k] = ((deq - w.double()) ** 2).reshape(g0, -1).sum(1).numpy()
-            flash[:, k] = memory.channel_weight_bytes(node, bk, t).reshape(g0, -1).sum(1).numpy()
-            full = expand(bk, ws).double()
-            eff = compute.effective_bits(w_int).double() if calibrated else full
-            w_c = full.reshape(cout, -1).amax(1)
-            for i in range(A):
-                ebops[:, k, i] = (eff * in_bits[i]).reshape(g0, -1).sum(1).numpy()
-                cyc = (node.macs / cout) * compute.cycles_per_mac(t, a_max[i], w_c.float()).double()
-                cycles[:, k, i] = cyc.reshape(g0, -1).sum(1).numpy()
     finally:
-        quant.set_bits(bits.reshape(shape))
-    cur = np.array([int(np.argmin(np.abs(widths - m))) for m in top])
-    prune_k = int(np.flatnonzero(widths == 0)[0]) if prunable and (widths == 0).any() else None
-    return _Layer(name, in_q, shape, bits, widths, allowed, cur, flash, ebops, cycles, err, np.zeros((g0, K)), prune_k)
+        quant.set_bits(table.base.reshape(table.shape))
+    cur = np.array([int(np.argmin(np.abs(table.widths - m))) for m in top])
+    prune_k = int(np.flatnonzero(table.widths == 0)[0]) if prunable and (table.widths == 0).any() else None
+    return _Layer(name, table.in_act, table.shape, table.base, table.widths, allowed, cur, table.flash, table.ebops,
+                  table.cycles, err, np.zeros((g0, len(table.widths))), prune_k)
 
 
 def _build(qm, t: Target, upward: bool) -> _Problem:
@@ -203,16 +192,16 @@ def _build(qm, t: Target, upward: bool) -> _Problem:
     base = BitAssignment(qm.weight_bits(), qm.act_bits(), qm.act_shifts() if calibrated else {}).detach()
     base = BitAssignment({k: v.cpu() for k, v in base.weight.items()}, {k: v.cpu() for k, v in base.act.items()},
                          {k: v.cpu() for k, v in base.act_shift.items()})
-    acts, buffer_q = _act_tables(qm, t, base, upward)
     weighted = [n.name for n in graph.weighted()]
-    layers = [_layer_table(qm, t, name, acts, base, calibrated, upward, name == weighted[-1]) for name in weighted]
-    params = float(sum(memory.param_flash_bytes(graph, base, n.name, t) for n in graph))
-    elem = float(sum(compute.elementwise_cycles(n, t) for n in graph))
-    spans = memory.lifetimes(graph)
-    steps = max(last for _, last in spans.values()) + 1
-    live = {tuple(sorted(b for b, (s, e) in spans.items() if s <= step <= e)) for step in range(steps)}
-    live = [list(s) for s in live if not any(set(s) < set(o) for o in live)]  # drop dominated sets
-    return _Problem(layers, acts, params, elem, sorted(live), buffer_q)
+    prunable = {name: _prunable(t, qm, name, name == weighted[-1]) for name in weighted}
+
+    def weight_widths(name: str, top: np.ndarray) -> np.ndarray:
+        return _weight_candidates(t, top, prunable[name], upward)[0]
+
+    tables = build_tables(graph, t, base, weight_widths=weight_widths, act_widths=_act_widths(t, upward),
+                          effective=_effective_bits(qm) if calibrated else None)
+    layers = [_layer(qm, tables, t, name, prunable[name], upward) for name in weighted]
+    return _Problem(layers, _acts(tables), tables.param_bytes, tables.elem_cycles, tables.live_sets, tables.buffer_act)
 
 
 def _apply_choice(qm, p: _Problem, kw: dict, ka: dict) -> None:
