@@ -361,7 +361,7 @@ def time_methods(name: str, preset: dict, n_train: int, epochs: int = 3, rounds:
     import torch
 
     from mixprec.data import load_dataset
-    from mixprec.search import SEARCH_METHODS, SearchContext
+    from mixprec.search import SearchContext, get_method
     from mixprec.train import fit
 
     train = preset["train"]
@@ -383,7 +383,7 @@ def time_methods(name: str, preset: dict, n_train: int, epochs: int = 3, rounds:
                             budget={"flash": preset["budgets"][-1]}, options=options, **{**common, "qat_epochs": epochs})
             torch.manual_seed(0)
             ctx = SearchContext(cfg, model, data, load_target(TARGET), budget, 8, 8)
-            SEARCH_METHODS[method](ctx)
+            get_method(method).run(ctx)
             seconds.setdefault(method, []).extend(h["seconds"] for h in ctx.history[phase])
     return [{"method": m, "seconds": min(s)} for m, s in seconds.items()]
 

@@ -134,7 +134,7 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="run direc
 def search(model: str = typer.Option(..., help="registered model name or package.module:function"),
            data: str = typer.Option(..., help="dataset name"),
            target: str = typer.Option("generic", help="target name or YAML path"),
-           method: str = typer.Option("uniform", help="search method: uniform, hgq or dq"),
+           method: str = typer.Option("uniform", help="search method (`mixprec methods` lists them and their options)"),
            option: list[str] = typer.Option([], "--option", "-o",
                                             help="method option KEY=VALUE (repeatable), e.g. -o cost=ebops -o beta=0.1"),
            float_from: Optional[str] = typer.Option(None, "--float-from",
@@ -162,12 +162,21 @@ def search(model: str = typer.Option(..., help="registered model name or package
 
     Data-parallel: torchrun --standalone --nproc-per-node N --no-python mixprec search ...
     """
-    _run(dict(model=model, data=data, target=target, method=method, bits=bits, act_bits=act_bits,
-              weight_granularity=granularity, budget=_budget(flash, ram, ebops, energy_uj, latency_cycles),
-              float_epochs=float_epochs, qat_epochs=qat_epochs, budget_epochs=budget_epochs, lr=lr, qat_lr=qat_lr,
-              batch_size=batch_size, optimizer=optimizer, weight_decay=weight_decay, seed=seed, data_dir=data_dir,
-              options=_options(option), float_from=float_from),
+    given = locals()
+    _run(_config_fields(given, weight_granularity=granularity, options=_options(option),
+                        budget=_budget(flash, ram, ebops, energy_uj, latency_cycles)),
          out, quiet, verbose, resume, device)
+
+
+def _config_fields(given: dict, **renamed) -> dict:
+    """``RunConfig``'s fields from the command's parameters of the same name, plus those the
+    command names otherwise (``--granularity``, ``-o``, the budget flags)."""
+    from dataclasses import fields
+
+    from .search.config import RunConfig
+
+    return {f.name: renamed[f.name] if f.name in renamed else given[f.name] for f in fields(RunConfig)
+            if f.name in renamed or f.name in given}
 
 
 def _options(items: list[str]) -> dict:
@@ -225,6 +234,20 @@ def targets():
     for name in list_targets():
         t = load_target(name)
         console.print(f"[bold]{name}[/]: {t.description}", highlight=False)
+
+
+@app.command()
+def methods():
+    """List the search methods and their -o options (with defaults)."""
+    from dataclasses import MISSING, fields
+
+    from .search import methods as registered
+
+    for name, m in registered().items():
+        console.print(f"[bold]{name}[/]: {m.summary}", highlight=False)
+        for f in fields(m.options) if m.options is not None else ():
+            default = f.default if f.default is not MISSING else "(required)"
+            console.print(f"    -o {f.name}={default}", highlight=False)
 
 
 @app.command()

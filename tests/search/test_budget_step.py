@@ -221,13 +221,15 @@ def test_finalize_with_data_measures_fine_tunes_and_stays_within(digits):
 
 def test_search_run_applies_the_step_and_records_it(tmp_path, monkeypatch):
     """A method that ignores the budget: the run fixes it before evaluation and says how."""
-    from mixprec.search import SEARCH_METHODS, RunConfig, load_run, run_search
+    from dataclasses import replace
+
+    from mixprec.search import RunConfig, get_method, load_run, methods, run_search
     from mixprec.search.uniform import search_uniform
 
     def careless(ctx):
         ctx.weight_bits, ctx.act_bits = 8, 8
         return search_uniform(ctx)
-    monkeypatch.setitem(SEARCH_METHODS, "uniform", careless)
+    monkeypatch.setitem(methods(), "uniform", replace(get_method("uniform"), run=careless))
     result = run_search(RunConfig(budget={"flash": "10KiB"}, float_epochs=2, qat_epochs=1, budget_epochs=1),
                         tmp_path / "r")
     step = result["budget_step"]

@@ -1,11 +1,9 @@
-"""Search methods behind one interface: ``method(SearchContext) -> (QuantModel, history)``."""
-from .config import METHODS, RunConfig
+"""Search methods behind one interface (``mixprec.search.methods``: the registry), a run end to end
+(``run_search``) and its configuration (``RunConfig``)."""
+from .config import RunConfig
 from .context import SearchContext
+from .methods import Method, get_method, method_names, methods, register
 from .run import load_run, run_search
-from .dq import DQOptions, search_dq
-from .hgq import HGQOptions, search_hgq
-from .methods import METHOD_OPTIONS, SEARCH_METHODS
-from .uniform import search_uniform
 
-__all__ = ["METHODS", "METHOD_OPTIONS", "RunConfig", "SearchContext", "SEARCH_METHODS", "DQOptions", "HGQOptions",
-           "load_run", "run_search", "search_dq", "search_hgq", "search_uniform"]
+__all__ = ["Method", "RunConfig", "SearchContext", "get_method", "load_run", "method_names", "methods", "register",
+           "run_search"]

@@ -6,9 +6,6 @@ from pathlib import Path
 
 import yaml
 
-METHODS = ("uniform", "hgq", "dq")
-
-
 @dataclass
 class RunConfig:
     model: str = "digits-cnn"
@@ -33,8 +30,9 @@ class RunConfig:
     float_from: str | None = None  # start from this run's float model (RUN_DIR or a float.pt) instead of training one
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; available: {', '.join(METHODS)}")
+        from .methods import get_method
+
+        get_method(self.method)  # an unknown name lists the registered ones
         from ..train.loop import OPTIMIZERS
 
         if self.optimizer not in OPTIMIZERS:

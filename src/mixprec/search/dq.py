@@ -25,6 +25,7 @@ from ..convert import activation_clip
 from ..quantizers.dq import GRAD_MODS, DQActQuantizer, DQWeightQuantizer
 from ..train import Callback, fit
 from .context import SearchContext
+from .methods import Method
 from .learned import (EpochCosts, ParetoFront, default_cost, differentiable_costs, every_k, freeze, is_feasible,
                       learned_model, log_ramp, model_quantizers, pareto_folder, parse_options, relaxed)
 
@@ -191,3 +192,7 @@ def _epochs(cfg, epochs: int, seed_offset: int = 0):
     from dataclasses import replace
 
     return replace(cfg, epochs=epochs, seed=cfg.seed + seed_offset)
+
+
+METHOD = Method("dq", search_dq, DQOptions,
+                "learned step size and range per tensor slice (DQ: implied bits, squared-hinge budget penalty)")

@@ -22,6 +22,7 @@ from ..granularity import reduce_to
 from ..quantizers.hgq import HGQActQuantizer, HGQWeightQuantizer
 from ..train import Callback, fit
 from .context import SearchContext
+from .methods import Method
 from .learned import (EpochCosts, ParetoFront, cost_key, default_cost, differentiable_costs, every_k, freeze,
                       is_feasible, learned_model, log_ramp, model_quantizers, pareto_folder, parse_options, relaxed)
 
@@ -264,3 +265,7 @@ def search_hgq(ctx: SearchContext):
     _calibrate_acts(ctx, qm)  # integer bits from the calibration set before export (HGQ)
     ctx.fine_tune_after = True  # freezing re-derives the grids from the weights: let the weights adapt
     return freeze(qm), history
+
+
+METHOD = Method("hgq", search_hgq, HGQOptions,
+                "per-weight/channel bit-widths learned by gradient (HGQ: surrogate gradient, cost penalty with a controller)")

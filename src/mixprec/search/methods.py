@@ -1,8 +1,60 @@
-"""The search methods by name (``method(SearchContext) -> (QuantModel, history)``) and the options
-class of each method that takes options (``-o KEY=VALUE``)."""
-from .dq import DQOptions, search_dq
-from .hgq import HGQOptions, search_hgq
-from .uniform import search_uniform
+"""The registry of search methods, read by everything that needs one: ``RunConfig``'s validation,
+option parsing (``-o KEY=VALUE``), the run, and ``mixprec methods``.
 
-SEARCH_METHODS = {"uniform": search_uniform, "hgq": search_hgq, "dq": search_dq}
-METHOD_OPTIONS = {"hgq": HGQOptions, "dq": DQOptions}
+A method is one module that defines ``METHOD = Method(name, run, options, summary)``:
+
+- ``run(ctx: SearchContext) -> (QuantModel, history)``: start from ``ctx.float_model``, return a
+  quantized model whose quantizers have ``set_bits`` (fixed-bit quantizers; learned ones freeze into
+  them), so the budget step, fine-tuning and export take it;
+- ``options``: the dataclass of its ``-o`` options (typed fields with defaults), or None;
+- ``summary``: one line for ``mixprec methods``.
+
+Add the module to ``METHOD_MODULES`` (or call ``register`` from your own code) and
+``mixprec search --method NAME`` runs it. Modules load on first use, so the command line stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+METHOD_MODULES = ("mixprec.search.uniform", "mixprec.search.hgq", "mixprec.search.dq")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    run: Callable  # (SearchContext) -> (QuantModel, history)
+    options: type | None  # the dataclass of its -o options; None: it takes none
+    summary: str
+
+
+_REGISTRY: dict[str, Method] = {}
+_loaded = False
+
+
+def register(method: Method) -> Method:
+    """Make ``method`` available by its name (a later registration of the name replaces it)."""
+    _REGISTRY[method.name] = method
+    return method
+
+
+def methods() -> dict[str, Method]:
+    """Every registered method by name, the built-in ones first."""
+    global _loaded
+    if not _loaded:
+        for module in METHOD_MODULES:
+            register(importlib.import_module(module).METHOD)
+        _loaded = True
+    return _REGISTRY
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(methods())
+
+
+def get_method(name: str) -> Method:
+    found = methods().get(name)
+    if found is None:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(methods())}")
+    return found

@@ -33,7 +33,7 @@ from ..train import evaluate_accuracy, fit, load_checkpoint, resolve_device, sav
 from ..train.distributed import barrier, init_distributed
 from .config import RunConfig
 from .context import SearchContext
-from .methods import METHOD_OPTIONS, SEARCH_METHODS
+from .methods import get_method
 from .uniform import largest_uniform_bits
 
 log = logging.getLogger(__name__)
@@ -141,8 +141,9 @@ def check_options(cfg: RunConfig, target) -> None:
     training."""
     from .learned import check_act_granularity, parse_options
 
-    if cfg.method in METHOD_OPTIONS:
-        opts = parse_options(METHOD_OPTIONS[cfg.method], cfg.options, cfg.method)
+    method = get_method(cfg.method)
+    if method.options is not None:
+        opts = parse_options(method.options, cfg.options, cfg.method)
         if hasattr(opts, "act_granularity"):
             check_act_granularity(target, opts.act_granularity)
     elif cfg.options:
@@ -202,7 +203,7 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
     seed_everything(cfg.seed + 1)
     ctx = SearchContext(cfg, model, data, target, budget, weight_bits, act_bits, progress, epoch_hook,
                         checkpoint_dir=ckpt_dir, device=dev)
-    qm, _ = SEARCH_METHODS[cfg.method](ctx)
+    qm, _ = get_method(cfg.method).run(ctx)
     qm.cpu()
     step = run_budget_step(ctx, qm)  # every process: its fine-tune is data-parallel too
     if not w.is_main:

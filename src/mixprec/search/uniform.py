@@ -13,6 +13,7 @@ from ..cost.targets import activation_width_for, nonzero_widths, weight_granular
 from ..graph.ir import Graph
 from ..train import fit
 from .context import SearchContext
+from .methods import Method
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +79,7 @@ def search_uniform(ctx: SearchContext):
                   params=qm.weight_parameters(), **ctx.fit_options("qat"))
     ctx.history["qat"] = history  # all epochs, also those before a resume
     return qm, history
+
+
+METHOD = Method("uniform", search_uniform, None,
+                "one bit-width everywhere (the widest the budget allows), quantization-aware training")
