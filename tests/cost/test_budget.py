@@ -81,3 +81,24 @@ def test_model_too_big_for_device():
 
 def test_fpga_has_no_capacity():
     assert check_achievable(cnn(), load_target("fpga-hls4ml"), Budget(flash_bytes=10**9))["ebops"] == 2 * (36 + 640)  # 2-bit weights: the narrowest with values
+
+
+def test_one_cost_vocabulary_is_read_by_budgets_the_run_the_cli_and_the_methods():
+    from dataclasses import fields
+
+    from mixprec.cli import _budget
+    from mixprec.cost.keys import BUDGET_KEYS, BUDGET_NAMES, BY_NAME
+    from mixprec.search import RunConfig
+    from mixprec.search.learned import cost_key
+
+    assert [f.name for f in fields(Budget)] == [BY_NAME[n].key for n in ("flash", "ram", "ebops", "energy", "latency")]
+    assert set(BUDGET_KEYS) == {f.name for f in fields(Budget)}
+    assert set(_budget("1KiB", "1KiB", "1", "1", "1")) == set(BUDGET_NAMES)
+    assert Budget.from_strings(**dict.fromkeys(BUDGET_NAMES)).limits() == {}
+    with pytest.raises(ValueError, match="unknown budget \\['bogus'\\]; budgets: flash, ram, ebops, latency, energy"):
+        Budget.from_strings(bogus="1")
+    with pytest.raises(ValueError, match="use flash, ram, ebops, latency, energy"):
+        RunConfig(budget={"flsh": "1KiB"})
+    assert cost_key("latency") == "latency_cycles" and cost_key("bops") == "bops"
+    with pytest.raises(ValueError, match="unknown cost 'macs'"):
+        cost_key("macs")

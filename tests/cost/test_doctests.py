@@ -3,7 +3,7 @@ import importlib
 
 import pytest
 
-MODULES = ["bits", "budget", "compute", "deployed", "memory", "report", "rounding", "targets", "units"]
+MODULES = ["bits", "budget", "compute", "deployed", "keys", "memory", "report", "rounding", "targets", "units"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 
 from ..graph.ir import Graph
 from .bits import min_assignment
+from .keys import BUDGET_KEYS, BUDGET_NAMES, BY_KEY, BY_NAME
 from .report import CostReport, evaluate
 from .targets import Target
 from .units import format_size, parse_number, parse_size, size_unit
@@ -31,12 +32,19 @@ class Budget:
     latency_cycles: float | None = None
 
     @classmethod
-    def from_strings(cls, flash=None, ram=None, ebops=None, energy=None, latency=None) -> "Budget":
-        """From user text: sizes as ``"32KiB"`` (``units.parse_size``), the rest as numbers (``"1e6"``);
-        energy in uJ, latency in cycles. ``None`` leaves a cost unconstrained."""
-        size = lambda v: None if v is None else parse_size(v)  # noqa: E731
-        number = lambda v: None if v is None else parse_number(v)  # noqa: E731
-        return cls(size(flash), size(ram), number(ebops), number(energy), number(latency))
+    def from_strings(cls, **limits) -> "Budget":
+        """From user text keyed by cost name (``cost.keys``: flash, ram, ebops, energy, latency):
+        sizes as ``"32KiB"`` (``units.parse_size``), the rest as numbers (``"1e6"``); energy in uJ,
+        latency in cycles. ``None`` leaves a cost unconstrained."""
+        unknown = sorted(set(limits) - set(BUDGET_NAMES))
+        if unknown:
+            raise ValueError(f"unknown budget {unknown}; budgets: {', '.join(BUDGET_NAMES)}")
+        values = {}
+        for name, text in limits.items():
+            cost = BY_NAME[name]
+            if text is not None:
+                values[cost.key] = parse_size(text) if cost.unit == "B" else parse_number(text)
+        return cls(**values)
 
     def limits(self) -> dict[str, float]:
         """The set limits, keyed by the report total they constrain."""
@@ -59,8 +67,7 @@ def violations(report: CostReport, budget: Budget) -> str:
 
 # ----------------------------------------------------------------------------- before search
 
-_LABELS = {"flash_bytes": "FLASH", "ram_bytes": "RAM", "ebops": "EBOPs", "energy_uj": "energy",
-           "latency_cycles": "latency"}
+_LABELS = {k: BY_KEY[k].label for k in BUDGET_KEYS}
 
 
 def smallest_costs(graph: Graph, target: Target, weight_granularity: str | None = None,

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cost.keys import COSTS
+
 log = logging.getLogger(__name__)
 
 RESULT = "result.json"
-COST_KEYS = ("flash_bytes", "ram_bytes", "macs", "bops", "ebops", "latency_cycles", "energy_uj")
-COST_LABELS = {"flash_bytes": "FLASH", "ram_bytes": "peak RAM", "macs": "MACs", "bops": "BOPs",
-               "ebops": "EBOPs", "latency_cycles": "latency", "energy_uj": "energy"}
+COST_KEYS = tuple(c.key for c in COSTS)
+COST_LABELS = {**{c.key: c.label for c in COSTS}, "ram_bytes": "peak RAM"}  # a table row names the figure
 
 
 def load_result(run_dir: str | Path) -> dict:

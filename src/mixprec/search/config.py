@@ -37,9 +37,11 @@ class RunConfig:
 
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
-        unknown = set(self.budget) - {"flash", "ram", "ebops", "energy", "latency"}
+        from ..cost.keys import BUDGET_NAMES
+
+        unknown = set(self.budget) - set(BUDGET_NAMES)
         if unknown:
-            raise ValueError(f"unknown budget keys {sorted(unknown)}; use flash, ram, ebops, energy, latency")
+            raise ValueError(f"unknown budget keys {sorted(unknown)}; use {', '.join(BUDGET_NAMES)}")
 
     def train_config(self, phase: str):
         """Training settings of one phase: ``float`` warm-up, ``budget`` (the fine-tune after the budget

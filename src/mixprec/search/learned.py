@@ -22,6 +22,7 @@ import torch
 from ..convert import activation_clip, convert_with
 from ..cost import Budget, Target, assignment, evaluate_torch
 from ..cost.deployed import cost_report
+from ..cost.keys import COSTS as KEY_TABLE, cost_key as to_key
 from ..cost.targets import weight_granularity_for
 from ..nn.model import QuantLayer, QuantModel
 from ..numerics import qrange
@@ -31,9 +32,9 @@ from ..train.distributed import world
 
 log = logging.getLogger(__name__)
 
-#: Cost names users write (``--option cost=flash``) and the report totals they mean.
-COSTS = {"flash": "flash_bytes", "ram": "ram_bytes", "ebops": "ebops", "bops": "bops",
-         "energy": "energy_uj", "latency": "latency_cycles"}
+#: Cost names users write (``--option cost=flash``) and the report totals they mean: every cost a
+#: method can steer by (``cost.keys``; MACs do not depend on the widths).
+COSTS = {c.name: c.key for c in KEY_TABLE if c.key != "macs"}
 
 
 def parse_options(cls, options: dict, method: str):
@@ -56,11 +57,9 @@ def _convert(value, default):
 
 def cost_key(name: str) -> str:
     """A report total from a user's cost name (``flash``) or the total itself (``flash_bytes``)."""
-    if name in COSTS.values():
-        return name
-    if name not in COSTS:
+    if name == "macs" or name not in COSTS and name not in COSTS.values():
         raise ValueError(f"unknown cost {name!r}; choose one of {', '.join(COSTS)}")
-    return COSTS[name]
+    return to_key(name)
 
 
 def default_cost(budget: Budget) -> str:

@@ -92,6 +92,7 @@ import torch
 
 from ...cost import Budget, BudgetError, CostReport, Target, check_achievable, feasible, violations
 from ...cost.budget import _LABELS, _fmt
+from ...cost.keys import BUDGET_KEYS
 from ...cost.deployed import cost_report
 from ...cost.targets import as_target
 from .bits import (_EPS, _apply, _apply_all, _bits_snapshot, _broadcast_bits, _changes, _padded, _restore, _set_bits,
@@ -116,7 +117,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-COST_KEYS = ("flash_bytes", "ram_bytes", "ebops", "latency_cycles", "energy_uj")
+COST_KEYS = BUDGET_KEYS
 
 
 # ----------------------------------------------------------------------------- result
