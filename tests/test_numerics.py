@@ -375,3 +375,28 @@ def test_add_left_shift_keeps_int32_headroom():
     for bits in range(2, 17):
         left = nm.add_left_shift(bits)
         assert left <= 20 and (2 ** (bits - 1)) << left < 2**31 // 2  # room for the sum of two
+
+
+def test_fused_tflite_requantization_equals_the_two_steps_on_ties_and_extremes():
+    """The torch kernels' fused multiply-by-quantized-multiplier gives the NumPy two-step integers
+    on random and adversarial accumulators: exact halves after the high multiply, both signs,
+    right shifts 0..31, multipliers at both ends of [2**30, 2**31)."""
+    import torch
+
+    from mixprec.numerics import (INT32_MAX, INT32_MIN, _fused_multiply_by_quantized_multiplier,
+                                  multiply_by_quantized_multiplier)
+
+    rng = np.random.default_rng(0)
+    mult = np.array([2**30, 2**30 + 1, 1518500250, INT32_MAX - 1, INT32_MAX], dtype=np.int64)
+    for right in range(0, 32):
+        x = np.concatenate([rng.integers(INT32_MIN, INT32_MAX, 2000), rng.integers(-2**12, 2**12, 2000),
+                            [0, 1, -1, INT32_MIN, INT32_MAX, 2**(right - 1) if right else 1, -(2**max(right - 1, 0))]])
+        x = x.astype(np.int64)[:, None]
+        shift = np.full(mult.shape, -right, dtype=np.int64)
+        want = multiply_by_quantized_multiplier(x, mult, shift)
+        got = _fused_multiply_by_quantized_multiplier(torch.from_numpy(x), torch.from_numpy(mult),
+                                                      torch.from_numpy(shift))
+        assert np.array_equal(got.numpy(), want), right
+    # a left shift or a saturating multiplier is not fused: the general path runs
+    assert _fused_multiply_by_quantized_multiplier(torch.ones(2, dtype=torch.int64), torch.tensor([2**30]),
+                                                   torch.tensor([1])) is None

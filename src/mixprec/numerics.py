@@ -48,7 +48,7 @@ def _like(x, value):
 
 def _clip(x, lo, hi):
     if isinstance(x, torch.Tensor):
-        return torch.minimum(torch.maximum(x, _like(x, lo)), _like(x, hi))
+        return torch.clamp(x, _like(x, lo), _like(x, hi))
     return np.minimum(np.maximum(x, lo), hi)
 
 
@@ -240,12 +240,42 @@ def rounding_divide_by_pot(x, exponent):
 
 def multiply_by_quantized_multiplier(x, multiplier, shift):
     """``x * M * 2**(shift-31)`` with TFLite-Micro rounding (``MultiplyByQuantizedMultiplier``)."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.int64:
+        fused = _fused_multiply_by_quantized_multiplier(x, _like(x, multiplier), _like(x, shift))
+        if fused is not None:
+            return fused
     shift = _like(x, shift)
     zero = _like(x, 0)
     if bool((shift > 0).any()):
         x = x * pow2(_where(shift > 0, shift, zero))
     right = _where(shift > 0, zero, -shift)
     return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, _like(x, multiplier)), right)
+
+
+def _fused_multiply_by_quantized_multiplier(x: torch.Tensor, m: torch.Tensor, shift: torch.Tensor):
+    """The same integers as the two TFLite steps, in four passes over ``x`` (the integer-exact eval
+    path spends most of its time here), or None where the fusion does not apply (a multiplier of
+    INT32_MIN, which saturates, or a left shift).
+
+    With ``P = x M`` (exact in int64: both below 2**31), the high multiply is ``h = floor((P + 2**30)
+    / 2**31)`` and the rounding divide ``floor((h + half - [h < 0]) / 2**r)``, ``half = 2**r / 2``.
+    Since ``half * 2**31`` is a multiple of ``2**31``, ``h + half = floor((P + 2**30 + half 2**31) /
+    2**31)``: one add of a per-channel constant and one shift; ``h < 0`` is ``h + half < half``, and
+    it corrects only where ``r > 0``. Every intermediate stays below 2**63.
+    """
+    if bool((shift > 0).any()) or bool((m == INT32_MIN).any()):
+        return None
+    right = -shift
+    half = (torch.ones_like(right) << right) >> 1
+    p = x * m
+    p += (1 << 30) + (half << 31)
+    p >>= 31
+    below = (p - half) >> 63  # -1 where h < 0
+    if bool((right == 0).any()):
+        below &= -(right > 0).to(torch.int64)
+    p += below
+    p >>= right
+    return p
 
 
 # --- power-of-two requantization ------------------------------------------------------------
@@ -315,7 +345,13 @@ def make_requant(real_multiplier, kind: str) -> Requant:
 def requantize(acc, requant: Requant, lo, hi, post_shift=None):
     """Accumulator to output integers: requantize, saturate to ``[lo, hi]``, then apply the
     optional per-element ``post_shift`` (a left shift onto the tensor's common grid)."""
-    y = _clip(requant.apply(acc), lo, hi)
+    y = requant.apply(acc)
+    if isinstance(y, torch.Tensor):  # a fresh tensor: clamp and shift it in place (no allocation)
+        y.clamp_(_like(y, lo), _like(y, hi))
+        if post_shift is not None:
+            y <<= _like(y, post_shift)
+        return y
+    y = _clip(y, lo, hi)
     if post_shift is not None:
         y = y << _like(y, post_shift)
     return y
