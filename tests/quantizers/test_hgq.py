@@ -147,14 +147,14 @@ def test_activation_running_minmax_integer_bits():
     assert a.signed and a.bits().item() == 6.0  # sign bit
     qp = a.qparams()
     assert qp.signed and qp.bits.item() == 6.0 and qp.scale.item() == 0.25
-    # frozen: no more observing, values outside the range saturate to [-8, 7.75]
-    a.freeze()
+    # not observing: the range stays, values outside it saturate to [-8, 7.75]
+    a.set_observing(False)
     y = a(torch.tensor([[9.0, -9.0, 1.13]]))
     assert y.tolist() == [[7.75, -8.0, 1.25]]
     a(torch.tensor([[100.0, 0.0, 0.0]]))
     assert a.running_max.item() == 5.0
     # eval mode does not observe either
-    a.freeze(False)
+    a.set_observing(True)
     a.eval()
     a(torch.tensor([[100.0, 0.0, 0.0]]))
     assert a.running_max.item() == 5.0
@@ -177,7 +177,7 @@ def test_activation_per_channel_running_range_and_calibrate():
     a = HGQActQuantizer((2, 3), "per-channel", init_f=1.0)
     x = torch.tensor([[[0.2, 0.4, 1.0], [5.0, 6.0, 7.0]], [[0.1, 0.0, 0.3], [1.0, 2.0, 3.0]]])
     a.calibrate([x])
-    assert a.frozen
+    assert not a.observing
     assert a.running_max.reshape(-1).tolist() == [1.0, 7.0]
     assert a.bits().reshape(-1).tolist() == [2.0, 4.0]  # I = 1, 3; f = 1
     a.train()
@@ -252,7 +252,7 @@ def test_quant_model_with_hgq_lowers_bit_exact():
         assert all(q.f.grad is not None for q in qm.act_quantizers.values())
         opt.step()
     for q in qm.act_quantizers.values():
-        q.freeze()
+        q.set_observing(False)
     qm.train()
     y_fake = qm(x).detach()
     qm.eval()

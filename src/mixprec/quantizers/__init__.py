@@ -1,9 +1,9 @@
 """Quantizers: the shared interface and the fixed-bit quantizers every method ends in."""
-from .base import QParams, Quantizer, ceil_ste, fake_quant, round_ste
+from .base import Frozen, LearnedQuantizer, QParams, Quantizer, ceil_ste, fake_quant, round_ste
 from .dq import DQActQuantizer, DQWeightQuantizer
 from .fixed import ActQuantizer, FixedWeightQuantizer, freeze_observers
 from .hgq import HGQActQuantizer, HGQRound, HGQWeightQuantizer
 
-__all__ = ["QParams", "Quantizer", "ceil_ste", "fake_quant", "round_ste", "ActQuantizer",
+__all__ = ["Frozen", "LearnedQuantizer", "QParams", "Quantizer", "ceil_ste", "fake_quant", "round_ste", "ActQuantizer",
            "FixedWeightQuantizer", "freeze_observers",
            "HGQActQuantizer", "HGQRound", "HGQWeightQuantizer", "DQActQuantizer", "DQWeightQuantizer"]

@@ -7,8 +7,10 @@ step and range, learned fractional bits, a mixture of choices).
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -157,26 +159,106 @@ def range_scale(max_abs: torch.Tensor, bits: torch.Tensor, signed: bool, numeric
     return scale.to(torch.float32)
 
 
-class Quantizer(nn.Module):
-    """Interface of a quantizer.
+class Frozen(NamedTuple):
+    """What :meth:`Quantizer.freeze` returns: the fixed-bit quantizer, and the float weight a layer
+    keeps with it (``None`` for an activation quantizer)."""
 
-    ``forward(x)`` fake-quantizes with straight-through gradients, ``bits()`` returns the bit-width
-    tensor (its shape is the granularity; differentiable where the method learns it) and
-    ``qparams(x)`` the grid (``scale``, ``bits``, ``signed``) that integer lowering freezes.
-    Weight quantizers derive their grid from the weights, so they take ``x``; activation
-    quantizers ignore it.
+    quantizer: Quantizer
+    weight: torch.Tensor | None
+
+
+class Quantizer(nn.Module, metaclass=abc.ABCMeta):
+    """The quantizer protocol: every kind implements each capability below, so code elsewhere calls
+    them without probing (``hasattr``) for what a kind can do.
+
+    ``forward(x)`` fake-quantizes with straight-through gradients. Weight quantizers derive their
+    grid from the weights, so ``qparams``/``freeze`` take them; activation quantizers ignore ``x``.
+
+    =============  ===================  =====================  =======================  =========================
+    capability     fixed weights        fixed activations      HGQ, DQ weights          HGQ, DQ activations
+    =============  ===================  =====================  =======================  =========================
+    bits()         the given bits       the given bits         learned, differentiable  learned, differentiable
+    qparams(x)     from x's range       from observed range    the learned grid         the learned grid
+    set_bits(b)    sets them            sets them              TypeError: freeze first  TypeError: freeze first
+    freeze(...)    a copy               a copy, not observing  FixedWeightQuantizer     ActQuantizer, not observing
+    range_rule     "max" or "mse"       "observed"             "learned"                "learned"
+    observing      False (no observer)  the running range      False (no observer)      HGQ the running range, DQ False
+    =============  ===================  =====================  =======================  =========================
+
+    ``range_rule`` values: ``max`` (each group's largest value onto the largest code), ``mse`` (the
+    least-squares scale at 3 bits or fewer, max above), ``observed`` (a running min/max of the data),
+    ``learned`` (the grid is a trained parameter: HGQ's fractional bits, DQ's step and range).
     """
 
     numerics: str = "scaled"
 
+    @abc.abstractmethod
     def bits(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The bit-width tensor (its shape is the granularity; differentiable where it is learned)."""
 
+    @abc.abstractmethod
     def qparams(self, x: torch.Tensor | None = None) -> QParams:
-        raise NotImplementedError
+        """The grid (``scale``, ``bits``, ``signed``) that integer lowering freezes; weight quantizers
+        take the weights ``x``."""
+
+    @abc.abstractmethod
+    def set_bits(self, bits) -> None:
+        """Set the bits (a tensor tiling :meth:`bits`' shape). Fixed-bit quantizers only: a learned
+        quantizer raises ``TypeError`` and must be frozen first (:meth:`freeze`)."""
+
+    @abc.abstractmethod
+    def freeze(self, weight: torch.Tensor | None = None, *, numerics: str | None = None,
+               clip: tuple[float, float] | None = None) -> Frozen:
+        """A fixed-bit quantizer (with ``set_bits``) holding this one's current bits and grid, on
+        the CPU and not observing, and for a weight quantizer the float weight to keep with it.
+
+        ``weight``: a weight quantizer's weights (an activation quantizer takes none). ``numerics``:
+        the model's (default: the quantizer's own). ``clip``: an activation's fused-activation
+        bounds, for the fixed observer should it be restarted (default: the quantizer's own)."""
+
+    @property
+    @abc.abstractmethod
+    def range_rule(self) -> str:
+        """How the grid takes its range: ``max``, ``mse``, ``observed`` or ``learned``."""
+
+    @property
+    def observing(self) -> bool:
+        """Whether training-mode forwards update a running range. False for a quantizer without an
+        observer (weights; DQ activations, whose range is a parameter)."""
+        return False
+
+    def set_observing(self, on: bool) -> None:
+        """Start or stop range tracking; a quantizer without an observer ignores it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quant(x, self.qparams(x))
+
+
+class LearnedQuantizer(Quantizer):
+    """A quantizer whose bits follow trained parameters (HGQ, DQ): it has no ``set_bits``, its grid
+    is ``learned``, and :meth:`freeze` turns it into a fixed-bit one."""
+
+    @property
+    def range_rule(self) -> str:
+        return "learned"
+
+    def set_bits(self, bits) -> None:
+        raise TypeError(f"{type(self).__name__} learns its bits and has no set_bits(): freeze it into a "
+                        "fixed-bit quantizer first (quantizer.freeze, or mixprec.search.learned.freeze for a "
+                        "model), as the budget step and fine-tuning need")
+
+
+def no_weight(kind: str, weight) -> None:
+    """Refuse a weight given to an activation quantizer's ``freeze`` (``freeze(False)`` once meant
+    ``set_observing(True)``)."""
+    if weight is not None:
+        raise TypeError(f"{kind} freezes without a weight; to start or stop range tracking call set_observing()")
+
+
+def needs_weight(kind: str, weight) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{kind}.freeze needs the layer's weight tensor, got {type(weight).__name__}")
+    return weight
 
 
 def as_bits_tensor(bits, shape: tuple[int, ...]) -> torch.Tensor:

@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 from ..granularity import expand, reduce_to
-from .base import NUMERICS, QParams, Quantizer, broadcastable, ceil_ste, clamp_bounds, reduce_product, round_ste
+from .base import (NUMERICS, Frozen, LearnedQuantizer, QParams, broadcastable, ceil_ste, clamp_bounds, needs_weight,
+                   no_weight, reduce_product, round_ste)
+from .fixed import frozen_act_quantizer, frozen_weight_quantizer
 from .hgq import _param_shape
 
 GRAD_MODS = ("ewgs", "atanh", "ste")
@@ -86,7 +88,7 @@ class ModRound(torch.autograd.Function):
         return g * (1 + ctx.delta * torch.sign(g) * grad_modifier(u, ctx.mode)), None, None
 
 
-class _DQBase(Quantizer):
+class _DQBase(LearnedQuantizer):
     d_max = 1.0
     max_mag_bits = 15  # plus the sign bit: 16
 
@@ -248,6 +250,15 @@ class DQWeightQuantizer(_DQBase):
         top = expand(self.step() * (torch.exp2(self._mag_bits()) - 1), self.weight_shape)
         return torch.minimum(torch.maximum(w.detach(), -top), top)
 
+    def freeze(self, weight: torch.Tensor | None = None, *, numerics: str | None = None,
+               clip: tuple[float, float] | None = None) -> Frozen:
+        """A fixed quantizer with the implied bits, and ``weight`` clipped to the learned range
+        (:meth:`frozen_weight`), so the fixed quantizer (which takes its range from the weights)
+        keeps the learned step."""
+        weight = needs_weight(type(self).__name__, weight)
+        fixed = frozen_weight_quantizer(self.qparams(weight).bits, tuple(weight.shape), numerics or self.numerics)
+        return Frozen(fixed, self.frozen_weight(weight))
+
 
 def _group_quantile(a: torch.Tensor, param_shape: tuple[int, ...], q: float, limit: int = 2 ** 20):
     """``q``-quantile of each group of ``a`` (batch dim first, groups tile the rest) on a strided,
@@ -318,6 +329,15 @@ class DQActQuantizer(_DQBase):
 
     def qparams(self, x: torch.Tensor | None = None) -> QParams:
         return QParams(self.step(), self.bits().detach(), signed=self._is_signed())
+
+    def freeze(self, weight: torch.Tensor | None = None, *, numerics: str | None = None,
+               clip: tuple[float, float] | None = None) -> Frozen:
+        """A fixed activation quantizer with the implied bits and the learned grid
+        (:func:`frozen_act_quantizer`)."""
+        no_weight(type(self).__name__, weight)
+        fixed = frozen_act_quantizer(self.qparams(), self.shape, numerics or self.numerics,
+                                     self.clip if clip is None else clip)
+        return Frozen(fixed, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not bool(self.initialized):

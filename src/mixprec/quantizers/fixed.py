@@ -8,7 +8,7 @@ from torch import nn
 
 from ..granularity import expand, granularity_of, reduce_to
 from ..numerics import qrange
-from .base import QParams, Quantizer, as_bits_tensor, range_scale
+from .base import Frozen, QParams, Quantizer, as_bits_tensor, needs_weight, no_weight, range_scale
 
 
 def _scale_group_shape(bits_shape: tuple[int, ...], value_shape: tuple[int, ...], numerics: str) -> tuple[int, ...]:
@@ -72,6 +72,14 @@ class FixedWeightQuantizer(Quantizer):
     def set_bits(self, bits) -> None:
         self.bits_param = as_bits_tensor(bits, self.weight_shape).to(self.bits_param.device)
 
+    def freeze(self, weight: torch.Tensor | None = None, *, numerics: str | None = None,
+               clip: tuple[float, float] | None = None) -> Frozen:
+        """A copy on the CPU (same bits and range rule), and the weight as it is."""
+        weight = needs_weight(type(self).__name__, weight)
+        fixed = FixedWeightQuantizer(self.weight_shape, self.bits_param.detach().cpu().clone(),
+                                     numerics or self.numerics, self.range_rule)
+        return Frozen(fixed, weight.detach())
+
     def qparams(self, x: torch.Tensor | None = None) -> QParams:
         bits = self.bits_param
         group = _scale_group_shape(tuple(bits.shape), self.weight_shape, self.numerics)
@@ -130,14 +138,23 @@ def _group_split(shape: tuple[int, ...], group: tuple[int, ...]) -> tuple[list[i
     return split, folded
 
 
+def frozen_weight_quantizer(bits: torch.Tensor, weight_shape: tuple[int, ...], numerics: str) -> FixedWeightQuantizer:
+    """The fixed quantizer a learned weight grid freezes into: its bits (rounded, 0 = pruned) and
+    the ``max`` range rule, so a grid kept in the (clipped) weights keeps its step."""
+    bits = bits.detach().round().clamp_min(0).cpu()
+    return FixedWeightQuantizer(tuple(weight_shape), bits, numerics, range_rule="max")
+
+
 class ActQuantizer(Quantizer):
     """Activation quantizer with given bits and a running min/max observer.
 
-    In training mode the observed range follows an exponential moving average; in eval mode it
-    is frozen. Signedness follows the observed minimum, so a tensor after ReLU is unsigned.
-    ``clip`` bounds the range by the fused activation (ReLU6 at 6, Hardtanh at its limits).
-    The range is one per tensor, or one per bits group under fixed numerics (``set_range``: a
-    learned per-channel or per-element grid frozen as it was learned).
+    In training mode, while ``observing`` (:meth:`set_observing`, :func:`freeze_observers`), the
+    observed range follows an exponential moving average of rate ``momentum``; otherwise, and in
+    eval mode, it stays (a quantizer that has observed nothing yet takes its first training batch's
+    range either way: it has no range before). Signedness follows the observed minimum, so a tensor
+    after ReLU is unsigned. ``clip`` bounds the range by the fused activation (ReLU6 at 6, Hardtanh
+    at its limits). The range is one per tensor, or one per bits group under fixed numerics
+    (``set_range``: a learned per-channel or per-element grid frozen as it was learned).
     """
 
     def __init__(self, shape: tuple[int, ...], bits, numerics: str = "scaled", momentum: float = 0.1,
@@ -146,6 +163,7 @@ class ActQuantizer(Quantizer):
         self.shape = tuple(shape)
         self.numerics = numerics
         self.momentum = momentum
+        self._observing = True
         self.clip = (float(clip[0]), float(clip[1]))
         self.register_buffer("bits_param", as_bits_tensor(bits, self.shape))
         self.register_buffer("running_min", torch.zeros(()))
@@ -157,6 +175,27 @@ class ActQuantizer(Quantizer):
 
     def set_bits(self, bits) -> None:
         self.bits_param = as_bits_tensor(bits, self.shape).to(self.bits_param.device)
+
+    @property
+    def range_rule(self) -> str:
+        return "observed"
+
+    @property
+    def observing(self) -> bool:
+        return self._observing
+
+    def set_observing(self, on: bool) -> None:
+        self._observing = bool(on)
+
+    def freeze(self, weight: torch.Tensor | None = None, *, numerics: str | None = None,
+               clip: tuple[float, float] | None = None) -> Frozen:
+        """A copy on the CPU (same bits and observed range) that does not observe."""
+        no_weight(type(self).__name__, weight)
+        fixed = ActQuantizer(self.shape, self.bits_param.detach().cpu(), numerics or self.numerics, self.momentum,
+                             self.clip if clip is None else clip)
+        fixed.load_state_dict({k: v.detach().cpu() for k, v in self.state_dict().items()})
+        fixed.set_observing(False)
+        return Frozen(fixed, None)
 
     @property
     def signed(self) -> bool:
@@ -192,8 +231,9 @@ class ActQuantizer(Quantizer):
             self.running_max.copy_(hi)
             self.observed.fill_(True)
         else:
-            self.running_min.lerp_(lo, self.momentum)
-            self.running_max.lerp_(hi, self.momentum)
+            rate = self.momentum if self._observing else 0.0
+            self.running_min.lerp_(lo, rate)
+            self.running_max.lerp_(hi, rate)
 
     def qparams(self, x: torch.Tensor | None = None) -> QParams:
         if not bool(self.observed):
@@ -216,8 +256,27 @@ class ActQuantizer(Quantizer):
         return super().forward(x)
 
 
+def frozen_act_quantizer(qp: QParams, shape: tuple[int, ...], numerics: str,
+                         clip: tuple[float, float] = (float("-inf"), float("inf"))) -> ActQuantizer:
+    """The fixed activation quantizer a learned grid ``qp`` freezes into, not observing: its bits
+    (rounded, at least 1) and a range of the largest code times the learned step, one per tensor or
+    (fixed numerics) one per bits group, symmetric when signed (the observer's scale is then
+    max|range| / largest code, the learned step)."""
+    bits = qp.bits.detach().round().clamp_min(1).cpu()
+    if bits.numel() == 1:
+        bits = bits.reshape((1,) * len(shape))
+    elif numerics != "fixed":
+        raise ValueError(f"per-group activation bits need fixed-point numerics (these are {numerics})")
+    fixed = ActQuantizer(shape, bits, numerics, clip=clip)
+    _, hi = qrange(bits, qp.signed)
+    top = (hi.double() * qp.scale.detach().double().cpu().reshape(bits.shape)).float()
+    fixed.set_range(-top if qp.signed else torch.zeros_like(top), top)
+    fixed.set_observing(False)  # the range stays the learned one during fine-tuning
+    return fixed
+
+
 def freeze_observers(module: nn.Module, frozen: bool = True) -> None:
-    """Stop (or restart) range tracking in every activation quantizer, e.g. for fine-tuning."""
+    """Stop (or restart) range tracking in every quantizer with an observer, e.g. for fine-tuning."""
     for m in module.modules():
-        if isinstance(m, ActQuantizer):
-            m.momentum = 0.0 if frozen else 0.1
+        if isinstance(m, Quantizer):
+            m.set_observing(not frozen)

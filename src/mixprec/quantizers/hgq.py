@@ -11,8 +11,8 @@ whose shape is the granularity (per element, per channel, per tensor, ...); the 
 
 Integer bits (no gradient): weights take ``I = floor(log2 max|q(w)|) + 1`` per group from their
 own quantized values, so they never saturate; activations take them from a running min/max per
-group (``calibrate``/``freeze`` control the observer). ``f`` may go negative: values smaller than
-half a step round to zero, and a group whose ``I + f <= 0`` is pruned.
+group (``calibrate``/``set_observing`` control the observer). ``f`` may go negative: values smaller
+than half a step round to zero, and a group whose ``I + f <= 0`` is pruned.
 
 Bits reported by ``bits()`` are storage bits, what the cost model counts (differentiable in
 ``f``): weights ``relu(I + f)`` magnitude bits plus a sign bit unless pruned (HGQ's own figure, the
@@ -36,7 +36,9 @@ from torch import nn
 
 from ..granularity import check_compatible, expand, reduce_to, shape_for
 from ..numerics import qrange
-from .base import QParams, Quantizer, broadcastable, clamp_bounds, reduce_product
+from .base import (Frozen, LearnedQuantizer, QParams, broadcastable, clamp_bounds, needs_weight, no_weight,
+                   reduce_product)
+from .fixed import frozen_act_quantizer, frozen_weight_quantizer
 
 LN2 = math.log(2.0)
 _TINY = 2.0 ** -126
@@ -97,7 +99,7 @@ def _int_bits(max_abs: torch.Tensor) -> torch.Tensor:
     return torch.floor(torch.log2(max_abs.clamp_min(_TINY))) + 1
 
 
-class _HGQBase(Quantizer):
+class _HGQBase(LearnedQuantizer):
     numerics = "fixed"
 
     def _init_f(self, param_shape, init_f) -> None:
@@ -139,6 +141,7 @@ class HGQWeightQuantizer(_HGQBase):
             else:
                 init_f = float(init_bits)
         self._init_f(shape, init_f)
+        self._weight_ref: torch.Tensor | None = None  # the weights last seen (see last_weight)
 
     def _codes(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rounded ``f`` (param shape, STE) and the integer bits ``I`` per group (no gradient)."""
@@ -154,7 +157,7 @@ class HGQWeightQuantizer(_HGQBase):
     def magnitude_bits(self, w: torch.Tensor | None = None) -> torch.Tensor:
         """HGQ's bits ``relu(I + f)`` per group (no sign bit; 0 = pruned); differentiable in ``f``.
         ``I`` comes from the weights: pass them, or the last weights seen by ``forward``/``qparams``."""
-        w = self._last_weight() if w is None else w
+        w = self._seen_weight() if w is None else w
         return self._mag_bits(w)
 
     def bits(self, w: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,20 +166,33 @@ class HGQWeightQuantizer(_HGQBase):
         mag = self.magnitude_bits(w)
         return mag + (mag.detach() > 0).to(mag.dtype)
 
-    def _last_weight(self) -> torch.Tensor:
-        w = getattr(self, "_weight_ref", None)
-        if w is None:
+    def last_weight(self) -> torch.Tensor | None:
+        """The weights (detached) the last ``forward``/``qparams`` saw, which ``bits()`` without
+        weights takes the integer bits from; ``None`` before any."""
+        return self._weight_ref
+
+    def _seen_weight(self) -> torch.Tensor:
+        if self._weight_ref is None:
             raise RuntimeError("HGQWeightQuantizer.bits() needs the weights once: call forward/qparams "
                                "or pass them")
-        return w
+        return self._weight_ref
 
     def qparams(self, x: torch.Tensor | None = None) -> QParams:
-        w = self._last_weight() if x is None else x
+        w = self._seen_weight() if x is None else x
         self._weight_ref = w.detach()
         f, i = self._codes(w)
         mag = torch.relu(i + f.detach())
         storage = torch.where(mag > 0, mag + 1, torch.zeros_like(mag))  # sign bit, narrow range
         return QParams(torch.exp2(-f), storage, signed=True, narrow=True)
+
+    def freeze(self, weight: torch.Tensor | None = None, *, numerics: str | None = None,
+               clip: tuple[float, float] | None = None) -> Frozen:
+        """A fixed quantizer with the storage bits of ``weight``, and the weight as it is. The fixed
+        grid takes each group's max range: under fixed numerics the learned power of two (the
+        largest code covers ``max|w|``), under scaled numerics the learned step or finer."""
+        weight = needs_weight(type(self).__name__, weight)
+        bits = self.qparams(weight).bits
+        return Frozen(frozen_weight_quantizer(bits, tuple(weight.shape), numerics or self.numerics), weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qp = self.qparams(x)
@@ -192,7 +208,7 @@ class HGQActQuantizer(_HGQBase):
     ``shape``: the per-sample activation shape. ``signed``: ``None`` follows the observed minimum
     (a non-negative tensor, e.g. after ReLU, gets no sign bit), ``True``/``False`` forces it.
     ``momentum``: ``None`` keeps the extreme values seen since the last ``reset_range()`` (HGQ),
-    a float uses an exponential moving average. ``frozen`` (or :meth:`freeze`) stops observing.
+    a float uses an exponential moving average. :meth:`set_observing` stops or restarts observing.
     """
 
     def __init__(self, shape: tuple[int, ...], granularity="per-tensor", init_bits: float = 6,
@@ -201,7 +217,7 @@ class HGQActQuantizer(_HGQBase):
         self.shape = self.value_shape = tuple(shape)
         self.force_signed = signed
         self.momentum = momentum
-        self.frozen = False
+        self._observing = True
         self.margin_bits = 0
         p = _param_shape(granularity, self.shape)
         self._init_f(p, float(init_bits) if init_f is None else init_f)
@@ -210,8 +226,12 @@ class HGQActQuantizer(_HGQBase):
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
 
     # -- range observer --------------------------------------------------------------------
-    def freeze(self, frozen: bool = True) -> None:
-        self.frozen = frozen
+    @property
+    def observing(self) -> bool:
+        return self._observing
+
+    def set_observing(self, on: bool) -> None:
+        self._observing = bool(on)
 
     def reset_range(self) -> None:
         self.observed.fill_(False)
@@ -234,13 +254,13 @@ class HGQActQuantizer(_HGQBase):
 
     @torch.no_grad()
     def calibrate(self, batches, margin_bits: int = 0) -> None:
-        """Reset the range, observe ``batches`` (tensors of activations), then freeze.
+        """Reset the range, observe ``batches`` (tensors of activations), then stop observing.
         ``margin_bits`` extra integer bits are kept via :attr:`margin_bits`."""
         self.reset_range()
         for xb in batches:
             self.observe(xb)
         self.margin_bits = int(margin_bits)
-        self.freeze()
+        self.set_observing(False)
 
     @property
     def signed(self) -> bool:
@@ -279,8 +299,15 @@ class HGQActQuantizer(_HGQBase):
         storage = torch.relu(self._int_bits(f) + f.detach())
         return QParams(torch.exp2(-f), storage, signed=self.signed)
 
+    def freeze(self, weight: torch.Tensor | None = None, *, numerics: str | None = None,
+               clip: tuple[float, float] | None = None) -> Frozen:
+        """A fixed activation quantizer with the learned bits and grid (:func:`frozen_act_quantizer`)."""
+        no_weight(type(self).__name__, weight)
+        clip = (float("-inf"), float("inf")) if clip is None else clip
+        return Frozen(frozen_act_quantizer(self.qparams(), self.shape, numerics or self.numerics, clip), None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and not self.frozen:
+        if self.training and self._observing:
             self.observe(x)
         qp = self.qparams()
         lo, hi = qrange(broadcastable(qp.bits, self.shape), qp.signed)

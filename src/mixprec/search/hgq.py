@@ -190,7 +190,7 @@ def keep_layers_alive(quantizers) -> None:
     """Where every group of a layer's weights is pruned, give the group with the largest weight one
     magnitude bit again: a layer of zeros cuts the network, as the budget step never allows either."""
     for q in quantizers:
-        w = getattr(q, "_weight_ref", None)
+        w = q.last_weight()
         if w is None or bool((q.magnitude_bits(w) > 0).any()):
             continue
         peak = reduce_to(w.abs().float(), q.param_shape)
@@ -211,16 +211,16 @@ def hgq_model(ctx: SearchContext, opts: HGQOptions):
 
 def _calibrate_acts(ctx: SearchContext, qm, act_bits: float | None = None) -> None:
     """Observe activation ranges afresh (extremes over the calibration set), optionally set each
-    activation's ``f`` so it starts at ``act_bits``, and freeze the ranges."""
+    activation's ``f`` so it starts at ``act_bits``, and stop observing (the ranges stay)."""
     for q in qm.act_quantizers.values():
-        q.freeze(False)
+        q.set_observing(True)
         q.reset_range()
     ctx.calibrate(qm)
     for q in qm.act_quantizers.values():
         if act_bits is not None:  # I of the range itself; 0 for a group that saw only zeros
             i, seen = q.range_int_bits()
             q.set_f(act_bits - torch.where(seen, i, torch.zeros_like(i)))
-        q.freeze(True)
+        q.set_observing(False)
 
 
 def search_hgq(ctx: SearchContext):
@@ -235,7 +235,7 @@ def search_hgq(ctx: SearchContext):
     qm = hgq_model(ctx, opts)
     _calibrate_acts(ctx, qm, opts.act_init_bits)
     for q in qm.act_quantizers.values():
-        q.freeze(False)  # ranges keep growing with what training sees (HGQ)
+        q.set_observing(True)  # ranges keep growing with what training sees (HGQ)
     steer = relaxed(t)
     start_cost = float(differentiable_costs(qm, steer)[key].detach())
     reference = limit if limit is not None else max(start_cost, 1.0)

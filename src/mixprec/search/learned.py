@@ -25,8 +25,7 @@ from ..cost.deployed import cost_report
 from ..cost.keys import COSTS as KEY_TABLE, cost_key as to_key
 from ..cost.targets import weight_granularity_for
 from ..nn.model import QuantLayer, QuantModel
-from ..numerics import qrange
-from ..quantizers.fixed import ActQuantizer, FixedWeightQuantizer
+from ..quantizers.fixed import freeze_observers
 from ..train import Callback, save_checkpoint
 from ..train.distributed import world
 
@@ -198,40 +197,22 @@ def check_act_granularity(t: Target, granularity: str) -> None:
 
 
 def freeze(qm: QuantModel) -> QuantModel:
-    """The same model with fixed-bit quantizers holding the learned bits and grids.
-
-    Weights keep their learned bits; a quantizer with a learned range (``frozen_weight``) clips
-    the float weights to it first, so the fixed quantizer (which takes its range from the weights)
-    keeps the learned step. Activations keep their bits and the learned range as the observer's
-    frozen range."""
+    """The same model with fixed-bit quantizers holding the learned bits and grids: each quantizer's
+    own :meth:`~mixprec.quantizers.Quantizer.freeze` (a weight quantizer also says which float
+    weight to keep), in the model's numerics; activation ranges stay as learned during fine-tuning."""
     layers = {}
     for name, layer in qm.layers.items():
-        q = layer.quantizer
-        bits = q.qparams(layer.weight).bits.detach().round().clamp_min(0)
-        weight = q.frozen_weight(layer.weight) if hasattr(q, "frozen_weight") else layer.weight.detach()
-        fixed = FixedWeightQuantizer(tuple(layer.weight.shape), bits.cpu(), qm.numerics, range_rule="max")  # learned grid
+        fixed, weight = layer.quantizer.freeze(layer.weight, numerics=qm.numerics)
         layers[name] = QuantLayer(weight.cpu(), layer.bias.detach().cpu(), fixed, layer.fold_ratio)
     acts = {name: _frozen_act(qm, name, q) for name, q in qm.act_quantizers.items()}
     out = QuantModel(qm.graph, layers, acts, qm.numerics, qm.target_name)
-    for q in out.act_quantizers.values():
-        q.momentum = 0.0  # the range stays the learned one during fine-tuning
+    freeze_observers(out)
     return out
 
 
-def _frozen_act(qm: QuantModel, name: str, q) -> ActQuantizer:
-    """A fixed activation quantizer with the learned bits and grid: its range is the largest code
-    times the learned step, one per tensor or (fixed numerics) one per bits group."""
-    qp = q.qparams()
-    node = qm.graph[name]
-    bits = qp.bits.detach().round().clamp_min(1).cpu()
-    if bits.numel() == 1:
-        bits = bits.reshape((1,) * len(node.out_shape))
-    elif qm.numerics != "fixed":
-        raise ValueError(f"activation {name!r}: per-group activation bits need fixed-point numerics "
-                         f"({qm.target_name} is {qm.numerics})")
-    fixed = ActQuantizer(node.out_shape, bits, qm.numerics, clip=activation_clip(node))
-    _, hi = qrange(bits, qp.signed)
-    top = (hi.double() * qp.scale.detach().double().cpu().reshape(bits.shape)).float()
-    # symmetric when signed: the observer's scale is max|range| / largest code, the learned step
-    fixed.set_range(-top if qp.signed else torch.zeros_like(top), top)
-    return fixed
+def _frozen_act(qm: QuantModel, name: str, q):
+    """``q.freeze`` with the node's fused-activation bounds; an error names the activation."""
+    try:
+        return q.freeze(numerics=qm.numerics, clip=activation_clip(qm.graph[name])).quantizer
+    except ValueError as e:
+        raise ValueError(f"activation {name!r} ({qm.target_name}): {e}") from None

@@ -38,9 +38,8 @@ def _snap(bits: torch.Tensor, allowed) -> torch.Tensor:
 
 
 def _set_bits(quantizer, bits: torch.Tensor, shape) -> None:
-    if not hasattr(quantizer, "set_bits"):
-        raise TypeError(f"{type(quantizer).__name__} has no set_bits(); freeze the method's result into fixed "
-                        "quantizers (mixprec.quantizers.fixed) before the budget step")
+    """A learned quantizer raises ``TypeError``: the method's result must be frozen into fixed
+    quantizers before the budget step."""
     quantizer.set_bits(bits.reshape(shape))
 
 
@@ -105,8 +104,7 @@ def _broadcast_bits(qm) -> None:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     nccl = torch.distributed.get_backend() == "nccl"  # NCCL moves CUDA tensors only
-    for module in list(qm.layers.values()) + list(qm.act_quantizers.values()):
-        q = getattr(module, "quantizer", module)
+    for q in [layer.quantizer for layer in qm.layers.values()] + list(qm.act_quantizers.values()):
         bits = q.bits().detach().clone()
         bits = bits.cuda() if nccl else bits
         torch.distributed.broadcast(bits, 0)

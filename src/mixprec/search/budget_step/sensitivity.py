@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...quantizers.base import Quantizer
 from .bits import _EPS, _apply, _apply_all
 from .problem import _Problem
 
@@ -23,11 +24,11 @@ class _LossProbe:
 
     @torch.no_grad()
     def __call__(self) -> float:
-        frozen = [(m, m.momentum) for m in self.qm.modules() if hasattr(m, "momentum") and hasattr(m, "observe")]
+        observing = [(m, m.observing) for m in self.qm.modules() if isinstance(m, Quantizer)]
         was_training = self.qm.training
         try:
-            for m, _ in frozen:
-                m.momentum = 0.0
+            for m, _ in observing:
+                m.set_observing(False)
             self.qm.train(True)
             total = 0.0
             for i in range(0, len(self.x), self.batch_size):
@@ -39,8 +40,8 @@ class _LossProbe:
                     total += float(F.cross_entropy(out, yb, reduction="sum"))
             return total / max(len(self.x), 1)
         finally:
-            for m, momentum in frozen:
-                m.momentum = momentum
+            for m, on in observing:
+                m.set_observing(on)
             self.qm.train(was_training)
 
 
