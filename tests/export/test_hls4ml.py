@@ -106,6 +106,45 @@ def test_residual_padded_maxpool_and_average_pool_are_exact(tmp_path):
     assert "pads max pooling" in notes and "per-channel weight scales" in notes
 
 
+class _Named(torch.nn.Module):
+    """Layer names hls4ml (torch.fx) would not keep: upper case, dotted, escaping alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv1 = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU())
+        self.features_0 = torch.nn.Conv2d(4, 4, 1)  # "features.0" made an identifier is its name
+        self.pool = torch.nn.MaxPool2d(2)
+        self.classifier = torch.nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.Conv1(x))
+        x = torch.relu(x + self.features_0(self.features(x)))
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+def test_layers_are_named_after_the_models_modules(tmp_path):
+    import re
+
+    torch.manual_seed(2)
+    qm = api.quantize(_Named(), "fpga-hls4ml", (1, 8, 8), bits=6)
+    qm.calibrate([torch.randn(64, 1, 8, 8)])
+    qm.eval()
+    ig = qm.lower()
+    xs = torch.randn(32, 1, 8, 8).numpy()
+    exporter = get_exporter("hls4ml")
+    artifact = exporter.export(ExportInput(tmp_path, ig, qm, None, (1, 8, 8), xs[:8]), tmp_path / "hls4ml")
+    layers = artifact.details["node_layers"]
+    assert set(layers) == {"Conv1", "features.0", "features_0", "add", "pool", "flatten", "classifier"}
+    assert layers["Conv1"] == "conv1_relu" and layers["features_0"] == "features_0"
+    assert layers["features.0"].startswith("features_0_") and layers["classifier"] == "classifier"
+    assert len(set(layers.values())) == len(layers)
+    assert all(re.fullmatch(r"[a-z][a-z0-9_]*", name) for name in artifact.details["precision"])
+    out, ints = exporter.run(artifact, xs, keep=True)
+    ref, env = reference(ig, xs, keep=True)
+    assert np.array_equal(out, ref) and all(np.array_equal(v.reshape(env[n].shape), env[n]) for n, v in ints.items())
+
+
 def test_scaled_numerics_are_refused(tmp_path):
     qm = api.quantize(get_model("digits-cnn"), "cortex-m4", (1, 8, 8), bits=8)
     qm.calibrate([torch.rand(8, 1, 8, 8)])

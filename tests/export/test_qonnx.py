@@ -68,6 +68,7 @@ def test_weight_quant_nodes_carry_true_scales_and_bits(exported):
     weight_quants = [n for n in quants if n.input[0] in inits]  # quantizing stored weights
     assert len(weight_quants) == len(qm.layers)
     for node, (name, layer) in zip(weight_quants, qm.layers.items()):
+        assert node.name.startswith(f"{name}/Quant"), node.name  # ONNX nodes are named after their layer
         qp = layer.qparams()
         w_shape = tuple(layer.weight.shape)
         scale = inits[node.input[1]]

@@ -102,8 +102,9 @@ def test_batchnorm_folded_model_equals_float_model(affine):
         nn.Flatten(), nn.Linear(16, 6), nn.BatchNorm1d(6), nn.ReLU6(), nn.Linear(6, 3)))
     graph = check_float(model, (2, 6, 6))
     assert ops(graph) == ["input", "conv", "conv", "maxpool", "flatten", "linear", "linear"]
-    assert graph["_0"].attrs["activation"] == "relu"
-    assert graph["_7"].attrs["activation"] == "relu6"
+    assert [n.name for n in graph] == ["input", "0", "3", "5", "6", "7", "10"]  # module paths
+    assert graph["0"].attrs["activation"] == "relu"
+    assert graph["7"].attrs["activation"] == "relu6"
 
 
 def test_conv1d_batchnorm1d_folded():
@@ -111,7 +112,7 @@ def test_conv1d_batchnorm1d_folded():
     model = randomize_bn(nn.Sequential(nn.Conv1d(3, 5, 3, stride=2), nn.BatchNorm1d(5), nn.Hardtanh(-0.5, 2.0)))
     graph = check_float(model, (3, 11))
     assert ops(graph) == ["input", "conv"]
-    assert graph["_0"].attrs["dims"] == 1
+    assert graph["0"].attrs["dims"] == 1
 
 
 def test_trace_folds_running_statistics_even_in_train_mode():
@@ -171,7 +172,7 @@ def test_activation_fused_into_linear(act, kind):
     torch.manual_seed(5)
     graph = check_float(nn.Sequential(nn.Linear(4, 5), act), (4,))
     assert ops(graph) == ["input", "linear"]
-    assert graph["_0"].attrs["activation"] == kind
+    assert graph["0"].attrs["activation"] == kind
 
 
 class AddAct(nn.Module):
@@ -214,7 +215,7 @@ def test_standalone_activation_after_maxpool_is_an_act_node():
     assert ops(graph) == ["input", "conv", "maxpool", "act"]
     act = graph[graph.output]
     assert act.attrs == {"activation": "relu6", "act_min": 0.0, "act_max": 6.0}
-    assert graph["_0"].attrs["activation"] == "identity"
+    assert graph["0"].attrs["activation"] == "identity"
 
 
 def test_activation_after_fused_activation_or_shared_output_is_an_act_node():
@@ -287,7 +288,7 @@ def test_flatten_variants(flatten):
 def test_flatten_of_flat_tensor_is_an_alias():
     graph = check_float(nn.Sequential(nn.Linear(3, 4), nn.Flatten(), nn.Linear(4, 2)), (3,))
     assert ops(graph) == ["input", "linear", "linear"]
-    assert graph["_2"].inputs == ["_0"]
+    assert graph["2"].inputs == ["0"]
 
 
 # --- pooling ------------------------------------------------------------------------------------------
@@ -343,10 +344,10 @@ def test_shapes_exclude_batch_and_weights_recorded():
 def test_grid_and_buffer_sources():
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2, 2))
     graph, _ = trace(model, (1, 4, 4))
-    assert graph.grid_source("_2") == "_0"  # flatten -> maxpool -> conv
-    assert graph.buffer_source("_2") == "_1"  # flatten is a view of the pool's buffer
-    assert graph.grid_source("_0") == "_0"
-    assert [u.name for u in graph.users("_0")] == ["_1"]
+    assert graph.grid_source("2") == "0"  # flatten -> maxpool -> conv
+    assert graph.buffer_source("2") == "1"  # flatten is a view of the pool's buffer
+    assert graph.grid_source("0") == "0"
+    assert [u.name for u in graph.users("0")] == ["1"]
 
 
 # --- unsupported constructs --------------------------------------------------------------------
@@ -408,27 +409,27 @@ UNSUPPORTED = {
     "gelu": (Fn(lambda m, x: m.act(x), act=nn.GELU()), IMG, "act"),
     "lstm": (LSTMModel(), (5, 3), "lstm"),
     "mul": (Fn(lambda m, x: m.a(x) * m.b(x), a=conv(), b=conv()), IMG, "mul"),
-    "bn-first": (nn.Sequential(nn.BatchNorm2d(2)), IMG, "_0"),
-    "bn-after-relu": (nn.Sequential(conv(), nn.ReLU(), nn.BatchNorm2d(2)), IMG, "_2"),
-    "bn-after-pool": (nn.Sequential(conv(), nn.MaxPool2d(2), nn.BatchNorm2d(2)), IMG, "_2"),
+    "bn-first": (nn.Sequential(nn.BatchNorm2d(2)), IMG, "0"),
+    "bn-after-relu": (nn.Sequential(conv(), nn.ReLU(), nn.BatchNorm2d(2)), IMG, "2"),
+    "bn-after-pool": (nn.Sequential(conv(), nn.MaxPool2d(2), nn.BatchNorm2d(2)), IMG, "2"),
     "bn-shared-conv": (Fn(lambda m, x: (lambda y: m.bn(y) + y)(m.c(x)), c=conv(), bn=nn.BatchNorm2d(2)), IMG, "bn"),
-    "avgpool-padding": (nn.Sequential(nn.AvgPool2d(3, 1, padding=1)), IMG, "_0"),
-    "adaptive-nondividing": (nn.Sequential(nn.AdaptiveAvgPool2d(3)), IMG, "_0"),
-    "adaptive-1d-nondividing": (nn.Sequential(nn.AdaptiveAvgPool1d(4)), (2, 6), "_0"),
-    "maxpool-ceil": (nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True)), IMG, "_0"),
-    "maxpool-dilated": (nn.Sequential(nn.MaxPool2d(2, dilation=2)), IMG, "_0"),
-    "conv-same": (nn.Sequential(conv(padding="same")), IMG, "_0"),
-    "conv-reflect": (nn.Sequential(conv(padding=1, padding_mode="reflect")), IMG, "_0"),
-    "conv3d": (nn.Sequential(nn.Conv3d(1, 1, 1)), (1, 2, 2, 2), "_0"),
+    "avgpool-padding": (nn.Sequential(nn.AvgPool2d(3, 1, padding=1)), IMG, "0"),
+    "adaptive-nondividing": (nn.Sequential(nn.AdaptiveAvgPool2d(3)), IMG, "0"),
+    "adaptive-1d-nondividing": (nn.Sequential(nn.AdaptiveAvgPool1d(4)), (2, 6), "0"),
+    "maxpool-ceil": (nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True)), IMG, "0"),
+    "maxpool-dilated": (nn.Sequential(nn.MaxPool2d(2, dilation=2)), IMG, "0"),
+    "conv-same": (nn.Sequential(conv(padding="same")), IMG, "0"),
+    "conv-reflect": (nn.Sequential(conv(padding=1, padding_mode="reflect")), IMG, "0"),
+    "conv3d": (nn.Sequential(nn.Conv3d(1, 1, 1)), (1, 2, 2, 2), "0"),
     "flatten-all": (Fn(lambda m, x: torch.flatten(x)), IMG, "flatten"),
-    "flatten-start0": (nn.Sequential(nn.Flatten(0)), IMG, "_0"),
-    "flatten-partial": (nn.Sequential(nn.Flatten(2)), IMG, "_0"),
+    "flatten-start0": (nn.Sequential(nn.Flatten(0)), IMG, "0"),
+    "flatten-partial": (nn.Sequential(nn.Flatten(2)), IMG, "0"),
     "view-partial": (Fn(lambda m, x: x.view(x.size(0), 2, -1)), IMG, "view"),
     "add-scalar": (Fn(lambda m, x: x + 1.0), IMG, "add"),
     "add-broadcast": (Fn(lambda m, x: m.c(x) + x, c=nn.Conv2d(2, 1, 3, padding=1)), IMG, "add"),
     "add-param": (Param(), IMG, "p"),
-    "softmax": (nn.Sequential(nn.Linear(3, 2), nn.Softmax(-1)), (3,), "_1"),
-    "leaky-relu": (nn.Sequential(nn.Linear(3, 2), nn.LeakyReLU()), (3,), "_1"),
+    "softmax": (nn.Sequential(nn.Linear(3, 2), nn.Softmax(-1)), (3,), "1"),
+    "leaky-relu": (nn.Sequential(nn.Linear(3, 2), nn.LeakyReLU()), (3,), "1"),
     "functional-maxpool": (Fn(lambda m, x: F.max_pool2d(x, 2)), IMG, "max_pool2d"),  # modules only
     "tuple-output": (Pair(), IMG, "output"),
     "two-inputs": (TwoInputs(), IMG, "y"),

@@ -137,13 +137,13 @@ def test_unsupported_widths_are_snapped_up_then_reduced_on_an_mcu():
     for layer in qm.layers.values():
         bits = layer.quantizer.bits()
         layer.quantizer.set_bits(torch.tensor([3.0, 5.0, 7.0])[torch.randint(0, 3, bits.shape, generator=g)])
-    qm.act_quantizers["_3"].set_bits(torch.tensor(5.0))
+    qm.act_quantizers["3"].set_bits(torch.tensor(5.0))
     full = mixprec.cost_report(qm, "mpic").totals
     budget = Budget(flash_bytes=int(full["flash_bytes"] * 0.7), latency_cycles=full["latency_cycles"])
     r = bs.budget_step(qm, "mpic", budget)
     w, a = _widths(qm)
     assert r.feasible and w <= {0.0, 2.0, 4.0, 8.0} and a <= {2.0, 4.0, 8.0}
-    assert qm.layers["_11"].quantizer.bits().min() > 0  # the last layer is never pruned
+    assert qm.layers["11"].quantizer.bits().min() > 0  # the last layer is never pruned
 
 
 @pytest.mark.parametrize("solver", ["milp", "greedy"])

@@ -129,7 +129,7 @@ def test_beta_controller_moves_towards_the_target():
     qm = quantize(_tiny(), "cortex-m4", (1, 8, 8), bits=8)
     qm.calibrate([torch.randn(8, 1, 8, 8)])
     opts = HGQOptions(beta=1.0, penalty_every=1, gain=0.5)
-    flash = float(qm.weight_bits()["_0"].sum())  # any positive number: only the ratio matters below
+    flash = float(qm.weight_bits()["0"].sum())  # any positive number: only the ratio matters below
     up = BetaPenalty(opts, "flash_bytes", "controller", 1000.0, target=1.0, total_steps=10, target_model=t)
     up.extra_loss(qm)
     down = BetaPenalty(opts, "flash_bytes", "controller", 1000.0, target=1e9, total_steps=10, target_model=t)

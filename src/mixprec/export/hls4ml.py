@@ -32,10 +32,12 @@ integers. Export checks the artifact against the NumPy reference on the run's sa
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import ctypes
 import glob
 import io
+import keyword
 import logging
 import math
 import os
@@ -51,6 +53,7 @@ from torch import nn
 from ..lower import IntGraph, IntNode
 from ..numerics import bits_for_range, qrange
 from .base import Artifact, ExportError, ExportInput
+from .names import identifiers
 
 log = logging.getLogger(__name__)
 
@@ -94,27 +97,43 @@ class _Tensor:
 
 
 class _RealNet(nn.Module):
-    """The integer program in real values: conv/linear with on-grid weights, ReLU, pooling, add."""
+    """The integer program in real values: conv/linear with on-grid weights, ReLU, pooling, add.
+    Its modules are registered under their hls4ml layer names (:func:`_layer_keys`)."""
 
-    def __init__(self, ig: IntGraph, layers: dict[str, nn.Module], names: dict[str, str]):
+    def __init__(self, ig: IntGraph, layers: dict[str, nn.Module], names: dict[str, str], relus: dict[str, str]):
         super().__init__()
-        self.order = [(n.name, n.op, list(n.inputs), names.get(n.name)) for n in ig.nodes]
+        self.order = [(n.name, n.op, list(n.inputs), names.get(n.name), relus.get(n.name)) for n in ig.nodes]
         self.output = ig.output
         for key, module in layers.items():
             self.add_module(key, module)
 
     def forward(self, x):
         env = {}
-        for name, op, inputs, key in self.order:
+        for name, op, inputs, key, relu in self.order:
             if op == "input":
                 env[name] = x
-            elif op == "add":
-                y = env[inputs[0]] + env[inputs[1]]
-                env[name] = getattr(self, key + "_relu")(y) if hasattr(self, key + "_relu") else y
-            else:
-                y = getattr(self, key)(env[inputs[0]])
-                env[name] = getattr(self, key + "_relu")(y) if hasattr(self, key + "_relu") else y
+                continue
+            y = env[inputs[0]] + env[inputs[1]] if op == "add" else getattr(self, key)(env[inputs[0]])
+            env[name] = getattr(self, relu)(y) if relu else y
         return env[self.output]
+
+
+def _layer_keys(ig: IntGraph) -> dict:
+    """hls4ml layer names: ``{node: name}`` and ``{(node, "relu"): name}`` of the ReLU a conv,
+    linear or add may need. hls4ml names a layer after the torch.fx node of its module, and fx
+    lower-cases and renames what is not a plain identifier, so each is the node name made a
+    lower-case identifier (``features.3`` -> ``features_3``, ``0.0`` -> ``n0_0``), distinct, and
+    none a name fx or hls4ml has a use for (``x``, ``add``, ``add_1``, ..., Python's builtins)."""
+    texts: dict = {}
+    for n in ig.nodes:
+        if n.op != "input":
+            texts[n.name] = n.name
+        if n.op in ("conv", "linear", "add"):
+            texts[(n.name, "relu")] = f"{n.name}_relu"
+    n_adds = sum(n.op == "add" for n in ig.nodes)
+    reserved = (set(keyword.kwlist) | set(dir(builtins)) | set(dir(_RealNet)) | {"order", "output", "x", "add"}
+                | {f"add_{i}" for i in range(1, n_adds + 1)})
+    return identifiers(texts, reserved, lower=True)
 
 
 def _out_tensor(node: IntNode) -> _Tensor:
@@ -150,6 +169,8 @@ def _plan(ig: IntGraph):
     tensors: dict[str, _Tensor] = {}
     layers: dict[str, nn.Module] = {}
     names: dict[str, str] = {}
+    relus: dict[str, str] = {}  # our node -> its ReLU layer's name
+    keys = _layer_keys(ig)
     precision: dict[str, dict[str, str]] = {}  # hls4ml layer name -> {role: type}
     node_layer: dict[str, str] = {}  # our node -> hls4ml layer holding its output
     notes: list[str] = []
@@ -170,8 +191,8 @@ def _plan(ig: IntGraph):
                      f"grid): hls4ml 1.3 pads max pooling of unsigned types with a large positive value")
         return _Tensor(t.frac, t.lo, t.hi, True, t.bits + 1)
 
-    for i, node in enumerate(ig.nodes):
-        key = f"l{i}"
+    for node in ig.nodes:
+        key = keys.get(node.name)
         op = node.op
         if op == "input":
             t = carry(node, _out_tensor(node), relu=False)
@@ -223,9 +244,10 @@ def _plan(ig: IntGraph):
                 shift = f_acc - t_out.frac
                 r = -(-acc_bound // (1 << shift)) + 1 if shift >= 0 else acc_bound << -shift
                 prec["result"] = _Tensor(t_out.frac, -r, r, True).type("AP_RND", "AP_SAT")
-                layers[key + "_relu"] = nn.ReLU()
-                precision[key + "_relu"] = {"result": t_out.type("AP_RND", "AP_SAT")}
-                node_layer[node.name] = key + "_relu"
+                relu = relus[node.name] = keys[(node.name, "relu")]
+                layers[relu] = nn.ReLU()
+                precision[relu] = {"result": t_out.type("AP_RND", "AP_SAT")}
+                node_layer[node.name] = relu
             else:
                 prec["result"] = t_out.type("AP_RND", "AP_SAT")
                 node_layer[node.name] = key
@@ -274,9 +296,10 @@ def _plan(ig: IntGraph):
                 shift = f - t_out.frac
                 r = -(-bound // (1 << shift)) + 1 if shift >= 0 else bound << -shift
                 precision[key] = {"result": _Tensor(t_out.frac, -r, r, True).type("AP_RND", "AP_SAT")}
-                layers[key + "_relu"] = nn.ReLU()
-                precision[key + "_relu"] = {"result": t_out.type("AP_RND", "AP_SAT")}
-                node_layer[node.name] = key + "_relu"
+                relu = relus[node.name] = keys[(node.name, "relu")]
+                layers[relu] = nn.ReLU()
+                precision[relu] = {"result": t_out.type("AP_RND", "AP_SAT")}
+                node_layer[node.name] = relu
             else:
                 precision[key] = {"result": t_out.type("AP_RND", "AP_SAT")}
                 node_layer[node.name] = key
@@ -293,14 +316,18 @@ def _plan(ig: IntGraph):
             node_layer[node.name] = key
         else:
             raise ExportError(f"node {node.name!r}: op {op!r} has no hls4ml export")
-    return layers, names, precision, node_layer, tensors, notes
+    return layers, names, relus, precision, node_layer, tensors, notes
 
 
 def _name_adds(model: nn.Module, ig: IntGraph, names: dict, precision: dict, node_layer: dict) -> None:
-    """Sums are functions, not modules: hls4ml names them after torch.fx's nodes (``add``, ``add_1``...)."""
+    """Sums are functions, not modules: hls4ml names them after torch.fx's nodes (``add``, ``add_1``...).
+    A module's layer is named after its fx node, which must be its own name (weights are looked up by it)."""
     import operator
 
     traced = torch.fx.symbolic_trace(model)
+    renamed = [(n.target, n.name) for n in traced.graph.nodes if n.op == "call_module" and n.name != n.target]
+    if renamed:
+        raise ExportError(f"torch.fx renames the hls4ml layers {renamed}; their weights and types would be lost")
     fx_adds = [n.name for n in traced.graph.nodes if n.op == "call_function" and n.target in (operator.add, torch.add)]
     ours = [n.name for n in ig.nodes if n.op == "add"]
     if len(fx_adds) != len(ours):
@@ -420,8 +447,8 @@ class Hls4mlExporter:
         ig: IntGraph = inp.graph
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        layers, names, precision, node_layer, tensors, notes = _plan(ig)
-        model = _RealNet(ig, layers, names).eval()
+        layers, names, relus, precision, node_layer, tensors, notes = _plan(ig)
+        model = _RealNet(ig, layers, names, relus).eval()
         _name_adds(model, ig, names, precision, node_layer)
         t0 = time.perf_counter()
         with contextlib.redirect_stdout(io.StringIO()):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from ..granularity import expand, reduce_to
 from ..lower import IntGraph, IntNode
 from ..numerics import (bits_for_range, div_round_away, multiply_by_quantized_multiplier, qrange, saturate, shift_round)
 from .base import Artifact, ExportError, ExportInput
+from .names import identifiers
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +188,6 @@ def _i64(a) -> torch.Tensor:
 def _batched(a: np.ndarray) -> np.ndarray:
     """Prefix a batch dimension of 1 to a parameter that broadcasts against one sample."""
     return np.asarray(a)[None]
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"\W", "_", name)
 
 
 @dataclass
@@ -343,12 +339,13 @@ class _Program(nn.Module):
         self.register_buffer("zero", torch.zeros((), dtype=torch.float32))
         self.register_buffer("output_scale", torch.tensor(ig.output_scale, dtype=torch.float32))
         self._names: dict[tuple[str, str], str] = {}
+        self._ids = identifiers([n.name for n in ig.nodes])  # features.3 -> features_3, distinct
         for node, p in plan.steps:
             for key, value in p.get("buffers", {}).items():
                 self._buf(node.name, key, value)
 
     def _buf(self, node: str, key: str, value) -> None:
-        name = f"{_safe(node)}__{key}"
+        name = f"{self._ids[node]}__{key}"
         t = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
         self.register_buffer(name, t.clone())
         self._names[(node, key)] = name
@@ -573,6 +570,29 @@ def _keep_name(node: str) -> str:
     return f"int__{node}"
 
 
+def _name_nodes(graph, keep: list[str]) -> None:
+    """Name every ONNX node after the layer it computes, ``<layer>/<OpType>`` (``features.3/Conv``;
+    ``_1``, ``_2``, ... for an op type the layer uses again): a node belongs to the layer whose
+    output (``int__<layer>``) it produces or first leads to; the final scaling to ``output``."""
+    layer_of = {_keep_name(n): n for n in keep}
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for t in node.input:
+            users.setdefault(t, []).append(node)
+    owner: dict[int, str] = {}
+    for node in reversed(graph.node):  # topological order: a node's users are already owned
+        own = next((layer_of[t] for t in node.output if t in layer_of), None)
+        if own is None:
+            found = [owner[id(u)] for t in node.output for u in users.get(t, []) if id(u) in owner]
+            own = found[0] if found else "output"
+        owner[id(node)] = own
+    count: dict[tuple[str, str], int] = {}
+    for node in graph.node:
+        key = (owner[id(node)], node.op_type)
+        k = count[key] = count.get(key, -1) + 1
+        node.name = f"{key[0]}/{key[1]}" + (f"_{k}" if k else "")
+
+
 def _export_onnx(program: _Program, input_shape: tuple[int, ...], keep: list[str]):
     x = torch.zeros((EXPORT_BATCH,) + tuple(input_shape))
     registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -594,11 +614,11 @@ def _dynamo_export(program, x, keep):
 
 def _finish_model(proto, out_path: Path, keep: list[str], meta: dict):
     """Clean up with qonnx (shapes, constants folded except Quant), drop the per-node outputs
-    (their tensors keep their names), attach metadata and save."""
+    (their tensors keep their names), name the nodes after the layers, attach metadata and save."""
     from onnx import helper
     from qonnx.core.modelwrapper import ModelWrapper
     from qonnx.transformation.fold_constants import FoldConstants
-    from qonnx.transformation.general import GiveUniqueNodeNames, RemoveStaticGraphInputs, RemoveUnusedTensors
+    from qonnx.transformation.general import RemoveStaticGraphInputs, RemoveUnusedTensors
     from qonnx.transformation.infer_shapes import InferShapes
 
     model = ModelWrapper(proto)
@@ -609,7 +629,7 @@ def _finish_model(proto, out_path: Path, keep: list[str], meta: dict):
         model.graph.output.remove(out)
     model = model.transform(RemoveUnusedTensors())
     model = model.transform(RemoveStaticGraphInputs())
-    model = model.transform(GiveUniqueNodeNames())
+    _name_nodes(model.graph, keep)
     model = model.transform(InferShapes())
     helper.set_model_props(model.model, {"mixprec." + k: json.dumps(v) for k, v in meta.items()})
     model.save(str(out_path))

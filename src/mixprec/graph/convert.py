@@ -3,11 +3,18 @@
 Tracing finds the layers; BatchNorm is folded into the conv/linear before it; an activation
 directly after a conv, linear or add (with no other user) is fused into it, because integer
 kernels apply it as the output clamp. Anything else is an error that names the node.
+
+Nodes are named after the user's model (see :func:`user_name`): a module call takes the module's
+path as ``model.named_modules()`` names it (``conv1``, ``features.3``, ``layer1.0.conv2``; a conv or
+linear keeps it with its folded BatchNorm and fused activation), a function or method call the
+path of the module whose ``forward`` makes it plus the operation torch.fx names it after
+(``layer1.0.add``; ``add``, ``flatten``, ``relu`` in the model's own ``forward``).
 """
 from __future__ import annotations
 
 import logging
 import operator
+import re
 from dataclasses import dataclass
 
 import torch
@@ -83,6 +90,55 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor, bn: nn.modules.batc
     return w.detach().clone(), b.detach().clone()
 
 
+_FX_COUNTER = re.compile(r"_\d+$")  # what torch.fx appends to tell repeated calls apart (add_1)
+
+
+def user_name(n: fx.Node) -> str:
+    """What the user calls fx node ``n``: the module path of a module call (or of an attribute),
+    ``input`` for the model's input, else the path of the module whose ``forward`` calls the
+    function or method, dot, the operation fx names it after (``layer1.0.add``, or ``add`` in the
+    model's own ``forward``). Not unique: a module called twice, or two sums in one ``forward``."""
+    if n.op == "placeholder":
+        return "input"
+    if n.op in ("call_module", "get_attr"):
+        return str(n.target)
+    if n.op == "output":
+        return n.name
+    op = _FX_COUNTER.sub("", n.name) or n.name
+    scope = _enclosing_module(n)
+    return f"{scope}.{op}" if scope else op
+
+
+def _enclosing_module(n: fx.Node) -> str:
+    """The path of the innermost module whose ``forward`` made the call ('' for the model's own)."""
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    key, value = next(reversed(stack.items()))
+    return value[0] if isinstance(value, tuple) else key  # torch >= 2.1: (path, type)
+
+
+class _Names:
+    """Unique node names in graph order: a node takes its :func:`user_name` unless an earlier node
+    has it or it is the path of another module the model calls, else the first free ``<name>_1``,
+    ``<name>_2``, ... (a module called twice: ``conv``, ``conv_1``). Deterministic: the same model
+    gets the same names in every run."""
+
+    def __init__(self, graph: fx.Graph):
+        self.reserved = {str(n.target) for n in graph.nodes if n.op == "call_module"} | {"input"}
+        self.used: set[str] = set()
+
+    def take(self, n: fx.Node) -> str:
+        want = user_name(n)
+        own = n.op in ("call_module", "placeholder")  # ``want`` is this node's own module path / "input"
+        name, k = want, 0
+        while name in self.used or (name in self.reserved and not (own and name == want)):
+            k += 1
+            name = f"{want}_{k}"
+        self.used.add(name)
+        return name
+
+
 class _Builder:
     def __init__(self, traced: fx.GraphModule):
         self.traced = traced
@@ -91,6 +147,7 @@ class _Builder:
         self.params: dict[str, FloatParams] = {}
         self.name_of: dict[fx.Node, str] = {}  # fx node -> ir node name whose tensor it is
         self.fused_act: set[str] = set()
+        self.names = _Names(traced.graph)
 
     # -- helpers ---------------------------------------------------------------------------
     def shape(self, n: fx.Node) -> tuple[int, ...]:
@@ -98,13 +155,14 @@ class _Builder:
         return tuple(meta.shape[1:])
 
     def fail(self, n: fx.Node, why: str = "") -> None:
-        what = n.target if n.op != "call_module" else f"{type(self.modules[n.target]).__name__} '{n.target}'"
+        what = type(self.modules[n.target]).__name__ if n.op == "call_module" else n.target
+        name = n.name if n.op == "placeholder" else user_name(n)  # a second input: its argument's name
         raise UnsupportedLayerError(
-            f"unsupported operation in node '{n.name}' ({n.op}: {what}){': ' + why if why else ''}. "
+            f"unsupported operation in node '{name}' ({n.op}: {what}){': ' + why if why else ''}. "
             f"Supported: {SUPPORTED}.")
 
     def add(self, fx_node: fx.Node, op: str, inputs: list[str], **kw) -> Node:
-        name = fx_node.name if fx_node.op != "placeholder" else "input"
+        name = self.names.take(fx_node)
         node = Node(name=name, op=op, inputs=inputs, out_shape=self.shape(fx_node),
                     in_shapes=[self._ir(i).out_shape for i in inputs], **kw)
         self.nodes.append(node)

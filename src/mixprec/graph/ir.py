@@ -4,6 +4,12 @@ lowering turns it into integer operations, export walks it.
 A graph is a list of nodes in execution order. Each node produces exactly one tensor,
 named after the node; the network input is the node named ``"input"`` (op ``"input"``).
 Shapes never include the batch dimension.
+
+Node names are the user's: the path of the module a node comes from, as ``model.named_modules()``
+names it (``conv1``, ``features.3``, ``layer1.0.conv2``), or for a function call the path of the
+module that makes it plus the operation (``layer1.0.add``, ``add``, ``flatten``); unique within a
+graph (see ``graph.convert.user_name``). Every report, checkpoint and artifact names layers so;
+generated code escapes them (``features.3`` -> ``features_3``, ``mixprec.export.names``).
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ and every exported artifact compute: the accuracy you measure is the deployed ac
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +24,65 @@ _ACTIVATIONS = {
     "relu6": lambda x, lo, hi: F.relu6(x),
     "hardtanh": lambda x, lo, hi: F.hardtanh(x, lo, hi),
 }
+
+
+_ESCAPES = {"%": "%25", "/": "%2F", ".": "/"}
+_UNESCAPES = {"%25": "%", "%2F": "/", "/": "."}
+
+
+def module_key(name: str) -> str:
+    """The key a node is registered under in :class:`NodeDict`, and :func:`node_name` its inverse.
+
+    Node names are module paths (``features.3``), and a module name cannot contain ``.``, so the
+    key writes every ``.`` as ``/`` (``%`` and ``/`` of a name as ``%25`` and ``%2F``, which keeps
+    it reversible): checkpoints read ``layers.features/3.weight``.
+
+    >>> module_key("layer1.0.conv2"), node_name(module_key("layer1.0.conv2"))
+    ('layer1/0/conv2', 'layer1.0.conv2')
+    """
+    return re.sub(r"[%/.]", lambda m: _ESCAPES[m.group()], name)
+
+
+def node_name(key: str) -> str:
+    """The node name a :func:`module_key` stands for."""
+    return re.sub(r"%25|%2F|/", lambda m: _UNESCAPES[m.group()], key)
+
+
+class NodeDict(nn.ModuleDict):
+    """A ``ModuleDict`` keyed by graph node names: every method takes and gives node names; the
+    modules are registered under their :func:`module_key` (what ``state_dict`` keys show)."""
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self._modules[module_key(name)]
+
+    def __setitem__(self, name: str, module: nn.Module) -> None:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{name!r}: {type(module).__name__} is not a Module")
+        # registered directly: a node name may be a Module attribute too ("eval", "type"), which
+        # add_module refuses for attribute access that a NodeDict never uses
+        self._modules[module_key(name)] = module
+
+    def __delitem__(self, name: str) -> None:
+        del self._modules[module_key(name)]
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and module_key(name) in self._modules
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def keys(self) -> list[str]:
+        return [node_name(k) for k in self._modules]
+
+    def items(self) -> list[tuple[str, nn.Module]]:
+        return [(node_name(k), m) for k, m in self._modules.items()]
+
+    def pop(self, name: str) -> nn.Module:
+        return self._modules.pop(module_key(name))
+
+
+class LayerNamesError(RuntimeError):
+    """A state dict whose layers are not the model's (see :meth:`QuantModel.load_state_dict`)."""
 
 
 class QuantLayer(nn.Module):
@@ -53,8 +114,8 @@ class QuantModel(nn.Module):
         self.graph = graph
         self.numerics = numerics
         self.target_name = target_name
-        self.layers = nn.ModuleDict(layers)
-        self.act_quantizers = nn.ModuleDict(act_quantizers)
+        self.layers = NodeDict(layers)  # keyed by node name (``features.3``), see module_key
+        self.act_quantizers = NodeDict(act_quantizers)
         self._int_graph: IntGraph | None = None
         self._int_graph_torch: IntGraph | None = None
 
@@ -181,9 +242,25 @@ class QuantModel(nn.Module):
         self.invalidate()
         return super().train(mode)
 
-    def load_state_dict(self, *args, **kwargs):
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; with ``strict``, a state dict of other layers raises
+        :class:`LayerNamesError` naming both sets of layers."""
         self.invalidate()
-        return super().load_state_dict(*args, **kwargs)
+        if strict:
+            self._check_layer_names(state_dict)
+        return super().load_state_dict(state_dict, strict, assign)
+
+    def _check_layer_names(self, state_dict) -> None:
+        theirs = {node_name(k.split(".")[1]) for k in state_dict if k.startswith(("layers.", "act_quantizers."))}
+        ours = set(self.layers.keys()) | set(self.act_quantizers.keys())
+        if theirs == ours:
+            return
+        raise LayerNamesError(
+            f"the state dict's layers ({', '.join(sorted(theirs - ours)) or 'none'}) are not this model's "
+            f"({', '.join(sorted(ours - theirs)) or 'none'}). A checkpoint written by mixprec before layers "
+            f"took the names of the model's modules (torch.fx names such as '_0_0', or 'features_3' for "
+            f"'features.3') does not load: run the search again (--float-from OLD_RUN starts it from the "
+            f"old run's float model)")
 
     @torch.no_grad()
     def calibrate(self, batches) -> None:

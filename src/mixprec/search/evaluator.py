@@ -191,7 +191,8 @@ def _start_model(spec: EvaluatorSpec):
     from ..cost.targets import weight_granularity_for
     from ..data import load_dataset
     from ..models import get_model, get_spec
-    from ..train import load_checkpoint
+    from ..nn.model import LayerNamesError
+    from ..train import CheckpointError, load_checkpoint
     from . import preflight
 
     cfg = spec.config
@@ -208,7 +209,10 @@ def _start_model(spec: EvaluatorSpec):
     if "state_dict" in state:  # a quantized run's model
         qm = quantize(model, target, data.input_shape, bits=state["weight_bits"], act_bits=state["act_bits"],
                       weight_granularity=gran)
-        qm.load_state_dict(state["state_dict"])
+        try:
+            qm.load_state_dict(state["state_dict"])
+        except LayerNamesError as exc:
+            raise CheckpointError(f"checkpoint {path}: {exc}") from None
     else:
         model.load_state_dict(state["model"])
         qm = quantize(model, target, data.input_shape, bits=spec.start_bits, weight_granularity=gran)

@@ -27,9 +27,10 @@ from ..data.base import preprocessing_record
 from ..execute import verify_against_reference
 from ..lower import save_integer_model
 from ..models import get_model, get_spec
+from ..nn.model import LayerNamesError
 from ..train.loop import chance_accuracy
 from . import preflight
-from ..train import evaluate_accuracy, fit, load_checkpoint, resolve_device, save_checkpoint, world
+from ..train import CheckpointError, evaluate_accuracy, fit, load_checkpoint, resolve_device, save_checkpoint, world
 from ..train.distributed import barrier, init_distributed
 from .config import RunConfig
 from .context import SearchContext
@@ -292,8 +293,9 @@ def search_gap(step: dict, budget: Budget) -> dict:
 
 def weight_range_rule(qm) -> str:
     """How the weight grids took their range: ``mse``, ``max`` (a learned grid frozen into the
-    weights, or a run from before the least-squares rule), or ``mixed``."""
-    rules = {getattr(layer.quantizer, "range_rule", "learned") for layer in qm.layers.values()}
+    weights, or a run from before the least-squares rule), ``learned`` (unfrozen learned quantizers),
+    or ``mixed``."""
+    rules = {layer.quantizer.range_rule for layer in qm.layers.values()}
     return rules.pop() if len(rules) == 1 else "mixed"
 
 
@@ -394,13 +396,17 @@ def load_run(run_dir: str | Path):
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = RunConfig.load(run_dir / "config.yaml")
-    state = load_checkpoint(run_dir / "checkpoints" / "quantized.pt")
+    path = run_dir / "checkpoints" / "quantized.pt"
+    state = load_checkpoint(path)
     result_path = run_dir / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {}
     model = get_model(cfg.model)
     input_shape = tuple(result.get("input_shape") or load_dataset(cfg.data, cfg.data_dir, cfg.seed).input_shape)
     qm = quantize(model, cfg.target, input_shape, bits=state["weight_bits"], act_bits=state["act_bits"])
-    qm.load_state_dict(state["state_dict"])
+    try:
+        qm.load_state_dict(state["state_dict"])
+    except LayerNamesError as exc:
+        raise CheckpointError(f"checkpoint {path}: {exc}") from None
     qm.eval()
     return cfg, qm, result
 

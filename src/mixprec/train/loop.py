@@ -221,7 +221,10 @@ class Trainer:
             detail = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())
             raise CheckpointError(f"{source} was written with other training settings ({detail}); "
                                   f"resume with the same settings or start a new run")
-        self.model.load_state_dict(state["model"])
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as exc:  # another model's state (or layer names of an older mixprec)
+            raise CheckpointError(f"{source} does not hold this model's state: {exc}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.lr_scale = state["epoch"], state["step"], state["lr_scale"]
         self.history, self.best_acc, self.best_state = list(state["history"]), state["best_acc"], state["best_state"]

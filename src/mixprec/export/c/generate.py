@@ -32,6 +32,7 @@ from ...lower import IntGraph
 from ...numerics import Requant
 from ..base import ExportError
 from ..checks import value_ranges
+from ..names import identifiers
 from . import layout as L
 from .runtime import RUNTIME_H
 
@@ -100,6 +101,7 @@ class CModel:
 class _Emitter:
     def __init__(self, ig: IntGraph, graph, assignment, target, prefix: str):
         self.ig, self.graph, self.a, self.t, self.p = ig, graph, assignment, target, prefix
+        self.sym = c_symbols(graph)
         self.weights, self.aux = L.Store(), L.Store()
         self.decls: list[str] = []
         self.calls: list[str] = []
@@ -170,12 +172,19 @@ class _Emitter:
 
     # -- tensors -----------------------------------------------------------------------------------
     def act_ref(self, name: str) -> str:
-        return f"&{self.p}_t_{_ident(self.graph.buffer_source(name))}"
+        return f"&{self.p}_t_{self.sym[self.graph.buffer_source(name)]}"
 
 
-def _ident(name: str) -> str:
-    out = "".join(ch if ch.isalnum() else "_" for ch in name)
-    return out if out[:1].isalpha() else "n" + out
+def c_symbols(graph) -> dict[str, str]:
+    """The C name of each layer's symbols (``<prefix>_t_<name>`` its tensor, ``<prefix>_n_<name>``
+    its descriptor): the layer name made C-safe, ``features.3`` -> ``features_3``, distinct for
+    every layer (see :func:`mixprec.export.names.identifiers`)."""
+    return identifiers([n.name for n in graph])
+
+
+def _comment(name: str) -> str:
+    """A layer name inside a C comment (which ``*/`` would end)."""
+    return name.replace("*/", "* /")
 
 
 def generate(ig: IntGraph, graph, assignment, target, out_dir: str | Path, prefix: str = "mixprec",
@@ -230,10 +239,10 @@ def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, 
         tab = "NULL"
         if t.table:
             tab = e.aref(e.aux.add(t.table))
-        e.decls.append(f"/* {name}: {'x'.join(map(str, t.shape))}, {t.nbytes} B at arena offset {plan.offsets[name]}, "
+        e.decls.append(f"/* {_comment(name)}: {'x'.join(map(str, t.shape))}, {t.nbytes} B at arena offset {plan.offsets[name]}, "
                        f"{t.mode}{'' if t.mode != L.UNIFORM else f' {int(t.bits[0])}-bit'} "
                        f"{'signed' if t.signed else 'unsigned'} */\n"
-                       f"static const mp_act {prefix}_t_{_ident(name)} = "
+                       f"static const mp_act {prefix}_t_{e.sym[name]} = "
                        f"{{ {prefix}_arena + {plan.offsets[name]}, {tab}, "
                        f"{t.per_ch}u, {t.mode}, {int(t.bits[0]) if t.mode == L.UNIFORM else 0}, "
                        f"{int(t.shift[0]) if t.mode == L.UNIFORM else 0}, {int(t.signed)} }};")
@@ -258,28 +267,28 @@ def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, 
         gnode = graph[node.name]
         if node.op in ("input", "flatten"):
             continue
-        desc = f"{prefix}_n_{_ident(node.name)}"
+        desc = f"{prefix}_n_{e.sym[node.name]}"
         shape = tuple(node.out_shape)
-        row = {"name": node.name, "op": node.op, "weight_bytes": 0, "param_bytes": 0,
+        row = {"name": node.name, "symbol": desc, "op": node.op, "weight_bytes": 0, "param_bytes": 0,
                "cost_weight_bytes": 0, "cost_param_bytes": param_flash_bytes(graph, assignment, node.name, target)}
         if node.op in ("conv", "linear"):
             text, row = _weighted(e, node, gnode, row)
-            e.decls.append(f"/* {node.name}: {node.op} {_describe(node)} */\nstatic const mp_conv {desc} = {text};")
+            e.decls.append(f"/* {_comment(node.name)}: {node.op} {_describe(node)} */\nstatic const mp_conv {desc} = {text};")
             e.calls.append(f"    mp_conv_run(&{desc}, wbuf);")
         elif node.op in ("maxpool", "avgpool"):
-            e.decls.append(f"/* {node.name}: {node.op} {_describe(node)} */\n"
+            e.decls.append(f"/* {_comment(node.name)}: {node.op} {_describe(node)} */\n"
                            f"static const mp_pool {desc} = {_pool(e, node)};")
             e.calls.append(f"    mp_pool_run(&{desc}, {int(node.op == 'maxpool')});")
         elif node.op == "add":
             text, counted = _add(e, node, shape)
             row["param_bytes"] = counted
-            e.decls.append(f"/* {node.name}: add */\nstatic const mp_add {desc} = {text};")
+            e.decls.append(f"/* {_comment(node.name)}: add */\nstatic const mp_add {desc} = {text};")
             e.calls.append(f"    mp_add_run(&{desc});")
         elif node.op == "act":
             n_cost = requant_steps(graph, assignment, node.name)
             rq, counted = e.requant(node.params["requant"], shape, n_cost, node.name, node.name, node.grid.post_shift)
             row["param_bytes"] = counted
-            e.decls.append(f"/* {node.name}: {node.attrs.get('activation', 'act')} */\nstatic const mp_actfn {desc} = "
+            e.decls.append(f"/* {_comment(node.name)}: {node.attrs.get('activation', 'act')} */\nstatic const mp_actfn {desc} = "
                            f"{{ {e.act_ref(node.inputs[0])}, {e.act_ref(node.name)}, {int(np.prod(shape))}u, {rq}, "
                            f"{e.clamp(node.grid, shape)} }};")
             e.calls.append(f"    mp_act_run(&{desc});")
@@ -612,10 +621,10 @@ static uint8_t {p}_arena[{P}_ARENA_BYTES] MIXPREC_ARENA_SECTION MP_ALIGNED({alig
 int {p}_model_run(const {p}_in_t *input_q, {p}_out_t *output_q) {{
 {wbuf}    uint32_t i;
     for (i = 0; i < {P}_INPUT_NUMEL; ++i)
-        mp_st_code(&{p}_t_{_ident("input")}, i, mp_clip(&{p}_input_clamp, i, (int64_t)input_q[i]));
+        mp_st_code(&{p}_t_{e.sym["input"]}, i, mp_clip(&{p}_input_clamp, i, (int64_t)input_q[i]));
 {calls}
     for (i = 0; i < {P}_OUTPUT_NUMEL; ++i)
-        output_q[i] = ({p}_out_t)mp_ld(&{p}_t_{_ident(out_buf)}, i);
+        output_q[i] = ({p}_out_t)mp_ld(&{p}_t_{e.sym[out_buf]}, i);
     return 0;
 }}
 {helpers}"""
