@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ...cost import Target
+from ...cost.tables import cap, cap_all
 
 _EPS = 1e-6
 
@@ -14,20 +15,8 @@ def _padded(bits: torch.Tensor, rank: int) -> torch.Tensor:
     return bits.detach().cpu().reshape((1,) * (rank - bits.dim()) + tuple(bits.shape)).float()
 
 
-def _apply(bits: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
-    """``bits`` with group ``g`` (index along dim 0) at width ``widths[g]``: capped at it when it is
-    at most the group's widest entry, else every non-zero entry raised to it."""
-    g0 = bits.shape[0]
-    flat = bits.reshape(g0, -1)
-    top = flat.amax(1, keepdim=True)
-    w = torch.as_tensor(widths, dtype=flat.dtype).reshape(-1, 1).expand(g0, 1)
-    out = torch.where(w <= top + _EPS, torch.minimum(flat, w), torch.where(flat > 0, w, flat))
-    return out.reshape(bits.shape)
-
-
-def _apply_all(bits: torch.Tensor, width: float) -> torch.Tensor:
-    """``_apply`` with the whole tensor as one group (an activation quantizer)."""
-    return _apply(bits.reshape(1, -1), torch.tensor([float(width)])).reshape(bits.shape)
+# a group's width applied as a cap (or a raise): the cost tables' rule, so both mean the same choice
+_apply, _apply_all = cap, cap_all
 
 
 def _snap(bits: torch.Tensor, allowed) -> torch.Tensor:
