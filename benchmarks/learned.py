@@ -31,28 +31,29 @@ import json
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _tables import merge_rows, write_section  # noqa: E402
 
-from mixprec.api import quantize  # noqa: E402
-from mixprec.cost import Budget, evaluate, feasible, load_target  # noqa: E402
-from mixprec.cost.bits import uniform  # noqa: E402
+from mixprec.cost import Budget, load_target  # noqa: E402
 from mixprec.models import get_model  # noqa: E402
 from mixprec.quantizers.fixed import MSE_MAX_BITS  # noqa: E402
-from mixprec.search import RunConfig, run_search  # noqa: E402
+from mixprec.search import RunConfig, Trial, run_search  # noqa: E402
+from mixprec.search.plan import (Family, command_line, in_float_order, share_floats, trained_floats,  # noqa: E402
+                                  widest)
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = "cortex-m4"
 PRESETS = {
     "lenet5-mnist": dict(
-        family="lenet5", widths=[round(i / 32, 5) for i in range(32, 0, -1)], shape=(1, 28, 28),
+        family=Family("lenet5", tuple(round(i / 32, 5) for i in range(32, 0, -1)), (1, 28, 28)),
         budgets=["4KiB", "8KiB", "16KiB"],
         train=dict(data="mnist", float_epochs=10, qat_epochs=8, budget_epochs=2, batch_size=128, lr=2e-3,
                    qat_lr=5e-4)),
     "resnet8-cifar10": dict(
-        family="resnet8", widths=list(range(16, 0, -1)), shape=(3, 32, 32),
+        family=Family("resnet8", tuple(range(16, 0, -1)), (3, 32, 32)),
         budgets=["16KiB", "24KiB", "32KiB", "48KiB"],
         train=dict(data="cifar10", float_epochs=30, qat_epochs=8, budget_epochs=2, batch_size=64, lr=2e-3,
                    qat_lr=5e-4, weight_decay=0.01, optimizer="adamw")),
@@ -62,52 +63,28 @@ PRESETS = {
 METHODS = ("hgq", "dq", "hgq-u4", "dq-u4", "uniform8", "uniform4", "uniform2")
 
 
-def model_name(family: str, width, full) -> str:
-    return family if width == full else f"{family}[width={width}]"
-
-
-@functools.lru_cache(maxsize=None)
-def uniform_report(family: str, width, shape, bits: int):
-    """The cost of the uniform ``bits`` model (8-bit activations) of this width (the planner asks
-    for each width many times)."""
-    t = load_target(TARGET)
-    graph = quantize(get_model(f"{family}[width={width}]"), t, shape, bits=bits, act_bits=8).graph
-    return evaluate(graph, uniform(graph, bits, 8, "per-channel"), t)
-
-
-def fits(family: str, width, shape, bits: int, budget: Budget, share: float = 1.0) -> bool:
-    """Does the uniform ``bits`` model of this width meet ``share`` of every budget limit?"""
-    report = uniform_report(family, width, tuple(shape), bits)
-    scaled = Budget(**{k: v * share for k, v in budget.limits().items()})
-    return feasible(report, scaled)
-
-
-def widest(preset: dict, bits: int, budget: Budget, share: float = 1.0):
-    for w in preset["widths"]:  # widest first
-        if fits(preset["family"], w, preset["shape"], bits, budget, share):
-            return w
-    return None
-
-
 def plan(preset: dict, budget_text: str, methods, headroom: float) -> list[dict]:
     budget = Budget.from_strings(flash=budget_text)
-    full = preset["widths"][0]
+    family = preset["family"]
+
+    def widest_at(bits: int, share: float = 1.0):
+        return widest(family, TARGET, bits, budget, share=share)
     runs = []
     for m in methods:
         if m.startswith("uniform"):
             bits = int(m[len("uniform"):])
-            w = widest(preset, bits, budget)
+            w = widest_at(bits)
             extra = dict(method="uniform", bits=bits)
         elif m.endswith("-u4"):
-            w = widest(preset, 4, budget)
-            if w == widest(preset, 2, budget, headroom):
+            w = widest_at(4)
+            if w == widest_at(2, headroom):
                 continue  # the same run as the plain method's
             extra = dict(method=m[:-len("-u4")])
         else:
-            w = widest(preset, 2, budget, headroom)
+            w = widest_at(2, headroom)
             extra = dict(method=m)
         if w is not None:
-            runs.append(dict(name=m, width=w, model=model_name(preset["family"], w, full), **extra))
+            runs.append(dict(name=m, width=w, model=family.model(w), **extra))
     return runs
 
 
@@ -124,56 +101,51 @@ def config_for(preset: dict, run: dict, budget_text: str, float_from: str | None
 
 
 def command_for(cfg: RunConfig, out) -> str:
-    parts = [f"mixprec search --model '{cfg.model}' --data {cfg.data} --target {cfg.target} --method {cfg.method}"]
-    if cfg.bits:
-        parts.append(f"--bits {cfg.bits}")
-    if cfg.act_bits is not None:  # unset: the CLI's own default (activations at least as wide as weights)
-        parts.append(f"--act-bits {cfg.act_bits}")
-    if cfg.weight_granularity:
-        parts.append(f"--granularity {cfg.weight_granularity}")
-    parts += [f"--{k} {v}" for k, v in cfg.budget.items()]
-    for key in ("float_epochs", "qat_epochs", "budget_epochs", "batch_size", "lr", "qat_lr", "weight_decay", "optimizer"):
-        parts.append(f"--{key.replace('_', '-')} {getattr(cfg, key)}")
-    parts += [f"-o {k}={v}" for k, v in cfg.options.items()]
-    if cfg.float_from:
-        parts.append(f"--float-from {_rel(Path(cfg.float_from).resolve())}")
-    parts.append(f"--out {out}")
-    return " ".join(parts)
+    return command_line(cfg, out, ROOT)
 
 
 def _rel(path: Path) -> Path:
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
-def _planned(args, all_budgets: bool, methods):
-    """``(preset name, budget, run, run directory)`` for the presets asked for, in run order."""
+def _planned(args, all_budgets: bool, methods) -> list[Trial]:
+    """The trials of the presets asked for, in run order; a folder that holds a run keeps the
+    configuration it was made with, whatever this call would plan."""
+    trials = []
     for name in args.only:
         for budget_text in (PRESETS[name]["budgets"] if all_budgets else args.budgets or PRESETS[name]["budgets"]):
             for run in plan(PRESETS[name], budget_text, methods, args.headroom):
-                yield name, budget_text, run, args.runs / name / budget_text / run["name"]
+                out = args.runs / name / budget_text / run["name"]
+                stored = out / "config.yaml"
+                cfg = RunConfig.load(stored) if stored.exists() else config_for(PRESETS[name], run, budget_text, None)
+                trials.append(Trial(cfg, out))
+    return trials
+
+
+def _float_sources(args, trials) -> dict[str, Path]:
+    """Float models trained elsewhere (``--float MODEL=RUN_DIR``, with the preset's float settings)
+    and by earlier invocations (any budget, any method), by float id."""
+    named = {}
+    for item in args.float or []:
+        model, _, path = item.rpartition("=")  # model names hold '=' too: resnet8[width=13]=RUN
+        named[model] = Path(path)
+    known = {t.float_id: named[t.config.model] for t in trials if t.trains_float() and t.config.model in named}
+    for fid, out in trained_floats(_planned(args, all_budgets=True, methods=METHODS)).items():
+        known.setdefault(fid, out)
+    return known
 
 
 def run_all(args) -> None:
-    float_sources: dict[str, Path] = {}
-    for item in args.float or []:  # MODEL=RUN_DIR: a float model trained elsewhere with the preset's settings
-        model, _, path = item.rpartition("=")  # model names hold '=' too: resnet8[width=13]=RUN
-        float_sources[model] = Path(path)
-    # float models earlier invocations trained (any budget, any method) are shared too
-    for _, _, run, out in _planned(args, all_budgets=True, methods=METHODS):
-        if (out / "checkpoints" / "float.pt").exists() and not RunConfig.load(out / "config.yaml").float_from:
-            float_sources.setdefault(run["model"], out)
-    for name, budget_text, run, out in _planned(args, all_budgets=False, methods=args.methods):
-        source = float_sources.get(run["model"])
-        cfg = config_for(PRESETS[name], run, budget_text, str(_rel(source)) if source and source != out else None)
-        if (out / "config.yaml").exists():  # the command a run was made with, whatever this call would give
-            cfg = RunConfig.load(out / "config.yaml")
+    trials = _planned(args, all_budgets=False, methods=args.methods)
+    for trial in in_float_order(share_floats(trials, _float_sources(args, trials))):
+        cfg, out = trial.config, trial.out
+        if cfg.float_from:
+            cfg = replace(cfg, float_from=str(_rel(Path(cfg.float_from).resolve())))
         out.parent.mkdir(parents=True, exist_ok=True)
-        (out.parent / f"{run['name']}.command").write_text(command_for(cfg, _rel(out)) + "\n")
+        (out.parent / f"{out.name}.command").write_text(command_for(cfg, _rel(out)) + "\n")
         if not args.table_only and not (out / "result.json").exists():
-            logging.info("%s %s %s: %s", name, budget_text, run["name"], command_for(cfg, _rel(out)))
+            logging.info("%s: %s", trial.id, command_for(cfg, _rel(out)))
             run_search(cfg, out, resume=True, device=args.device)
-        if (out / "checkpoints" / "float.pt").exists() and not cfg.float_from:
-            float_sources.setdefault(run["model"], out)
 
 
 ACC_TITLE = "Learned precision under FLASH budgets"
@@ -378,13 +350,13 @@ def time_methods(name: str, preset: dict, n_train: int, epochs: int = 3, rounds:
     seconds: dict[str, list[float]] = {}
     for _ in range(rounds):
         torch.manual_seed(0)
-        model = get_model(preset["family"])
-        cfg = RunConfig(model=preset["family"], data=train["data"], target=TARGET, **{**common, "float_epochs": epochs})
+        model = get_model(preset["family"].name)
+        cfg = RunConfig(model=preset["family"].name, data=train["data"], target=TARGET, **{**common, "float_epochs": epochs})
         hist = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, cfg.train_config("float"),
                    augment=data.augment)
         seconds.setdefault("float", []).extend(h["seconds"] for h in hist)
         for method, phase, options in (("uniform", "qat", {}), ("hgq", "hgq", {}), ("dq", "dq", {"weight_epochs": 0})):
-            cfg = RunConfig(model=preset["family"], data=train["data"], target=TARGET, method=method,
+            cfg = RunConfig(model=preset["family"].name, data=train["data"], target=TARGET, method=method,
                             budget={"flash": preset["budgets"][-1]}, options=options, **{**common, "qat_epochs": epochs})
             torch.manual_seed(0)
             ctx = SearchContext(cfg, model, data, load_target(TARGET), budget, 8, 8)

@@ -135,3 +135,40 @@ def test_torch_kernels_pick_a_float_type_that_keeps_every_sum_exact():
     x[0], w[0] = 127, 127
     assert exact_float_dtype(x, w) == torch.float64
     assert np.array_equal(TorchKernels.linear(x, w).numpy(), NumpyKernels.linear(x.numpy(), w.numpy()))
+
+
+@pytest.mark.parametrize("dims,groups,stride,padding,dilation", [
+    (2, 1, (1, 1), (1, 1), (1, 1)), (2, 4, (2, 1), (0, 2), (1, 2)), (2, 8, (1, 1), (1, 1), (1, 1)),
+    (1, 1, (2,), (3,), (1,)), (1, 2, (1,), (0,), (3,))])
+def test_gemm_convolution_equals_the_reference(dims, groups, stride, padding, dilation):
+    # the exact float32 path a GPU takes (im2col + a plain matrix product, TF32 off), run on the CPU
+    import torch
+
+    from mixprec.execute import NumpyKernels, exact_float_dtype, gemm_conv
+
+    g = torch.Generator().manual_seed(groups + dims)
+    spatial = (9, 7) if dims == 2 else (23,)
+    kernel = (3, 2) if dims == 2 else (5,)
+    x = torch.randint(-128, 128, (3, 8, *spatial), generator=g)
+    w = torch.randint(-127, 128, (16, 8 // groups, *kernel), generator=g)
+    attrs = dict(dims=dims, groups=groups, stride=stride, padding=padding, dilation=dilation, kernel_size=kernel)
+    assert exact_float_dtype(x, w) == torch.float32
+    got = gemm_conv(x.float(), w.float(), attrs).round().to(torch.int64).numpy()
+    assert np.array_equal(got, NumpyKernels.conv(x.numpy(), w.numpy(), attrs))
+
+
+def test_only_a_gpu_float32_convolution_goes_through_the_gemm():
+    import torch
+
+    from mixprec.execute import ieee_float32, uses_gemm
+
+    assert uses_gemm(torch.device("cuda"), torch.float32)
+    assert not uses_gemm(torch.device("cuda"), torch.float64)  # float64 is exact in any algorithm below 2**53
+    assert not uses_gemm(torch.device("cpu"), torch.float32)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with ieee_float32():
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cuda.matmul.allow_tf32 is True  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False

@@ -2,13 +2,14 @@
 
 One interpreter, two sets of kernels: :class:`NumpyKernels` is the reference (int64 im2col
 matrix products, written independently of torch), :class:`TorchKernels` runs the same integer
-program with torch (float32 or float64 convolutions chosen so that every integer sum is exact), which is how a
-quantized model evaluates. Rounding, saturation and requantization come from
+program with torch (float32 or float64 convolutions chosen so that every integer sum is exact; on a
+GPU, float32 ones as a plain GEMM without TF32), which is how a quantized model evaluates. Rounding, saturation and requantization come from
 :mod:`mixprec.numerics` in both. :func:`verify_against_reference` counts the outputs where a
 quantized model's evaluation differs from the reference.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -83,18 +84,68 @@ class NumpyKernels:
         return x.reshape(x.shape[0], -1)
 
 
+#: Every integer below this magnitude is exact in float32 (24-bit significand)
+FLOAT32_EXACT = 2 ** 24
+
+
 def exact_float_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     """The cheapest float type in which a conv/linear of integer ``x`` and ``w`` is exact.
 
     float32 when no partial sum can reach 2**24 (then every one of them is an exactly
-    representable integer; the bound is sum |w| per output channel times max |x|), on the CPU
-    only: GPU convolutions may use TF32 or transform-domain algorithms. Otherwise float64, exact
-    below 2**53.
+    representable integer, whatever the order of summation; the bound is sum |w| per output channel
+    times max |x|); otherwise float64, exact below 2**53.
     """
-    if x.device.type != "cpu" or x.numel() == 0:
+    if x.numel() == 0:
         return torch.float64
     bound = w.abs().flatten(1).sum(1).max().double() * x.abs().max().double()
-    return torch.float32 if bound < 2 ** 24 else torch.float64
+    return torch.float32 if bound < FLOAT32_EXACT else torch.float64
+
+
+def uses_gemm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a float32-exact convolution on ``device`` must run as im2col + matrix product.
+
+    A GPU's convolution libraries may pick transform-domain algorithms (Winograd, FFT) whose
+    intermediate values are not integers, so exactness would not follow from the bound; a plain
+    GEMM with TF32 off (``ieee_float32``) sums products of integers only. CPU convolutions are
+    direct or GEMM-based and stay as they are; float64 (a bound at or above 2**24) keeps the
+    library convolution, exact in float64 whatever it does below 2**53."""
+    return device.type != "cpu" and dtype == torch.float32
+
+
+@contextmanager
+def ieee_float32():
+    """Float32 matrix products in full IEEE precision (no TF32) for the duration."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = before
+
+
+def gemm_conv(x: torch.Tensor, w: torch.Tensor, attrs: dict) -> torch.Tensor:
+    """A (grouped, strided, dilated, padded) 1-d or 2-d convolution as im2col + batched matrix
+    product, in the dtype of ``x`` and ``w``."""
+    one_d = attrs["dims"] == 1
+    if one_d:
+        x, w = x.unsqueeze(2), w.unsqueeze(2)
+    def pair(values, unit: int):  # a 1-d convolution is a 2-d one over a height of 1
+        return (unit, *values) if one_d else tuple(values)
+    kernel = tuple(w.shape[2:])
+    stride, padding, dilation = pair(attrs["stride"], 1), pair(attrs["padding"], 0), pair(attrs["dilation"], 1)
+    n, groups, c_out = x.shape[0], attrs["groups"], w.shape[0]
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, C_in*k, L)
+    cols = cols.reshape(n, groups, -1, cols.shape[-1])
+    with ieee_float32():
+        y = torch.matmul(w.reshape(groups, c_out // groups, -1), cols)  # (N, g, C_out/g, L)
+    h_out, w_out = (_out_size(x.shape[2 + d], kernel[d], stride[d], padding[d], dilation[d]) for d in range(2))
+    y = y.reshape(n, c_out, h_out, w_out)
+    return y.squeeze(2) if one_d else y
+
+
+def _out_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 class TorchKernels:
@@ -108,15 +159,18 @@ class TorchKernels:
 
     @staticmethod
     def conv(x, w, attrs) -> torch.Tensor:
-        fn = F.conv1d if attrs["dims"] == 1 else F.conv2d
         dt = exact_float_dtype(x, w)
+        if uses_gemm(x.device, dt):
+            return gemm_conv(x.to(dt), w.to(dt), attrs).round().to(torch.int64)
+        fn = F.conv1d if attrs["dims"] == 1 else F.conv2d
         y = fn(x.to(dt), w.to(dt), None, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
         return y.round().to(torch.int64)
 
     @staticmethod
     def linear(x, w) -> torch.Tensor:
         dt = exact_float_dtype(x, w)
-        return F.linear(x.to(dt), w.to(dt)).round().to(torch.int64)
+        with ieee_float32():
+            return F.linear(x.to(dt), w.to(dt)).round().to(torch.int64)
 
     @staticmethod
     def maxpool(x, attrs) -> torch.Tensor:

@@ -47,7 +47,7 @@ class Run:
 
 def load_run(run_dir: str | Path) -> Run:
     """The finished run in ``run_dir``; :class:`RunError` when it is not one."""
-    from .search.run import load_run as load_parts
+    from .search.saved import load_run as load_parts
     from .train import CheckpointError
 
     run_dir = Path(run_dir)

@@ -8,7 +8,7 @@ from sklearn.datasets import load_digits
 from typer.testing import CliRunner
 
 from mixprec.cli import app
-from mixprec.search.run import degenerate_reason
+from mixprec.search.result import degenerate_reason
 
 runner = CliRunner()
 FAST = ["--float-epochs", "3", "--qat-epochs", "1", "--budget-epochs", "0", "--bits", "8", "--act-bits", "8"]
@@ -106,7 +106,7 @@ def test_degenerate_reasons():
 
 def test_a_search_that_ends_far_over_budget_says_so(caplog):
     from mixprec.cost import Budget
-    from mixprec.search.run import search_gap
+    from mixprec.search.result import search_gap
 
     step = {"applied": True, "before": {"flash_bytes": 29_100.0, "ram_bytes": 900.0}}
     with caplog.at_level("WARNING"):

@@ -3,7 +3,9 @@
 from .config import RunConfig
 from .context import SearchContext
 from .methods import Method, get_method, method_names, methods, register
-from .run import load_run, run_search
+from .run import STAGES, run_search
+from .saved import load_run
+from .trial import Trial, config_id, float_id
 
-__all__ = ["Method", "RunConfig", "SearchContext", "get_method", "load_run", "method_names", "methods", "register",
-           "run_search"]
+__all__ = ["Method", "RunConfig", "STAGES", "SearchContext", "Trial", "config_id", "float_id", "get_method", "load_run",
+           "method_names", "methods", "register", "run_search"]

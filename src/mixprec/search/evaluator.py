@@ -191,9 +191,9 @@ def _start_model(spec: EvaluatorSpec):
     from ..cost.targets import weight_granularity_for
     from ..data import load_dataset
     from ..models import get_model, get_spec
-    from ..nn.model import LayerNamesError
-    from ..train import CheckpointError, load_checkpoint
+    from ..train import load_checkpoint
     from . import preflight
+    from .saved import FLOAT_CHECKPOINT, QUANTIZED_CHECKPOINT, load_float, rebuild_quantized
 
     cfg = spec.config
     torch.manual_seed(cfg.seed)
@@ -202,19 +202,14 @@ def _start_model(spec: EvaluatorSpec):
     data = preflight.prepare(data, model, get_spec(cfg.model).input_shape, cfg.data, cfg.model)
     path = Path(spec.start)
     if path.is_dir():
-        path = path / "checkpoints" / ("quantized.pt" if (path / "checkpoints" / "quantized.pt").exists() else "float.pt")
-    state = load_checkpoint(path)
+        path = path / (QUANTIZED_CHECKPOINT if (path / QUANTIZED_CHECKPOINT).exists() else FLOAT_CHECKPOINT)
     target = _target(cfg)
     gran = weight_granularity_for(target, cfg.weight_granularity)
+    state = load_checkpoint(path)
     if "state_dict" in state:  # a quantized run's model
-        qm = quantize(model, target, data.input_shape, bits=state["weight_bits"], act_bits=state["act_bits"],
-                      weight_granularity=gran)
-        try:
-            qm.load_state_dict(state["state_dict"])
-        except LayerNamesError as exc:
-            raise CheckpointError(f"checkpoint {path}: {exc}") from None
+        qm = rebuild_quantized(model, target, data.input_shape, state, path, gran)
     else:
-        model.load_state_dict(state["model"])
+        load_float(model, path, cfg.model)
         qm = quantize(model, target, data.input_shape, bits=spec.start_bits, weight_granularity=gran)
         qm.calibrate(torch.split(data.x_train[:2048], 256))
     freeze_observers(qm)

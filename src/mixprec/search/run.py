@@ -1,9 +1,10 @@
-"""One search run, end to end, into a run directory:
+"""One search run, end to end, into a run directory, as stages over a ``Trial``:
 
-``config.yaml`` -> budget checked against the smallest achievable cost (before any training) ->
-float warm-up (checkpointed; a rerun resumes from it) -> the method -> integer-exact test
-accuracy, deployed cost, budget checks, reference check -> ``result.json``, ``report.md``,
-``checkpoints/``, ``integer_model.npz``.
+``prepare`` (options, model, target, budget against the smallest achievable cost, then the data:
+all before the directory is claimed; ``config.yaml``) -> ``float`` (the float model, trained with
+per-epoch checkpoints or shared from another run) -> ``method`` -> ``budget`` (the budget step) ->
+``final`` (integer-exact test accuracy, deployed cost, budget checks, reference check ->
+``result.json``, ``report.md``, ``checkpoints/quantized.pt``, ``integer_model.npz``).
 """
 from __future__ import annotations
 
@@ -11,30 +12,36 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from .. import __version__
 from ..convert import quantize
-from ..cost import (Budget, BudgetError, as_target, assignment, check, check_achievable, evaluate, format_size,
+from ..cost import (Budget, BudgetError, Target, as_target, assignment, check, check_achievable, evaluate,
                     violations)
 from ..cost.deployed import cost_report
 from ..cost.targets import activation_width_for, weight_granularity_for
-from ..data import load_dataset
-from ..data.base import preprocessing_record
+from ..data import Splits, load_dataset
 from ..execute import verify_against_reference
 from ..lower import save_integer_model
 from ..models import get_model, get_spec
-from ..nn.model import LayerNamesError
+from ..nn.model import QuantModel
+from ..train import evaluate_accuracy, fit, resolve_device, save_checkpoint
+from ..train.distributed import World, barrier, init_distributed
 from ..train.loop import chance_accuracy
 from . import preflight
-from ..train import CheckpointError, evaluate_accuracy, fit, load_checkpoint, resolve_device, save_checkpoint, world
-from ..train.distributed import barrier, init_distributed
 from .config import RunConfig
 from .context import SearchContext
 from .methods import get_method
+from .result import (degenerate_reason, fits_device, layer_bits, preprocessing_entry, search_gap, summary_markdown,
+                     weight_range_rule)
+from .saved import FLOAT_CHECKPOINT, float_source, load_float, quantized_state
+from .trial import Trial
 from .uniform import largest_uniform_bits
 
 log = logging.getLogger(__name__)
@@ -49,7 +56,7 @@ def seed_everything(seed: int) -> None:
 #: Budget keys by the widths they depend on: FLASH only on the weights, peak RAM only on the
 #: activations, compute and energy on both
 WEIGHT_COSTS = ("flash_bytes", "ebops", "bops", "energy_uj", "latency_cycles")
-ACT_COSTS = ("ram_bytes", "ebops", "bops", "energy_uj", "latency_cycles")
+ACT_COSTS = ("ram_bytes", "ram_mcu_in_out", "ebops", "bops", "energy_uj", "latency_cycles")
 #: What a width the budget does not constrain stays at
 UNCONSTRAINED_BITS = 8
 
@@ -117,26 +124,6 @@ def largest_uniform_act_bits(model, target, input_shape, budget: Budget, weight_
                       + "; ".join(tried) + "); a smaller model or a larger budget does")
 
 
-def _float_warmup(cfg: RunConfig, model, data, ckpt_dir: Path, device, progress, epoch_hook) -> list[dict]:
-    done = _float_source(cfg) or ckpt_dir / "float.pt"
-    if done.exists():
-        state = load_checkpoint(done)
-        try:
-            model.load_state_dict(state["model"])
-        except (RuntimeError, KeyError) as exc:
-            raise ValueError(f"{done} does not hold a float {cfg.model} model: {exc}") from exc
-        log.info("float model from %s", done)
-        return state.get("history", [])
-    hook = (lambda e, s: epoch_hook("float", e, s)) if epoch_hook else None
-    prog = (lambda d, t: progress("float", d, t)) if progress else None
-    history = fit(model, data.x_train, data.y_train, data.x_val, data.y_val, cfg.train_config("float"), hook, prog,
-                  checkpoint=ckpt_dir / "float_last.pt", augment=data.augment, device=device)
-    model.cpu()
-    if world().is_main:
-        save_checkpoint(done, {"model": model.state_dict(), "history": history})
-    return history
-
-
 def check_options(cfg: RunConfig, target) -> None:
     """Refuse unknown or malformed method options, and options the target cannot take, before any
     training."""
@@ -151,42 +138,57 @@ def check_options(cfg: RunConfig, target) -> None:
         raise ValueError(f"--method {cfg.method} takes no options (got {sorted(cfg.options)})")
 
 
-def _float_source(cfg: RunConfig) -> Path | None:
-    """The float checkpoint ``float_from`` names (a run directory or a ``float.pt``), checked to exist."""
-    if not cfg.float_from:
-        return None
-    path = Path(cfg.float_from)
-    if path.is_dir():
-        path = path / "checkpoints" / "float.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"--float-from {cfg.float_from}: no float model at {path} (a run directory that "
-                                f"finished its float phase, or its checkpoints/float.pt)")
-    return path
+@dataclass
+class RunState:
+    """What the stages of one run hand on to each other."""
+
+    trial: Trial
+    device: torch.device
+    world: World
+    target: Target
+    budget: Budget
+    model: nn.Module  # the float model: trained (or loaded) by the float stage
+    data: Splits
+    weight_bits: int  # the uniform start
+    act_bits: int
+    progress: Callable | None = None
+    epoch_hook: Callable | None = None
+    started: float = field(default_factory=time.perf_counter)
+    float_history: list = field(default_factory=list)
+    context: SearchContext | None = None
+    quantized: QuantModel | None = None
+    budget_step: dict | None = None
+    result: dict | None = None
+
+    @property
+    def config(self) -> RunConfig:
+        return self.trial.config
+
+    @property
+    def out(self) -> Path:
+        return self.trial.out
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.trial.out / "checkpoints"
 
 
-def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=None, *,
-               resume: bool = False, device: str = "auto") -> dict | None:
-    """Run ``cfg`` into ``out_dir`` and return the result (also written to ``result.json``).
+def prepare(trial: Trial, progress=None, epoch_hook=None, *, resume: bool = False, device: str = "auto") -> RunState:
+    """Check what a user can get wrong, then claim the run directory.
 
-    ``resume`` continues a run that was stopped (killed, even mid-epoch) from its last per-epoch
-    checkpoint and ends with the result an uninterrupted run would have given. Under ``torchrun``
-    every process trains and the first one writes; the others return None.
-    """
-    start = time.perf_counter()
-    out = Path(out_dir)
+    Bad input (options, model, target, budget, then data) fails here, before the directory claims
+    a run, so the corrected command can be rerun into the same ``--out``. What needs no data is
+    checked before the data is loaded."""
+    cfg, out = trial.config, trial.out
     dev = resolve_device(device)
     w = init_distributed(dev)
     _check_resumable(cfg, out, resume)
     seed_everything(cfg.seed)
-
-    # Bad input (options, model, target, budget, then data) fails here, before the run directory
-    # claims a run, so the corrected command can be rerun into the same --out. What needs no data
-    # is checked before the data is loaded.
     target = as_target(cfg.target)
     budget = Budget.from_strings(**cfg.budget)
     spec = get_spec(cfg.model)
     check_options(cfg, target)
-    _float_source(cfg)
+    float_source(cfg)
     model = get_model(cfg.model)
     data = load_dataset(cfg.data, cfg.data_dir, cfg.seed)
     data = preflight.prepare(data, model, spec.input_shape, cfg.data, cfg.model)
@@ -197,106 +199,121 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
         cfg.save(out / "config.yaml")
     log.info("target %s, budget %s, uniform start %d/%d bits, device %s%s", target.name, budget.limits(),
              weight_bits, act_bits, dev, f", {w.size} processes" if w.distributed else "")
+    return RunState(trial, dev, w, target, budget, model, data, weight_bits, act_bits, progress, epoch_hook)
 
-    ckpt_dir = out / "checkpoints"
-    seed_everything(cfg.seed)  # every phase starts from the same RNG state, resumed or not
-    float_history = _float_warmup(cfg, model, data, ckpt_dir, dev, progress, epoch_hook)
-    seed_everything(cfg.seed + 1)
-    ctx = SearchContext(cfg, model, data, target, budget, weight_bits, act_bits, progress, epoch_hook,
-                        checkpoint_dir=ckpt_dir, device=dev)
-    qm, _ = get_method(cfg.method).run(ctx)
-    qm.cpu()
-    step = run_budget_step(ctx, qm)  # every process: its fine-tune is data-parallel too
-    if not w.is_main:
-        return None
-    save_checkpoint(ckpt_dir / "quantized.pt", quantized_state(qm))
 
-    float_acc = evaluate_accuracy(model, data.x_test, data.y_test, progress=_phase(progress, "test float"))
-    quant_acc = evaluate_accuracy(qm, data.x_test, data.y_test, progress=_phase(progress, "test integer"))
+def train_float(run: RunState) -> None:
+    """The float stage: trained into ``checkpoints/float.pt`` (per-epoch checkpoints: a killed run
+    resumes mid-way), or loaded from there or from the run ``float_from`` names."""
+    cfg, data = run.config, run.data
+    seed_everything(cfg.seed)  # every stage starts from the same RNG state, resumed or not
+    done = float_source(cfg) or run.out / FLOAT_CHECKPOINT
+    if done.exists():
+        run.float_history = load_float(run.model, done, cfg.model)
+        log.info("float model from %s", done)
+        return
+    hook = (lambda e, s: run.epoch_hook("float", e, s)) if run.epoch_hook else None
+    history = fit(run.model, data.x_train, data.y_train, data.x_val, data.y_val, cfg.train_config("float"), hook,
+                  _phase(run.progress, "float"), checkpoint=run.checkpoints / "float_last.pt", augment=data.augment,
+                  device=run.device)
+    run.model.cpu()
+    if run.world.is_main:
+        save_checkpoint(done, {"model": run.model.state_dict(), "history": history})
+    run.float_history = history
+
+
+def run_method(run: RunState) -> None:
+    """The method stage: the registered method turns the float model into a quantized one."""
+    seed_everything(run.config.seed + 1)
+    run.context = SearchContext(run.config, run.model, run.data, run.target, run.budget, run.weight_bits,
+                                run.act_bits, run.progress, run.epoch_hook, checkpoint_dir=run.checkpoints,
+                                device=run.device)
+    run.quantized, _ = get_method(run.config.method).run(run.context)
+    run.quantized.cpu()
+
+
+def meet_budget(run: RunState) -> None:
+    """The budget stage (every process: its fine-tune is data-parallel too)."""
+    run.budget_step = run_budget_step(run.context, run.quantized)
+
+
+def finish(run: RunState) -> None:
+    """The final stage: integer-exact test accuracy, the deployed cost against the budget, the
+    reference check, ``integer_model.npz``, ``result.json`` and ``report.md`` (first process only)."""
+    if not run.world.is_main:
+        return
+    cfg, data, qm, target, budget = run.config, run.data, run.quantized, run.target, run.budget
+    save_checkpoint(run.checkpoints / "quantized.pt", quantized_state(qm))
+    float_acc = evaluate_accuracy(run.model, data.x_test, data.y_test, progress=_phase(run.progress, "test float"))
+    quant_acc = evaluate_accuracy(qm, data.x_test, data.y_test, progress=_phase(run.progress, "test integer"))
     report = cost_report(qm, target)
     checks = check(report, budget)
     mismatches = verify_against_reference(qm, data.x_test[:512])
-    save_integer_model(qm, out / "integer_model.npz")
+    save_integer_model(qm, run.out / "integer_model.npz")
     chance = chance_accuracy(data.y_test)
     degenerate = degenerate_reason(float_acc, quant_acc, chance)
     if degenerate:
         log.error("%s", degenerate)
-    gap = search_gap(step, budget)
     result = {
-        "mixprec_version": __version__, "model": cfg.model, "data": cfg.data, "target": target.name,
-        "method": cfg.method, "seed": cfg.seed, "input_shape": list(data.input_shape),
+        "mixprec_version": __version__, "trial": run.trial.id, "model": cfg.model, "data": cfg.data,
+        "target": target.name, "method": cfg.method, "seed": cfg.seed, "input_shape": list(data.input_shape),
         "accuracy": {"float": float_acc, "quantized": quant_acc, "chance": chance},
         "degenerate": bool(degenerate), "degenerate_reason": degenerate,
-        "search_gap": gap,
+        "search_gap": search_gap(run.budget_step, budget),
         "cost": {k: report.totals[k] for k in ("flash_bytes", "ram_bytes", "macs", "bops", "ebops",
                                                 "latency_cycles", "energy_uj")},
         "cost_detail": dict(report.totals),
         "budget": budget.limits(),
         "budget_checks": {k: {"value": v, "limit": lim, "ok": ok} for k, (v, lim, ok) in checks.items()},
-        "feasible": all(ok for _, _, ok in checks.values()) and _fits_device(report, target),
-        "budget_step": step,
+        "feasible": all(ok for _, _, ok in checks.values()) and fits_device(report, target),
+        "budget_step": run.budget_step,
         "reference_mismatches": mismatches,
         "weight_range": weight_range_rule(qm),
         "layers": layer_bits(qm, report),
         "preprocessing": preprocessing_entry(data, qm),
-        "history": {"float": float_history, **ctx.history},
-        "device": str(dev), "processes": w.size,
-        "wall_seconds": time.perf_counter() - start,
+        "history": {"float": run.float_history, **run.context.history},
+        "device": str(run.device), "processes": run.world.size,
+        "wall_seconds": time.perf_counter() - run.started,
     }
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    (out / "report.md").write_text(summary_markdown(result))
-    return result
+    (run.out / "result.json").write_text(json.dumps(result, indent=2))
+    (run.out / "report.md").write_text(summary_markdown(result))
+    run.result = result
 
 
-#: A result is degenerate when it keeps at most this share of the margin between chance and a
-#: perfect score (10 classes: 19%)...
-NEAR_CHANCE = 0.1
-#: ...or loses more than this share of the float model's margin over chance
-FAR_BELOW_FLOAT = 0.5
+#: A run's stages in order; ``run_search(..., until=NAME)`` stops after one (``float``: a float
+#: model other trials can share)
+STAGES: dict[str, Callable[[RunState], None]] = {
+    "float": train_float, "method": run_method, "budget": meet_budget, "final": finish}
 
 
-def degenerate_reason(float_acc: float, quant_acc: float, chance: float) -> str | None:
-    """Why a run's result must not be shipped (None: it may): integer-exact test accuracy at or near
-    chance (the majority class's share of the test labels), or far below the float model's."""
-    near = chance + NEAR_CHANCE * (1.0 - chance)
-    if float_acc <= near:
-        return (f"the float model itself scores {float_acc:.2%} on the test set (chance {chance:.2%}): it did not "
-                f"learn; check the labels and the data's scale, or train longer (--float-epochs) at another --lr")
-    if quant_acc <= near:
-        return (f"the quantized model scores {quant_acc:.2%}, at chance ({chance:.2%}; float {float_acc:.2%}): "
-                f"it collapsed. See the run's history for the phase that lost it; a lower --qat-lr, more bits or "
-                f"a larger budget keep it")
-    if float_acc - quant_acc > FAR_BELOW_FLOAT * (float_acc - chance):
-        return (f"the quantized model scores {quant_acc:.2%}, far below the float model's {float_acc:.2%} "
-                f"(chance {chance:.2%}): it lost more than half the float model's margin over chance; more bits, "
-                f"a larger budget or more QAT epochs keep it")
-    return None
+def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=None, *,
+               resume: bool = False, device: str = "auto", until: str = "final") -> dict | None:
+    """Run ``cfg`` into ``out_dir`` and return the result (also written to ``result.json``).
+
+    ``resume`` continues a run that was stopped (killed, even mid-epoch) from its last per-epoch
+    checkpoint and ends with the result an uninterrupted run would have given; a run that already
+    finished with this configuration returns its stored result at once. ``until`` stops after that
+    stage (see ``STAGES``) and returns None. Under ``torchrun`` every process trains and the first
+    one writes; the others return None.
+    """
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}; stages: {', '.join(STAGES)}")
+    trial = Trial(cfg, Path(out_dir))
+    if resume:
+        stored = trial.stored_result()
+        if stored is not None:
+            log.info("%s already holds this run's result (trial %s)", trial.out, trial.id)
+            return stored
+    run = prepare(trial, progress, epoch_hook, resume=resume, device=device)
+    for name, stage in STAGES.items():
+        stage(run)
+        if name == until:
+            break
+    return run.result
 
 
-#: A method ending its search more than this share over a budget limit is reported (the budget step
-#: then did the cutting the method should have done)
-SEARCH_GAP = 0.1
-
-
-def search_gap(step: dict, budget: Budget) -> dict:
-    """The limits the method's own result missed by more than ``SEARCH_GAP`` (before the budget
-    step): ``{key: {"searched": value, "limit": limit}}``, logged as a warning."""
-    before = step.get("before") or {}
-    gap = {k: {"searched": before[k], "limit": lim} for k, lim in budget.limits().items()
-           if k in before and before[k] > (1.0 + SEARCH_GAP) * lim}
-    for k, g in gap.items():
-        log.warning("the method ended its search at %s %.6g, %.0f%% over the budget's %.6g; the budget step cut the "
-                    "rest, which costs accuracy: a longer search (--qat-epochs) or the method's options (-o) let "
-                    "the method get there itself", k, g["searched"], 100 * (g["searched"] / g["limit"] - 1), g["limit"])
-    return gap
-
-
-def weight_range_rule(qm) -> str:
-    """How the weight grids took their range: ``mse``, ``max`` (a learned grid frozen into the
-    weights, or a run from before the least-squares rule), ``learned`` (unfrozen learned quantizers),
-    or ``mixed``."""
-    rules = {layer.quantizer.range_rule for layer in qm.layers.values()}
-    return rules.pop() if len(rules) == 1 else "mixed"
+def _phase(progress, name: str):
+    return None if progress is None else (lambda done, total: progress(name, done, total))
 
 
 def run_budget_step(ctx: SearchContext, qm) -> dict:
@@ -329,19 +346,6 @@ def run_budget_step(ctx: SearchContext, qm) -> dict:
     return {"applied": True, **out}
 
 
-def _phase(progress, name: str):
-    return None if progress is None else (lambda done, total: progress(name, done, total))
-
-
-def _fits_device(report, target) -> bool:
-    ok = True
-    if target.flash_bytes is not None:
-        ok &= report.totals["flash_bytes"] <= target.flash_bytes
-    if target.ram_bytes is not None:
-        ok &= report.totals["ram_bytes"] <= target.ram_bytes
-    return bool(ok)
-
-
 def _check_resumable(cfg: RunConfig, out: Path, resume: bool) -> None:
     existing = out / "config.yaml"
     if not existing.exists():
@@ -360,81 +364,3 @@ def _check_resumable(cfg: RunConfig, out: Path, resume: bool) -> None:
                          for k in vars(cfg) if getattr(saved, k) != getattr(cfg, k))
         raise ValueError(f"{out} holds a run with a different configuration ({diff}); "
                          f"resume it with the same options, or choose another --out")
-
-
-def quantized_state(qm) -> dict:
-    """Everything needed to rebuild a quantized model: tensors only (loads with weights_only)."""
-    return {"state_dict": qm.state_dict(), "weight_bits": qm.weight_bits(), "act_bits": qm.act_bits()}
-
-
-def preprocessing_entry(data, qm) -> dict:
-    """What turns raw values into the model's input integers on a device: the data loader's
-    normalisation and the quantized model's input scale, zero point and range (``result.json``'s
-    ``preprocessing``; the C export's input helpers are made from it)."""
-    return preprocessing_record(data.preprocessing, qm.lower())
-
-
-def layer_bits(qm, report) -> list[dict]:
-    rows = []
-    for row in report.layers:
-        if row.op == "input" or row.weight_bits is not None or row.op in ("add", "act"):
-            entry = {"name": row.name, "op": row.op, "act_bits": row.act_bits,
-                     "weight_bytes": row.weight_bytes, "param_bytes": row.param_bytes,
-                     "table_bytes": row.table_bytes, "macs": row.macs}
-            if row.name in qm.layers:
-                bits = qm.layers[row.name].quantizer.bits().detach()
-                entry["weight_bits"] = bits.flatten().tolist() if bits.numel() > 1 else float(bits)
-                entry["weight_bits_mean"] = row.weight_bits
-                entry["params"] = row.params
-            rows.append(entry)
-    return rows
-
-
-def load_run(run_dir: str | Path):
-    """Rebuild ``(config, quantized model, result)`` from a run directory."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = RunConfig.load(run_dir / "config.yaml")
-    path = run_dir / "checkpoints" / "quantized.pt"
-    state = load_checkpoint(path)
-    result_path = run_dir / "result.json"
-    result = json.loads(result_path.read_text()) if result_path.exists() else {}
-    model = get_model(cfg.model)
-    input_shape = tuple(result.get("input_shape") or load_dataset(cfg.data, cfg.data_dir, cfg.seed).input_shape)
-    qm = quantize(model, cfg.target, input_shape, bits=state["weight_bits"], act_bits=state["act_bits"])
-    try:
-        qm.load_state_dict(state["state_dict"])
-    except LayerNamesError as exc:
-        raise CheckpointError(f"checkpoint {path}: {exc}") from None
-    qm.eval()
-    return cfg, qm, result
-
-
-def _budget_step_lines(step: dict) -> list[str]:
-    if not step.get("applied"):
-        return []
-    moved = ", ".join(f"{k} {step['before'][k]:.6g} -> {step['after'][k]:.6g}" for k in step["before"]
-                      if step["before"][k] != step["after"][k])
-    return [f"- budget step ({step['solver']}, {step['sensitivity']} sensitivity): {len(step['changes'])} "
-            f"bit tensors changed; {moved or 'costs unchanged'}"]
-
-
-def summary_markdown(result: dict) -> str:
-    acc, cost = result["accuracy"], result["cost"]
-    lines = [f"# {result['method']} on {result['model']} / {result['data']} for {result['target']}", "",
-             f"- test accuracy: float {acc['float']:.2%}, quantized (integer-exact) {acc['quantized']:.2%}",
-             f"- FLASH {format_size(cost['flash_bytes'])}, peak RAM {format_size(cost['ram_bytes'])}, "
-             f"MACs {cost['macs']:,}, EBOPs {cost['ebops']:,.0f}, latency {cost['latency_cycles']:,.0f} cycles, "
-             f"energy {cost['energy_uj']:.3g} uJ",
-             f"- budget: {result['budget'] or 'none'}; feasible: {result['feasible']}",
-             *([f"- **degenerate**: {result['degenerate_reason']}"] if result.get("degenerate") else []),
-             *_budget_step_lines(result.get("budget_step") or {}),
-             f"- reference mismatches: {result['reference_mismatches']}", "",
-             "| layer | op | weight bits | act bits | weight bytes | param bytes | MACs |",
-             "|---|---|---|---|---|---|---|"]
-    for r in result["layers"]:
-        wb = r.get("weight_bits_mean")
-        lines.append(f"| {r['name']} | {r['op']} | {'' if wb is None else f'{wb:.2f}'} | {r['act_bits']:.0f} | "
-                     f"{r['weight_bytes']} | {r['param_bytes']} | {r['macs']:,} |")
-    return "\n".join(lines) + "\n"
