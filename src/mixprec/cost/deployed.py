@@ -68,7 +68,7 @@ def _measure_flash_sections(report: CostReport, ig, graph, a: BitAssignment, t: 
     from ..export.c.generate import flash_sections
 
     try:
-        sections = flash_sections(ig, graph, a, t)
+        sections = flash_sections(ig, graph, a, t, report)
     except ExportError as exc:  # no C library for this model: export says why; the cost model stands
         log.debug("FLASH from the cost model only: %s", exc)
         return

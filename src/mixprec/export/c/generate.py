@@ -200,19 +200,21 @@ def generate(ig: IntGraph, graph, assignment, target, out_dir: str | Path, prefi
     return model
 
 
-def flash_sections(ig: IntGraph, graph, assignment, target) -> dict[str, int]:
+def flash_sections(ig: IntGraph, graph, assignment, target, report=None) -> dict[str, int]:
     """Bytes of the library's FLASH sections for this model, laid out as ``generate`` would write
-    them, without writing anything: ``{".mixprec_weights": n, ".mixprec_aux": m}``."""
-    model, _ = _build(ig, graph, assignment, target, Path("."), "mixprec", "model")
+    them, without writing anything: ``{".mixprec_weights": n, ".mixprec_aux": m}``. ``report``:
+    the cost model's report of this assignment when the caller has it (else it is evaluated)."""
+    model, _ = _build(ig, graph, assignment, target, Path("."), "mixprec", "model", report=report)
     return {".mixprec_weights": model.weights_bytes, ".mixprec_aux": model.aux_bytes}
 
 
 def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, stem: str,
-           preprocessing: Preprocessing | None = None):
+           preprocessing: Preprocessing | None = None, report=None):
     """The model's figures and, per file name, a function that renders its text."""
     if list(n.name for n in ig.nodes) != list(n.name for n in graph):
         raise ExportError("the integer program and the graph disagree on their nodes")
-    report = evaluate(graph, assignment, target)
+    if report is None:
+        report = evaluate(graph, assignment, target)
     ranges = value_ranges(ig)
     e = _Emitter(ig, graph, assignment, target, prefix)
     P = prefix.upper()
