@@ -163,6 +163,15 @@ def node_lsb(ig, graph, name: str, exact_inputs: bool = True) -> torch.Tensor:
 _CASES: dict = {}
 
 
+def case_for(name: str, builder, granularity: str, numerics: str) -> Case:
+    """``build_case``, once per test session: the exactness suite, the C sweep and the export tests
+    read the same cases (none of them changes one)."""
+    key = (name, builder, granularity, numerics)
+    if key not in _CASES:
+        _CASES[key] = build_case(name, builder, granularity, numerics)
+    return _CASES[key]
+
+
 class ExactnessSuite:
     """Bit-exactness checks, parametrized over ``builders`` x ``granularities`` x ``numerics``."""
 
@@ -179,10 +188,7 @@ class ExactnessSuite:
     @pytest.fixture
     def case(self, case_key) -> Case:
         name, granularity, numerics = case_key
-        key = (type(self).__qualname__,) + tuple(case_key)
-        if key not in _CASES:
-            _CASES[key] = build_case(name, self.builders[name], granularity, numerics)
-        return _CASES[key]
+        return case_for(name, self.builders[name], granularity, numerics)
 
     # -- bit-exactness --------------------------------------------------------------------------
     def test_eval_path_equals_reference(self, case):

@@ -36,6 +36,35 @@ def test_bad_input_is_a_clear_error(tmp_path, args, message):
     assert message in res.output
 
 
+def test_bops_and_in_out_ram_flags_are_budgets(tmp_path, monkeypatch):
+    import mixprec.search
+    from mixprec.cost import Budget
+
+    seen = []
+    monkeypatch.setattr(mixprec.search, "run_search", lambda cfg, out, **kw: seen.append(cfg))  # None: no report
+    res = runner.invoke(app, ["search", "--model", "digits-cnn", "--data", "digits", "--bops", "1e6",
+                              "--ram-in-out", "2KiB", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert seen[0].budget == {"bops": "1e6", "ram_in_out": "2KiB"}
+    assert Budget.from_strings(**seen[0].budget).limits() == {"bops": 1e6, "ram_mcu_in_out": 2048}
+    assert "--bops" in runner.invoke(app, ["search", "--help"]).output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bops", "1e4"], "BOPs budget 1e+04 is below the smallest achievable"),
+    (["--ram-in-out", "100B", "--flash", "512KiB"],
+     "in+out RAM (largest input+output buffers of one layer) budget 100 B is below the smallest achievable 768 B"),
+    # an activation-only budget is judged on the uniform activation widths, 2 bits the last
+    (["--ram-in-out", "100B"], "2-bit: ram_mcu_in_out 768 > 100"),
+])
+def test_bops_and_in_out_ram_below_the_smallest_are_refused_before_the_run(tmp_path, args, message):
+    out = tmp_path / "r"
+    res = runner.invoke(app, ["search", "--model", "digits-cnn", "--data", "digits", "--target", "cortex-m4",
+                              "--out", str(out), "--float-epochs", "1", "--qat-epochs", "1", *args])
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output  # unwrapped
+    assert not out.exists()
+
+
 def test_unknown_model_and_target_are_named():
     res = runner.invoke(app, ["cost", "--model", "resnet-1000", "--target", "cortex-m4"])
     assert res.exit_code == 2 and "resnet-1000" in res.output and "digits-cnn" in res.output

@@ -7,7 +7,6 @@ Every integer function must give identical results on NumPy arrays and torch int
 """
 from __future__ import annotations
 
-import doctest
 import math
 from fractions import Fraction
 
@@ -17,9 +16,6 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import mixprec.graph.convert
-import mixprec.granularity
-import mixprec.numerics
 from mixprec import numerics as nm
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -81,14 +77,6 @@ def assert_same(np_result, torch_result, expected=None):
         assert np.asarray(np_result).tolist() == list(expected)
 
 
-# --- doctests ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("module", [mixprec.numerics, mixprec.granularity, mixprec.graph.convert],
-                         ids=lambda m: m.__name__)
-def test_doctests(module):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0
-    assert result.failed == 0
 
 
 # --- rounding ---------------------------------------------------------------------------------

@@ -56,9 +56,13 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
-def _budget(flash, ram, ebops, energy, latency) -> dict:
-    raw = {"flash": flash, "ram": ram, "ebops": ebops, "energy": energy, "latency": latency}
-    return {k: v for k, v in raw.items() if v is not None}
+#: The budget flags whose parameter is not the budget name (``cost.keys``): they name the unit
+_BUDGET_FLAGS = {"energy_uj": "energy", "latency_cycles": "latency"}
+
+
+def _budget(**flags) -> dict:
+    """The run's ``budget`` from the budget flags given (``--energy-uj`` is ``energy``)."""
+    return {_BUDGET_FLAGS.get(k, k): v for k, v in flags.items() if v is not None}
 
 
 def _print_result(result: dict, out: Path) -> None:
@@ -144,6 +148,9 @@ def search(model: str = typer.Option(..., help="registered model name or package
            granularity: Optional[str] = typer.Option(None, help="weight granularity"),
            flash: Optional[str] = typer.Option(None, help="FLASH budget, e.g. 32KiB"),
            ram: Optional[str] = typer.Option(None, help="peak RAM budget, e.g. 16KiB"),
+           ram_in_out: Optional[str] = typer.Option(None, help="in+out RAM budget: the largest input+output "
+                                                    "buffers of one layer (the MCU paper's RAM constraint), e.g. 8KiB"),
+           bops: Optional[str] = typer.Option(None, help="BOPs budget (bit operations: MACs x weight x input bits)"),
            ebops: Optional[str] = typer.Option(None, help="EBOPs budget"),
            energy_uj: Optional[str] = typer.Option(None, "--energy-uj", help="energy budget in uJ"),
            latency_cycles: Optional[str] = typer.Option(None, "--latency-cycles", help="latency budget in cycles"),
@@ -164,7 +171,8 @@ def search(model: str = typer.Option(..., help="registered model name or package
     """
     given = locals()
     _run(_config_fields(given, weight_granularity=granularity, options=_options(option),
-                        budget=_budget(flash, ram, ebops, energy_uj, latency_cycles)),
+                        budget=_budget(flash=flash, ram=ram, ram_in_out=ram_in_out, bops=bops, ebops=ebops,
+                                       energy_uj=energy_uj, latency_cycles=latency_cycles)),
          out, quiet, verbose, resume, device)
 
 

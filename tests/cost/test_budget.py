@@ -1,12 +1,12 @@
 import pytest
 
 from mixprec.cost.bits import uniform
-from mixprec.cost.budget import Budget, BudgetError, check, check_achievable, feasible, smallest_costs
+from mixprec.cost.budget import Budget, BudgetError, check, check_achievable, feasible, smallest_costs, violations
 from mixprec.cost.report import evaluate
 from mixprec.cost.targets import load_target
 from mixprec.graph.ir import Graph, Node
 
-from .graphs import cnn
+from .graphs import cnn, residual
 
 M4 = load_target("cortex-m4")
 
@@ -17,6 +17,17 @@ def test_from_strings():
     assert Budget.from_strings(ram="1KiB").limits() == {"ram_bytes": 1024}
     with pytest.raises(ValueError, match="ambiguous"):
         Budget.from_strings(flash="32KB")
+
+
+def test_bops_and_in_out_ram_are_budgets():
+    b = Budget.from_strings(bops="1e6", ram_in_out="2KiB")
+    assert (b.bops, b.ram_mcu_in_out) == (1e6, 2048)
+    assert b.limits() == {"bops": 1e6, "ram_mcu_in_out": 2048}
+    r = evaluate(cnn(), uniform(cnn(), 4, 8), M4)  # BOPs 36*64*4*8 + 640*4*8; in+out 64 + 256 at c1
+    assert (r.totals["bops"], r.totals["ram_mcu_in_out"]) == (94208, 320)
+    assert check(r, Budget(bops=94208, ram_mcu_in_out=319)) == {"bops": (94208, 94208, True),
+                                                                "ram_mcu_in_out": (320, 319, False)}
+    assert violations(r, Budget(bops=9e4, ram_mcu_in_out=320)) == "bops 94208 > 90000"
 
 
 def test_check_and_feasible():
@@ -36,6 +47,17 @@ def test_smallest_costs():
     assert mins["ebops"] == 36 * 2 * 2 + 640 * 2 * 2
     # fastest M4 pair is (a8, w8) at 0.8 MAC/cycle; maxpool 256 ops / 0.25
     assert mins["latency_cycles"] == pytest.approx(2944 / 0.8 + 1024)
+    # weights and activations at 2 bits: c1 36 weights x 64 positions x 2 x 2, fc 640 x 2 x 2
+    assert mins["bops"] == 36 * 64 * 4 + 640 * 4
+    # in+out at 2 bits: c1 reads the input (16 B) and writes 64 B
+    assert mins["ram_mcu_in_out"] == 16 + 64
+
+
+def test_smallest_in_out_ram_is_one_layer_not_the_peak():
+    """residual at 2 bits: input 32 B, a 64, b 128, c 64, add 64. Peak RAM holds a, b and c at c's
+    step (256 B); the largest in+out is one layer's: b (64 + 128), c (128 + 64), add (64 + 64 + 64)."""
+    mins = smallest_costs(residual(), M4)
+    assert (mins["ram_bytes"], mins["ram_mcu_in_out"]) == (256, 192)
 
 
 def test_check_achievable_passes_and_returns_minima():
@@ -57,6 +79,17 @@ def test_several_violations_are_all_named():
     assert "EBOPs budget 100 is below the smallest achievable 2704" in msg
     assert "latency budget 10 is below" in msg and "every layer at its fastest supported widths" in msg
     assert "energy budget" in msg and "uJ" in msg
+
+
+def test_bops_and_in_out_ram_below_the_smallest_are_refused_by_name():
+    with pytest.raises(BudgetError) as err:
+        check_achievable(cnn(), M4, Budget.from_strings(bops="1e4", ram_in_out="79"))
+    msg = str(err.value)
+    assert ("BOPs budget 1e+04 is below the smallest achievable 1.178e+04 (all weights at 2 bits per-tensor; "
+            "activations at 2 bits)") in msg
+    assert ("in+out RAM (largest input+output buffers of one layer) budget 79 B is below the smallest achievable "
+            "80 B (all activations at 2 bits)") in msg
+    assert check_achievable(cnn(), M4, Budget(bops=11776, ram_mcu_in_out=80))["bops"] == 11776
 
 
 def test_kib_units_in_message():
@@ -91,14 +124,24 @@ def test_one_cost_vocabulary_is_read_by_budgets_the_run_the_cli_and_the_methods(
     from mixprec.search import RunConfig
     from mixprec.search.learned import cost_key
 
-    assert [f.name for f in fields(Budget)] == [BY_NAME[n].key for n in ("flash", "ram", "ebops", "energy", "latency")]
+    names = ("flash", "ram", "ebops", "energy", "latency", "bops", "ram_in_out")
+    assert [f.name for f in fields(Budget)] == [BY_NAME[n].key for n in names]
     assert set(BUDGET_KEYS) == {f.name for f in fields(Budget)}
-    assert set(_budget("1KiB", "1KiB", "1", "1", "1")) == set(BUDGET_NAMES)
+    flags = dict(flash="1KiB", ram="1KiB", ram_in_out="1KiB", bops="1", ebops="1", energy_uj="1", latency_cycles="1")
+    assert set(_budget(**flags)) == set(BUDGET_NAMES)
     assert Budget.from_strings(**dict.fromkeys(BUDGET_NAMES)).limits() == {}
-    with pytest.raises(ValueError, match="unknown budget \\['bogus'\\]; budgets: flash, ram, ebops, latency, energy"):
+    listed = "flash, ram, ram_in_out, bops, ebops, latency, energy"
+    with pytest.raises(ValueError, match=f"unknown budget \\['bogus'\\]; budgets: {listed}"):
         Budget.from_strings(bogus="1")
-    with pytest.raises(ValueError, match="use flash, ram, ebops, latency, energy"):
+    with pytest.raises(ValueError, match=f"use {listed}"):
         RunConfig(budget={"flsh": "1KiB"})
     assert cost_key("latency") == "latency_cycles" and cost_key("bops") == "bops"
+    assert cost_key("ram_in_out") == "ram_mcu_in_out"
     with pytest.raises(ValueError, match="unknown cost 'macs'"):
         cost_key("macs")
+
+
+def test_an_in_out_budget_above_the_device_ram_is_refused():
+    with pytest.raises(BudgetError, match=r"in\+out RAM .* budget .* exceeds the .* of cortex-m4"):
+        check_achievable(cnn(), M4, Budget(ram_mcu_in_out=M4.ram_bytes + 1))
+    check_achievable(cnn(), M4, Budget(ram_mcu_in_out=M4.ram_bytes))

@@ -144,12 +144,12 @@ def test_conformance_case_arena_and_lowered_grids():
     lowered grids', the pooled buffer holds every reference integer, the arena is 32 B (28 B before
     the cost model counted post-shifts, when the C exporter had to widen it)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from conformance import build_case
+    from conformance import case_for
     from test_exactness import BUILDERS
 
     from mixprec.api import assignment
 
-    case = build_case("avgpool1d-overlapping", BUILDERS["avgpool1d-overlapping"], "per-slice", "fixed")
+    case = case_for("avgpool1d-overlapping", BUILDERS["avgpool1d-overlapping"], "per-slice", "fixed")
     qm, ig = case.qm, case.ig
     a = assignment(qm)
     for node in ig.nodes:

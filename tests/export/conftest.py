@@ -11,7 +11,7 @@ RUNS = {
 
 
 @pytest.fixture(scope="session")
-def _trained(tmp_path_factory):
+def _trained(tmp_path_factory, digits_float):
     from mixprec.search import RunConfig, run_search
 
     cache = {}
@@ -19,7 +19,8 @@ def _trained(tmp_path_factory):
     def get(name):
         if name not in cache:
             out = tmp_path_factory.mktemp(f"trained-{name}") / "run"
-            run_search(RunConfig(model="digits-cnn", data="digits", float_epochs=3, qat_epochs=1, **RUNS[name]), out)
+            run_search(RunConfig(model="digits-cnn", data="digits", qat_epochs=1,
+                                 float_from=str(digits_float), **RUNS[name]), out)
             cache[name] = out
         return cache[name]
     return get

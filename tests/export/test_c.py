@@ -3,7 +3,6 @@ set, and the conformance builders x granularities x both numerics), on a Cortex-
 FLASH/RAM sections equal to the cost model, and the static int32 overflow check."""
 from __future__ import annotations
 
-import doctest
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from mixprec.numerics import Requant, div_round_away, multiply_by_quantized_mult
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the conformance builders
 import conformance  # noqa: E402
-from conformance import build_case  # noqa: E402
+from conformance import case_for  # noqa: E402
 from mixprec.granularity import GRANULARITIES  # noqa: E402
 from test_exactness import BUILDERS  # noqa: E402
 
@@ -110,7 +109,7 @@ def test_firmware_flash_sections_are_the_measured_cost_with_mixed_widths(tmp_pat
     firmware, weights and tables together, are the FLASH that cost_report measures (and a budget
     is checked against), and the firmware stays bit-exact under QEMU."""
     t = FIXED_MCU if target == "fixed-mcu" else load_target(target)
-    case = build_case("tiny-cnn", BUILDERS["tiny-cnn"], granularity, numerics)
+    case = case_for("tiny-cnn", BUILDERS["tiny-cnn"], granularity, numerics)
     x = np.concatenate([v.numpy() for v in case.inputs.values()]).astype(np.float32)
     inp = ExportInput(tmp_path, case.ig, case.qm, t, tuple(x.shape[1:]), x)
     artifact = CExporter().export(inp, tmp_path / "c")
@@ -167,8 +166,7 @@ def test_conformance_sweep_bit_exact(tmp_path):
     targets = {"scaled": load_target("generic"), "fixed": FIXED_MCU}
     models, inputs, sizes, measured = [], [], [], {}
     for k, (name, gran, numerics) in enumerate(_sweep_cases()):
-        case = conformance._CASES.get(("TestExactness", name, gran, numerics))  # built by test_exactness
-        case = case or build_case(name, BUILDERS[name], gran, numerics)
+        case = case_for(name, BUILDERS[name], gran, numerics)  # the exactness suite's own cases
         ig = case.ig
         a = assignment(case.qm)  # bits and the grids' post-shifts
         m = generate(ig, case.qm.graph, a, targets[numerics], tmp_path / f"m{k:03d}", prefix=f"m{k:03d}")
@@ -284,11 +282,6 @@ def test_overflow_check_passes_a_normal_graph(c_artifact):
     assert {b["layer"] for b in c_artifact.details["int32_bounds"] if b["what"] == "accumulator"}
 
 
-def test_checks_doctests():
-    result = doctest.testmod(checks, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0
-
-
 # ----------------------------------------------------------------------------- raw inputs in C
 
 QUANTIZE_DRIVER = r"""/* quantize_driver f|i8 RAW.bin CODES.bin: raw float32 or int8 samples -> int32 codes */
@@ -402,7 +395,7 @@ def test_c_input_helpers_equal_the_reference_on_ties(tmp_path, granularity, nume
     preprocessing), and a CIFAR-like (not dyadic) preprocessing near every boundary of a scaled grid."""
     from mixprec.data import Preprocessing
 
-    case = build_case("tiny-cnn", BUILDERS["tiny-cnn"], granularity, numerics)
+    case = case_for("tiny-cnn", BUILDERS["tiny-cnn"], granularity, numerics)
     pre = (Preprocessing(4.0, (0.5, -0.25), (0.5, 2.0)) if numerics == "fixed" else
            Preprocessing(255.0, (0.4914, 0.4822), (0.2470, 0.2435)))
     target = FIXED_MCU if numerics == "fixed" else load_target("generic")

@@ -19,19 +19,16 @@ from mixprec.report.plots import training_curves
 from mixprec.search.config import RunConfig
 from mixprec.search.run import run_search
 
-FAST = dict(model="digits-cnn", data="digits", target="cortex-m4", float_epochs=2, qat_epochs=1)
+FAST = dict(model="digits-cnn", data="digits", target="cortex-m4", qat_epochs=1)
 DATA_PNG = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A folder with two real runs, 4- and 8-bit weights."""
+def runs(tmp_path_factory, digits_float):
+    """A folder with two real runs, 4- and 8-bit weights, from one float model."""
     folder = tmp_path_factory.mktemp("runs")
-    run_search(RunConfig(bits=4, budget={"flash": "12KiB"}, **FAST), folder / "w4")
-    # the float warm-up does not depend on the bits: the 8-bit run reuses it instead of retraining
-    (folder / "w8" / "checkpoints").mkdir(parents=True)
-    shutil.copy(folder / "w4" / "checkpoints" / "float.pt", folder / "w8" / "checkpoints" / "float.pt")
-    run_search(RunConfig(bits=8, **FAST), folder / "w8")
+    run_search(RunConfig(bits=4, budget={"flash": "12KiB"}, float_from=str(digits_float), **FAST), folder / "w4")
+    run_search(RunConfig(bits=8, float_from=str(digits_float), **FAST), folder / "w8")
     return folder
 
 

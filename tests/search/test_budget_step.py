@@ -10,11 +10,12 @@ from torch import nn
 import mixprec
 from mixprec import Budget, BudgetError
 from mixprec.cost import smallest_costs
+from mixprec.cost.keys import BUDGET_KEYS
 from mixprec.models import get_model
 from mixprec.models.registry import get_spec
 from mixprec.search import budget_step as bs
 
-KEYS = ("flash_bytes", "ram_bytes", "ebops", "latency_cycles", "energy_uj")
+KEYS = BUDGET_KEYS  # what the step's before/after record
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -69,6 +70,8 @@ def test_cost_tables_are_the_cost_model(name, target, gran):
         assert est["ebops"] == pytest.approx(real["ebops"], rel=1e-9)
         assert est["cycles"] + p.elem_cycles == pytest.approx(real["latency_cycles"], rel=1e-6)
         assert est["ram"] == real["ram_lower_bound"] <= real["ram_bytes"]
+        assert est["bops"] == pytest.approx(real["bops"], rel=1e-9)
+        assert est["in_out"] == real["ram_mcu_in_out"]
 
 
 @pytest.mark.parametrize("solver", ["milp", "greedy"])
@@ -156,6 +159,39 @@ def test_flash_and_ram_together_on_resnet8(solver):
     assert r.feasible and real["flash_bytes"] <= budget.flash_bytes and real["ram_bytes"] <= budget.ram_bytes
 
 
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+@pytest.mark.parametrize("key", ["bops", "ram_mcu_in_out"])
+def test_bops_and_in_out_ram_budgets_are_met_keeping_what_they_do_not_need_to_cut(key, solver):
+    """Halfway between the narrowest assignment and uniform 8 bits: met on the measured cost, not by
+    going to the minimum (some widths stay at 8). In+out RAM depends on the activations only: the
+    weights keep 8 bits."""
+    qm = _model("digits-cnn", "cortex-m4")
+    full, least = mixprec.cost_report(qm, "cortex-m4").totals[key], _smallest_here(qm, "cortex-m4")[key]
+    limit = (least + full) / 2
+    budget = Budget(**{key: int(limit) if key == "ram_mcu_in_out" else limit})
+    r = bs.budget_step(qm, "cortex-m4", budget, solver=solver)
+    measured = mixprec.cost_report(qm, "cortex-m4").totals[key]
+    assert r.feasible and least < measured <= limit and r.after[key] == measured, (least, measured, limit)
+    w, a = _widths(qm)
+    assert 8.0 in (a if key == "ram_mcu_in_out" else w | a)
+    if key == "ram_mcu_in_out":
+        assert w == {8.0} and min(a) < 8.0
+
+
+def test_in_out_ram_counts_both_inputs_of_an_add_on_resnet8():
+    """At 8 bits ResNet-8's largest in+out is its first add (two 16 KiB inputs and a 16 KiB output;
+    every other layer at most 32 KiB): a limit between the two is met only by narrowing a buffer
+    of the add."""
+    qm = _model("resnet8", "cortex-m7")
+    rows = {row.name: row.in_out_bytes for row in mixprec.cost_report(qm, "cortex-m7").layers}
+    assert rows.pop("1.add") == 3 * 16384 and max(rows.values()) == 2 * 16384
+    budget = Budget(ram_mcu_in_out=5 * 8192)
+    r = bs.budget_step(qm, "cortex-m7", budget)
+    real = mixprec.cost_report(qm, "cortex-m7").totals
+    assert r.feasible and real["ram_mcu_in_out"] <= budget.ram_mcu_in_out
+    assert _widths(qm)[0] == {8.0}
+
+
 def test_latency_on_a_target_where_wider_is_faster_raises_widths():
     """The Cortex-M4 estimates run 8-bit kernels fastest: a latency budget moves 2-bit layers up."""
     qm = _model("digits-cnn", "cortex-m4", bits=2)
@@ -219,7 +255,7 @@ def test_finalize_with_data_measures_fine_tunes_and_stays_within(digits):
     assert mixprec.cost.feasible(report, budget)
 
 
-def test_search_run_applies_the_step_and_records_it(tmp_path, monkeypatch):
+def test_search_run_applies_the_step_and_records_it(tmp_path, monkeypatch, digits_float):
     """A method that ignores the budget: the run fixes it before evaluation and says how."""
     from dataclasses import replace
 
@@ -230,8 +266,8 @@ def test_search_run_applies_the_step_and_records_it(tmp_path, monkeypatch):
         ctx.weight_bits, ctx.act_bits = 8, 8
         return search_uniform(ctx)
     monkeypatch.setitem(methods(), "uniform", replace(get_method("uniform"), run=careless))
-    result = run_search(RunConfig(budget={"flash": "10KiB"}, float_epochs=2, qat_epochs=1, budget_epochs=1),
-                        tmp_path / "r")
+    result = run_search(RunConfig(budget={"flash": "10KiB"}, qat_epochs=1, budget_epochs=1,
+                                  float_from=str(digits_float)), tmp_path / "r")
     step = result["budget_step"]
     assert step["applied"] and step["before"]["flash_bytes"] > 10 * 1024 >= step["after"]["flash_bytes"]
     assert step["sensitivity"] == "measured" and step["solver"] in ("milp", "greedy") and step["changes"]

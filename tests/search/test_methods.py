@@ -29,9 +29,10 @@ def half(monkeypatch):
     yield get_method("half")
 
 
-def test_a_registered_method_is_validated_parsed_and_run(half, tmp_path):
+def test_a_registered_method_is_validated_parsed_and_run(half, tmp_path, digits_float):
     assert list(methods())[:3] == ["uniform", "hgq", "dq"] and "half" in methods()
-    cfg = RunConfig(method="half", options={"bits": "2"}, float_epochs=1, qat_epochs=1, budget_epochs=0)
+    cfg = RunConfig(method="half", options={"bits": "2"}, qat_epochs=1, budget_epochs=0,
+                    float_from=str(digits_float))
     result = run_search(cfg, tmp_path / "run")
     assert result["method"] == "half" and {r["weight_bits_mean"] for r in result["layers"] if "weight_bits" in r} == {2.0}
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['width'\] for --method half; known: bits"):

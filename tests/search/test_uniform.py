@@ -20,10 +20,10 @@ def test_only_the_output_layer_is_widened(target):
     assert uniform_act_bits(graph, 8, t) == 8  # nothing to widen
 
 
-def test_two_bit_activations_on_the_fpga_still_classify(tmp_path):
+def test_two_bit_activations_on_the_fpga_still_classify(tmp_path, digits_float):
     # 2-bit hidden activations: with 2-bit logits too this run scored 16% (80% with 8-bit logits)
-    cfg = RunConfig(model="digits-cnn", data="digits", target="fpga-hls4ml", bits=4, act_bits=2, float_epochs=4,
-                    qat_epochs=2, budget_epochs=0)
+    cfg = RunConfig(model="digits-cnn", data="digits", target="fpga-hls4ml", bits=4, act_bits=2,
+                    qat_epochs=2, budget_epochs=0, float_from=str(digits_float))
     run_search(cfg, tmp_path / "r")
     result = json.loads((tmp_path / "r" / "result.json").read_text())
     acts = {r["name"]: r["act_bits"] for r in result["layers"]}

@@ -1,7 +1,7 @@
 """Budgets: limits on the costs of a ``CostReport``, checked after search and before it starts.
 
-Units: bytes for FLASH and RAM (``ram_bytes`` is the planned arena), plain counts for EBOPs and
-cycles, microjoules for energy.
+Units: bytes for FLASH and RAM (``ram_bytes`` is the planned arena, ``ram_mcu_in_out`` the largest
+input + output buffers of one layer), plain counts for BOPs, EBOPs and cycles, microjoules for energy.
 
 >>> b = Budget.from_strings(flash="32KiB", ram="8KiB", ebops="1e4")
 >>> b.flash_bytes, b.ram_bytes, b.ebops
@@ -30,12 +30,14 @@ class Budget:
     ebops: float | None = None
     energy_uj: float | None = None
     latency_cycles: float | None = None
+    bops: float | None = None
+    ram_mcu_in_out: int | None = None
 
     @classmethod
     def from_strings(cls, **limits) -> "Budget":
-        """From user text keyed by cost name (``cost.keys``: flash, ram, ebops, energy, latency):
-        sizes as ``"32KiB"`` (``units.parse_size``), the rest as numbers (``"1e6"``); energy in uJ,
-        latency in cycles. ``None`` leaves a cost unconstrained."""
+        """From user text keyed by cost name (``cost.keys``: flash, ram, ram_in_out, bops, ebops,
+        energy, latency): sizes as ``"32KiB"`` (``units.parse_size``), the rest as numbers
+        (``"1e6"``); energy in uJ, latency in cycles. ``None`` leaves a cost unconstrained."""
         unknown = sorted(set(limits) - set(BUDGET_NAMES))
         if unknown:
             raise ValueError(f"unknown budget {unknown}; budgets: {', '.join(BUDGET_NAMES)}")
@@ -74,7 +76,7 @@ def smallest_costs(graph: Graph, target: Target, weight_granularity: str | None 
                    allow_pruning: bool = False) -> dict[str, float]:
     """Lower bounds of every budgeted cost on ``target`` (``how_reached`` says how).
 
-    Memory and EBOPs grow with the bits, so their minimum is every weight at the smallest width
+    Memory, BOPs and EBOPs grow with the bits, so their minimum is every weight at the smallest width
     that holds values and every activation at the smallest width, at ``weight_granularity`` (a
     run's; default the target's coarsest: fewest scales) and, with ``allow_pruning``, every layer but
     the last pruned to one group (``min_assignment``). Latency need not: a lower bound puts every
@@ -83,7 +85,7 @@ def smallest_costs(graph: Graph, target: Target, weight_granularity: str | None 
     r = evaluate(graph, min_assignment(graph, target, allow_pruning, weight_granularity), target)
     elementwise = r.totals["latency_cycles"] - sum(row.cycles for row in r.layers if row.macs)
     cycles = elementwise + _fastest_mac_cycles(graph, target)
-    mins = {k: r.totals[k] for k in ("flash_bytes", "ram_bytes", "ebops")}
+    mins = {k: r.totals[k] for k in ("flash_bytes", "ram_bytes", "ram_mcu_in_out", "bops", "ebops")}
     mins.update(latency_cycles=cycles, energy_uj=cycles / target.clock_hz * target.power_mw * 1e3)
     return mins
 
@@ -95,8 +97,9 @@ def how_reached(key: str, target: Target, weight_granularity: str | None = None,
     if allow_pruning and target.allows_pruning:
         weights += ", all but one group of every hidden layer pruned"
     acts = f"activations at {target.min_act_bits} bits"
-    return {"flash_bytes": f"all {weights}", "ram_bytes": f"all {acts}", "ebops": f"all {weights}; {acts}"}.get(
-        key, "every layer at its fastest supported widths")
+    both = f"all {weights}; {acts}"
+    return {"flash_bytes": f"all {weights}", "ram_bytes": f"all {acts}", "ram_mcu_in_out": f"all {acts}",
+            "bops": both, "ebops": both}.get(key, "every layer at its fastest supported widths")
 
 
 _GRANULARITY_ORDER = ("per-tensor", "per-slice", "per-channel", "per-element")
@@ -108,7 +111,7 @@ def _fastest_mac_cycles(graph: Graph, target: Target) -> float:
 
 
 def _fmt(key: str, value: float, unit: str | None = None) -> str:
-    if key in ("flash_bytes", "ram_bytes"):
+    if BY_KEY[key].unit == "B":
         return format_size(value, unit)
     return f"{value:.4g} uJ" if key == "energy_uj" else f"{value:.4g}"
 
@@ -121,7 +124,9 @@ def _violation(key: str, limit: float, smallest: float, target: Target, how: str
 
 def _capacity_errors(budget: Budget, mins: dict[str, float], target: Target, how) -> list[str]:
     errors = []
-    for key, capacity in (("flash_bytes", target.flash_bytes), ("ram_bytes", target.ram_bytes)):
+    # the in+out figure is part of the peak RAM: a device holds no more of it than its RAM
+    for key, capacity in (("flash_bytes", target.flash_bytes), ("ram_bytes", target.ram_bytes),
+                          ("ram_mcu_in_out", target.ram_bytes)):
         limit = getattr(budget, key)
         if capacity is not None and limit is not None and limit > capacity:
             errors.append(f"{_LABELS[key]} budget {_fmt(key, limit)} exceeds the {_fmt(key, capacity)} "

@@ -3,7 +3,7 @@
 step's messages and the reports.
 
 >>> BY_NAME["flash"].key, BY_KEY["ram_bytes"].label, [c.name for c in COSTS if c.budget]
-('flash_bytes', 'RAM', ['flash', 'ram', 'ebops', 'latency', 'energy'])
+('flash_bytes', 'RAM', ['flash', 'ram', 'ram_in_out', 'bops', 'ebops', 'latency', 'energy'])
 """
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ class CostKey:
 COSTS = (
     CostKey("flash_bytes", "flash", "FLASH", "B", True),
     CostKey("ram_bytes", "ram", "RAM", "B", True),
+    # the MCU paper's RAM constraint: the largest (input buffers + output buffer) of one layer
+    CostKey("ram_mcu_in_out", "ram_in_out", "in+out RAM (largest input+output buffers of one layer)", "B", True),
     CostKey("macs", "macs", "MACs", "", False),
-    CostKey("bops", "bops", "BOPs", "", False),
+    CostKey("bops", "bops", "BOPs", "", True),
     CostKey("ebops", "ebops", "EBOPs", "", True),
     CostKey("latency_cycles", "latency", "latency", "cycles", True),
     CostKey("energy_uj", "energy", "energy", "uJ", True),

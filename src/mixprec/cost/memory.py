@@ -195,10 +195,16 @@ def live_bytes_peak(sizes: dict[str, torch.Tensor], spans: dict[str, tuple[int, 
     return torch.stack([sum((sizes[b] for b, (s, e) in spans.items() if s <= t <= e), zero) for t in steps]).max()
 
 
-def in_out_bytes(graph: Graph, sizes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The MCU-paper figure per layer: input buffers + output buffer (views and the input node skipped)."""
-    return {n.name: sum((sizes[graph.buffer_source(i)] for i in n.inputs), sizes[n.name])
+def in_out_buffers(graph: Graph) -> dict[str, list[str]]:
+    """Per layer, the buffers the MCU-paper figure adds: its output buffer, then its input buffers
+    (views and the input node skipped; an input read twice counts twice)."""
+    return {n.name: [n.name] + [graph.buffer_source(i) for i in n.inputs]
             for n in graph if n.op not in ALIAS_OPS and n.op != "input"}
+
+
+def in_out_bytes(graph: Graph, sizes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The MCU-paper figure per layer: input buffers + output buffer (``in_out_buffers``)."""
+    return {name: sum((sizes[b] for b in bufs[1:]), sizes[bufs[0]]) for name, bufs in in_out_buffers(graph).items()}
 
 
 # ----------------------------------------------------------------------------- arena planning

@@ -7,6 +7,7 @@ from html import escape
 
 import numpy as np
 
+from ..cost.keys import BY_KEY
 from ..cost.units import format_size
 from .data import COST_KEYS, COST_LABELS, as_list, bits_label, mean_bits
 
@@ -68,7 +69,7 @@ def format_cost(key: str, value, clock_hz: float | None = None) -> str:
     """A cost in its unit: sizes in binary units with the exact byte count, counts with separators."""
     if value is None:
         return "–"
-    if key.endswith("bytes"):
+    if key.endswith("bytes") or getattr(BY_KEY.get(key), "unit", None) == "B":
         return f"{format_size(value)} ({value:,.0f} B)" if value >= 1024 else format_size(value)
     if key == "latency_cycles":
         ms = f" ≈ {value / clock_hz * 1e3:.3g} ms" if clock_hz else ""

@@ -15,7 +15,7 @@ class RunConfig:
     bits: int | None = None  # weights; None: the widest the budget allows
     act_bits: int | None = None  # None: the smallest supported width >= the weight width
     weight_granularity: str | None = None  # None: per channel where the target allows it
-    budget: dict = field(default_factory=dict)  # flash, ram, ebops, energy, latency as user text
+    budget: dict = field(default_factory=dict)  # flash, ram, ram_in_out, bops, ebops, energy, latency as user text
     float_epochs: int = 15
     qat_epochs: int = 10
     budget_epochs: int = 1  # fine-tune after the budget step (only when it had to change the bits)

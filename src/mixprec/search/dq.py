@@ -7,8 +7,9 @@ multi-phase schedule, within the run's QAT epochs:
 a. ``weight_epochs`` of weights only, precision frozen;
 b. the rest: weights every step, quantizer parameters every ``k`` steps on their own optimiser,
    against the ramped squared hinge ``s(t) * sum_c weight_c * relu(cost_c / target_c - 1)^2`` over
-   every budget limit (FLASH and RAM are the paper's weight and activation memories; EBOPs,
-   energy and latency work the same way), ``s`` rising from 0.01 to 1 over the first half;
+   every budget limit (FLASH and RAM are the paper's weight and activation memories; in+out RAM,
+   BOPs, EBOPs, energy and latency work the same way), ``s`` rising from 0.01 to 1 over the first
+   half;
 c. the most accurate epoch whose measured cost meets the budget is kept (the last when none does);
 d. the precision is frozen into fixed bits; the run's final stage (budget step when needed, then
    ``budget_epochs`` of fine-tuning with the bits frozen) finishes it.

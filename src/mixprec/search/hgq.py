@@ -3,11 +3,12 @@
 Every weight group (element, channel, slice or tensor: the target decides what is allowed) and
 every activation tensor learns its fractional bits ``f`` by the surrogate gradient of
 :mod:`mixprec.quantizers.hgq`, against a cost penalty ``beta * cost / reference``. The cost is any
-total of the cost model (EBOPs, FLASH, peak RAM, energy, latency). ``beta`` follows a schedule
-(constant, linear or log ramp) or a controller that tracks a target cost (by default 95% of the
-budget on that cost). Every epoch is measured exactly; epochs on the (validation accuracy, cost)
-Pareto front are kept in ``RUN/pareto/``; the result is the most accurate epoch that meets the
-budget (the last one when none does), recalibrated and frozen into fixed bits for the budget step.
+total of the cost model (EBOPs, BOPs, FLASH, peak RAM, in+out RAM, energy, latency). ``beta``
+follows a schedule (constant, linear or log ramp) or a controller that tracks a target cost (by
+default 95% of the budget on that cost). Every epoch is measured exactly; epochs on the (validation
+accuracy, cost) Pareto front are kept in ``RUN/pareto/``; the result is the most accurate epoch
+that meets the budget (the last one when none does), recalibrated and frozen into fixed bits for
+the budget step.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ SCHEDULES = ("constant", "linear", "log", "controller")
 
 @dataclass
 class HGQOptions:
-    cost: str = ""  # the cost to steer by (flash, ram, ebops, energy, latency); "" = the first budget limit, else ebops
+    cost: str = ""  # the cost to steer by (flash, ram, ram_in_out, bops, ebops, energy, latency); "" = the first budget limit, else ebops
     schedule: str = ""  # constant | linear | log | controller; "" = controller when the cost has a budget, else log
     beta: float = 1e-2  # penalty weight of cost / reference (the budget, else the starting cost)
     beta_end: float = 1.0  # end of the linear / log ramp

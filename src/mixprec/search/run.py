@@ -25,6 +25,7 @@ from ..convert import quantize
 from ..cost import (Budget, BudgetError, Target, as_target, assignment, check, check_achievable, evaluate,
                     violations)
 from ..cost.deployed import cost_report
+from ..cost.keys import COSTS
 from ..cost.targets import activation_width_for, weight_granularity_for
 from ..data import Splits, load_dataset
 from ..execute import verify_against_reference
@@ -260,8 +261,7 @@ def finish(run: RunState) -> None:
         "accuracy": {"float": float_acc, "quantized": quant_acc, "chance": chance},
         "degenerate": bool(degenerate), "degenerate_reason": degenerate,
         "search_gap": search_gap(run.budget_step, budget),
-        "cost": {k: report.totals[k] for k in ("flash_bytes", "ram_bytes", "macs", "bops", "ebops",
-                                                "latency_cycles", "energy_uj")},
+        "cost": {c.key: report.totals[c.key] for c in COSTS},
         "cost_detail": dict(report.totals),
         "budget": budget.limits(),
         "budget_checks": {k: {"value": v, "limit": lim, "ok": ok} for k, (v, lim, ok) in checks.items()},

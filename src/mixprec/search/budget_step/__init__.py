@@ -1,5 +1,6 @@
 """The budget step: after any search method, make a quantized model meet every hard budget
-(FLASH, peak RAM, EBOPs, energy, latency) while losing as little accuracy as it can.
+(FLASH, peak RAM, the MCU paper's in+out RAM, BOPs, EBOPs, energy, latency) while losing as little
+accuracy as it can.
 
 Gradient methods only penalise their costs, so their result may miss a budget; a method may also
 leave widths the target's kernels do not run. This step fixes both, and is what ``api.finalize``
@@ -38,20 +39,21 @@ Sensitivities are made non-increasing in the width; a negligible multiple of the
 
 **Costs** per group and width come from the cost model's own functions (``memory``,
 ``compute``), computed once per layer and width: FLASH bytes of the group's channels (parameter
-bytes do not depend on the widths), EBOPs (effective bits, highest to lowest set bit, of the integer
-weights as lowering computes them once the model is calibrated, nominal bits before) and cycles (the throughput table
-at the channel's widest weight and the input's widest activation) for every width of the layer's
-input activation quantizer, and, per activation quantizer and width, the aligned size of every
-activation buffer whose grid it defines. FLASH is additive over groups; EBOPs and cycles are
-bilinear (weight width times input width), and latency and energy are both the total cycles.
+bytes do not depend on the widths), BOPs (nominal bits), EBOPs (effective bits, highest to lowest
+set bit, of the integer weights as lowering computes them once the model is calibrated, nominal
+bits before) and cycles (the throughput table at the channel's widest weight and the input's
+widest activation) for every width of the layer's input activation quantizer, and, per activation
+quantizer and width, the size (unaligned and aligned) of every activation buffer whose grid it
+defines. FLASH is additive over groups; BOPs, EBOPs and cycles are bilinear (weight width times
+input width), and latency and energy are both the total cycles.
 
 **Selection** is an integer program (``scipy.optimize.milp``, HiGHS, relative gap ``MIP_GAP``): a
 binary ``x[g, w]`` per weight group and width, ``y[q, a]`` per activation quantizer and width, one
 per group (``sum_w x[g, w] = 1``), minimising ``sum s x + sum s y`` subject to
 
 - FLASH: ``sum_{g,w} F[g, w] x[g, w] <= flash - param bytes``;
-- EBOPs and cycles, exactly despite the products ``x[g, w] y[q_l, a]`` of a layer's weight width
-  and its input width: continuous ``z[g, w, a] >= 0`` with ``sum_a z[g, w, a] = x[g, w]`` and
+- BOPs, EBOPs and cycles, exactly despite the products ``x[g, w] y[q_l, a]`` of a layer's weight
+  width and its input width: continuous ``z[g, w, a] >= 0`` with ``sum_a z[g, w, a] = x[g, w]`` and
   ``sum_w z[g, w, a] = y[q_l, a]`` (``z = x y`` at integer points, and each group's LP relaxation
   is the convex hull of its choices, which keeps branch and bound short), then
   ``sum C[g, w, a] z[g, w, a] <= limit``. Above ``HULL_MAX_VARS`` product variables, one continuous
@@ -59,13 +61,16 @@ per group (``sum_w x[g, w] = 1``), minimising ``sum s x + sum s y`` subject to
   stands in. Latency and energy limits become one cycles limit, less the elementwise cycles;
 - peak RAM: for every step of the execution order, the aligned sizes of the buffers live at that
   step sum to at most the limit (the planner's arena is at least this bound);
+- in+out RAM (the MCU paper's figure, a maximum over layers): for every layer, the sizes of its
+  input buffers and its output buffer sum to at most the limit;
 - pruning: ``sum_{g in l} x[g, 0] <= G_l - 1``.
 
 Its answer is polished (undo any reduction the limits no longer need) and compared with the greedy
 one, which wins only where the solver stopped at its time limit. The greedy selection is also the
 fallback (``milp`` unavailable or failing, more than ``MILP_MAX_VARS`` variables): it repeatedly
 takes the change with the least sensitivity per unit of normalised violated cost (RAM as the bytes
-over the limit summed over the live sets, so ties between sets do not stall it), then polishes.
+over the limit summed over the live sets, in+out RAM likewise over the layers, so ties between
+sets do not stall it), then polishes.
 After setting the bits the cost is re-measured with ``cost_report`` (never assumed): every table
 entry is the cost model's own figure, but the arena planner can need more than the live-set bound
 (and fixed-point activation grids can move), so while a measured cost still exceeds its limit that

@@ -1,5 +1,5 @@
 """The selection problem of the budget step: per weight group / activation quantizer the candidate
-widths and the cost of each (FLASH, EBOPs, cycles, activation buffer bytes: the public
+widths and the cost of each (FLASH, BOPs, EBOPs, cycles, activation buffer bytes: the public
 ``cost.tables``), with the squared quantization errors the sensitivities share, built by
 ``_build``; applying a choice to the model; and the internal limits a budget sets and their
 tightening."""
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ...cost import Budget, CostReport, Target
-from ...cost import compute
+from ...cost import compute, memory
 from ...cost.bits import BitAssignment
 from ...cost.tables import CostTables, build_tables, cap
 from ...lower import integer_weights
@@ -19,6 +19,10 @@ from .bits import _EPS, _apply, _apply_all, _padded, _set_bits
 
 
 # ----------------------------------------------------------------------------- tables
+
+#: Costs that are a maximum over buffer sets, each set a linear row in the activation widths:
+#: peak RAM (aligned buffers live at one step) and the in+out figure (a layer's input + output)
+SET_COSTS = ("ram", "in_out")
 
 
 @dataclass
@@ -29,7 +33,8 @@ class _Act:
     widths: np.ndarray  # (A,) candidate widths, ascending
     cur: int  # index of the unchanged width
     sens: np.ndarray  # (A,)
-    buffers: dict  # buffer -> (A,) aligned bytes
+    buffers: dict  # buffer -> (A,) aligned bytes (the live sets of peak RAM)
+    sizes: dict  # buffer -> (A,) unaligned bytes (the in+out figure)
 
 
 @dataclass
@@ -43,6 +48,7 @@ class _Layer:
     cur: np.ndarray  # (G,) index of each group's unchanged width
     flash: np.ndarray  # (G, K)
     ebops: np.ndarray  # (G, K, A)
+    bops: np.ndarray  # (G, K, A)
     cycles: np.ndarray  # (G, K, A)
     err: np.ndarray  # (G, K) squared weight quantization error
     sens: np.ndarray  # (G, K)
@@ -61,6 +67,7 @@ class _Problem:
     elem_cycles: float
     live_sets: list[list[str]]  # buffers live together at some step (deduplicated)
     buffer_q: dict[str, str]  # buffer -> the activation quantizer that sets its size
+    in_out: list[list[str]]  # per layer: its output and input buffers (the MCU paper's in+out figure)
 
     def n_vars(self) -> int:
         return (sum(layer.allowed.size for layer in self.layers) + sum(len(a.widths) for a in self.acts.values())
@@ -70,27 +77,44 @@ class _Problem:
         return {layer.name: layer.cur.copy() for layer in self.layers}, {q: a.cur for q, a in self.acts.items()}
 
     def totals(self, kw: dict, ka: dict) -> dict:
-        """Internal totals of a choice: weight bytes, EBOPs, MAC cycles, live-set RAM bound."""
-        out = {"flash": 0.0, "ebops": 0.0, "cycles": 0.0}
+        """Internal totals of a choice: weight bytes, BOPs, EBOPs, MAC cycles, live-set RAM bound,
+        largest in+out bytes."""
+        out = {"flash": 0.0, "bops": 0.0, "ebops": 0.0, "cycles": 0.0}
         for layer in self.layers:
             g, k, a = np.arange(layer.groups), kw[layer.name], ka[layer.in_q]
             out["flash"] += float(layer.flash[g, k].sum())
-            out["ebops"] += float(layer.ebops[g, k, a].sum())
-            out["cycles"] += float(layer.cycles[g, k, a].sum())
-        out["ram"] = self.ram(ka)
+            for key in ("bops", "ebops", "cycles"):
+                out[key] += float(getattr(layer, key)[g, k, a].sum())
+        for key in SET_COSTS:
+            out[key] = max(self.set_bytes(key, ka), default=0.0)
         return out
 
+    def buffer_sets(self, key: str) -> list[list[str]]:
+        """The buffer sets a set cost (``SET_COSTS``) bounds: live sets (ram) or layers (in_out)."""
+        return self.live_sets if key == "ram" else self.in_out
+
+    def buffer_table(self, key: str, buffer: str) -> np.ndarray:
+        """(A,) bytes of ``buffer`` at its quantizer's widths: aligned (ram) or as stored (in_out)."""
+        act = self.acts[self.buffer_q[buffer]]
+        return (act.buffers if key == "ram" else act.sizes)[buffer]
+
+    def set_bytes(self, key: str, ka: dict) -> list[float]:
+        """Bytes of each set of ``buffer_sets(key)`` under the activation choice ``ka``."""
+        return [float(sum(self.buffer_table(key, b)[ka[self.buffer_q[b]]] for b in s)) for s in self.buffer_sets(key)]
+
     def live_bytes(self, ka: dict) -> list[float]:
-        size = {b: self.acts[q].buffers[b][ka[q]] for b, q in self.buffer_q.items()}
-        return [sum(size[b] for b in live) for live in self.live_sets]
+        return self.set_bytes("ram", ka)
 
     def ram(self, ka: dict) -> float:
         return max(self.live_bytes(ka), default=0.0)
 
+    def excess(self, key: str, ka: dict, limit: float) -> float:
+        """Bytes over ``limit`` summed over the sets of ``key`` (0 iff every set meets it); unlike
+        the maximum, every set over the limit counts, so ties do not stall the greedy."""
+        return float(sum(max(0.0, s - limit) for s in self.set_bytes(key, ka)))
+
     def ram_excess(self, ka: dict, limit: float) -> float:
-        """Bytes over ``limit`` summed over the live sets (0 iff the live-set bound meets it); unlike
-        the peak, every buffer of every set over the limit counts, so ties do not stall the greedy."""
-        return float(sum(max(0.0, s - limit) for s in self.live_bytes(ka)))
+        return self.excess("ram", ka, limit)
 
     def sens(self, kw: dict, ka: dict) -> float:
         s = sum(float(layer.sens[np.arange(layer.groups), kw[layer.name]].sum()) for layer in self.layers)
@@ -122,7 +146,7 @@ def _acts(tables: CostTables) -> dict[str, _Act]:
     for q, a in tables.acts.items():
         top = float(a.base.max())
         acts[q] = _Act(q, a.shape, a.base, a.widths, int(np.argmin(np.abs(a.widths - top))), np.zeros(len(a.widths)),
-                       a.aligned)
+                       a.aligned, a.buffers)
     return acts
 
 
@@ -183,7 +207,7 @@ def _layer(qm, tables: CostTables, t: Target, name: str, prunable: bool, upward:
     cur = np.array([int(np.argmin(np.abs(table.widths - m))) for m in top])
     prune_k = int(np.flatnonzero(table.widths == 0)[0]) if prunable and (table.widths == 0).any() else None
     return _Layer(name, table.in_act, table.shape, table.base, table.widths, allowed, cur, table.flash, table.ebops,
-                  table.cycles, err, np.zeros((g0, len(table.widths))), prune_k)
+                  table.bops, table.cycles, err, np.zeros((g0, len(table.widths))), prune_k)
 
 
 def _build(qm, t: Target, upward: bool) -> _Problem:
@@ -201,7 +225,8 @@ def _build(qm, t: Target, upward: bool) -> _Problem:
     tables = build_tables(graph, t, base, weight_widths=weight_widths, act_widths=_act_widths(t, upward),
                           effective=_effective_bits(qm) if calibrated else None)
     layers = [_layer(qm, tables, t, name, prunable[name], upward) for name in weighted]
-    return _Problem(layers, _acts(tables), tables.param_bytes, tables.elem_cycles, tables.live_sets, tables.buffer_act)
+    return _Problem(layers, _acts(tables), tables.param_bytes, tables.elem_cycles, tables.live_sets, tables.buffer_act,
+                    list(memory.in_out_buffers(graph).values()))
 
 
 def _apply_choice(qm, p: _Problem, kw: dict, ka: dict) -> None:
@@ -214,6 +239,9 @@ def _apply_choice(qm, p: _Problem, kw: dict, ka: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- limits
+
+#: Internal limits that are a budget as it is: internal name -> budget key
+_AS_BUDGETED = {"ram": "ram_bytes", "in_out": "ram_mcu_in_out", "bops": "bops", "ebops": "ebops"}
 
 
 def _cycles_per_uj(t: Target) -> float:
@@ -231,10 +259,9 @@ def _limits(p: _Problem, budget: Budget, t: Target) -> dict:
     lim = {}
     if budget.flash_bytes is not None:
         lim["flash"] = budget.flash_bytes - p.param_bytes
-    if budget.ram_bytes is not None:
-        lim["ram"] = float(budget.ram_bytes)
-    if budget.ebops is not None:
-        lim["ebops"] = float(budget.ebops)
+    for name, key in _AS_BUDGETED.items():
+        if getattr(budget, key) is not None:
+            lim[name] = float(getattr(budget, key))
     cyc = []
     if budget.latency_cycles is not None:
         cyc.append(budget.latency_cycles - p.elem_cycles)
@@ -249,12 +276,10 @@ def _tighten(lim: dict, report: CostReport, budget: Budget, t: Target, p: _Probl
     """Lower each internal limit whose measured cost exceeds its budget by the excess."""
     totals = report.totals
     excess = {}
-    if budget.flash_bytes is not None and totals["flash_bytes"] > budget.flash_bytes:
-        excess["flash"] = totals["flash_bytes"] - budget.flash_bytes
-    if budget.ram_bytes is not None and totals["ram_bytes"] > budget.ram_bytes:
-        excess["ram"] = totals["ram_bytes"] - budget.ram_bytes
-    if budget.ebops is not None and totals["ebops"] > budget.ebops:
-        excess["ebops"] = totals["ebops"] - budget.ebops
+    for name, key in {"flash": "flash_bytes", **_AS_BUDGETED}.items():
+        limit = getattr(budget, key)
+        if limit is not None and totals[key] > limit:
+            excess[name] = totals[key] - limit
     cyc = []
     if budget.latency_cycles is not None and totals["latency_cycles"] > budget.latency_cycles:
         cyc.append(totals["latency_cycles"] - budget.latency_cycles)
@@ -263,7 +288,7 @@ def _tighten(lim: dict, report: CostReport, budget: Budget, t: Target, p: _Probl
     if cyc:
         excess["cycles"] = max(cyc)
     for k, e in excess.items():
-        step = max(e, 1.0 if k in ("flash", "ram") else abs(lim[k]) * 1e-6)
+        step = max(e, 1.0 if k in ("flash", *SET_COSTS) else abs(lim[k]) * 1e-6)
         if k == "ram":
             step = max(step, t.alignment)
         lim[k] = min(lim[k], est[k]) - step

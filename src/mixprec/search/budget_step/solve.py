@@ -4,11 +4,10 @@ limits do not need, ``_solve`` choosing between them, and the narrowest choice `
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 
-from .problem import _Problem
+from .problem import SET_COSTS, _Problem
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +22,7 @@ MIP_GAP = 1e-2  # relative optimality gap of the integer program (the sensitivit
 def _solve_milp(p: _Problem, lim: dict, time_limit: float):
     """Optimal choice under the internal limits (``mip_rel_gap`` MIP_GAP), or None when none exists.
 
-    The bilinear costs (EBOPs, cycles) use the tight product formulation where it stays small:
+    The bilinear costs (BOPs, EBOPs, cycles) use the tight product formulation where it stays small:
     ``z[g, w, a] >= 0`` with ``sum_a z = x[g, w]`` and ``sum_w z = y[q, a]`` (so ``z = x y`` at
     integer points, and the LP relaxation is the convex hull of each group's choices); above
     ``HULL_MAX_VARS`` product variables, the big-M rows of the module docstring.
@@ -31,7 +30,7 @@ def _solve_milp(p: _Problem, lim: dict, time_limit: float):
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import coo_array
 
-    bilinear = [k for k in ("ebops", "cycles") if k in lim]
+    bilinear = [k for k in ("bops", "ebops", "cycles") if k in lim]
     n = 0
     x_off = {}
     for layer in p.layers:
@@ -116,15 +115,9 @@ def _solve_milp(p: _Problem, lim: dict, time_limit: float):
                 _big_m_rows(row, layer, cost, x_index(layer).ravel(), t_off[key, layer.name],
                             y_off[layer.in_q] + np.arange(cost.shape[2]))
         row(np.concatenate(idx), np.concatenate(coef) / scale, -np.inf, lim[key] / scale)
-    if "ram" in lim:
-        scale = max(abs(lim["ram"]), 1.0)
-        for live in p.live_sets:
-            coef: dict[int, float] = {}
-            for b in live:
-                q = p.buffer_q[b]
-                for i, size in enumerate(p.acts[q].buffers[b]):
-                    coef[y_off[q] + i] = coef.get(y_off[q] + i, 0.0) + size / scale
-            row(list(coef), list(coef.values()), -np.inf, lim["ram"] / scale)
+    for key in SET_COSTS:
+        if key in lim:
+            _buffer_set_rows(row, p, key, y_off, lim[key])
     A = coo_array((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(len(lo), n)).tocsr()
     res = milp(c, integrality=integrality, bounds=Bounds(lower, upper),
                constraints=LinearConstraint(A, np.array(lo), np.array(hi)),
@@ -140,6 +133,19 @@ def _solve_milp(p: _Problem, lim: dict, time_limit: float):
           for layer in p.layers}
     ka = {q: int(x[y_off[q]:y_off[q] + len(a.widths)].argmax()) for q, a in p.acts.items()}
     return kw, ka
+
+
+def _buffer_set_rows(row, p: _Problem, key: str, y_off: dict, limit: float) -> None:
+    """``sum_{b in S} sum_a size_b[a] y[q_b, a] <= limit`` for every buffer set ``S`` of ``key``
+    (``_Problem.buffer_sets``: the live sets of peak RAM, each layer's in+out buffers)."""
+    scale = max(abs(limit), 1.0)
+    for buffers in p.buffer_sets(key):
+        coef: dict[int, float] = {}
+        for b in buffers:
+            o = y_off[p.buffer_q[b]]
+            for i, size in enumerate(p.buffer_table(key, b)):
+                coef[o + i] = coef.get(o + i, 0.0) + size / scale
+        row(list(coef), list(coef.values()), -np.inf, limit / scale)
 
 
 def _big_m_rows(row, layer, cost, xs, ti, ys) -> None:
@@ -161,10 +167,17 @@ def _over(tot: dict, lim: dict) -> dict:
 
 
 def _greedy_totals(p: _Problem, kw: dict, ka: dict, lim: dict) -> dict:
+    """``p.totals``, the set costs as their excess over the limit (``_greedy_limits``)."""
     tot = p.totals(kw, ka)
-    if "ram" in lim:
-        tot["ram"] = p.ram_excess(ka, lim["ram"])
+    for key in SET_COSTS:
+        if key in lim:
+            tot[key] = p.excess(key, ka, lim[key])
     return tot
+
+
+def _greedy_limits(lim: dict) -> dict:
+    """The limits the greedy compares ``_greedy_totals`` with: a set cost's excess with 0."""
+    return {k: 0.0 if k in SET_COSTS else v for k, v in lim.items()}
 
 
 def _moves(p: _Problem, kw: dict, ka: dict, lim: dict):
@@ -172,9 +185,10 @@ def _moves(p: _Problem, kw: dict, ka: dict, lim: dict):
     for layer in p.layers:
         g = np.arange(layer.groups)
         k, a = kw[layer.name], ka[layer.in_q]
-        d = {"flash": layer.flash - layer.flash[g, k][:, None],
-             "ebops": layer.ebops[:, :, a] - layer.ebops[g, k, a][:, None],
-             "cycles": layer.cycles[:, :, a] - layer.cycles[g, k, a][:, None]}
+        d = {"flash": layer.flash - layer.flash[g, k][:, None]}
+        for key in ("bops", "ebops", "cycles"):
+            cost = getattr(layer, key)
+            d[key] = cost[:, :, a] - cost[g, k, a][:, None]
         ds = layer.sens - layer.sens[g, k][:, None]
         ok = layer.allowed.copy()
         ok[g, k] = False
@@ -183,19 +197,20 @@ def _moves(p: _Problem, kw: dict, ka: dict, lim: dict):
             if pruned >= layer.groups - 1:
                 ok[:, layer.prune_k] &= False
         yield "w", layer, ok, d, ds
-    ram_lim = lim.get("ram", math.inf)
-    ram0 = p.ram_excess(ka, ram_lim)
+    set_lim = {key: lim[key] for key in SET_COSTS if key in lim}
+    set0 = {key: p.excess(key, ka, limit) for key, limit in set_lim.items()}
     for q, act in p.acts.items():
-        d = {"flash": np.zeros(len(act.widths)), "ebops": np.zeros(len(act.widths)), "cycles": np.zeros(len(act.widths)),
-             "ram": np.zeros(len(act.widths))}
+        d = {key: np.zeros(len(act.widths)) for key in ("flash", "bops", "ebops", "cycles", *SET_COSTS)}
         for layer in p.layers:
             if layer.in_q == q:
                 g, k = np.arange(layer.groups), kw[layer.name]
-                d["ebops"] += layer.ebops[g, k, :].sum(0) - layer.ebops[g, k, ka[q]].sum()
-                d["cycles"] += layer.cycles[g, k, :].sum(0) - layer.cycles[g, k, ka[q]].sum()
+                for key in ("bops", "ebops", "cycles"):
+                    cost = getattr(layer, key)
+                    d[key] += cost[g, k, :].sum(0) - cost[g, k, ka[q]].sum()
         for i in range(len(act.widths)):
-            if i != ka[q]:
-                d["ram"][i] = p.ram_excess({**ka, q: i}, ram_lim) - ram0
+            for key, limit in set_lim.items():
+                if i != ka[q]:
+                    d[key][i] = p.excess(key, {**ka, q: i}, limit) - set0[key]
         ok = np.ones(len(act.widths), dtype=bool)
         ok[ka[q]] = False
         yield "a", act, ok, d, act.sens - act.sens[ka[q]]
@@ -207,7 +222,7 @@ def _solve_greedy(p: _Problem, lim: dict, start=None, max_steps: int = 100_000):
     kw = {k: v.copy() for k, v in kw.items()}
     ka = dict(ka)
     keys = list(lim)
-    glim = {**lim, "ram": 0.0} if "ram" in lim else dict(lim)  # RAM as the excess over the live sets
+    glim = _greedy_limits(lim)  # RAM and in+out as the excess over their buffer sets
     for _ in range(max_steps):
         tot = _greedy_totals(p, kw, ka, lim)
         over = _over(tot, glim)
@@ -248,7 +263,7 @@ def _polish(p: _Problem, lim: dict, kw: dict, ka: dict, max_steps: int = 100_000
     kw = {k: v.copy() for k, v in kw.items()}
     ka = dict(ka)
     keys = list(lim)
-    glim = {**lim, "ram": 0.0} if "ram" in lim else dict(lim)
+    glim = _greedy_limits(lim)
     for _ in range(max_steps):
         tot = _greedy_totals(p, kw, ka, lim)
         best = None
