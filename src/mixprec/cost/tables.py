@@ -32,6 +32,14 @@ elementwise cycles, the MACs, the buffers live at each execution step.
   ``C_out (1 - sum_k prod_g p[g, k])``, exact when each group's base bits are one width. Peak RAM is
   a maximum, which has no closed-form expectation: ``ram_bytes`` is the largest expected sum of
   the buffers live at one step (a lower bound of the expected peak).
+
+**Pruning.** A width that leaves an output channel without weights (0 bits) prunes it: ``totals``
+and ``expected`` then cost the model with the channel removed, with what it frees through the
+graph (its bias and requantization entries, its channel of every buffer, the weight columns that
+read it, their MACs; ``graph.channels`` for residual ties and grouped convolutions). The per-channel
+tables this takes are made on first use (``cost.pruning``, which says what ``expected`` assumes).
+``totals`` of a choice without a 0-width group, and ``expected`` where no layer has a 0 width, come
+from the tables above as before.
 """
 from __future__ import annotations
 
@@ -44,7 +52,7 @@ import torch
 
 from ..granularity import expand
 from ..graph.ir import ALIAS_OPS, Graph
-from . import compute, memory
+from . import compute, memory, pruning
 from .bits import BitAssignment, act_bits as resolve_act_bits, act_storage_bits
 from .targets import Target
 
@@ -88,6 +96,10 @@ class ActTable:
     aligned: dict  # buffer -> (A,) bytes, aligned to the target
     table_bytes: np.ndarray  # (A,) layout-table bytes of those buffers
 
+    def bits(self, i: int) -> torch.Tensor:
+        """The quantizer's bits (its own shape) at ``widths[i]``."""
+        return cap_all(self.base, float(self.widths[i])).reshape(self.shape)
+
 
 @dataclass
 class WeightTable:
@@ -103,6 +115,10 @@ class WeightTable:
     bops: np.ndarray  # (G, K, A) nominal bits x input bits x output positions
     cycles: np.ndarray  # (G, K, A) MAC cycles
     channels: int  # output channels (the width table's bytes when widths differ)
+    # per output channel and weight column (dim 1), for what pruning frees (``cost.pruning``)
+    col_eff: np.ndarray  # (C_out, K, columns) EBOPs weight bits summed over the kernel
+    col_nom: np.ndarray  # (C_out, K, columns) nominal bits summed over the kernel
+    col_in_bits: np.ndarray  # (A, C_out, columns) the input bits each column multiplies
 
     @property
     def groups(self) -> int:
@@ -126,11 +142,16 @@ class CostTables:
     live_sets: list[list[str]]  # buffers live together at some step (dominated sets dropped)
     buffer_act: dict[str, str]  # buffer -> the activation quantizer that sets its size
     _torch: dict = field(default_factory=dict, repr=False)
+    _pruning: dict = field(default_factory=dict, repr=False)  # per-channel tables, made on first use
 
     # -- one choice ----------------------------------------------------------------------------------
     def totals(self, weights: dict, acts: dict) -> dict[str, float]:
         """Every cost of one choice: ``weights[layer]`` the width index of each group (G,),
-        ``acts[quantizer]`` the width index of each activation quantizer."""
+        ``acts[quantizer]`` the width index of each activation quantizer. A row left without
+        weights is pruned: the cost is the model's with it removed (``cost.pruning``)."""
+        pruned = pruning.totals(self, weights, acts)
+        if pruned is not None:
+            return pruned
         t = self.target
         out = {"weight_bytes": 0.0, "ebops": 0.0, "bops": 0.0, "cycles": 0.0, "table_bytes": 0.0}
         for name, layer in self.layers.items():
@@ -171,7 +192,10 @@ class CostTables:
     # -- a distribution over choices -----------------------------------------------------------------
     def expected(self, p_weights: dict, p_acts: dict) -> dict[str, torch.Tensor]:
         """The expectation of every additive cost under independent per-group probabilities:
-        ``p_weights[layer]`` (G, K) and ``p_acts[quantizer]`` (A,), rows summing to 1."""
+        ``p_weights[layer]`` (G, K) and ``p_acts[quantizer]`` (A,), rows summing to 1. Where a
+        width prunes rows, what they free is expected too (``cost.pruning``)."""
+        if pruning.can_prune(self):
+            return pruning.expected(self, p_weights, p_acts)
         zero = torch.zeros((), dtype=torch.float64)
         out = {k: zero for k in ("weight_bytes", "table_bytes", "ebops", "bops", "cycles")}
         for name, layer in self.layers.items():
@@ -285,15 +309,19 @@ def _weight_table(graph: Graph, t: Target, base: BitAssignment, name: str, acts:
     K, A = len(widths), len(act.widths)
     flash = np.zeros((g0, K))
     ebops, bops, cycles = np.zeros((g0, K, A)), np.zeros((g0, K, A)), np.zeros((g0, K, A))
+    col_eff, col_nom = np.zeros((cout, K, ws[1])), np.zeros((cout, K, ws[1]))
+    col_in = np.stack([expand(b, ws).reshape(cout, ws[1], -1)[..., 0].numpy() for b in in_bits])
     for k, width in enumerate(widths):
         bk = cap(bits, torch.full((g0,), float(width)))
         flash[:, k] = memory.channel_weight_bytes(node, bk, t).reshape(g0, -1).sum(1).numpy()
         full = expand(bk, ws).double()
         eff = effective(name, bk.reshape(shape)).double() if effective is not None else full
+        col_eff[:, k] = expand(eff, ws).reshape(cout, ws[1], -1).sum(-1).numpy()
+        col_nom[:, k] = full.reshape(cout, ws[1], -1).sum(-1).numpy()
         w_c = full.reshape(cout, -1).amax(1)
         for i in range(A):
             ebops[:, k, i] = (eff * in_bits[i]).reshape(g0, -1).sum(1).numpy()
             bops[:, k, i] = (full * in_bits[i]).reshape(g0, -1).sum(1).numpy() * compute.positions(node)
             cyc = (node.macs / cout) * compute.cycles_per_mac(t, a_max[i], w_c.float()).double()
             cycles[:, k, i] = cyc.reshape(g0, -1).sum(1).numpy()
-    return WeightTable(name, in_act, shape, bits, widths, flash, ebops, bops, cycles, cout)
+    return WeightTable(name, in_act, shape, bits, widths, flash, ebops, bops, cycles, cout, col_eff, col_nom, col_in)
