@@ -36,16 +36,29 @@ def trained_run(_trained, tmp_path_factory):
     return copy
 
 
-@pytest.fixture(scope="module")
-def exported_run(trained_run):
-    """``exported_run(name, fmt)``: a copy of trained run ``name`` exported to ``fmt``, as
-    ``(run_dir, artifact, quantized model, result)``."""
-    def export(name, fmt):
-        from mixprec.export import export_run
-        from mixprec.search import load_run
+@pytest.fixture(scope="session")
+def _exported(_trained, tmp_path_factory):
+    """Each (trained run, format) exported once per session (an hls4ml export compiles its
+    project: about 20 s), into its own copy of the run."""
+    from mixprec.export import export_run
+    from mixprec.search import load_run
 
-        out = trained_run(name)
-        artifact = export_run(out, fmt)
-        _, qm, result = load_run(out)
-        return out, artifact, qm, result
-    return export
+    cache = {}
+
+    def get(name, fmt):
+        if (name, fmt) not in cache:
+            out = tmp_path_factory.mktemp(f"exported-{name}-{fmt}") / "run"
+            shutil.copytree(_trained(name), out)
+            artifact = export_run(out, fmt)
+            _, qm, result = load_run(out)
+            cache[name, fmt] = out, artifact, qm, result
+        return cache[name, fmt]
+    return get
+
+
+@pytest.fixture(scope="module")
+def exported_run(_exported):
+    """``exported_run(name, fmt)``: trained run ``name`` exported to ``fmt``, as ``(run_dir,
+    artifact, quantized model, result)``; shared by the tests of the session: read it, do not
+    change it."""
+    return _exported
