@@ -61,7 +61,7 @@ def test_verify_fails_when_the_artifact_no_longer_matches_the_run(exported, tmp_
     rows = {r["format"]: r for r in json.loads((tampered / "verify.json").read_text())["rows"]}
     assert rows["c"]["mismatches"] > 0 and "no intermediate layers" in rows["c"]["first_diverging_layer"]
     # QONNX exposes its layers: the first diverging one is the tampered conv
-    assert rows["qonnx"]["mismatches"] > 0 and rows["qonnx"]["first_diverging_layer"] == "0.0"
+    assert rows["qonnx"]["mismatches"] > 0 and rows["qonnx"]["first_diverging_layer"] == "conv1.0"
 
 
 def test_verify_without_exports_says_what_to_run(tmp_path):

@@ -17,7 +17,7 @@ from mixprec.data import load_dataset
 
 CFG = RunConfig(model="digits-cnn", data="digits", target="cortex-m4", batch_size=32, qat_lr=1e-3, seed=0)
 # digits-cnn layers by their module paths (models/small.py): 0.0 / 1.0 / 3.0 the convs of conv_bn blocks 0, 1, 3
-LOW = {"weights": {"0.0": 2, "3.0": [2, 4] * 16}, "acts": {"1.0": 4}}
+LOW = {"weights": {"conv1.0": 2, "conv3.0": [2, 4] * 16}, "acts": {"conv2.0": 4}}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,8 @@ def test_scores_are_deterministic_and_narrower_widths_cost_less(evaluator):
     assert (low.accuracy, low.losses, low.costs) == (again.accuracy, again.losses, again.costs)
     assert start.accuracy > 0.8  # the 8-bit start keeps the float model's skill
     assert low.costs["flash_bytes"] < start.costs["flash_bytes"] and low.costs["ebops"] < start.costs["ebops"]
-    assert low.weight_bits["0.0"] == [2.0] * 16 and low.weight_bits["3.0"] == [2.0, 4.0] * 16
-    assert low.act_bits["1.0"] == 4.0 and low.act_bits["input"] == 8.0
+    assert low.weight_bits["conv1.0"] == [2.0] * 16 and low.weight_bits["conv3.0"] == [2.0, 4.0] * 16
+    assert low.act_bits["conv2.0"] == 4.0 and low.act_bits["input"] == 8.0
 
 
 def test_costs_are_what_the_model_with_those_bits_measures(evaluator):
@@ -55,10 +55,10 @@ def test_costs_are_what_the_model_with_those_bits_measures(evaluator):
 
 
 def test_unknown_layers_and_widths_are_named(evaluator):
-    with pytest.raises(KeyError, match=r"conv9.*0\.0, 1\.0"):
+    with pytest.raises(KeyError, match=r"conv9.*conv1\.0, conv2\.0"):
         evaluator.evaluate({"weights": {"conv9": 4}})
     with pytest.raises(ValueError, match="width 3 is not one the target runs"):
-        evaluator.evaluate({"weights": {"0.0": 3}})
+        evaluator.evaluate({"weights": {"conv1.0": 3}})
 
 
 def _evaluate(evaluator, candidate):

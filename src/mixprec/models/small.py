@@ -1,6 +1,8 @@
 """Small models for quick experiments: 8x8 digits, MNIST LeNet-5 and the jet-tagging MLP."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import nn
 
 from mixprec.models.blocks import conv_bn
@@ -16,15 +18,15 @@ def digits_cnn(num_classes: int = 10, width: int = 16) -> nn.Module:
     which makes it the end-to-end smoke model of the library.
     """
     w1, w2 = width, 2 * width
-    return nn.Sequential(
-        conv_bn(1, w1, 3),
-        conv_bn(w1, w2, 3),
-        nn.MaxPool2d(2),  # 8x8 -> 4x4
-        conv_bn(w2, w2, 3),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(w2, num_classes),
-    )
+    return nn.Sequential(OrderedDict(
+        conv1=conv_bn(1, w1, 3),
+        conv2=conv_bn(w1, w2, 3),
+        pool=nn.MaxPool2d(2),  # 8x8 -> 4x4
+        conv3=conv_bn(w2, w2, 3),
+        gap=nn.AdaptiveAvgPool2d(1),
+        flatten=nn.Flatten(),
+        fc=nn.Linear(w2, num_classes),
+    ))
 
 
 def lenet5(num_classes: int = 10, width: float = 1.0) -> nn.Module:
@@ -38,20 +40,20 @@ def lenet5(num_classes: int = 10, width: float = 1.0) -> nn.Module:
     the way to shrink the model to a memory budget at a fixed precision.
     """
     c1, c2, f1, f2 = (max(1, round(n * width)) for n in (6, 16, 120, 84))
-    return nn.Sequential(
-        nn.Conv2d(1, c1, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),  # 28x28 -> 14x14
-        nn.Conv2d(c1, c2, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),  # 10x10 -> 5x5
-        nn.Flatten(),
-        nn.Linear(c2 * 5 * 5, f1),
-        nn.ReLU(),
-        nn.Linear(f1, f2),
-        nn.ReLU(),
-        nn.Linear(f2, num_classes),
-    )
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(1, c1, 5, padding=2),
+        relu1=nn.ReLU(),
+        pool1=nn.MaxPool2d(2),  # 28x28 -> 14x14
+        conv2=nn.Conv2d(c1, c2, 5),
+        relu2=nn.ReLU(),
+        pool2=nn.MaxPool2d(2),  # 10x10 -> 5x5
+        flatten=nn.Flatten(),
+        fc1=nn.Linear(c2 * 5 * 5, f1),
+        relu3=nn.ReLU(),
+        fc2=nn.Linear(f1, f2),
+        relu4=nn.ReLU(),
+        fc3=nn.Linear(f2, num_classes),
+    ))
 
 
 def jet_mlp(num_classes: int = 5) -> nn.Module:
@@ -60,12 +62,12 @@ def jet_mlp(num_classes: int = 5) -> nn.Module:
     Input (16,) high-level jet features. The hls4ml jet-substructure benchmark model
     (Duarte et al., JINST 13 P07027, 2018), used by HGQ (Sun et al., 2024) and QKeras.
     """
-    return nn.Sequential(
-        nn.Linear(16, 64),
-        nn.ReLU(),
-        nn.Linear(64, 32),
-        nn.ReLU(),
-        nn.Linear(32, 32),
-        nn.ReLU(),
-        nn.Linear(32, num_classes),
-    )
+    return nn.Sequential(OrderedDict(
+        fc1=nn.Linear(16, 64),
+        relu1=nn.ReLU(),
+        fc2=nn.Linear(64, 32),
+        relu2=nn.ReLU(),
+        fc3=nn.Linear(32, 32),
+        relu3=nn.ReLU(),
+        fc4=nn.Linear(32, num_classes),
+    ))

@@ -13,6 +13,8 @@ gives the same output sizes and parameter counts (the grid shifts by one pixel).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import nn
 
 from mixprec.models.blocks import BasicBlock, conv_bn, linear_bn_relu
@@ -25,15 +27,15 @@ def resnet8(num_classes: int = 10, width: int = 16) -> nn.Module:
     keras_model.py, ``resnet_v1_eembc`` with 16/32/64 filters. 78,186 trainable parameters
     (Keras total 78,666 with BatchNorm moving statistics).
     """
-    return nn.Sequential(
-        conv_bn(3, width, 3, bias=True),
-        BasicBlock(width, width, 1, bias=True),
-        BasicBlock(width, 2 * width, 2, bias=True),  # 32x32 -> 16x16
-        BasicBlock(2 * width, 4 * width, 2, bias=True),  # 16x16 -> 8x8
-        nn.AdaptiveAvgPool2d(1),  # Keras: AveragePooling2D(pool_size=8)
-        nn.Flatten(),
-        nn.Linear(4 * width, num_classes),
-    )
+    return nn.Sequential(OrderedDict(
+        stem=conv_bn(3, width, 3, bias=True),
+        block1=BasicBlock(width, width, 1, bias=True),
+        block2=BasicBlock(width, 2 * width, 2, bias=True),  # 32x32 -> 16x16
+        block3=BasicBlock(2 * width, 4 * width, 2, bias=True),  # 16x16 -> 8x8
+        pool=nn.AdaptiveAvgPool2d(1),  # Keras: AveragePooling2D(pool_size=8)
+        flatten=nn.Flatten(),
+        fc=nn.Linear(4 * width, num_classes),
+    ))
 
 
 def _depthwise_separable(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:

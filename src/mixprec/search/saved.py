@@ -5,14 +5,19 @@ evaluator alike."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from torch import nn
 
 from ..convert import quantize
+from ..graph.convert import trace
+from ..graph.ir import REQUANTIZING_OPS
 from ..nn.model import LayerNamesError, QuantModel
 from ..train import CheckpointError, load_checkpoint
 from .config import RunConfig
+
+log = logging.getLogger(__name__)
 
 FLOAT_CHECKPOINT = Path("checkpoints") / "float.pt"
 QUANTIZED_CHECKPOINT = Path("checkpoints") / "quantized.pt"
@@ -32,13 +37,34 @@ def float_source(cfg: RunConfig) -> Path | None:
 
 
 def load_float(model: nn.Module, path: Path, model_name: str) -> list[dict]:
-    """Load the float checkpoint ``path`` into ``model``; returns its training history."""
+    """Load the float checkpoint ``path`` into ``model``; returns its training history. A
+    checkpoint of the same architecture whose layers had other names (saved before a model named
+    its layers) is taken by position."""
     state = load_checkpoint(path)
     try:
-        model.load_state_dict(state["model"])
+        saved = state["model"]
+        renamed = renamed_by_position(saved, model.state_dict())
+        model.load_state_dict(saved if renamed is None else renamed)
     except (RuntimeError, KeyError) as exc:
         raise ValueError(f"{path} does not hold a float {model_name} model: {exc}") from exc
+    if renamed is not None and renamed.keys() != saved.keys():
+        log.info("%s: layers taken by position (saved under earlier layer names)", path)
     return state.get("history", [])
+
+
+def renamed_by_position(saved: dict, wanted: dict) -> dict | None:
+    """``saved`` under the keys of ``wanted`` when the two differ at most in layer names: as many
+    entries, and at every position the same entry name (``weight``, ``running_mean``, ``bits``...)
+    and the same shape; None otherwise."""
+    if len(saved) != len(wanted):
+        return None
+    out = {}
+    for (old, value), (new, want) in zip(saved.items(), wanted.items()):
+        same_kind = old.rsplit(".", 1)[-1] == new.rsplit(".", 1)[-1]
+        if not same_kind or tuple(value.shape) != tuple(want.shape):
+            return None
+        out[new] = value
+    return out
 
 
 def quantized_state(qm: QuantModel) -> dict:
@@ -49,14 +75,32 @@ def quantized_state(qm: QuantModel) -> dict:
 def rebuild_quantized(model: nn.Module, target, input_shape, state: dict, path: Path,
                       weight_granularity: str | None = None) -> QuantModel:
     """The quantized model ``quantized_state`` saved (from checkpoint ``path``, named in errors),
-    on a fresh float ``model`` of the same architecture."""
-    qm = quantize(model, target, input_shape, bits=state["weight_bits"], act_bits=state["act_bits"],
-                  weight_granularity=weight_granularity)
+    on a fresh float ``model`` of the same architecture. A checkpoint saved before the model named
+    its layers (its widths are keyed by other layer names) is taken by position when every entry
+    lines up (``renamed_by_position``)."""
+    graph, _ = trace(model, tuple(input_shape))
+    weighted = [n.name for n in graph.weighted()]
+    wbits, abits, saved = state["weight_bits"], state["act_bits"], state["state_dict"]
+    renamed = not set(wbits) <= set(weighted)
+    if renamed:
+        wbits = _by_position(wbits, weighted)
+        abits = _by_position(abits, [n.name for n in graph if n.op in REQUANTIZING_OPS])
     try:
-        qm.load_state_dict(state["state_dict"])
+        qm = quantize(model, target, input_shape, bits=wbits, act_bits=abits, weight_granularity=weight_granularity)
+    except ValueError as exc:  # widths of another architecture
+        raise CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from None
+    if renamed:
+        saved = renamed_by_position(saved, qm.state_dict()) or saved  # no match: the error below names both
+        log.info("%s: layers taken by position (saved under earlier layer names)", path)
+    try:
+        qm.load_state_dict(saved)
     except LayerNamesError as exc:
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
     return qm
+
+
+def _by_position(bits: dict, names: list[str]) -> dict:
+    return dict(zip(names, bits.values())) if len(bits) == len(names) else bits
 
 
 def load_run(run_dir: str | Path):
