@@ -19,10 +19,10 @@ rebuilt model.
 ``expected`` takes every group's width, hence every channel, as independent. MACs, BOPs, EBOPs,
 cycles and parameter bytes are linear in the channels' indicators; a rounded byte count (a row's
 packed bytes, a buffer's aligned bytes) is ``M ceil(X / M)`` of a sum ``X`` over independent slots
-(input channels, buffer channels), whose expectation is exact from the distribution of the count of
-present slots where they weigh the same (per-tensor / per-channel bits: a Poisson-binomial
-distribution, ``_count_pmf``), else of ``X mod M`` (``_round_up``); both are products of small
-polynomials, differentiable. The expectation is exact where channels are independent:
+(input channels, buffer channels), whose expectation is exact from the mean of ``X`` and the
+distribution of ``X mod M`` (``_round_up``: cyclic convolutions of M entries, differentiable; the
+distribution of the count of present slots would cost a polynomial of the channel count per row,
+20x slower on ResNet-8). The expectation is exact where channels are independent:
 
 - each weight group is one output channel (per-channel, per-element bits; with per-slice groups a
   slice's channels are taken as independent), and no add sums two tensors whose channels derive
@@ -386,7 +386,7 @@ def expected(tables, p_weights: dict, p_acts: dict) -> dict[str, torch.Tensor]:
     for b, q in tables.buffer_act.items():
         pa, buf, alive_b = p_acts[q].double(), buffer(tables, b), alive[b]
         units = alive_b[::buf.block]
-        size[b] = (pa * _rounded_sum(1.0 - units, units, buf.bits, 8 * tables.target.alignment)).sum() / 8
+        size[b] = (pa * _round_up(1.0 - units, units, buf.bits, 8 * tables.target.alignment)).sum() / 8
         tabs = torch.stack([_act_table(buf, i, alive_b) for i in range(len(pa))])
         out["table_bytes"] = out["table_bytes"] + (pa * tabs).sum()
     live_sets = [torch.stack([size[b] for b in s]).sum() for s in tables.live_sets if s]
@@ -424,11 +424,11 @@ def _expected_row_bytes(r: Rows, pk, stored, signal, tied) -> torch.Tensor:
     """E[sum_o ceil(X_o / 8)], ``X_o`` the container bits of row ``o``'s stored columns."""
     if not r.grouped:  # every row reads the same channels
         present = stored[0, ::r.block]
-        return (pk * _rounded_sum(1.0 - present, present, r.slot_bits, 8)).sum() / 8
+        return (pk * _round_up(1.0 - present, present, r.slot_bits, 8)).sum() / 8
     present, live = stored[:, None, ::r.block], signal[:, None, ::r.block]
-    nbytes = _rounded_sum(1.0 - present, present, r.slot_bits, 8)
+    nbytes = _round_up(1.0 - present, present, r.slot_bits, 8)
     # no bytes while the row's group has no live input and no tie keeps it
-    nbytes = nbytes - (1.0 - tied)[:, None] * _rounded_sum(1.0 - present, present - live, r.slot_bits, 8)
+    nbytes = nbytes - (1.0 - tied)[:, None] * _round_up(1.0 - present, present - live, r.slot_bits, 8)
     return (pk * nbytes).sum() / 8
 
 
@@ -447,36 +447,6 @@ def _expected_weight_table(r: Rows, pk, tied, row_kept, column, stored) -> torch
 
 
 # ----------------------------------------------------------------------------- sums of slots
-
-
-def _rounded_sum(absent: torch.Tensor, present: torch.Tensor, weight: torch.Tensor, modulus: int) -> torch.Tensor:
-    """``_round_up``; where every slot weighs the same, from the distribution of the count of
-    present slots instead (one per probability row, shared by every weight row)."""
-    if bool((weight == weight[..., :1]).all()):
-        pmf = _count_pmf(absent, present)
-        n = torch.arange(pmf.shape[-1], dtype=torch.float64)
-        return (pmf * torch.ceil(n * weight[..., :1] / modulus - 1e-9).clamp_min(0) * modulus).sum(-1)
-    return _round_up(absent, present, weight, modulus)
-
-
-def _count_pmf(absent: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """The (unnormalised) Poisson-binomial distribution of the count of present slots, ``(..., S + 1)``:
-    the product of the slots' polynomials ``absent + present x``, multiplied pairwise."""
-    polys = torch.stack([absent, present], -1)  # (..., S, degree + 1)
-    if polys.shape[-2] == 0:
-        return torch.ones(absent.shape[:-1] + (1,), dtype=torch.float64)
-    while polys.shape[-2] > 1:
-        if polys.shape[-2] % 2:
-            one = F.one_hot(torch.zeros((), dtype=torch.long), polys.shape[-1]).double()
-            polys = torch.cat([polys, one.expand(polys.shape[:-2] + (1, polys.shape[-1]))], -2)
-        polys = _poly_mul(polys[..., 0::2, :], polys[..., 1::2, :])
-    return polys[..., 0, :]
-
-
-def _poly_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    n = a.shape[-1]
-    diagonals = F.one_hot((torch.arange(n)[:, None] + torch.arange(n)[None, :]).reshape(-1), 2 * n - 1).double()
-    return (a[..., :, None] * b[..., None, :]).reshape(a.shape[:-1] + (n * n,)) @ diagonals
 
 
 def _round_up(absent: torch.Tensor, present: torch.Tensor, weight: torch.Tensor, modulus: int) -> torch.Tensor:
