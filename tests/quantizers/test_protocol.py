@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from mixprec import quantizers
-from mixprec.quantizers import (ActQuantizer, DQActQuantizer, DQWeightQuantizer, FixedWeightQuantizer, Frozen,
-                                HGQActQuantizer, HGQWeightQuantizer, LearnedQuantizer, Quantizer, freeze_observers)
+from mixprec.quantizers import (ActQuantizer, DNASWeightQuantizer, DQActQuantizer, DQWeightQuantizer,
+                                FixedWeightQuantizer, Frozen, HGQActQuantizer, HGQWeightQuantizer, LearnedQuantizer,
+                                Quantizer, freeze_observers)
 
 RANGE_RULES = {"max", "mse", "observed", "learned"}
 W_SHAPE = (4, 3, 2)
@@ -56,12 +57,19 @@ def make(kind: str, numerics: str):
                            numerics=numerics)
         q.calibrate([x])
         return q, None
+    if kind == "DNASWeightQuantizer":
+        q = DNASWeightQuantizer(W_SHAPE, (0, 2, 4, 8), "per-channel", numerics)
+        with torch.no_grad():
+            # one-hot after the softmax: the training forward is the argmax model's
+            q.alpha.copy_(torch.tensor([[0.0, 0, 0, 1], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0]]) * 1e4)
+        return q, w
     raise KeyError(kind)
 
 
 KINDS = ["FixedWeightQuantizer", "ActQuantizer", "HGQWeightQuantizer", "HGQActQuantizer", "DQWeightQuantizer",
-         "DQActQuantizer"]
-LEARNED = {"HGQWeightQuantizer", "HGQActQuantizer", "DQWeightQuantizer", "DQActQuantizer"}
+         "DQActQuantizer", "DNASWeightQuantizer"]
+LEARNED = {"HGQWeightQuantizer", "HGQActQuantizer", "DQWeightQuantizer", "DQActQuantizer", "DNASWeightQuantizer"}
+LEARNED_GRIDS = LEARNED - {"DNASWeightQuantizer"}  # DNAS learns the width; its grid comes from the weights
 OBSERVERS = {"ActQuantizer", "HGQActQuantizer"}
 
 
@@ -110,7 +118,8 @@ def test_every_kind_implements_every_capability(kind, numerics):
     qp = q.qparams(w)
     assert torch.equal(qp.bits.detach().round(), bits.detach().round())
     assert q.range_rule in RANGE_RULES
-    assert (q.range_rule == "learned") == (kind in LEARNED)
+    assert (q.output_gate() is None) == (kind != "DNASWeightQuantizer")  # only a pruning kind gates the bias
+    assert (q.range_rule == "learned") == (kind in LEARNED_GRIDS)
     # observing: switched where there is an observer, ignored where there is none
     q.set_observing(True)
     assert q.observing is (kind in OBSERVERS)
@@ -149,7 +158,7 @@ def test_freeze_round_trip_keeps_qparams(kind, numerics):
     if kind == "HGQWeightQuantizer" and numerics == "scaled":
         # one real scale per channel from the weights' own range: the learned power of two or finer
         assert bool((a <= b).all()) and bool((a > b / 2).all())
-    elif kind in LEARNED and numerics == "scaled":  # the range is step * largest code, divided again
+    elif kind in LEARNED_GRIDS and numerics == "scaled":  # the range is step * largest code, divided again
         assert torch.allclose(a, b, rtol=1e-6, atol=0)
     else:  # powers of two, or the same quantizer copied
         assert torch.equal(a, b)
@@ -167,7 +176,8 @@ def test_activation_freeze_takes_no_weight(kind):
         q.freeze(False)  # what stopping an HGQ observer was once called
 
 
-@pytest.mark.parametrize("kind", ["FixedWeightQuantizer", "HGQWeightQuantizer", "DQWeightQuantizer"])
+@pytest.mark.parametrize("kind", ["FixedWeightQuantizer", "HGQWeightQuantizer", "DQWeightQuantizer",
+                                  "DNASWeightQuantizer"])
 def test_weight_freeze_needs_the_weight(kind):
     q, _ = make(kind, "scaled")
     with pytest.raises(TypeError, match="weight tensor"):

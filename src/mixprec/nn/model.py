@@ -106,6 +106,12 @@ class QuantLayer(nn.Module):
     def qparams(self) -> QParams:
         return self.quantizer.qparams(self.weight)
 
+    def gated_bias(self, hard: bool) -> torch.Tensor:
+        """The bias times the quantizer's output gate where it has one (a channel a method may
+        prune loses its bias with it); ``hard``: the gate of the model lowering takes."""
+        gate = self.quantizer.output_gate(hard)
+        return self.bias if gate is None else self.bias * gate.to(self.bias.dtype)
+
 
 class QuantModel(nn.Module):
     def __init__(self, graph: Graph, layers: dict[str, QuantLayer], act_quantizers: dict[str, Quantizer],
@@ -116,6 +122,9 @@ class QuantModel(nn.Module):
         self.target_name = target_name
         self.layers = NodeDict(layers)  # keyed by node name (``features.3``), see module_key
         self.act_quantizers = NodeDict(act_quantizers)
+        # channels removed by ``mixprec.prune``: per weighted layer {"channels": n, "kept": [i, ...]},
+        # indices of the full-width model the graph was traced from; None where none were removed
+        self.pruning: dict[str, dict] | None = None
         self._int_graph: IntGraph | None = None
         self._int_graph_torch: IntGraph | None = None
 
@@ -175,7 +184,7 @@ class QuantModel(nn.Module):
     def _weighted(self, node, x: torch.Tensor) -> torch.Tensor:
         layer = self.layers[node.name]
         w = layer.quantizer(layer.weight)  # the method's own gradients (equal to fake_quant(weight, wqp) in value)
-        b = fake_quant(layer.bias, self._bias_qparams(layer, node.inputs[0]))
+        b = fake_quant(layer.gated_bias(hard=False), self._bias_qparams(layer, node.inputs[0]))
         if node.op == "linear":
             return F.linear(x, w, b)
         a = node.attrs
@@ -218,7 +227,7 @@ class QuantModel(nn.Module):
         """The integer program of the current parameters (cached until they may change)."""
         if self._int_graph is None:
             with torch.no_grad():
-                weights = {n: (l.weight, l.bias) for n, l in self.layers.items()}
+                weights = {n: (l.weight, l.gated_bias(hard=True)) for n, l in self.layers.items()}
                 wqp = {n: l.qparams() for n, l in self.layers.items()}
                 aqp = {n: q.qparams() for n, q in self.act_quantizers.items()}
                 self._int_graph = lower(self.graph, weights, wqp, aqp, self.numerics)

@@ -183,7 +183,13 @@ class Quantizer(nn.Module, metaclass=abc.ABCMeta):
     freeze(...)    a copy               a copy, not observing  FixedWeightQuantizer     ActQuantizer, not observing
     range_rule     "max" or "mse"       "observed"             "learned"                "learned"
     observing      False (no observer)  the running range      False (no observer)      HGQ the running range, DQ False
+    output_gate()  None                 None                   None                     None
     =============  ===================  =====================  =======================  =========================
+
+    DNAS weights (:mod:`mixprec.quantizers.dnas`, a mixture over candidate widths) are learned too:
+    ``bits()`` the argmax width per group (not differentiable), ``qparams``/``freeze`` the fixed
+    quantizer of the argmax (its grid from the weights: ``range_rule`` ``mse`` or ``max``),
+    ``set_bits`` a ``TypeError``, no observer, and ``output_gate`` the share of each channel kept.
 
     ``range_rule`` values: ``max`` (each group's largest value onto the largest code), ``mse`` (the
     least-squares scale at 3 bits or fewer, max above), ``observed`` (a running min/max of the data),
@@ -229,6 +235,12 @@ class Quantizer(nn.Module, metaclass=abc.ABCMeta):
 
     def set_observing(self, on: bool) -> None:
         """Start or stop range tracking; a quantizer without an observer ignores it."""
+
+    def output_gate(self, hard: bool = False) -> torch.Tensor | None:
+        """How much of each output channel a weight quantizer keeps, (C_out,): the layer scales its
+        bias by it, so a pruned channel goes whole (DNAS: ``1 - P(0 bits)`` in training, 0/1 of the
+        argmax when ``hard``). None (every other kind): nothing is gated."""
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quant(x, self.qparams(x))

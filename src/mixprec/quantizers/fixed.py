@@ -45,9 +45,16 @@ class FixedWeightQuantizer(Quantizer):
     squared error per group. At 2 bits the max rule rounds every weight under half the largest to
     zero (and a power of two rounded up, more), which cost a uniform 2-bit digits CNN on
     fpga-hls4ml 72 points.
+
+    A quantizer may *hold* its grid (:meth:`hold`): each group keeps a given scale for as long as
+    its bits stay what they were when held, and a group whose bits change takes its range from its
+    weights again. Channel pruning holds the grid of a row whose range a removed column set
+    (:mod:`mixprec.prune`), so the kept weights keep their integers; the held grid is part of the
+    state dict, and a checkpoint restores it where it was held.
     """
 
-    def __init__(self, weight_shape: tuple[int, ...], bits, numerics: str = "scaled", range_rule: str = "max"):
+    def __init__(self, weight_shape: tuple[int, ...], bits, numerics: str = "scaled", range_rule: str = "max",
+                 held_scale: torch.Tensor | None = None):
         super().__init__()
         if range_rule not in RANGE_RULES:
             raise ValueError(f"range_rule {range_rule!r}: choose one of {', '.join(RANGE_RULES)}")
@@ -56,14 +63,31 @@ class FixedWeightQuantizer(Quantizer):
         self.register_buffer("bits_param", as_bits_tensor(bits, self.weight_shape))
         # a buffer, so a checkpoint restores the rule its grids were made with
         self.register_buffer("mse_range", torch.tensor(range_rule == "mse"))
+        self.register_buffer("held_scale", None)  # see hold(); None buffers stay out of the state dict
+        self.register_buffer("held_bits", None)
+        if held_scale is not None:
+            self.hold(held_scale)
 
     @property
     def range_rule(self) -> str:
         return "mse" if bool(self.mse_range) else "max"
 
+    def hold(self, scale: torch.Tensor) -> None:
+        """Keep ``scale`` (shaped as ``qparams(w).scale``) as the grid of every group whose bits
+        stay the current ones."""
+        self.held_scale = scale.detach().clone().float().to(self.bits_param.device)
+        self.held_bits = self.bits_param.detach().clone()
+
+    @property
+    def holds_grid(self) -> bool:
+        return self.held_scale is not None
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before the rule existed were made with max ranges
         state_dict.setdefault(prefix + "mse_range", torch.tensor(False))
+        for name in ("held_scale", "held_bits"):  # a grid is held exactly where the saved quantizer held one
+            saved = state_dict.get(prefix + name)
+            setattr(self, name, None if saved is None else torch.zeros_like(saved, device=self.bits_param.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def bits(self) -> torch.Tensor:
@@ -74,10 +98,14 @@ class FixedWeightQuantizer(Quantizer):
 
     def freeze(self, weight: torch.Tensor | None = None, *, numerics: str | None = None,
                clip: tuple[float, float] | None = None) -> Frozen:
-        """A copy on the CPU (same bits and range rule), and the weight as it is."""
+        """A copy on the CPU (same bits, range rule and held grid; under other numerics, no held
+        grid), and the weight as it is."""
         weight = needs_weight(type(self).__name__, weight)
         fixed = FixedWeightQuantizer(self.weight_shape, self.bits_param.detach().cpu().clone(),
                                      numerics or self.numerics, self.range_rule)
+        if self.holds_grid and fixed.numerics == self.numerics:
+            fixed.held_scale = self.held_scale.detach().cpu().clone()
+            fixed.held_bits = self.held_bits.detach().cpu().clone()
         return Frozen(fixed, weight.detach())
 
     def qparams(self, x: torch.Tensor | None = None) -> QParams:
@@ -95,7 +123,18 @@ class FixedWeightQuantizer(Quantizer):
             fitted = least_squares_scale(x.detach(), bits, scale, self.numerics)
             narrow_groups = reduce_to(expand(bits, self.weight_shape), tuple(scale.shape), "amax") <= MSE_MAX_BITS
             scale = torch.where(narrow_groups, fitted, scale)
+        if self.holds_grid:
+            scale = self._held(scale)
         return QParams(scale, bits, signed=True, narrow=True)
+
+    def _held(self, scale: torch.Tensor) -> torch.Tensor:
+        """``scale`` with the held grid in every group whose bits are still the held ones (in none
+        where the bits or the scale changed shape)."""
+        if self.bits_param.shape != self.held_bits.shape or scale.shape != self.held_scale.shape:
+            return scale
+        same = expand((self.bits_param == self.held_bits).float(), self.weight_shape)
+        held = reduce_to(same, tuple(scale.shape), "amin") > 0
+        return torch.where(held, self.held_scale, scale)
 
 
 def least_squares_scale(w: torch.Tensor, bits: torch.Tensor, max_scale: torch.Tensor, numerics: str) -> torch.Tensor:

@@ -103,7 +103,7 @@ class BetaPenalty(Callback):
         step, self.calls = self.calls, self.calls + 1
         if not every_k(step, self.pace.every):
             return None
-        cost = differentiable_costs(model, self.cost_model)[self.key]
+        cost = self.cost(model)
         if self.schedule == "controller":
             self.last_cost = self.measured(model, cost)
             if self.start_cost is None:
@@ -116,6 +116,10 @@ class BetaPenalty(Callback):
         if self.opts.gamma:
             term = term + self.opts.gamma * sum(q.f.sum() for q in model_quantizers(model))
         return self.pace.every * term
+
+    def cost(self, model) -> torch.Tensor:
+        """The differentiable cost the term weighs (a method with its own cost model overrides it)."""
+        return differentiable_costs(model, self.cost_model)[self.key]
 
     def measured(self, model, cost: torch.Tensor) -> float:
         """The cost as the budget judges it: real containers, and EBOPs from the integer weights

@@ -206,6 +206,7 @@ def freeze(qm: QuantModel) -> QuantModel:
         layers[name] = QuantLayer(weight.cpu(), layer.bias.detach().cpu(), fixed, layer.fold_ratio)
     acts = {name: _frozen_act(qm, name, q) for name, q in qm.act_quantizers.items()}
     out = QuantModel(qm.graph, layers, acts, qm.numerics, qm.target_name)
+    out.pruning = qm.pruning  # the same graph: channels removed before stay removed
     freeze_observers(out)
     return out
 

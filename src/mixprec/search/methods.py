@@ -18,7 +18,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-METHOD_MODULES = ("mixprec.search.uniform", "mixprec.search.hgq", "mixprec.search.dq")
+METHOD_MODULES = ("mixprec.search.uniform", "mixprec.search.hgq", "mixprec.search.dq", "mixprec.search.dnas")
 
 
 @dataclass(frozen=True)

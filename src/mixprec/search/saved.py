@@ -1,7 +1,8 @@
 """What a run directory stores and how it comes back: the float model (``checkpoints/float.pt``,
-or the one ``float_from`` names) and the quantized model (``checkpoints/quantized.pt``: tensors
-only, so it loads with ``weights_only``), rebuilt by the run, ``load_run`` and the candidate
-evaluator alike."""
+or the one ``float_from`` names) and the quantized model (``checkpoints/quantized.pt``: tensors,
+numbers and lists only, so it loads with ``weights_only``), rebuilt by the run, ``load_run`` and
+the candidate evaluator alike. A model whose channels a method removed (``mixprec.prune``) saves
+its pruning record, and comes back the same narrower model from the full-width float one."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,8 @@ from torch import nn
 from ..convert import quantize
 from ..graph.convert import trace
 from ..graph.ir import REQUANTIZING_OPS
-from ..nn.model import LayerNamesError, QuantModel
+from ..nn.model import QuantModel
+from ..prune import keep_channels
 from ..train import CheckpointError, load_checkpoint
 from .config import RunConfig
 
@@ -68,35 +70,65 @@ def renamed_by_position(saved: dict, wanted: dict) -> dict | None:
 
 
 def quantized_state(qm: QuantModel) -> dict:
-    """Everything needed to rebuild a quantized model: tensors only (loads with weights_only)."""
-    return {"state_dict": qm.state_dict(), "weight_bits": qm.weight_bits(), "act_bits": qm.act_bits()}
+    """Everything needed to rebuild a quantized model (loads with weights_only): its state, widths
+    and pruning record (``QuantModel.pruning``: None, or per layer ints and lists of ints)."""
+    return {"state_dict": qm.state_dict(), "weight_bits": qm.weight_bits(), "act_bits": qm.act_bits(),
+            "pruning": qm.pruning}
 
 
 def rebuild_quantized(model: nn.Module, target, input_shape, state: dict, path: Path,
                       weight_granularity: str | None = None) -> QuantModel:
     """The quantized model ``quantized_state`` saved (from checkpoint ``path``, named in errors),
-    on a fresh float ``model`` of the same architecture. A checkpoint saved before the model named
-    its layers (its widths are keyed by other layer names) is taken by position when every entry
-    lines up (``renamed_by_position``)."""
+    on a fresh float ``model`` of the same architecture (the full-width one where the saved model
+    was pruned: its channels are removed again as recorded). A checkpoint saved before the model
+    named its layers (its widths are keyed by other layer names) is taken by position when every
+    entry lines up (``renamed_by_position``)."""
     graph, _ = trace(model, tuple(input_shape))
     weighted = [n.name for n in graph.weighted()]
     wbits, abits, saved = state["weight_bits"], state["act_bits"], state["state_dict"]
+    pruning = state.get("pruning")
     renamed = not set(wbits) <= set(weighted)
     if renamed:
         wbits = _by_position(wbits, weighted)
         abits = _by_position(abits, [n.name for n in graph if n.op in REQUANTIZING_OPS])
     try:
-        qm = quantize(model, target, input_shape, bits=wbits, act_bits=abits, weight_granularity=weight_granularity)
-    except ValueError as exc:  # widths of another architecture
+        if pruning is None:
+            qm = quantize(model, target, input_shape, bits=wbits, act_bits=abits,
+                          weight_granularity=weight_granularity)
+        else:  # the widths fit the narrower layers: the full-width model takes each layer's widest first
+            qm = quantize(model, target, input_shape, bits=_widest(wbits), act_bits=_widest(abits),
+                          weight_granularity=weight_granularity)
+            qm = _pruned(qm, pruning, wbits, abits)
+    except ValueError as exc:  # widths or channels of another architecture
         raise CheckpointError(f"checkpoint {path} does not fit this model: {exc}") from None
     if renamed:
         saved = renamed_by_position(saved, qm.state_dict()) or saved  # no match: the error below names both
         log.info("%s: layers taken by position (saved under earlier layer names)", path)
     try:
         qm.load_state_dict(saved)
-    except LayerNamesError as exc:
+    except RuntimeError as exc:  # other layer names (LayerNamesError) or shapes
         raise CheckpointError(f"checkpoint {path}: {exc}") from None
     return qm
+
+
+def _widest(bits: dict) -> dict[str, int]:
+    return {name: int(b.max()) for name, b in bits.items()}
+
+
+def _pruned(qm: QuantModel, pruning: dict, wbits: dict, abits: dict) -> QuantModel:
+    """``qm`` with the channels ``pruning`` records removed, at the saved widths."""
+    for name, record in pruning.items():
+        if name not in qm.layers:
+            raise ValueError(f"{name}: a pruned layer this model does not have")
+        if record["channels"] != qm.graph[name].out_channels:
+            raise ValueError(f"{name}: pruned from {record['channels']} output channels, this model has "
+                             f"{qm.graph[name].out_channels}")
+    out = keep_channels(qm, {name: record["kept"] for name, record in pruning.items()})
+    for name, bits in wbits.items():
+        out.layers[name].quantizer.set_bits(bits)
+    for name, bits in abits.items():
+        out.act_quantizers[name].set_bits(bits)
+    return out
 
 
 def _by_position(bits: dict, names: list[str]) -> dict:
