@@ -3,7 +3,7 @@ weight-bit figure PLiNIO reports beside our FLASH bytes -> the "DNAS on LeNet-5"
 docs/benchmarks.md.
 
     .venv/bin/python benchmarks/dnas.py [--granularities per-channel per-tensor] [--budgets 16KiB ...]
-        [--runs runs/bench-dnas] [--table-only]
+        [--runs runs/bench-dnas] [--no-uniform] [--table-only]
 
 Every run is ``mixprec search --method dnas`` (or ``uniform``) on ``mpic`` ({0, 2, 4, 8}-bit weights,
 8-bit activations: a FLASH-only budget keeps them) from one float LeNet-5 (the first run trains it,
@@ -29,7 +29,7 @@ from _tables import merge_rows, write_section  # noqa: E402
 
 from mixprec.granularity import expand  # noqa: E402
 from mixprec.search import RunConfig, Trial, load_run, run_search  # noqa: E402
-from mixprec.search.plan import command_line, in_float_order, share_floats  # noqa: E402
+from mixprec.search.plan import command_line, in_float_order, share_floats, trained_floats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLE = "DNAS on LeNet-5: channel-wise against layer-wise"
@@ -44,19 +44,22 @@ PEER = ("PLiNIO MPS (quoted in issue 17, not run here): per-channel 98.71% at 18
         "98.54% at 91.0k, 98.31% at 88.4k; uniform 8/4/2 bits 98.90% / 98.85% / 98.10%.")
 
 
-def trials(args) -> list[Trial]:
+def trials(args, everything: bool = False) -> list[Trial]:
+    """The runs asked for (``everything``: the whole table), a folder that holds a run keeping the
+    configuration it was made with; float models trained by any run of the table are shared."""
     planned = []
-    for gran in args.granularities:
-        for budget in args.budgets or BUDGETS[gran]:
+    for gran in (BUDGETS if everything else args.granularities):
+        for budget in (BUDGETS[gran] if everything else args.budgets or BUDGETS[gran]):
             cfg = RunConfig(method="dnas", weight_granularity=gran, budget={"flash": budget}, **TRAIN)
             planned.append(Trial(cfg, args.runs / gran / budget))
-    for bits in UNIFORM:  # the uniform model of each width, quantization-aware for as many epochs
+    for bits in (UNIFORM if everything or not args.no_uniform else ()):  # quantization-aware as long
         cfg = RunConfig(method="uniform", bits=bits, act_bits=8, **{**TRAIN, "qat_epochs": TRAIN["qat_epochs"] + 2,
                                                                     "budget_epochs": 0})
         planned.append(Trial(cfg, args.runs / "uniform" / f"{bits}bit"))
     stored = [Trial(RunConfig.load(t.out / "config.yaml"), t.out) if (t.out / "config.yaml").exists() else t
               for t in planned]
-    return in_float_order(share_floats(stored))
+    trained = {} if everything else trained_floats(trials(args, everything=True))
+    return in_float_order(share_floats(stored, trained))
 
 
 def _rel(path: Path) -> Path:
@@ -124,6 +127,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("MIXPREC_DATA", str(ROOT.parent / "shared" / "datasets")))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--no-uniform", action="store_true", help="leave out the uniform rows")
     args = ap.parse_args()
     os.environ["MIXPREC_DATA"] = args.data_dir
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

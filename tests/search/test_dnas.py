@@ -10,7 +10,7 @@ import torch
 from mixprec.cost import Budget, load_target
 from mixprec.execute import reference
 from mixprec.models import get_model
-from mixprec.search.dnas import (DnasOptions, SupernetCost, cost_terms, freeze_argmax, physical_pruning, supernet,
+from mixprec.search.dnas import (DnasOptions, SupernetCost, cost_terms, freeze_argmax, supernet,
                                  supernet_quantizers, temperature)
 from mixprec.search.learned import parse_options
 
@@ -74,13 +74,12 @@ def _random_logits(qm, seed: int = 1, scale: float = 2.0) -> None:
 def test_candidates_are_the_targets_widths_and_prune_only_where_allowed(name, target):
     qm, _ = _supernet(name, target)
     t = load_target(target)
-    zero = t.allows_pruning or physical_pruning() is not None
     for layer, q in supernet_quantizers(qm).items():
         node = qm.graph[layer]
         assert set(q.widths) - {0} == set(t.value_weight_bits) and set(q.widths) <= set(t.weight_bits) | {0}
         output = layer == qm.graph.weighted()[-1].name  # every model here ends in its classifier
         depthwise = node.attrs.get("groups", 1) > 1
-        assert (0 in q.widths) == (zero and not output and not depthwise), layer
+        assert (0 in q.widths) == (not output and not depthwise), layer  # structural: on every target
     per_layer, _ = _supernet(name, target, "per-tensor")
     assert all(0 not in q.widths and q.alpha.shape[0] == 1 for q in supernet_quantizers(per_layer).values())
     unpruned, _ = _supernet(name, target, prune=False)
@@ -237,10 +236,7 @@ def test_run_under_a_tight_flash_budget_prunes_and_is_feasible(dnas_run, digits)
     assert np.array_equal(qm(x).numpy(), (reference(ig, x.numpy()) * ig.output_scale).astype(np.float32))
     full = dict(get_model("digits-cnn").named_modules())
     narrower = [n for n, layer in qm.layers.items() if layer.weight.shape[0] < full[n].weight.shape[0]]
-    if physical_pruning() is not None:  # the pruned channels are gone
-        assert narrower and "fc" not in narrower
-    else:  # they stay at 0 bits
-        assert any(bool((b == 0).any()) for b in qm.weight_bits().values())
+    assert narrower and "fc" not in narrower  # the pruned channels are gone
 
 
 def test_per_layer_runs_from_the_run_granularity_and_per_layer_spelled_so_is_refused_first(digits_float, tmp_path):

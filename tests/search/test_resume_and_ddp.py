@@ -12,7 +12,7 @@ import torch
 from mixprec.train import load_checkpoint
 
 ARGS = ["search", "--model", "digits-cnn", "--data", "digits", "--target", "cortex-m4", "--bits", "4",
-        "--float-epochs", "6", "--qat-epochs", "3", "--batch-size", "16", "--seed", "5", "--device", "cpu"]
+        "--float-epochs", "4", "--qat-epochs", "2", "--batch-size", "16", "--seed", "5", "--device", "cpu"]
 
 
 def _cli(*args):
@@ -71,7 +71,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_result(tmp_path, straig
     ref_dir, ref = straight
     out = tmp_path / "run"
     killed_at = _kill_when(out, checkpoint_name, epochs_done)
-    assert killed_at < (6 if checkpoint_name.startswith("float") else 3)
+    assert killed_at < (4 if checkpoint_name.startswith("float") else 2)
     refused = subprocess.run(_cli(*ARGS, "--out", str(out), "--quiet"), env=_env(), capture_output=True, text=True)
     assert refused.returncode == 2 and "--resume" in refused.stderr
     resumed = _finished(out, ["--resume"])
@@ -94,4 +94,4 @@ def test_two_process_data_parallel_run(tmp_path, straight):
     # BatchNorm statistics are per process (as in any DDP run without SyncBatchNorm), so the
     # losses differ a little from one process; tests/train/test_distributed.py checks the gradients.
     assert result["accuracy"]["quantized"] > 0.85
-    assert len(result["history"]["float"]) == 6 and len(result["history"]["qat"]) == 3
+    assert len(result["history"]["float"]) == 4 and len(result["history"]["qat"]) == 2

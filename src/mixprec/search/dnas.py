@@ -30,6 +30,7 @@ from ..cost.tables import build_tables
 from ..cost.targets import weight_granularity_for
 from ..graph.channels import channel_map
 from ..nn.model import QuantModel
+from ..prune import prune_channels
 from ..quantizers.dnas import GRANULARITIES, DNASWeightQuantizer
 from ..quantizers.fixed import RANGE_RULES, ActQuantizer
 from ..train import Callback, TrainConfig, fit
@@ -90,21 +91,11 @@ def temperature(opts: DnasOptions, epoch: int, epochs: int) -> float:
 # ----------------------------------------------------------------------------- the supernet
 
 
-def physical_pruning():
-    """``mixprec.prune.prune_channels`` where this installation has it, else None."""
-    try:
-        from ..prune import prune_channels
-    except ImportError:
-        return None
-    return prune_channels
-
-
 def candidate_widths(ctx: SearchContext, opts: DnasOptions, prunable: bool) -> list[int]:
-    """The target's widths that hold values, plus 0 where the layer may lose channels (on a target
-    without 0 bits only when the channels are removed physically afterwards)."""
-    t = ctx.target
-    zero = prunable and opts.prune and (t.allows_pruning or physical_pruning() is not None)
-    return ([0] if zero else []) + sorted(t.value_weight_bits)
+    """The target's widths that hold values, plus 0 where the layer may lose channels: on every
+    target, since a pruned channel is removed from the exported layer, not stored at 0 bits."""
+    zero = prunable and opts.prune
+    return ([0] if zero else []) + sorted(ctx.target.value_weight_bits)
 
 
 def may_prune(node, granularity: str) -> bool:
@@ -320,14 +311,10 @@ def freeze_argmax(qm: QuantModel) -> QuantModel:
 
 def remove_pruned(qm: QuantModel) -> QuantModel:
     """``qm`` with its 0-bit channels removed (``mixprec.prune``; the narrower model records which
-    it kept), or as it is where none is pruned or this installation cannot remove them."""
-    pruner = physical_pruning()
+    it kept), or as it is where none is pruned."""
     if not any(bool((layer.quantizer.bits() == 0).any()) for layer in qm.layers.values()):
         return qm
-    if pruner is None:
-        log.warning("mixprec.prune is not available: the pruned channels stay, at 0 bits")
-        return qm
-    return pruner(qm).model
+    return prune_channels(qm).model
 
 
 def search_granularity(ctx: SearchContext) -> str:
