@@ -1,7 +1,8 @@
 import pytest
 
 from mixprec.cost.bits import uniform
-from mixprec.cost.budget import Budget, BudgetError, check, check_achievable, feasible, smallest_costs, violations
+from mixprec.cost.budget import (Budget, BudgetError, check, check_achievable, feasible, how_reached, smallest_costs,
+                                 violations)
 from mixprec.cost.report import evaluate
 from mixprec.cost.targets import load_target
 from mixprec.graph.ir import Graph, Node
@@ -145,3 +146,25 @@ def test_an_in_out_budget_above_the_device_ram_is_refused():
     with pytest.raises(BudgetError, match=r"in\+out RAM .* budget .* exceeds the .* of cortex-m4"):
         check_achievable(cnn(), M4, Budget(ram_mcu_in_out=M4.ram_bytes + 1))
     check_achievable(cnn(), M4, Budget(ram_mcu_in_out=M4.ram_bytes))
+
+
+def test_a_method_that_removes_channels_reaches_the_cost_of_the_one_channel_model():
+    """DNAS removes channels: its smallest FLASH/RAM/BOPs is the model with every hidden layer down
+    to one channel, bias, buffer and consumer columns gone, as the pruned model measures it."""
+    import mixprec
+    from mixprec.models import get_model
+    from mixprec.prune import prune_channels
+
+    t = load_target("mpic")
+    qm = mixprec.quantize(get_model("lenet5"), t, (1, 28, 28), bits=t.min_weight_bits, act_bits=t.min_act_bits)
+    for name in ("conv1", "conv2", "fc1", "fc2"):
+        bits = qm.layers[name].quantizer.bits().clone()
+        bits[1:] = 0.0
+        qm.layers[name].quantizer.set_bits(bits)
+    one = mixprec.cost_report(prune_channels(qm).model, t).totals
+    mins = smallest_costs(qm.graph, t, "per-channel", allow_pruning=True, removes_channels=True)
+    for key in ("flash_bytes", "ram_bytes", "bops", "ram_mcu_in_out"):
+        assert mins[key] == pytest.approx(one[key]), key
+    kept_biases = smallest_costs(qm.graph, t, "per-channel", allow_pruning=True)
+    assert mins["flash_bytes"] < kept_biases["flash_bytes"] / 2
+    assert "every hidden layer down to one channel" in how_reached("flash_bytes", t, removes_channels=True)

@@ -73,28 +73,58 @@ _LABELS = {k: BY_KEY[k].label for k in BUDGET_KEYS}
 
 
 def smallest_costs(graph: Graph, target: Target, weight_granularity: str | None = None,
-                   allow_pruning: bool = False) -> dict[str, float]:
+                   allow_pruning: bool = False, removes_channels: bool = False) -> dict[str, float]:
     """Lower bounds of every budgeted cost on ``target`` (``how_reached`` says how).
 
     Memory, BOPs and EBOPs grow with the bits, so their minimum is every weight at the smallest width
     that holds values and every activation at the smallest width, at ``weight_granularity`` (a
     run's; default the target's coarsest: fewest scales) and, with ``allow_pruning``, every layer but
-    the last pruned to one group (``min_assignment``). Latency need not: a lower bound puts every
-    weighted layer at the fastest (activation, non-zero weight) pair of the table, independently.
+    the last pruned to one group (``min_assignment``: 0-bit groups, their biases kept). A method
+    that ``removes_channels`` (DNAS) goes further: every layer that may lose channels keeps one, and
+    a removed channel frees its bias, its buffer and its consumers' columns (``_one_channel_each``).
+    Latency need not: a lower bound puts every weighted layer at the fastest (activation, non-zero
+    weight) pair of the table, independently.
     """
-    r = evaluate(graph, min_assignment(graph, target, allow_pruning, weight_granularity), target)
-    elementwise = r.totals["latency_cycles"] - sum(row.cycles for row in r.layers if row.macs)
-    cycles = elementwise + _fastest_mac_cycles(graph, target)
-    mins = {k: r.totals[k] for k in ("flash_bytes", "ram_bytes", "ram_mcu_in_out", "bops", "ebops")}
+    if removes_channels:
+        totals, elementwise = _one_channel_each(graph, target, weight_granularity)
+    else:
+        r = evaluate(graph, min_assignment(graph, target, allow_pruning, weight_granularity), target)
+        totals, elementwise = r.totals, r.totals["latency_cycles"] - sum(row.cycles for row in r.layers if row.macs)
+    cycles = elementwise + totals["macs"] / _fastest_throughput(target)
+    mins = {k: totals[k] for k in ("flash_bytes", "ram_bytes", "ram_mcu_in_out", "bops", "ebops")}
     mins.update(latency_cycles=cycles, energy_uj=cycles / target.clock_hz * target.power_mw * 1e3)
     return mins
 
 
-def how_reached(key: str, target: Target, weight_granularity: str | None = None, allow_pruning: bool = False) -> str:
+def _one_channel_each(graph: Graph, target: Target, weight_granularity: str | None) -> tuple[dict, float]:
+    """The cost tables' exact totals when every layer that may lose channels (more than one weight
+    group, not grouped, not the output layer) keeps one channel, everything at the smallest widths;
+    and the elementwise cycles."""
+    import numpy as np
+
+    from .tables import build_tables
+
+    base = min_assignment(graph, target, False, weight_granularity)
+    last = graph.weighted()[-1].name if graph.weighted() else None
+
+    def may_lose(name: str) -> bool:
+        return name != last and graph[name].attrs.get("groups", 1) == 1 and base.weight[name].shape[0] > 1
+    smallest = float(target.min_weight_bits)
+    tables = build_tables(graph, target, base, act_widths=lambda q, top: [float(target.min_act_bits)],
+                          weight_widths=lambda name, top: [0.0, smallest] if may_lose(name) else [smallest])
+    keep_one = {n: (np.arange(layer.groups) == 0).astype(int) if may_lose(n) else np.zeros(layer.groups, int)
+                for n, layer in tables.layers.items()}
+    return tables.totals(keep_one, {q: 0 for q in tables.acts}), tables.elem_cycles
+
+
+def how_reached(key: str, target: Target, weight_granularity: str | None = None, allow_pruning: bool = False,
+                removes_channels: bool = False) -> str:
     """How ``smallest_costs`` reaches its figure for ``key``, for messages."""
     gran = weight_granularity or min(target.weight_granularities, key=_GRANULARITY_ORDER.index)
     weights = f"weights at {target.min_weight_bits} bits {gran}"
-    if allow_pruning and target.allows_pruning:
+    if removes_channels:
+        weights += ", every hidden layer down to one channel"
+    elif allow_pruning and target.allows_pruning:
         weights += ", all but one group of every hidden layer pruned"
     acts = f"activations at {target.min_act_bits} bits"
     both = f"all {weights}; {acts}"
@@ -105,9 +135,8 @@ def how_reached(key: str, target: Target, weight_granularity: str | None = None,
 _GRANULARITY_ORDER = ("per-tensor", "per-slice", "per-channel", "per-element")
 
 
-def _fastest_mac_cycles(graph: Graph, target: Target) -> float:
-    best = max(target.throughput(a, w) for a in target.act_bits for w in target.weight_bits if w > 0)
-    return sum(n.macs for n in graph.weighted()) / best
+def _fastest_throughput(target: Target) -> float:
+    return max(target.throughput(a, w) for a in target.act_bits for w in target.weight_bits if w > 0)
 
 
 def _fmt(key: str, value: float, unit: str | None = None) -> str:
@@ -138,17 +167,18 @@ def _capacity_errors(budget: Budget, mins: dict[str, float], target: Target, how
 
 
 def check_achievable(graph: Graph, target: Target, budget: Budget, weight_granularity: str | None = None,
-                     allow_pruning: bool = False) -> dict[str, float]:
+                     allow_pruning: bool = False, removes_channels: bool = False) -> dict[str, float]:
     """Raise ``BudgetError`` if no assignment on ``target`` at ``weight_granularity`` (pruned where
-    ``allow_pruning`` and the target allow it) can meet ``budget``; return the minima.
+    ``allow_pruning`` and the target allow it, channels removed where the method ``removes_channels``)
+    can meet ``budget``; return the minima.
 
     Also raises when a memory budget exceeds the device's capacity (a budget above the memory the
     device has is a mistake) or when even the smallest model does not fit the device.
     """
-    mins = smallest_costs(graph, target, weight_granularity, allow_pruning)
+    mins = smallest_costs(graph, target, weight_granularity, allow_pruning, removes_channels)
 
     def how(key: str) -> str:
-        return how_reached(key, target, weight_granularity, allow_pruning)
+        return how_reached(key, target, weight_granularity, allow_pruning, removes_channels)
     errors = [_violation(k, limit, mins[k], target, how(k)) for k, limit in budget.limits().items() if mins[k] > limit]
     errors += _capacity_errors(budget, mins, target, how)
     if errors:

@@ -362,4 +362,4 @@ def search_dnas(ctx: SearchContext):
 
 METHOD = Method("dnas", search_dnas, DnasOptions,
                 "channel-wise precision and pruning by differentiable search (DNAS: softmax over {0, target widths} "
-                "per channel, exact expected cost)")
+                "per channel, exact expected cost)", removes_channels=True)

@@ -7,7 +7,9 @@ A method is one module that defines ``METHOD = Method(name, run, options, summar
   quantized model whose quantizers have ``set_bits`` (fixed-bit quantizers; learned ones freeze into
   them), so the budget step, fine-tuning and export take it;
 - ``options``: the dataclass of its ``-o`` options (typed fields with defaults), or None;
-- ``summary``: one line for ``mixprec methods``.
+- ``summary``: one line for ``mixprec methods``;
+- ``removes_channels``: whether its result may be narrower than the model (``mixprec.prune``), so
+  the budget check before training counts what removed channels free.
 
 Add the module to ``METHOD_MODULES`` (or call ``register`` from your own code) and
 ``mixprec search --method NAME`` runs it. Modules load on first use, so the command line stays fast.
@@ -27,6 +29,7 @@ class Method:
     run: Callable  # (SearchContext) -> (QuantModel, history)
     options: type | None  # the dataclass of its -o options; None: it takes none
     summary: str
+    removes_channels: bool = False  # its result may have fewer channels than the model (budgets below the full width's minimum are reachable)
 
 
 _REGISTRY: dict[str, Method] = {}

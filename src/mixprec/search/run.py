@@ -91,7 +91,7 @@ def choose_bits(cfg: RunConfig, model, target, input_shape, budget: Budget) -> t
             graph = quantize(model, target, input_shape, bits=target.min_weight_bits,
                              act_bits=act_bits or target.min_act_bits, weight_granularity=cfg.weight_granularity).graph
             check_achievable(graph, target, budget, weight_granularity_for(target, cfg.weight_granularity),
-                             allow_pruning=True)
+                             allow_pruning=True, removes_channels=get_method(cfg.method).removes_channels)
             wb = target.min_weight_bits
         return wb, act_bits or activation_width_for(wb, target)
     ab = act_bits or activation_width_for(cfg.bits, target)
