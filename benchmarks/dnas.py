@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TITLE = "DNAS on LeNet-5: channel-wise against layer-wise"
 TRAIN = dict(model="lenet5", data="mnist", target="mpic", float_epochs=10, qat_epochs=8, budget_epochs=2,
              batch_size=128, lr=2e-3, qat_lr=5e-4)
-BUDGETS = {"per-channel": ["40KiB", "24KiB", "16KiB", "10KiB", "6KiB", "4KiB", "3KiB"],
-           "per-tensor": ["40KiB", "16KiB", "12KiB", "10KiB"]}
+BUDGETS = {"per-channel": ["40KiB", "24KiB", "16KiB", "10KiB", "6KiB", "4KiB", "3KiB", "2KiB", "1.5KiB"],
+           "per-tensor": ["40KiB", "24KiB", "20KiB", "16KiB"]}  # 2-bit weights everywhere: 16.0 KiB
 UNIFORM = (8, 4, 2)
 # PLiNIO's MPS on the same task, as the issue quotes its author's measurement (one seed): not our run
 PEER = ("PLiNIO MPS (quoted in issue 17, not run here): per-channel 98.71% at 180.7 kbit, 98.75% at 115.9k, "
@@ -67,13 +67,18 @@ def _rel(path: Path) -> Path:
     return full.relative_to(ROOT) if full.is_relative_to(ROOT) else path
 
 
+def _command_file(out: Path) -> Path:
+    """Beside the run folder (a folder must hold a run or nothing to be resumed into)."""
+    return out.parent / f"{out.name}.command"
+
+
 def run_all(args) -> None:
     for trial in trials(args):
         cfg = trial.config
         if cfg.float_from:
             cfg = replace(cfg, float_from=str(_rel(Path(cfg.float_from))))
-        trial.out.mkdir(parents=True, exist_ok=True)
-        (trial.out / "command").write_text(command_line(cfg, _rel(trial.out), ROOT) + "\n")
+        trial.out.parent.mkdir(parents=True, exist_ok=True)
+        _command_file(trial.out).write_text(command_line(cfg, _rel(trial.out), ROOT) + "\n")
         if not args.table_only and not (trial.out / "result.json").exists():
             logging.info("%s: %s", trial.out, command_line(cfg, _rel(trial.out), ROOT))
             run_search(cfg, trial.out, resume=True, device=args.device)
@@ -89,7 +94,7 @@ def weight_bits(run_dir: Path) -> float:
 def row(run_dir: Path, label: str, budget: str) -> str:
     r = json.loads((run_dir / "result.json").read_text())
     pruned = (r.get("history", {}).get("dnas") or [{}])[-1].get("pruned_share")
-    cmd = (run_dir / "command").read_text().strip()
+    cmd = _command_file(run_dir).read_text().strip()
     return (f"| {label} | {budget} | {r['accuracy']['quantized']:.2%} | {weight_bits(run_dir) / 1000:,.1f}k | "
             f"{r['cost']['flash_bytes']:,} | {'yes' if r['feasible'] else 'NO'} | "
             f"{'' if pruned is None else f'{pruned:.0%}'} | `{cmd}` |")

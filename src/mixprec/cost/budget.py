@@ -122,7 +122,7 @@ def how_reached(key: str, target: Target, weight_granularity: str | None = None,
     """How ``smallest_costs`` reaches its figure for ``key``, for messages."""
     gran = weight_granularity or min(target.weight_granularities, key=_GRANULARITY_ORDER.index)
     weights = f"weights at {target.min_weight_bits} bits {gran}"
-    if removes_channels:
+    if removes_channels and gran != "per-tensor":  # one width per layer removes no channel
         weights += ", every hidden layer down to one channel"
     elif allow_pruning and target.allows_pruning:
         weights += ", all but one group of every hidden layer pruned"
