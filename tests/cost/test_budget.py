@@ -167,4 +167,5 @@ def test_a_method_that_removes_channels_reaches_the_cost_of_the_one_channel_mode
         assert mins[key] == pytest.approx(one[key]), key
     kept_biases = smallest_costs(qm.graph, t, "per-channel", allow_pruning=True)
     assert mins["flash_bytes"] < kept_biases["flash_bytes"] / 2
-    assert "every hidden layer down to one channel" in how_reached("flash_bytes", t, removes_channels=True)
+    assert "every hidden layer down to one channel" in how_reached("flash_bytes", t, "per-channel", removes_channels=True)
+    assert "channel" not in how_reached("flash_bytes", t, "per-tensor", removes_channels=True)
