@@ -20,7 +20,7 @@ from ..cost import Budget, CostReport, as_target, evaluate, feasible
 from ..cost.bits import uniform
 from ..models import get_model
 from .config import RunConfig
-from .trial import Trial
+from .trial import Trial, float_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +96,8 @@ def in_float_order(trials) -> list[Trial]:
 
     def waits(trial: Trial) -> bool:
         source = trial.config.float_from
-        return bool(source) and _run_dir(Path(source)).resolve() in trains
+        return bool(source) and float_run_dir(Path(source)).resolve() in trains
     return [t for t in trials if not waits(t)] + [t for t in trials if waits(t)]
-
-
-def _run_dir(path: Path) -> Path:
-    return path.parent.parent if path.suffix == ".pt" else path
 
 
 #: The RunConfig fields a command line always states (the rest: when set)

@@ -38,13 +38,18 @@ def float_id(cfg: RunConfig) -> str:
     if not cfg.float_from:
         return _digest({k: getattr(cfg, k) for k in FLOAT_FIELDS})
     source = Path(cfg.float_from)
-    run_dir = source if source.is_dir() else source.parent.parent  # RUN/checkpoints/float.pt
+    run_dir = float_run_dir(source)
     if (run_dir / "config.yaml").is_file():
         return float_id(RunConfig.load(run_dir / "config.yaml"))
     if source.is_file():
         return "file-" + hashlib.sha256(source.read_bytes()).hexdigest()[:ID_LENGTH]
     raise FileNotFoundError(f"--float-from {cfg.float_from}: no float model there (a run directory that finished "
                             f"its float phase, or its checkpoints/float.pt)")
+
+
+def float_run_dir(float_from: Path) -> Path:
+    """The run folder a ``float_from`` names: the folder itself, or RUN for RUN/checkpoints/float.pt."""
+    return float_from.parent.parent if float_from.suffix == ".pt" else float_from
 
 
 def config_id(cfg: RunConfig) -> str:
