@@ -193,7 +193,7 @@ def _start_model(spec: EvaluatorSpec):
     from ..models import get_model, get_spec
     from ..train import load_checkpoint
     from . import preflight
-    from .saved import FLOAT_CHECKPOINT, QUANTIZED_CHECKPOINT, load_float, rebuild_quantized
+    from .saved import FLOAT_CHECKPOINT, QUANTIZED_CHECKPOINT, float_from_state, rebuild_quantized
 
     cfg = spec.config
     torch.manual_seed(cfg.seed)
@@ -209,7 +209,7 @@ def _start_model(spec: EvaluatorSpec):
     if "state_dict" in state:  # a quantized run's model
         qm = rebuild_quantized(model, target, data.input_shape, state, path, gran)
     else:
-        load_float(model, path, cfg.model)
+        float_from_state(model, state, path, cfg.model)
         qm = quantize(model, target, data.input_shape, bits=spec.start_bits, weight_granularity=gran)
         qm.calibrate(torch.split(data.x_train[:2048], 256))
     freeze_observers(qm)

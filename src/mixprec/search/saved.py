@@ -42,7 +42,11 @@ def load_float(model: nn.Module, path: Path, model_name: str) -> list[dict]:
     """Load the float checkpoint ``path`` into ``model``; returns its training history. A
     checkpoint of the same architecture whose layers had other names (saved before a model named
     its layers) is taken by position."""
-    state = load_checkpoint(path)
+    return float_from_state(model, load_checkpoint(path), path, model_name)
+
+
+def float_from_state(model: nn.Module, state: dict, path: Path, model_name: str) -> list[dict]:
+    """``load_float`` of a checkpoint already read (``path`` names it in messages)."""
     try:
         saved = state["model"]
         renamed = renamed_by_position(saved, model.state_dict())
@@ -83,13 +87,13 @@ def rebuild_quantized(model: nn.Module, target, input_shape, state: dict, path: 
     was pruned: its channels are removed again as recorded). A checkpoint saved before the model
     named its layers (its widths are keyed by other layer names) is taken by position when every
     entry lines up (``renamed_by_position``)."""
-    graph, _ = trace(model, tuple(input_shape))
-    weighted = [n.name for n in graph.weighted()]
     wbits, abits, saved = state["weight_bits"], state["act_bits"], state["state_dict"]
     pruning = state.get("pruning")
-    renamed = not set(wbits) <= set(weighted)
+    # weighted layers are named by their module paths: a trace is needed only for other names
+    renamed = not set(wbits) <= {name for name, _ in model.named_modules()}
     if renamed:
-        wbits = _by_position(wbits, weighted)
+        graph, _ = trace(model, tuple(input_shape))
+        wbits = _by_position(wbits, [n.name for n in graph.weighted()])
         abits = _by_position(abits, [n.name for n in graph if n.op in REQUANTIZING_OPS])
     try:
         if pruning is None:
