@@ -1,13 +1,14 @@
-"""Channel-wise DNAS on full-width LeNet-5 / MNIST against a layer-wise search and uniform widths, the
-weight-bit figure PLiNIO reports beside our FLASH bytes -> the "DNAS on LeNet-5" table of
-docs/benchmarks.md.
+"""Channel-wise DNAS against a layer-wise search and uniform widths, on the `mpic` target:
+full-width LeNet-5 / MNIST under FLASH budgets (with the weight-bit figure PLiNIO reports) and
+ResNet-8 / CIFAR-10 under FLASH and energy budgets -> the "DNAS on ..." tables of docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/dnas.py [--granularities per-channel per-tensor] [--budgets 16KiB ...]
-        [--runs runs/bench-dnas] [--no-uniform] [--table-only]
+    .venv/bin/python benchmarks/dnas.py [--task lenet5-mnist|resnet8-cifar10]
+        [--granularities per-channel per-tensor] [--budgets 16KiB energy-90uJ ...]
+        [--runs DIR] [--no-uniform] [--table-only]
 
 Every run is ``mixprec search --method dnas`` (or ``uniform``) on ``mpic`` ({0, 2, 4, 8}-bit weights,
-8-bit activations: a FLASH-only budget keeps them) from one float LeNet-5 (the first run trains it,
-the others start from it: ``mixprec.search.plan.share_floats``); the FLASH budget is the strength
+8-bit activations: these budgets keep them) from one float model per task (the first run trains
+it, the others start from it: ``mixprec.search.plan.share_floats``); the budget is the strength
 of the search (the run's controller aims at it, the budget step guarantees it). Resumable: a
 finished run is read back, an unfinished one continues.
 
@@ -21,22 +22,18 @@ import json
 import logging
 import os
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _tables import merge_rows, write_section  # noqa: E402
 
+from mixprec.cost.keys import BY_NAME  # noqa: E402
 from mixprec.granularity import expand  # noqa: E402
 from mixprec.search import RunConfig, Trial, load_run, run_search  # noqa: E402
 from mixprec.search.plan import command_line, in_float_order, share_floats, trained_floats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TITLE = "DNAS on LeNet-5: channel-wise against layer-wise"
-TRAIN = dict(model="lenet5", data="mnist", target="mpic", float_epochs=10, qat_epochs=8, budget_epochs=2,
-             batch_size=128, lr=2e-3, qat_lr=5e-4)
-BUDGETS = {"per-channel": ["40KiB", "24KiB", "16KiB", "10KiB", "6KiB", "4KiB", "3KiB", "2KiB", "1.5KiB"],
-           "per-tensor": ["40KiB", "24KiB", "20KiB", "16KiB"]}  # 2-bit weights everywhere: 16.0 KiB
 UNIFORM = (8, 4, 2)
 # PLiNIO's MPS on the same task, as the issue quotes its author's measurement (one seed): not our run
 PEER = ("PLiNIO MPS (quoted in issue 17, not run here): per-channel 98.71% at 180.7 kbit, 98.75% at 115.9k, "
@@ -44,18 +41,80 @@ PEER = ("PLiNIO MPS (quoted in issue 17, not run here): per-channel 98.71% at 18
         "98.54% at 91.0k, 98.31% at 88.4k; uniform 8/4/2 bits 98.90% / 98.85% / 98.10%.")
 
 
+@dataclass(frozen=True)
+class Budget:
+    """One strength of a search: a limit on one cost (``cost.keys`` name) at one granularity."""
+
+    granularity: str
+    cost: str
+    value: str
+
+    @property
+    def label(self) -> str:
+        """As the table and the folder name it: ``16KiB`` for FLASH, ``energy-90uJ`` otherwise."""
+        return self.value if self.cost == "flash" else f"{self.cost}-{self.value}{BY_NAME[self.cost].unit}"
+
+
+@dataclass(frozen=True)
+class Task:
+    title: str
+    about: str
+    train: dict
+    budgets: tuple  # Budget, in the order they run (the first trains the float model)
+    runs: Path
+
+    def run_dir(self, runs: Path, budget: Budget) -> Path:
+        return runs / budget.granularity / budget.label
+
+
+def _budgets(granularity: str, cost: str, *values: str) -> tuple:
+    return tuple(Budget(granularity, cost, v) for v in values)
+
+
+TASKS = {
+    "lenet5-mnist": Task(
+        "DNAS on LeNet-5: channel-wise against layer-wise",
+        "Full-width LeNet-5 (61,706 parameters) on MNIST, `mpic` target ({0,2,4,8}-bit weights, 8-bit "
+        "activations), one float model for every row, one seed. `dnas per-channel`: a width per output "
+        "channel, 0 = pruned (physically removed before export); `dnas per-tensor`: one width per layer, no "
+        "pruning. 'weight bits': PLiNIO's size figure on the deployed model (kept weights x their bits, no "
+        "bias); 'FLASH B': everything the C library stores (weights, biases, multipliers, shifts, layout "
+        f"tables); 'energy': the MPIC model's estimate of one inference. {PEER}",
+        dict(model="lenet5", data="mnist", target="mpic", float_epochs=10, qat_epochs=8, budget_epochs=2,
+             batch_size=128, lr=2e-3, qat_lr=5e-4),
+        _budgets("per-channel", "flash", "40KiB", "24KiB", "16KiB", "10KiB", "6KiB", "4KiB", "3KiB", "2KiB", "1.5KiB")
+        + _budgets("per-tensor", "flash", "40KiB", "24KiB", "20KiB", "16KiB"),  # 2-bit weights everywhere: 16.0 KiB
+        ROOT / "runs" / "bench-dnas"),
+    "resnet8-cifar10": Task(
+        "DNAS on ResNet-8 / CIFAR-10: channel-wise against layer-wise, FLASH and energy",
+        "Full-width ResNet-8 (MLPerf Tiny, 78,186 parameters) on CIFAR-10, `mpic` target ({0,2,4,8}-bit "
+        "weights, 8-bit activations), one float model for every row (30 epochs, as the cortex-m4 table's), "
+        "one seed; each search 4 epochs + 1 after the budget step (the uniform models 5 quantization-aware "
+        "epochs). Each granularity under FLASH budgets and under energy budgets (the MPIC model's estimate "
+        "of one inference; its uniform 8-bit model: 129.3 uJ, 2-bit: 108.7 uJ); channel-wise pruning ties "
+        "the channels of a residual add across its branches. Columns as in the LeNet-5 table.",
+        dict(model="resnet8", data="cifar10", target="mpic", float_epochs=30, qat_epochs=4, budget_epochs=1,
+             batch_size=64, lr=2e-3, qat_lr=5e-4, weight_decay=0.01, optimizer="adamw"),
+        _budgets("per-channel", "flash", "40KiB", "24KiB", "16KiB")
+        + _budgets("per-tensor", "flash", "48KiB", "36KiB", "28KiB")
+        + _budgets("per-channel", "energy", "110", "90", "70")
+        + _budgets("per-tensor", "energy", "125", "118", "112"),
+        ROOT / "runs" / "bench-dnas-resnet8"),
+}
+
+
 def trials(args, everything: bool = False) -> list[Trial]:
     """The runs asked for (``everything``: the whole table), a folder that holds a run keeping the
     configuration it was made with; float models trained by any run of the table are shared."""
-    planned = []
-    for gran in (BUDGETS if everything else args.granularities):
-        for budget in (BUDGETS[gran] if everything else args.budgets or BUDGETS[gran]):
-            cfg = RunConfig(method="dnas", weight_granularity=gran, budget={"flash": budget}, **TRAIN)
-            planned.append(Trial(cfg, args.runs / gran / budget))
+    task, planned = TASKS[args.task], []
+    for budget in task.budgets:
+        if everything or (budget.granularity in args.granularities and budget.label in (args.budgets or [budget.label])):
+            cfg = RunConfig(method="dnas", weight_granularity=budget.granularity,
+                            budget={budget.cost: budget.value}, **task.train)
+            planned.append(Trial(cfg, task.run_dir(args.runs, budget)))
     for bits in (UNIFORM if everything or not args.no_uniform else ()):  # quantization-aware as long
-        cfg = RunConfig(method="uniform", bits=bits, act_bits=8, **{**TRAIN, "qat_epochs": TRAIN["qat_epochs"] + 2,
-                                                                    "budget_epochs": 0})
-        planned.append(Trial(cfg, args.runs / "uniform" / f"{bits}bit"))
+        train = {**task.train, "qat_epochs": task.train["qat_epochs"] + task.train["budget_epochs"], "budget_epochs": 0}
+        planned.append(Trial(RunConfig(method="uniform", bits=bits, act_bits=8, **train), args.runs / "uniform" / f"{bits}bit"))
     stored = [Trial(RunConfig.load(t.out / "config.yaml"), t.out) if (t.out / "config.yaml").exists() else t
               for t in planned]
     trained = {} if everything else trained_floats(trials(args, everything=True))
@@ -96,44 +155,37 @@ def row(run_dir: Path, label: str, budget: str) -> str:
     pruned = (r.get("history", {}).get("dnas") or [{}])[-1].get("pruned_share")
     cmd = _command_file(run_dir).read_text().strip()
     return (f"| {label} | {budget} | {r['accuracy']['quantized']:.2%} | {weight_bits(run_dir) / 1000:,.1f}k | "
-            f"{r['cost']['flash_bytes']:,} | {'yes' if r['feasible'] else 'NO'} | "
+            f"{r['cost']['flash_bytes']:,} | {r['cost']['energy_uj']:.1f} | {'yes' if r['feasible'] else 'NO'} | "
             f"{'' if pruned is None else f'{pruned:.0%}'} | `{cmd}` |")
 
 
 def table(args) -> None:
-    rows, order = [], []
-    for gran in ("per-channel", "per-tensor"):
-        for budget in BUDGETS[gran]:
-            order.append((f"dnas {gran}", budget))
-            out = args.runs / gran / budget
-            if (out / "result.json").exists():
-                rows.append(row(out, f"dnas {gran}", budget))
-    for bits in UNIFORM:
-        order.append((f"uniform {bits}-bit", "none"))
-        out = args.runs / "uniform" / f"{bits}bit"
+    task, rows, order = TASKS[args.task], [], []
+    labelled = [(f"dnas {b.granularity}", b.label, task.run_dir(args.runs, b)) for b in task.budgets]
+    labelled += [(f"uniform {bits}-bit", "none", args.runs / "uniform" / f"{bits}bit") for bits in UNIFORM]
+    for label, budget, out in labelled:
+        order.append((label, budget))
         if (out / "result.json").exists():
-            rows.append(row(out, f"uniform {bits}-bit", "none"))
-    header = ["| search | FLASH budget | test acc (integer-exact) | weight bits | FLASH B | feasible | channels pruned | "
-              "command |", "|---|---|---|---|---|---|---|---|"]
-    write_section(TITLE, "Full-width LeNet-5 (61,706 parameters) on MNIST, `mpic` target ({0,2,4,8}-bit weights, 8-bit "
-                  "activations), one float model for every row, one seed. `dnas per-channel`: a width per output "
-                  "channel, 0 = pruned (physically removed before export); `dnas per-tensor`: one width per layer, no "
-                  "pruning. 'weight bits': PLiNIO's size figure on the deployed model (kept weights x their bits, no "
-                  "bias); 'FLASH B': everything the C library stores (weights, biases, multipliers, shifts, layout "
-                  f"tables). {PEER}",
-                  "python benchmarks/dnas.py", header + merge_rows(TITLE, rows, 2, order))
+            rows.append(row(out, label, budget))
+    header = ["| search | budget | test acc (integer-exact) | weight bits | FLASH B | energy uJ | feasible | "
+              "channels pruned | command |", "|---|---|---|---|---|---|---|---|---|"]
+    command = "python benchmarks/dnas.py" + ("" if args.task == "lenet5-mnist" else f" --task {args.task}")
+    write_section(task.title, task.about, command, header + merge_rows(task.title, rows, 2, order))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--granularities", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
-    ap.add_argument("--budgets", nargs="+")
-    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-dnas")
+    ap.add_argument("--task", default="lenet5-mnist", choices=list(TASKS))
+    ap.add_argument("--granularities", nargs="+", default=["per-channel", "per-tensor"],
+                    choices=["per-channel", "per-tensor"])
+    ap.add_argument("--budgets", nargs="+", help="by their labels in the table (16KiB, energy-90uJ)")
+    ap.add_argument("--runs", type=Path, help="where the runs live (default: the task's folder under runs/)")
     ap.add_argument("--data-dir", default=os.environ.get("MIXPREC_DATA", str(ROOT.parent / "shared" / "datasets")))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--no-uniform", action="store_true", help="leave out the uniform rows")
     args = ap.parse_args()
+    args.runs = args.runs or TASKS[args.task].runs
     os.environ["MIXPREC_DATA"] = args.data_dir
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     run_all(args)

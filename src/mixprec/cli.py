@@ -56,13 +56,12 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(2)
 
 
-#: The budget flags whose parameter is not the budget name (``cost.keys``): they name the unit
-_BUDGET_FLAGS = {"energy_uj": "energy", "latency_cycles": "latency"}
-
-
 def _budget(**flags) -> dict:
-    """The run's ``budget`` from the budget flags given (``--energy-uj`` is ``energy``)."""
-    return {_BUDGET_FLAGS.get(k, k): v for k, v in flags.items() if v is not None}
+    """The run's ``budget`` from the budget flags given (``--energy-uj`` is ``energy``: ``cost.keys``)."""
+    from .cost.keys import COSTS
+
+    by_flag = {c.cli_flag[2:].replace("-", "_"): c.name for c in COSTS if c.budget}
+    return {by_flag[k]: v for k, v in flags.items() if v is not None}
 
 
 def _print_result(result: dict, out: Path) -> None:

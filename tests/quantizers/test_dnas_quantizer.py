@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from mixprec.quantizers import FixedWeightQuantizer
-from mixprec.quantizers.dnas import DNASWeightQuantizer
+from mixprec.quantizers import ActQuantizer, FixedWeightQuantizer, QParams, fake_quant
+from mixprec.quantizers.dnas import DNASActQuantizer, DNASWeightQuantizer
 
 SHAPE = (6, 3, 3, 3)
 WIDTHS = (0, 2, 4, 8)
@@ -119,3 +119,69 @@ def test_state_round_trips_logits_and_temperature():
     b = DNASWeightQuantizer(SHAPE, WIDTHS)
     b.load_state_dict(a.state_dict())
     assert torch.equal(b.probabilities(), a.probabilities()) and float(b.temperature) == pytest.approx(0.7)
+
+
+# ----------------------------------------------------------------------------- activations: PACT mixture
+
+A_SHAPE = (4, 5, 5)
+
+
+def _activations(signed: bool = False) -> torch.Tensor:
+    x = torch.randn((32,) + A_SHAPE, generator=torch.Generator().manual_seed(3)) * 2.0
+    return x if signed else torch.relu(x)
+
+
+def _act(numerics: str = "scaled", signed: bool = False, clip=(float("-inf"), float("inf"))) -> tuple:
+    q = DNASActQuantizer(A_SHAPE, (2, 4, 8), numerics, clip, temperature=5.0)
+    x = _activations(signed)
+    q.train()
+    q(x)  # calibrates
+    return q, x
+
+
+def test_calibration_sets_sign_and_a_tighter_clip_for_fewer_codes():
+    q, x = _act()
+    assert not q.signed and bool((q.clip_value > 0).all())
+    clips = q.clip_value.detach()
+    assert float(clips[0]) < float(clips[2]) <= float(x.max()) + 1e-6  # 2 bits clip harder than 8
+    signed, _ = _act(signed=True)
+    assert signed.signed
+    relu6, _ = _act(clip=(0.0, 1.0))
+    assert float(relu6.clip_value.detach().max()) <= 1.0  # within the fused activation's bounds
+
+
+@pytest.mark.parametrize("numerics", ["scaled", "fixed"])
+def test_act_one_hot_forward_is_that_candidates_pact_quantizer_and_eval_its_grid(numerics):
+    q, x = _act(numerics)
+    for k, width in enumerate(q.widths):
+        with torch.no_grad():
+            q.alpha.fill_(-1e4)
+            q.alpha[0, k] = 0.0
+        y = q(x)
+        qp = q.qparams()
+        assert int(qp.bits.reshape(-1)[0]) == width and tuple(qp.bits.shape) == (1, 1, 1)
+        assert len(torch.unique(y)) <= 2 ** width
+        with torch.no_grad():
+            step = q.scales()[k]
+        assert torch.equal(y.detach(), fake_quant(x, QParams(step, qp.bits, qp.signed))), width  # PACT at that clip
+        assert torch.allclose(qp.scale.reshape(()), step, rtol=1e-6, atol=0)  # the argmax grid: as frozen
+        fixed = q.freeze().quantizer
+        assert type(fixed) is ActQuantizer and torch.equal(fixed.qparams().scale.reshape(()), qp.scale.reshape(()))
+        if numerics == "fixed":  # powers of two
+            exponent = float(torch.log2(qp.scale.detach()))
+            assert exponent == round(exponent)
+
+
+def test_act_gradients_reach_the_logits_and_each_clip():
+    q, x = _act()
+    loss = (q(x) - x).pow(2).mean()
+    loss.backward()
+    assert q.alpha.grad is not None and float(q.alpha.grad.abs().sum()) > 0
+    assert q.clip_value.grad is not None and bool((q.clip_value.grad != 0).all())  # every candidate's clip
+
+
+def test_act_quantizer_refuses_zero_bits_and_use_before_calibration():
+    with pytest.raises(ValueError, match="at least 1 bit"):
+        DNASActQuantizer(A_SHAPE, (0, 2, 4))
+    with pytest.raises(RuntimeError, match="calibrate"):
+        DNASActQuantizer(A_SHAPE, (2, 4)).qparams()

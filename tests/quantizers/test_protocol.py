@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mixprec import quantizers
-from mixprec.quantizers import (ActQuantizer, DNASWeightQuantizer, DQActQuantizer, DQWeightQuantizer,
+from mixprec.quantizers import (ActQuantizer, DNASActQuantizer, DNASWeightQuantizer, DQActQuantizer, DQWeightQuantizer,
                                 FixedWeightQuantizer, Frozen, HGQActQuantizer, HGQWeightQuantizer, LearnedQuantizer,
                                 Quantizer, freeze_observers)
 
@@ -63,12 +63,18 @@ def make(kind: str, numerics: str):
             # one-hot after the softmax: the training forward is the argmax model's
             q.alpha.copy_(torch.tensor([[0.0, 0, 0, 1], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0]]) * 1e4)
         return q, w
+    if kind == "DNASActQuantizer":
+        q = _observed(DNASActQuantizer(W_SHAPE, (2, 4, 8), numerics), x)  # the first forward calibrates
+        with torch.no_grad():
+            q.alpha.copy_(torch.tensor([[0.0, 1e4, 0.0]]))  # 4 bits
+        return q, None
     raise KeyError(kind)
 
 
 KINDS = ["FixedWeightQuantizer", "ActQuantizer", "HGQWeightQuantizer", "HGQActQuantizer", "DQWeightQuantizer",
-         "DQActQuantizer", "DNASWeightQuantizer"]
-LEARNED = {"HGQWeightQuantizer", "HGQActQuantizer", "DQWeightQuantizer", "DQActQuantizer", "DNASWeightQuantizer"}
+         "DQActQuantizer", "DNASWeightQuantizer", "DNASActQuantizer"]
+LEARNED = {"HGQWeightQuantizer", "HGQActQuantizer", "DQWeightQuantizer", "DQActQuantizer", "DNASWeightQuantizer",
+           "DNASActQuantizer"}
 LEARNED_GRIDS = LEARNED - {"DNASWeightQuantizer"}  # DNAS learns the width; its grid comes from the weights
 OBSERVERS = {"ActQuantizer", "HGQActQuantizer"}
 
@@ -158,7 +164,7 @@ def test_freeze_round_trip_keeps_qparams(kind, numerics):
     if kind == "HGQWeightQuantizer" and numerics == "scaled":
         # one real scale per channel from the weights' own range: the learned power of two or finer
         assert bool((a <= b).all()) and bool((a > b / 2).all())
-    elif kind in LEARNED_GRIDS and numerics == "scaled":  # the range is step * largest code, divided again
+    elif kind in LEARNED_GRIDS - {"DNASActQuantizer"} and numerics == "scaled":  # step * largest code, divided again
         assert torch.allclose(a, b, rtol=1e-6, atol=0)
     else:  # powers of two, or the same quantizer copied
         assert torch.equal(a, b)
@@ -169,7 +175,7 @@ def test_freeze_round_trip_keeps_qparams(kind, numerics):
     assert torch.equal(again.qparams(kept2).scale, after.scale) and torch.equal(again.bits(), fixed.bits())
 
 
-@pytest.mark.parametrize("kind", ["ActQuantizer", "HGQActQuantizer", "DQActQuantizer"])
+@pytest.mark.parametrize("kind", ["ActQuantizer", "HGQActQuantizer", "DQActQuantizer", "DNASActQuantizer"])
 def test_activation_freeze_takes_no_weight(kind):
     q, _ = make(kind, "fixed")
     with pytest.raises(TypeError, match="set_observing"):

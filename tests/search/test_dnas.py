@@ -10,8 +10,9 @@ import torch
 from mixprec.cost import Budget, load_target
 from mixprec.execute import reference
 from mixprec.models import get_model
-from mixprec.search.dnas import (DnasOptions, SupernetCost, cost_terms, freeze_argmax, supernet,
-                                 supernet_quantizers, temperature)
+from mixprec.quantizers import ActQuantizer, DNASActQuantizer
+from mixprec.search.dnas import (DnasOptions, SupernetCost, act_choices, cost_terms, freeze_argmax, searches_acts,
+                                 supernet, supernet_quantizers, temperature)
 from mixprec.search.learned import parse_options
 
 
@@ -48,9 +49,10 @@ MODELS = {"residual": (Residual, (2, 8, 8)), "separable": (Separable, (2, 8, 8))
           "digits-cnn": (lambda: get_model("digits-cnn"), (1, 8, 8))}
 
 
-def _ctx(target: str, model, shape, act_bits: int = 8):
+def _ctx(target: str, model, shape, act_bits: int = 8, given_act_bits: int | None = None, **budget):
     return SimpleNamespace(target=load_target(target), act_bits=act_bits, float_model=model,
-                           data=SimpleNamespace(input_shape=shape))
+                           data=SimpleNamespace(input_shape=shape), budget=Budget.from_strings(**budget),
+                           config=SimpleNamespace(act_bits=given_act_bits))
 
 
 def _supernet(name: str, target: str = "mpic", granularity: str = "per-channel", seed: int = 0, **options):
@@ -62,10 +64,14 @@ def _supernet(name: str, target: str = "mpic", granularity: str = "per-channel",
     return qm, x
 
 
+def _choices(qm) -> list:
+    return [*supernet_quantizers(qm).values(), *act_choices(qm).values()]
+
+
 def _random_logits(qm, seed: int = 1, scale: float = 2.0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for q in supernet_quantizers(qm).values():
+        for q in _choices(qm):
             q.alpha.copy_(torch.randn(q.alpha.shape, generator=g) * scale)
 
 
@@ -86,10 +92,13 @@ def test_candidates_are_the_targets_widths_and_prune_only_where_allowed(name, ta
     assert all(0 not in q.widths for q in supernet_quantizers(unpruned).values())
 
 
+@pytest.mark.parametrize("acts", ["fixed", "search"])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_eval_of_the_supernet_is_its_frozen_argmax_model(name):
-    qm, x = _supernet(name)
+def test_eval_of_the_supernet_is_its_frozen_argmax_model(name, acts):
+    qm, x = _supernet(name, acts=acts)
     _random_logits(qm)
+    if acts == "search":  # the argmax takes narrower activations than 8 bits somewhere
+        assert {int(q.bits().reshape(-1)[0]) for q in act_choices(qm).values()} - {8}
     pruned = {n: q.pruned() for n, q in supernet_quantizers(qm).items() if q.prunes}
     assert any(bool(p.any()) for p in pruned.values())  # the check covers pruned channels
     assert all(not bool(p.all()) for p in pruned.values())  # never a whole layer
@@ -112,20 +121,21 @@ def test_eval_of_the_supernet_is_its_frozen_argmax_model(name):
 
 
 def _as_double(qm) -> list[torch.nn.Parameter]:
-    for q in supernet_quantizers(qm).values():
+    for q in _choices(qm):
         q.alpha.data = q.alpha.data.double()
-    return [q.alpha for q in supernet_quantizers(qm).values()]
+    return [q.alpha for q in _choices(qm)]
 
 
-@pytest.mark.parametrize("key", ["flash_bytes", "energy_uj", "bops"])
+@pytest.mark.parametrize("key", ["flash_bytes", "energy_uj", "bops", "ram_bytes"])
 @pytest.mark.parametrize("name", ["residual", "separable", "digits-cnn"])
 def test_expected_cost_gradient_matches_finite_differences(name, key):
-    qm, _ = _supernet(name)
+    qm, _ = _supernet(name, acts="search")
     _random_logits(qm, scale=1.0)
     costs = SupernetCost(qm, load_target("mpic"))
     alphas = _as_double(qm)
     cost = costs.expected()[key]
-    grads = torch.autograd.grad(cost, alphas)
+    grads = [torch.zeros_like(a) if g is None else g  # an activation no cost of this key reads
+             for a, g in zip(alphas, torch.autograd.grad(cost, alphas, allow_unused=True))]
     picks = [(i, g, k) for i, a in enumerate(alphas) for g, k in [(0, 0), (a.shape[0] - 1, a.shape[1] - 1)]]
     eps = 1e-5
     checked = 0
@@ -142,14 +152,16 @@ def test_expected_cost_gradient_matches_finite_differences(name, key):
         assert float(grads[i][g, k]) == pytest.approx(fd, rel=1e-4, abs=1e-9 * max(abs(float(cost.detach())), 1.0))
         checked += abs(fd) > 0
     assert checked >= 2  # not all gradients vanish
+    if key in ("energy_uj", "bops", "ram_bytes"):  # the activations' widths move these
+        assert any(float(g.abs().sum()) > 0 for g in grads[len(supernet_quantizers(qm)):])
 
 
 @pytest.mark.parametrize("name", ["residual", "separable", "digits-cnn"])
 def test_one_hot_expected_cost_is_the_exact_cost_of_the_argmax(name):
-    qm, _ = _supernet(name)
+    qm, _ = _supernet(name, acts="search")
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():  # one-hot after the softmax, some channels of each prunable layer at 0 bits
-        for q in supernet_quantizers(qm).values():
+        for q in _choices(qm):
             pick = torch.randint(0, len(q.widths), (q.alpha.shape[0],), generator=g)
             pick[0] = len(q.widths) - 1
             q.alpha.fill_(-1e4)
@@ -157,9 +169,25 @@ def test_one_hot_expected_cost_is_the_exact_cost_of_the_argmax(name):
     assert any(bool(q.pruned().any()) for q in supernet_quantizers(qm).values())
     costs = SupernetCost(qm, load_target("mpic"))
     expected, exact = costs.expected(), costs.argmax()
-    for key in ("flash_bytes", "bops", "latency_cycles", "energy_uj"):
+    for key in ("flash_bytes", "bops", "latency_cycles", "energy_uj", "ebops"):
         assert float(expected[key].detach()) == pytest.approx(exact[key], rel=1e-9), key
     assert exact["flash_bytes"] < SupernetCost(_supernet(name)[0], load_target("mpic")).argmax()["flash_bytes"]
+
+
+def test_activation_widths_are_searched_where_the_budget_depends_on_them():
+    def searched(options=None, given=None, target="mpic", **budget):
+        return searches_acts(_ctx(target, None, None, given_act_bits=given, **budget), DnasOptions(**(options or {})))
+
+    assert not searched(flash="4KiB") and searched(energy="1") and searched(ram="2KiB") and searched(flash="4KiB", bops="1e6")
+    assert not searched(energy="1", given=8)  # --act-bits fixes them
+    assert searched({"acts": "search"}, flash="4KiB") and not searched({"acts": "fixed"}, energy="1")
+    qm, _ = _supernet("residual", acts="search")
+    choices = act_choices(qm)
+    head = qm.graph.grid_source(qm.graph.output)
+    assert set(choices) == set(qm.act_quantizers) - {"input", head}  # the input and the logits stay fixed
+    assert all(isinstance(qm.act_quantizers[n], ActQuantizer) and int(qm.act_quantizers[n].bits()) == 8
+               for n in ("input", head))
+    assert all(isinstance(q, DNASActQuantizer) and q.widths == (2, 4, 8) for q in choices.values())
 
 
 def test_temperature_falls_as_a_run_of_t_epochs_would():
@@ -190,7 +218,7 @@ def test_each_cost_gets_a_controller_where_budgeted_else_its_lam():
 def test_options_are_checked():
     assert parse_options(DnasOptions, {"cost": "flash,energy", "lam": "0.1,1", "gumbel": "true"}, "dnas").gumbel
     for bad in ({"cost": "ram_in_out"}, {"cost": "flash", "lam": "1,2"}, {"lam": "-1"}, {"search_split": "1"},
-                {"t_start": "0"}, {"range_rule": "pow2"}, {"beta": "1"}):
+                {"t_start": "0"}, {"range_rule": "pow2"}, {"beta": "1"}, {"acts": "pact"}):
         with pytest.raises(ValueError):
             parse_options(DnasOptions, bad, "dnas")
 
@@ -204,7 +232,7 @@ TIGHT = {"flash": "4KiB"}  # below uniform 2 bits (about 4.7 KiB): only pruning 
 def _config(float_run, **kw):
     from mixprec.search import RunConfig
 
-    return RunConfig(method="dnas", budget=dict(TIGHT), float_from=str(float_run), **{**FAST, **kw})
+    return RunConfig(method="dnas", float_from=str(float_run), **{**FAST, "budget": dict(TIGHT), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +278,18 @@ def test_per_layer_runs_from_the_run_granularity_and_per_layer_spelled_so_is_ref
     with pytest.raises(ValueError, match="does not support per-layer weights"):
         run_search(_config(digits_float, weight_granularity="per-layer"), tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_run_under_an_energy_budget_searches_activation_widths(digits_float, tmp_path):
+    from mixprec.search import run_search
+
+    result = run_search(_config(digits_float, budget={"energy": "3"}, qat_epochs=2), tmp_path / "energy")
+    assert result["feasible"] is True and result["cost"]["energy_uj"] <= 3.0  # uniform 8/8: 4.7 uJ
+    assert result["reference_mismatches"] == 0 and result["accuracy"]["quantized"] > 0.5
+    searched = result["history"]["dnas"][-1]["act_bits"]
+    assert searched and set(searched.values()) <= {2, 4, 8}  # every activation but the input and the logits
+    head = [r for r in result["layers"] if r["name"] == "fc"][0]
+    assert head["act_bits"] >= 8 and [r for r in result["layers"] if r["name"] == "input"][0]["act_bits"] == 8
 
 
 class _Stop(Exception):

@@ -190,6 +190,8 @@ class Quantizer(nn.Module, metaclass=abc.ABCMeta):
     ``bits()`` the argmax width per group (not differentiable), ``qparams``/``freeze`` the fixed
     quantizer of the argmax (its grid from the weights: ``range_rule`` ``mse`` or ``max``),
     ``set_bits`` a ``TypeError``, no observer, and ``output_gate`` the share of each channel kept.
+    DNAS activations (a mixture of PACT quantizers, one learned clip per candidate width) are
+    learned like DQ's: ``bits()`` the argmax width, ``qparams``/``freeze`` its candidate's grid.
 
     ``range_rule`` values: ``max`` (each group's largest value onto the largest code), ``mse`` (the
     least-squares scale at 3 bits or fewer, max above), ``observed`` (a running min/max of the data),

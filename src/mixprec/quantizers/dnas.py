@@ -11,6 +11,10 @@ Everything else is the argmax model: ``bits()`` the argmax width per group, ``qp
 the fixed quantizer at those bits (the grid its candidate used in training, so ``eval()`` of a
 supernet scores its argmax model exactly), ``output_gate(hard=True)`` 0 where pruned. The argmax
 never prunes every group of a layer (see :meth:`DNASWeightQuantizer.choice`).
+
+Activations (:class:`DNASActQuantizer`) are a mixture of PACT quantizers, one per candidate width,
+each with its own learned clip: ``y = sum_p softmax(beta / T)_p * Q_p(x; clip_p)``; the argmax
+width with its clip is the activation grid of the argmax model.
 """
 from __future__ import annotations
 
@@ -21,13 +25,44 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..granularity import shape_for
-from .base import Frozen, LearnedQuantizer, QParams, needs_weight
-from .fixed import RANGE_RULES, FixedWeightQuantizer
+from ..numerics import qrange
+from .base import Frozen, LearnedQuantizer, QParams, ceil_ste, fake_quant, needs_weight
+from .fixed import RANGE_RULES, FixedWeightQuantizer, freeze_learned_act, settled_step
 
 GRANULARITIES = ("per-channel", "per-tensor")
 
 
-class DNASWeightQuantizer(LearnedQuantizer):
+class _Choice(LearnedQuantizer):
+    """Logits ``alpha`` of shape (G, P): one distribution per group over the ascending ``widths``."""
+
+    def _setup_choice(self, groups: int, widths: Sequence[int], temperature: float, gumbel: bool) -> None:
+        self.widths = tuple(sorted(int(w) for w in widths))
+        if len(set(self.widths)) != len(self.widths) or not any(w > 0 for w in self.widths):
+            raise ValueError(f"candidate widths {self.widths}: distinct, at least one above 0")
+        self.gumbel = bool(gumbel)
+        self.alpha = nn.Parameter(torch.zeros(groups, len(self.widths)))
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def set_temperature(self, t: float) -> None:
+        self.temperature.fill_(float(t))
+
+    def probabilities(self) -> torch.Tensor:
+        """(G, P) softmax of ``alpha / T``: what the expected cost weighs."""
+        return torch.softmax(self.alpha / self.temperature, dim=1)
+
+    def mixture(self) -> torch.Tensor:
+        """The weights of one training forward: the probabilities, or a hard Gumbel-softmax draw."""
+        if self.gumbel:
+            return F.gumbel_softmax(self.alpha, tau=float(self.temperature), hard=True, dim=1)
+        return self.probabilities()
+
+    @torch.no_grad()
+    def choice(self) -> torch.Tensor:
+        """(G,) the argmax candidate index per group, ties to the wider width."""
+        return (len(self.widths) - 1) - torch.argmax(self.alpha.flip(1), dim=1)
+
+
+class DNASWeightQuantizer(_Choice):
     """Logits ``alpha`` of shape (G, P) over the ascending candidate ``widths`` (0 = pruned, only
     where each group is one output channel) for a weight of ``weight_shape``."""
 
@@ -40,14 +75,10 @@ class DNASWeightQuantizer(LearnedQuantizer):
             raise ValueError(f"range_rule {range_rule!r}: choose one of {', '.join(RANGE_RULES)}")
         self.weight_shape = tuple(weight_shape)
         self.param_shape = shape_for(granularity, self.weight_shape)
-        self.widths = tuple(sorted(int(w) for w in widths))
-        if len(set(self.widths)) != len(self.widths) or not any(w > 0 for w in self.widths):
-            raise ValueError(f"candidate widths {self.widths}: distinct, at least one above 0")
+        self._setup_choice(self.param_shape[0], widths, temperature, gumbel)
         if 0 in self.widths and self.param_shape[0] != self.weight_shape[0]:
             raise ValueError("0 bits (pruning) is a candidate only per output channel")
-        self.numerics, self.gumbel, self._range_rule = numerics, bool(gumbel), range_rule
-        self.alpha = nn.Parameter(torch.zeros(self.param_shape[0], len(self.widths)))
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.numerics, self._range_rule = numerics, range_rule
         self.candidates = nn.ModuleList(self._fixed(torch.full(self.param_shape, float(w)))
                                         for w in self.widths if w > 0)
         self._draw: torch.Tensor | None = None  # the last training forward's mixture, until its gate takes it
@@ -63,27 +94,13 @@ class DNASWeightQuantizer(LearnedQuantizer):
     def prunes(self) -> bool:
         return self.widths[0] == 0
 
-    def set_temperature(self, t: float) -> None:
-        self.temperature.fill_(float(t))
-
     # -- the distribution ----------------------------------------------------------------------------
-    def probabilities(self) -> torch.Tensor:
-        """(G, P) softmax of ``alpha / T``: what the expected cost weighs."""
-        return torch.softmax(self.alpha / self.temperature, dim=1)
-
-    def mixture(self) -> torch.Tensor:
-        """The weights of one training forward: the probabilities, or a hard Gumbel-softmax draw."""
-        if self.gumbel:
-            return F.gumbel_softmax(self.alpha, tau=float(self.temperature), hard=True, dim=1)
-        return self.probabilities()
-
     @torch.no_grad()
     def choice(self) -> torch.Tensor:
         """(G,) the argmax candidate index per group, ties to the wider width. Where every group
         would be pruned, the group with the strongest non-zero logit keeps its best width: a layer
         of zeros cuts the network."""
-        p = len(self.widths)
-        idx = (p - 1) - torch.argmax(self.alpha.flip(1), dim=1)
+        idx = super().choice()
         if self.prunes and bool((idx == 0).all()):
             best, width = self.alpha[:, 1:].max(1)
             g = int(torch.argmax(best))
@@ -134,3 +151,97 @@ class DNASWeightQuantizer(LearnedQuantizer):
         fixed = FixedWeightQuantizer(self.weight_shape, self.bits().detach().cpu(), numerics or self.numerics,
                                      self._range_rule)
         return Frozen(fixed, weight.detach())
+
+
+class DNASActQuantizer(_Choice):
+    """An activation of (per-sample) ``shape`` at one width per tensor drawn from ``widths``: a
+    mixture of PACT quantizers, candidate ``p`` clipping to ``[0, clip_p]`` (``[-clip_p, clip_p]``
+    for a signed tensor) on ``2^p`` codes, its clip a trained parameter (straight-through, with the
+    rounding term LSQ adds). The first training forward (``calibrate``) sets the signedness and
+    each candidate's clip to the one of least squared error on that batch."""
+
+    def __init__(self, shape: tuple[int, ...], widths: Sequence[int], numerics: str = "scaled",
+                 clip: tuple[float, float] = (float("-inf"), float("inf")), temperature: float = 1.0,
+                 gumbel: bool = False):
+        super().__init__()
+        self.shape = tuple(shape)
+        self._setup_choice(1, widths, temperature, gumbel)
+        if 0 in self.widths:
+            raise ValueError("an activation keeps at least 1 bit: 0 is not an activation width")
+        self.numerics = numerics
+        self.clip = (float(clip[0]), float(clip[1]))
+        self.clip_value = nn.Parameter(torch.ones(len(self.widths)))
+        self.register_buffer("signed_flag", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.signed_flag)
+
+    def _top_codes(self) -> torch.Tensor:
+        widths = torch.tensor(self.widths, dtype=torch.float64, device=self.clip_value.device)
+        return qrange(widths, self.signed)[1].to(torch.float32)
+
+    def scales(self) -> torch.Tensor:
+        """(P,) each candidate's step: its clip over its largest code (a power of two, rounded up,
+        under fixed-point numerics)."""
+        scale = self.clip_value.abs().clamp_min(1e-8) / self._top_codes()
+        return torch.exp2(ceil_ste(torch.log2(scale))) if self.numerics == "fixed" else scale
+
+    def _candidate(self, k: int, scale: torch.Tensor) -> QParams:
+        ones = (1,) * len(self.shape)
+        return QParams(scale[k].reshape(ones), torch.full(ones, float(self.widths[k]), device=scale.device),
+                       self.signed)
+
+    @torch.no_grad()
+    def calibrate(self, batches) -> None:
+        """Signedness from the observed minimum, each clip of least squared error on a grid of
+        fractions of the largest observed magnitude (values clamped to the fused activation's)."""
+        v = torch.cat([xb.detach().float().reshape(-1) for xb in batches]).clamp(*self.clip)
+        v = v[::max(1, v.numel() // 2 ** 18)]  # a strided, deterministic subsample
+        self.signed_flag.fill_(bool(v.min() < 0))
+        top = float(v.abs().max().clamp_min(1e-8))
+        codes = self._top_codes()
+        for k in range(len(self.widths)):
+            best = min((float(torch.mean((fake_quant(v, self._grid(top * f / float(codes[k]), k)) - v) ** 2)), f)
+                       for f in torch.linspace(0.05, 1.0, 40).tolist())[1]
+            self.clip_value[k] = top * best
+        self.initialized.fill_(True)
+
+    def _grid(self, scale: float, k: int) -> QParams:
+        return QParams(torch.tensor(scale), torch.tensor(float(self.widths[k])), self.signed)
+
+    def _check(self) -> None:
+        if not bool(self.initialized):
+            raise RuntimeError("DNAS activation quantizer is not initialised: call calibrate(batches) or run a "
+                               "training-mode forward pass first")
+
+    def bits(self) -> torch.Tensor:
+        widths = torch.tensor(self.widths, dtype=torch.float32, device=self.alpha.device)
+        return widths[self.choice()].reshape((1,) * len(self.shape))
+
+    def qparams(self, x: torch.Tensor | None = None) -> QParams:
+        """The argmax candidate's grid (what the argmax model lowers to), its step as the frozen
+        quantizer will hold it (:func:`~mixprec.quantizers.fixed.settled_step`)."""
+        self._check()
+        qp = self._candidate(int(self.choice()[0]), self.scales())
+        if self.numerics == "fixed":  # a power of two round-trips as it is
+            return qp
+        return QParams(settled_step(qp.scale, qp.bits, qp.signed), qp.bits, qp.signed)
+
+    def freeze(self, weight: torch.Tensor | None = None, *, numerics: str | None = None,
+               clip: tuple[float, float] | None = None) -> Frozen:
+        """A fixed activation quantizer at the argmax width and its candidate's learned grid."""
+        return freeze_learned_act(self, weight, numerics, clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and not bool(self.initialized):
+            self.calibrate([x])
+        self._check()
+        if not self.training:
+            return fake_quant(x, self.qparams())
+        pi, scale = self.mixture()[0], self.scales()
+        out = pi[0] * fake_quant(x, self._candidate(0, scale))
+        for k in range(1, len(self.widths)):
+            out = out + pi[k] * fake_quant(x, self._candidate(k, scale))
+        return out

@@ -37,8 +37,8 @@ from torch import nn
 
 from ..granularity import expand, reduce_to
 from .base import (NUMERICS, Frozen, LearnedQuantizer, QParams, broadcastable, ceil_ste, clamp_bounds, needs_weight,
-                   no_weight, reduce_product, round_ste)
-from .fixed import frozen_act_quantizer, frozen_weight_quantizer
+                   reduce_product, round_ste)
+from .fixed import freeze_learned_act, frozen_weight_quantizer
 from .hgq import _param_shape
 
 GRAD_MODS = ("ewgs", "atanh", "ste")
@@ -334,10 +334,7 @@ class DQActQuantizer(_DQBase):
                clip: tuple[float, float] | None = None) -> Frozen:
         """A fixed activation quantizer with the implied bits and the learned grid
         (:func:`frozen_act_quantizer`)."""
-        no_weight(type(self).__name__, weight)
-        fixed = frozen_act_quantizer(self.qparams(), self.shape, numerics or self.numerics,
-                                     self.clip if clip is None else clip)
-        return Frozen(fixed, None)
+        return freeze_learned_act(self, weight, numerics, clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and not bool(self.initialized):

@@ -314,6 +314,24 @@ def frozen_act_quantizer(qp: QParams, shape: tuple[int, ...], numerics: str,
     return fixed
 
 
+def freeze_learned_act(q: Quantizer, weight, numerics: str | None, clip: tuple[float, float] | None) -> Frozen:
+    """``freeze`` of a learned activation quantizer ``q`` (its ``qparams``, ``shape``, ``numerics``
+    and fused-activation ``clip``): the fixed quantizer of :func:`frozen_act_quantizer`."""
+    no_weight(type(q).__name__, weight)
+    fixed = frozen_act_quantizer(q.qparams(), q.shape, numerics or q.numerics, q.clip if clip is None else clip)
+    return Frozen(fixed, None)
+
+
+def settled_step(step: torch.Tensor, bits: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The step the fixed quantizer of :func:`frozen_act_quantizer` computes back from the range it
+    is given (the largest code times ``step``, in float32), under scaled numerics: ``step`` or one
+    float32 step off it, and a settled step stays as it is. A learned grid that quantizes with it
+    lowers exactly as its frozen copy will."""
+    _, hi = qrange(bits.detach().round(), signed)
+    hi = hi.to(torch.float32).to(step.device)
+    return ((hi.double() * step.detach().double()).float() / hi.clamp_min(1.0)).to(torch.float32)
+
+
 def freeze_observers(module: nn.Module, frozen: bool = True) -> None:
     """Stop (or restart) range tracking in every quantizer with an observer, e.g. for fine-tuning."""
     for m in module.modules():

@@ -4,7 +4,11 @@ Every weighted layer becomes a supernet layer (:mod:`mixprec.quantizers.dnas`): 
 over the target's weight widths per output channel (``--granularity per-channel``) or per layer
 (``--granularity per-tensor``), plus 0 bits (the channel removed) where a layer may lose channels:
 per channel only, never the network's output layer, never a grouped (depthwise) conv, whose
-channels follow its input's. Activations stay at the run's width.
+channels follow its input's. Activations (``-o acts``) stay at the run's width (``fixed``) or take
+a width per tensor from the target's activation widths (``search``: a mixture of PACT quantizers
+with learned clips, :class:`~mixprec.quantizers.dnas.DNASActQuantizer`; the input and the
+network's output stay fixed); ``auto`` searches them where the budget depends on them (RAM,
+BOPs, EBOPs, latency, energy) and ``--act-bits`` does not fix them.
 
 The loss adds, per cost, ``lam * E[cost] / reference`` with the exact expectation of the cost
 tables (``CostTables.expected``: what a pruned channel frees downstream included); a cost with a
@@ -26,12 +30,13 @@ import torch
 from ..convert import activation_clip, convert_with
 from ..cost import assignment
 from ..cost.bits import BitAssignment
+from ..cost.keys import ACT_COSTS
 from ..cost.tables import build_tables
-from ..cost.targets import weight_granularity_for
+from ..cost.targets import activation_width_for, weight_granularity_for
 from ..graph.channels import channel_map
 from ..nn.model import QuantModel
 from ..prune import prune_channels
-from ..quantizers.dnas import GRANULARITIES, DNASWeightQuantizer
+from ..quantizers.dnas import GRANULARITIES, DNASActQuantizer, DNASWeightQuantizer
 from ..quantizers.fixed import RANGE_RULES, ActQuantizer
 from ..train import Callback, TrainConfig, fit
 from ..train.loop import SCHEDULES
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 
 #: The costs ``CostTables.expected`` gives (the in+out RAM figure is a max over layers: no expectation)
 EXPECTED_COSTS = ("flash_bytes", "ram_bytes", "bops", "ebops", "latency_cycles", "energy_uj")
+ACT_MODES = ("auto", "fixed", "search")
 
 
 @dataclass
@@ -61,6 +67,7 @@ class DnasOptions:
     logits_reach: float = 4.0  # the logits can move at least this much over the search (a short one raises logits_lr)
     prune: bool = True  # offer 0 bits (the channel removed) where a layer may lose channels
     range_rule: str = "mse"  # each candidate's grid from the weights: mse (least squares at 3 bits or fewer) or max
+    acts: str = "auto"  # activation widths: fixed (the run's), search (PACT mixture per tensor), auto (search where the budget depends on them)
 
     def __post_init__(self):
         for name in self.cost_names():
@@ -75,6 +82,8 @@ class DnasOptions:
             raise ValueError("t_start must be positive, t_decay and t_epochs at least 0")
         if self.range_rule not in RANGE_RULES:
             raise ValueError(f"range_rule {self.range_rule!r}: choose one of {', '.join(RANGE_RULES)}")
+        if self.acts not in ACT_MODES:
+            raise ValueError(f"acts={self.acts!r}: choose one of {', '.join(ACT_MODES)}")
 
     def cost_names(self) -> list[str]:
         return [c.strip() for c in self.cost.split(",") if c.strip()]
@@ -104,10 +113,23 @@ def may_prune(node, granularity: str) -> bool:
     return granularity == "per-channel" and node.attrs.get("groups", 1) == 1
 
 
+def searches_acts(ctx: SearchContext, opts: DnasOptions) -> bool:
+    """Whether the activation widths are searched (``acts``; ``auto``: where the budget depends on
+    them and neither ``--act-bits`` nor a single-width target fixes them)."""
+    if opts.acts != "auto":
+        return opts.acts == "search"
+    free = ctx.config.act_bits is None and len(ctx.target.act_bits) > 1
+    return free and any(k in ACT_COSTS for k in ctx.budget.limits())
+
+
 def supernet(ctx: SearchContext, opts: DnasOptions, granularity: str) -> QuantModel:
-    """The float model with DNAS weight quantizers and fixed activations at the run's width (the
-    network's output at 8 bits or more, as the uniform method keeps it)."""
+    """The float model with DNAS weight quantizers, and activations at the run's width or (``acts``)
+    DNAS activation quantizers over the target's widths; the input stays at the run's width (at
+    least 8 bits when searched) and the network's output at 8 bits or more, as the uniform method
+    keeps it."""
     t = ctx.target
+    searched = searches_acts(ctx, opts)
+    input_bits = max(ctx.act_bits, activation_width_for(8, t)) if searched else ctx.act_bits
 
     def weights(node, w, prunable: bool = True):
         widths = candidate_widths(ctx, opts, prunable and may_prune(node, granularity))
@@ -115,16 +137,25 @@ def supernet(ctx: SearchContext, opts: DnasOptions, granularity: str) -> QuantMo
                                    opts.gumbel)
 
     def acts(node):
-        return ActQuantizer(node.out_shape, ctx.act_bits, t.numerics, clip=activation_clip(node))
+        if searched and node.op != "input":
+            return DNASActQuantizer(node.out_shape, t.act_bits, t.numerics, activation_clip(node), opts.t_start,
+                                    opts.gumbel)
+        return ActQuantizer(node.out_shape, input_bits if node.op == "input" else ctx.act_bits, t.numerics,
+                            clip=activation_clip(node))
 
     qm = convert_with(ctx.float_model, ctx.data.input_shape, t.numerics, weights, acts, t.name)
     for name in channel_map(qm.graph).producers(qm.graph.output):  # the network's output keeps its channels
         if name in qm.layers:
             qm.layers[name].quantizer = weights(qm.graph[name], None, prunable=False)
-    act_bits = uniform_act_bits(qm.graph, ctx.act_bits, t)
-    if isinstance(act_bits, dict):
-        head = qm.graph.grid_source(qm.graph.output)
-        qm.act_quantizers[head].set_bits(act_bits[head])
+    head = qm.graph.grid_source(qm.graph.output)
+    head_bits = uniform_act_bits(qm.graph, ctx.act_bits, t)
+    head_bits = head_bits[head] if isinstance(head_bits, dict) else head_bits
+    if searched or head_bits != ctx.act_bits:
+        qm.act_quantizers[head] = ActQuantizer(qm.graph[head].out_shape, head_bits, t.numerics,
+                                               clip=activation_clip(qm.graph[head]))
+    if searched:
+        log.info("DNAS activation widths searched over %s bits (input %d, output %d bits fixed)",
+                 "/".join(map(str, t.act_bits)), input_bits, head_bits)
     return qm
 
 
@@ -132,8 +163,13 @@ def supernet_quantizers(qm: QuantModel) -> dict[str, DNASWeightQuantizer]:
     return {name: layer.quantizer for name, layer in qm.layers.items()}
 
 
+def act_choices(qm: QuantModel) -> dict[str, DNASActQuantizer]:
+    """The activation quantizers whose width is searched."""
+    return {name: q for name, q in qm.act_quantizers.items() if isinstance(q, DNASActQuantizer)}
+
+
 def set_temperature(qm: QuantModel, t: float) -> None:
-    for q in supernet_quantizers(qm).values():
+    for q in [*supernet_quantizers(qm).values(), *act_choices(qm).values()]:
         q.set_temperature(t)
 
 
@@ -153,12 +189,13 @@ class SupernetCost:
 
     def __init__(self, qm: QuantModel, target):
         self.qm = qm
-        quantizers = supernet_quantizers(qm)
+        quantizers, choices = supernet_quantizers(qm), act_choices(qm)
         base = assignment(qm)
         widest = {n: torch.full(q.param_shape, float(max(q.widths))) for n, q in quantizers.items()}
-        base = BitAssignment(widest, base.act, base.act_shift)
+        acts = {n: torch.full_like(b, float(max(choices[n].widths))) if n in choices else b for n, b in base.act.items()}
+        base = BitAssignment(widest, acts, base.act_shift)
         self.tables = build_tables(qm.graph, target, base, weight_widths=lambda name, top: quantizers[name].widths,
-                                   act_widths=lambda name, top: [float(top)])
+                                   act_widths=lambda name, top: choices[name].widths if name in choices else [float(top)])
         self.clear()
 
     def clear(self) -> None:
@@ -168,14 +205,18 @@ class SupernetCost:
     def expected(self) -> dict[str, torch.Tensor]:
         if self._expected is None:
             p_weights = {n: q.probabilities().cpu() for n, q in supernet_quantizers(self.qm).items()}
-            p_acts = {a: torch.ones(1, dtype=torch.float64) for a in self.tables.acts}
+            choices = act_choices(self.qm)
+            p_acts = {a: choices[a].probabilities()[0].cpu() if a in choices else torch.ones(1, dtype=torch.float64)
+                      for a in self.tables.acts}
             self._expected = self.tables.expected(p_weights, p_acts)
         return self._expected
 
     def argmax(self) -> dict[str, float]:
         if self._argmax is None:
             choice = {n: q.choice().cpu().numpy() for n, q in supernet_quantizers(self.qm).items()}
-            self._argmax = self.tables.totals(choice, {a: 0 for a in self.tables.acts})
+            choices = act_choices(self.qm)
+            acts = {a: int(choices[a].choice()[0]) if a in choices else 0 for a in self.tables.acts}
+            self._argmax = self.tables.totals(choice, acts)
         return self._argmax
 
 
@@ -255,6 +296,7 @@ class SearchStats(Callback):
         stats["expected_cost"] = {k: float(expected[k]) for k in EXPECTED_COSTS}
         stats["cost"] = {k: float(argmax[k]) for k in EXPECTED_COSTS}  # the argmax model's, exact
         stats["pruned_share"] = pruned_share(self.qm)
+        stats["act_bits"] = {n: int(q.bits().reshape(-1)[0]) for n, q in act_choices(self.qm).items()}
         self.costs.clear()
 
 
@@ -270,11 +312,23 @@ def split_for_search(ctx: SearchContext, share: float):
 
 
 def trainable(qm: QuantModel, logits: bool) -> None:
-    """Train the logits (weights frozen) or the weights and biases (logits frozen)."""
+    """Train the logits (weights frozen) or the weights, biases and activation clips (logits frozen)."""
     for layer in qm.layers.values():
         layer.quantizer.alpha.requires_grad_(logits)
         layer.weight.requires_grad_(not logits)
         layer.bias.requires_grad_(not logits)
+    for q in act_choices(qm).values():
+        q.alpha.requires_grad_(logits)
+        q.clip_value.requires_grad_(not logits)
+
+
+def logits_and_weights(qm: QuantModel) -> tuple[list, list]:
+    """What each pass trains: the logits of every choice; the weights and biases (as the model
+    groups them) and the activation clips."""
+    choices = act_choices(qm).values()
+    alphas = [q.alpha for q in supernet_quantizers(qm).values()] + [q.alpha for q in choices]
+    clips = [q.clip_value for q in choices]
+    return alphas, qm.weight_parameters() + ([{"params": clips}] if clips else [])
 
 
 def run_pass(ctx: SearchContext, qm: QuantModel, phase: str, epoch: int, data, cfg: TrainConfig, params,
@@ -333,7 +387,7 @@ def search(ctx: SearchContext, qm: QuantModel, opts: DnasOptions) -> list[dict]:
     epochs = cfg.qat_epochs
     logit_steps = epochs * math.ceil(len(search_data[0]) / cfg.batch_size)
     terms, stats = cost_terms(ctx, opts, costs, logit_steps), SearchStats(qm, costs)
-    alphas = [q.alpha for q in supernet_quantizers(qm).values()]
+    alphas, weights = logits_and_weights(qm)
     log.info("DNAS on %s: %d epochs, logits on %d samples, weights on %d", ctx.target.name, epochs,
              len(search_data[0]), len(weight_data[0]))
     history = []
@@ -343,7 +397,7 @@ def search(ctx: SearchContext, qm: QuantModel, opts: DnasOptions) -> list[dict]:
         trainable(qm, logits=True)
         searched = run_pass(ctx, qm, "dnas-logits", epoch, search_data, logits_cfg, alphas, [terms])
         trainable(qm, logits=False)
-        trained = run_pass(ctx, qm, "dnas", epoch, weight_data, weights_cfg, qm.weight_parameters(), [stats])
+        trained = run_pass(ctx, qm, "dnas", epoch, weight_data, weights_cfg, weights, [stats])
         history.append({**trained, "epoch": epoch, "logits": searched})
     return history
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..convert import quantize
 from ..cost import Budget, CostReport, as_target, evaluate, feasible
 from ..cost.bits import uniform
+from ..cost.keys import BY_NAME
 from ..models import get_model
 from .config import RunConfig
 from .trial import Trial, float_run_dir
@@ -114,7 +115,7 @@ def command_line(cfg: RunConfig, out, root: Path | None = None) -> str:
         parts.append(f"--act-bits {cfg.act_bits}")
     if cfg.weight_granularity:
         parts.append(f"--granularity {cfg.weight_granularity}")
-    parts += [f"--{k} {v}" for k, v in cfg.budget.items()]
+    parts += [f"{BY_NAME[k].cli_flag} {v}" for k, v in cfg.budget.items()]
     parts += [f"--{key.replace('_', '-')} {getattr(cfg, key)}" for key in _STATED]
     if cfg.seed:
         parts.append(f"--seed {cfg.seed}")

@@ -25,7 +25,7 @@ from ..convert import quantize
 from ..cost import (Budget, BudgetError, Target, as_target, assignment, check, check_achievable, evaluate,
                     violations)
 from ..cost.deployed import cost_report
-from ..cost.keys import COSTS
+from ..cost.keys import ACT_COSTS, COSTS, WEIGHT_COSTS
 from ..cost.targets import activation_width_for, weight_granularity_for
 from ..data import Splits, load_dataset
 from ..execute import verify_against_reference
@@ -54,10 +54,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-#: Budget keys by the widths they depend on: FLASH only on the weights, peak RAM only on the
-#: activations, compute and energy on both
-WEIGHT_COSTS = ("flash_bytes", "ebops", "bops", "energy_uj", "latency_cycles")
-ACT_COSTS = ("ram_bytes", "ram_mcu_in_out", "ebops", "bops", "energy_uj", "latency_cycles")
 #: What a width the budget does not constrain stays at
 UNCONSTRAINED_BITS = 8
 
