@@ -278,6 +278,10 @@ def test_per_layer_runs_from_the_run_granularity_and_per_layer_spelled_so_is_ref
     with pytest.raises(ValueError, match="does not support per-layer weights"):
         run_search(_config(digits_float, weight_granularity="per-layer"), tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+    # a granularity the target has but dnas does not search: refused before the folder is claimed
+    with pytest.raises(ValueError, match="dnas searches per-channel or per-layer"):
+        run_search(_config(digits_float, target="cortex-m4", weight_granularity="per-slice"), tmp_path / "slice")
+    assert not (tmp_path / "slice").exists()
 
 
 def test_a_run_under_an_energy_budget_searches_activation_widths(digits_float, tmp_path):

@@ -371,12 +371,18 @@ def remove_pruned(qm: QuantModel) -> QuantModel:
     return prune_channels(qm).model
 
 
-def search_granularity(ctx: SearchContext) -> str:
+def search_granularity(cfg, target) -> str:
     """The run's weight granularity (``--granularity``): per-channel, or per-tensor = per layer."""
-    granularity = weight_granularity_for(ctx.target, ctx.config.weight_granularity)
+    granularity = weight_granularity_for(target, cfg.weight_granularity)
     if granularity not in GRANULARITIES:
-        raise ValueError(f"dnas searches per-channel or per-layer (per-tensor) weights, not {granularity}")
+        raise ValueError(f"dnas searches per-channel or per-layer (per-tensor) weights, not {granularity}: "
+                         f"--granularity per-channel or per-tensor")
     return granularity
+
+
+def check(cfg, target, opts: DnasOptions) -> None:
+    """``Method.check``: the granularity, before any training."""
+    search_granularity(cfg, target)
 
 
 def search(ctx: SearchContext, qm: QuantModel, opts: DnasOptions) -> list[dict]:
@@ -404,7 +410,7 @@ def search(ctx: SearchContext, qm: QuantModel, opts: DnasOptions) -> list[dict]:
 
 def search_dnas(ctx: SearchContext):
     opts = parse_options(DnasOptions, ctx.config.options, "dnas")
-    qm = supernet(ctx, opts, search_granularity(ctx))
+    qm = supernet(ctx, opts, search_granularity(ctx.config, ctx.target))
     ctx.calibrate(qm)
     history = search(ctx, qm, opts)
     ctx.history["dnas"] = history
@@ -416,4 +422,4 @@ def search_dnas(ctx: SearchContext):
 
 METHOD = Method("dnas", search_dnas, DnasOptions,
                 "channel-wise precision and pruning by differentiable search (DNAS: softmax over {0, target widths} "
-                "per channel, exact expected cost)", removes_channels=True)
+                "per channel, exact expected cost)", removes_channels=True, check=check)

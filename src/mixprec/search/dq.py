@@ -27,7 +27,7 @@ from ..quantizers.dq import GRAD_MODS, DQActQuantizer, DQWeightQuantizer
 from ..train import Callback, fit
 from .context import SearchContext
 from .methods import Method
-from .learned import (EpochCosts, ParetoFront, default_cost, differentiable_costs, every_k, freeze, is_feasible,
+from .learned import (EpochCosts, ParetoFront, check_learned, default_cost, differentiable_costs, every_k, freeze, is_feasible,
                       learned_model, log_ramp, model_quantizers, pareto_folder, parse_options, relaxed)
 
 log = logging.getLogger(__name__)
@@ -196,4 +196,5 @@ def _epochs(cfg, epochs: int, seed_offset: int = 0):
 
 
 METHOD = Method("dq", search_dq, DQOptions,
-                "learned step size and range per tensor slice (DQ: implied bits, squared-hinge budget penalty)")
+                "learned step size and range per tensor slice (DQ: implied bits, squared-hinge budget penalty)",
+                check=check_learned)

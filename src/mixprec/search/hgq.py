@@ -24,7 +24,7 @@ from ..quantizers.hgq import HGQActQuantizer, HGQWeightQuantizer
 from ..train import Callback, fit
 from .context import SearchContext
 from .methods import Method
-from .learned import (EpochCosts, ParetoFront, cost_key, default_cost, differentiable_costs, every_k, freeze,
+from .learned import (EpochCosts, ParetoFront, check_learned, cost_key, default_cost, differentiable_costs, every_k, freeze,
                       is_feasible, learned_model, log_ramp, model_quantizers, pareto_folder, parse_options, relaxed)
 
 log = logging.getLogger(__name__)
@@ -273,4 +273,5 @@ def search_hgq(ctx: SearchContext):
 
 
 METHOD = Method("hgq", search_hgq, HGQOptions,
-                "per-weight/channel bit-widths learned by gradient (HGQ: surrogate gradient, cost penalty with a controller)")
+                "per-weight/channel bit-widths learned by gradient (HGQ: surrogate gradient, cost penalty with a controller)",
+                check=check_learned)

@@ -196,6 +196,11 @@ def check_act_granularity(t: Target, granularity: str) -> None:
         raise ValueError(f"act_granularity={granularity} needs a fixed-point target ({t.name} is {t.numerics})")
 
 
+def check_learned(cfg, target: Target, opts) -> None:
+    """``Method.check`` of the methods with learned activation bits (hgq, dq)."""
+    check_act_granularity(target, opts.act_granularity)
+
+
 def freeze(qm: QuantModel) -> QuantModel:
     """The same model with fixed-bit quantizers holding the learned bits and grids: each quantizer's
     own :meth:`~mixprec.quantizers.Quantizer.freeze` (a weight quantizer also says which float

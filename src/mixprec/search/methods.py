@@ -9,7 +9,9 @@ A method is one module that defines ``METHOD = Method(name, run, options, summar
 - ``options``: the dataclass of its ``-o`` options (typed fields with defaults), or None;
 - ``summary``: one line for ``mixprec methods``;
 - ``removes_channels``: whether its result may be narrower than the model (``mixprec.prune``), so
-  the budget check before training counts what removed channels free.
+  the budget check before training counts what removed channels free;
+- ``check(config, target, options)``: refuses (``ValueError``) what the method cannot do with this
+  configuration on this target, before the run claims its folder or trains anything.
 
 Add the module to ``METHOD_MODULES`` (or call ``register`` from your own code) and
 ``mixprec search --method NAME`` runs it. Modules load on first use, so the command line stays fast.
@@ -30,6 +32,7 @@ class Method:
     options: type | None  # the dataclass of its -o options; None: it takes none
     summary: str
     removes_channels: bool = False  # its result may have fewer channels than the model (budgets below the full width's minimum are reachable)
+    check: Callable | None = None  # (RunConfig, Target, options) -> None, raising ValueError before any training
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -124,15 +124,14 @@ def largest_uniform_act_bits(model, target, input_shape, budget: Budget, weight_
 def check_options(cfg: RunConfig, target) -> None:
     """Refuse unknown or malformed method options, and options the target cannot take, before any
     training."""
-    from .learned import check_act_granularity, parse_options
+    from .learned import parse_options
 
     method = get_method(cfg.method)
-    if method.options is not None:
-        opts = parse_options(method.options, cfg.options, cfg.method)
-        if hasattr(opts, "act_granularity"):
-            check_act_granularity(target, opts.act_granularity)
-    elif cfg.options:
+    if method.options is None and cfg.options:
         raise ValueError(f"--method {cfg.method} takes no options (got {sorted(cfg.options)})")
+    opts = None if method.options is None else parse_options(method.options, cfg.options, cfg.method)
+    if method.check is not None:
+        method.check(cfg, target, opts)
 
 
 @dataclass
