@@ -159,6 +159,37 @@ def row(run_dir: Path, label: str, budget: str) -> str:
             f"{'' if pruned is None else f'{pruned:.0%}'} | `{cmd}` |")
 
 
+def savings(channel: list[dict], layer: list[dict], key: str) -> list[str]:
+    """For each layer-wise result, the cheapest channel-wise one at least as accurate: what it saves
+    of ``key`` (the paper's comparison at equal accuracy)."""
+    out = []
+    for lw in sorted(layer, key=lambda r: r["accuracy"]["quantized"]):
+        acc = lw["accuracy"]["quantized"]
+        cheaper = [c["cost"][key] for c in channel if c["accuracy"]["quantized"] >= acc]
+        if not cheaper:
+            out.append(f"none as accurate as {acc:.2%}")
+            continue
+        saved = 1 - min(cheaper) / lw["cost"][key]
+        out.append(f"{saved:.0%} less at {acc:.2%}" if saved >= 0 else f"{-saved:.0%} more at {acc:.2%}")
+    return out
+
+
+def equal_accuracy(task: Task, runs: Path) -> list[str]:
+    """A line under the table: channel-wise against layer-wise at equal accuracy, FLASH and energy."""
+    found = {}
+    for b in task.budgets:
+        path = task.run_dir(runs, b) / "result.json"
+        if path.exists():
+            found.setdefault(b.granularity, []).append(json.loads(path.read_text()))
+    if len(found) < 2:
+        return []
+    channel, layer = found["per-channel"], found["per-tensor"]
+    parts = [f"{label} {', '.join(savings(channel, layer, key))}" for label, key in (("FLASH", "flash_bytes"),
+                                                                                  ("energy", "energy_uj"))]
+    return ["", "Channel-wise against layer-wise at equal accuracy (for each layer-wise row, the cheapest channel-wise "
+            "row at least as accurate), measured on the rows above: " + "; ".join(parts) + "."]
+
+
 def table(args) -> None:
     task, rows, order = TASKS[args.task], [], []
     labelled = [(f"dnas {b.granularity}", b.label, task.run_dir(args.runs, b)) for b in task.budgets]
@@ -170,7 +201,8 @@ def table(args) -> None:
     header = ["| search | budget | test acc (integer-exact) | weight bits | FLASH B | energy uJ | feasible | "
               "channels pruned | command |", "|---|---|---|---|---|---|---|---|---|"]
     command = "python benchmarks/dnas.py" + ("" if args.task == "lenet5-mnist" else f" --task {args.task}")
-    write_section(task.title, task.about, command, header + merge_rows(task.title, rows, 2, order))
+    write_section(task.title, task.about, command,
+                  header + merge_rows(task.title, rows, 2, order) + equal_accuracy(task, args.runs))
 
 
 def main() -> None:
