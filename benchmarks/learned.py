@@ -17,6 +17,8 @@ For every (model, FLASH budget) on ``cortex-m4``:
 - ``hgq-u4`` and ``dq-u4``: the same at uniform4's width, from the float model of that width (uniform4's
   when it was trained here; skipped when that is the width above): method against baseline from one
   starting point.
+- ``dnas``: channel-wise DNAS ({0, 2, 4, 8} bits per output channel, 0 = the channel removed) from the
+  full-width model, which it narrows itself; then the budget step and fine-tune as hgq and dq.
 
 Every run is ``mixprec search`` (the command is in the table) and resumable. Runs of the same
 width share one float model (``--float-from`` the first run of that width), so the methods are
@@ -60,7 +62,7 @@ PRESETS = {
 }
 # ``hgq-u4``/``dq-u4``: the learned methods at the uniform4 model's width, from its float model, so a
 # learned run and the strongest uniform baseline start from the very same float weights
-METHODS = ("hgq", "dq", "hgq-u4", "dq-u4", "uniform8", "uniform4", "uniform2")
+METHODS = ("hgq", "dq", "hgq-u4", "dq-u4", "dnas", "uniform8", "uniform4", "uniform2")
 
 
 def plan(preset: dict, budget_text: str, methods, headroom: float) -> list[dict]:
@@ -75,6 +77,9 @@ def plan(preset: dict, budget_text: str, methods, headroom: float) -> list[dict]
             bits = int(m[len("uniform"):])
             w = widest_at(bits)
             extra = dict(method="uniform", bits=bits)
+        elif m == "dnas":  # channel-wise with pruning: from the full width, it narrows the model itself
+            w = family.widths[0]
+            extra = dict(method="dnas")
         elif m.endswith("-u4"):
             w = widest_at(4)
             if w == widest_at(2, headroom):
@@ -233,7 +238,10 @@ def tables(args) -> None:
                   "model whose all-2-bit version uses at most 75% of the budget, then the method, then the budget "
                   "step (snap to 2/4/8, meet the limit) and a fine-tune with bits frozen. `hgq-u4`/`dq-u4`: the same "
                   "at uniform4's width (when it differs), from uniform4's float model (or, where that run lives on "
-                  "another machine, the float model of that width this machine trained by the same command). Runs of "
+                  "another machine, the float model of that width this machine trained by the same command). `dnas`: "
+                  "channel-wise DNAS (a width per output channel among 0/2/4/8 bits, 0 = the channel removed from "
+                  "the exported layer) from the full-width float model, then the budget step and fine-tune as hgq/dq; "
+                  "'model width' is where it started. Runs of "
                   "one width share one float model; 'float test acc' is that model's, scored from its checkpoint, "
                   "so a row's loss to quantization is the difference of its two accuracies (between widths, float training noise "
                   "of a single seed is about 0.1 points on MNIST). Accuracy on the full test set with the "

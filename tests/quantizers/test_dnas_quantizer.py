@@ -54,6 +54,22 @@ def test_qparams_and_freeze_are_the_argmax_grid(numerics):
     assert not torch.equal(soft, fixed(kept))
 
 
+def test_hard_training_forward_is_the_argmax_model_and_gates_pruned_channels_whole():
+    w = _weight()
+    q = DNASWeightQuantizer(SHAPE, WIDTHS, "per-channel", temperature=5.0)
+    with torch.no_grad():
+        q.alpha.copy_(torch.randn(q.alpha.shape, generator=torch.Generator().manual_seed(2)))
+        q.alpha[0, 0] += 5.0  # channel 0 pruned
+    q.train()
+    q.set_hard(True)
+    fixed, kept = q.freeze(w)
+    assert torch.equal(q(w), fixed(kept))
+    gate = q.output_gate()  # the draw of the forward before: the argmax's
+    assert torch.equal(gate, (~q.pruned()).float()) and float(gate[0]) == 0.0
+    q.set_hard(False)
+    assert not torch.equal(q(w), fixed(kept))  # the softmax mixture again
+
+
 def test_per_layer_logits_are_one_group_and_never_prune():
     w = _weight()
     q = DNASWeightQuantizer(SHAPE, (2, 4, 8), "per-tensor")

@@ -218,7 +218,8 @@ def test_each_cost_gets_a_controller_where_budgeted_else_its_lam():
 def test_options_are_checked():
     assert parse_options(DnasOptions, {"cost": "flash,energy", "lam": "0.1,1", "gumbel": "true"}, "dnas").gumbel
     for bad in ({"cost": "ram_in_out"}, {"cost": "flash", "lam": "1,2"}, {"lam": "-1"}, {"search_split": "1"},
-                {"t_start": "0"}, {"range_rule": "pow2"}, {"beta": "1"}, {"acts": "pact"}):
+                {"t_start": "0"}, {"range_rule": "pow2"}, {"beta": "1"}, {"acts": "pact"},
+                {"weights_on": "sample"}):
         with pytest.raises(ValueError):
             parse_options(DnasOptions, bad, "dnas")
 

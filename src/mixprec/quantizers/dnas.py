@@ -40,18 +40,27 @@ class _Choice(LearnedQuantizer):
         if len(set(self.widths)) != len(self.widths) or not any(w > 0 for w in self.widths):
             raise ValueError(f"candidate widths {self.widths}: distinct, at least one above 0")
         self.gumbel = bool(gumbel)
+        self.hard = False  # training forwards take the argmax candidate alone (set_hard)
         self.alpha = nn.Parameter(torch.zeros(groups, len(self.widths)))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def set_temperature(self, t: float) -> None:
         self.temperature.fill_(float(t))
 
+    def set_hard(self, on: bool) -> None:
+        """Make training forwards the argmax model's (one-hot, no gradient to the logits), for
+        training the weights the search would return now."""
+        self.hard = bool(on)
+
     def probabilities(self) -> torch.Tensor:
         """(G, P) softmax of ``alpha / T``: what the expected cost weighs."""
         return torch.softmax(self.alpha / self.temperature, dim=1)
 
     def mixture(self) -> torch.Tensor:
-        """The weights of one training forward: the probabilities, or a hard Gumbel-softmax draw."""
+        """The weights of one training forward: the probabilities, a hard Gumbel-softmax draw, or
+        (``hard``) the argmax one-hot."""
+        if self.hard:
+            return F.one_hot(self.choice(), len(self.widths)).to(self.alpha.dtype)
         if self.gumbel:
             return F.gumbel_softmax(self.alpha, tau=float(self.temperature), hard=True, dim=1)
         return self.probabilities()

@@ -68,6 +68,7 @@ class DnasOptions:
     prune: bool = True  # offer 0 bits (the channel removed) where a layer may lose channels
     range_rule: str = "mse"  # each candidate's grid from the weights: mse (least squares at 3 bits or fewer) or max
     acts: str = "auto"  # activation widths: fixed (the run's), search (PACT mixture per tensor), auto (search where the budget depends on them)
+    weights_on: str = "mixture"  # what the weights pass trains: mixture (the softmax supernet) or argmax (the model the search returns)
 
     def __post_init__(self):
         for name in self.cost_names():
@@ -84,6 +85,8 @@ class DnasOptions:
             raise ValueError(f"range_rule {self.range_rule!r}: choose one of {', '.join(RANGE_RULES)}")
         if self.acts not in ACT_MODES:
             raise ValueError(f"acts={self.acts!r}: choose one of {', '.join(ACT_MODES)}")
+        if self.weights_on not in ("mixture", "argmax"):
+            raise ValueError(f"weights_on={self.weights_on!r}: mixture or argmax")
 
     def cost_names(self) -> list[str]:
         return [c.strip() for c in self.cost.split(",") if c.strip()]
@@ -311,8 +314,11 @@ def split_for_search(ctx: SearchContext, share: float):
     return (x[order[:k]], y[order[:k]]), (x[order[k:]], y[order[k:]])
 
 
-def trainable(qm: QuantModel, logits: bool) -> None:
-    """Train the logits (weights frozen) or the weights, biases and activation clips (logits frozen)."""
+def trainable(qm: QuantModel, logits: bool, weights_on: str = "mixture") -> None:
+    """Train the logits (weights frozen) or the weights, biases and activation clips (logits frozen),
+    the latter on the mixture or (``weights_on="argmax"``) on the argmax model."""
+    for q in [*supernet_quantizers(qm).values(), *act_choices(qm).values()]:
+        q.set_hard(not logits and weights_on == "argmax")
     for layer in qm.layers.values():
         layer.quantizer.alpha.requires_grad_(logits)
         layer.weight.requires_grad_(not logits)
@@ -402,7 +408,7 @@ def search(ctx: SearchContext, qm: QuantModel, opts: DnasOptions) -> list[dict]:
         logits_cfg, weights_cfg = pass_configs(ctx, opts, epoch, epochs, logit_steps)
         trainable(qm, logits=True)
         searched = run_pass(ctx, qm, "dnas-logits", epoch, search_data, logits_cfg, alphas, [terms])
-        trainable(qm, logits=False)
+        trainable(qm, logits=False, weights_on=opts.weights_on)
         trained = run_pass(ctx, qm, "dnas", epoch, weight_data, weights_cfg, weights, [stats])
         history.append({**trained, "epoch": epoch, "logits": searched})
     return history
