@@ -43,16 +43,27 @@ PEER = ("PLiNIO MPS (quoted in issue 17, not run here): per-channel 98.71% at 18
 
 @dataclass(frozen=True)
 class Budget:
-    """One strength of a search: a limit on one cost (``cost.keys`` name) at one granularity."""
+    """One strength of a search: a limit on one cost (``cost.keys`` name) at one granularity, with
+    the search's ``options`` (a variant: its rows and folders apart from the default's)."""
 
     granularity: str
     cost: str
     value: str
+    options: tuple = ()  # (key, value) pairs of -o options
 
     @property
     def label(self) -> str:
         """As the table and the folder name it: ``16KiB`` for FLASH, ``energy-90uJ`` otherwise."""
         return self.value if self.cost == "flash" else f"{self.cost}-{self.value}{BY_NAME[self.cost].unit}"
+
+    @property
+    def search(self) -> str:
+        """The table's name of the search: ``dnas per-channel``, plus the options of a variant."""
+        return " ".join([f"dnas {self.granularity}"] + [f"{k}={v}" for k, v in self.options])
+
+    @property
+    def folder(self) -> Path:
+        return Path(*[f"{k}-{v}" for k, v in self.options], self.granularity, self.label)
 
 
 @dataclass(frozen=True)
@@ -64,11 +75,15 @@ class Task:
     runs: Path
 
     def run_dir(self, runs: Path, budget: Budget) -> Path:
-        return runs / budget.granularity / budget.label
+        return runs / budget.folder
 
 
-def _budgets(granularity: str, cost: str, *values: str) -> tuple:
-    return tuple(Budget(granularity, cost, v) for v in values)
+def _budgets(granularity: str, cost: str, *values: str, **options: str) -> tuple:
+    return tuple(Budget(granularity, cost, v, tuple(options.items())) for v in values)
+
+
+# the paper's schedule, whose weights pass trains the softmax mixture (the default trains the argmax model)
+PAPER = dict(weights_on="mixture")
 
 
 TASKS = {
@@ -77,13 +92,19 @@ TASKS = {
         "Full-width LeNet-5 (61,706 parameters) on MNIST, `mpic` target ({0,2,4,8}-bit weights, 8-bit "
         "activations), one float model for every row, one seed. `dnas per-channel`: a width per output "
         "channel, 0 = pruned (physically removed before export); `dnas per-tensor`: one width per layer, no "
-        "pruning. 'weight bits': PLiNIO's size figure on the deployed model (kept weights x their bits, no "
+        "pruning. `weights_on=mixture`: the weights pass trains the softmax mixture, as the paper does (the "
+        "default trains the argmax model, the one the search returns). "
+        "'weight bits': PLiNIO's size figure on the deployed model (kept weights x their bits, no "
         "bias); 'FLASH B': everything the C library stores (weights, biases, multipliers, shifts, layout "
         f"tables); 'energy': the MPIC model's estimate of one inference. {PEER}",
         dict(model="lenet5", data="mnist", target="mpic", float_epochs=10, qat_epochs=8, budget_epochs=2,
              batch_size=128, lr=2e-3, qat_lr=5e-4),
-        _budgets("per-channel", "flash", "40KiB", "24KiB", "16KiB", "10KiB", "6KiB", "4KiB", "3KiB", "2KiB", "1.5KiB")
-        + _budgets("per-tensor", "flash", "40KiB", "24KiB", "20KiB", "16KiB"),  # 2-bit weights everywhere: 16.0 KiB
+        _budgets("per-channel", "flash", "40KiB", "24KiB", "16KiB", "10KiB", "6KiB", "4KiB", "3KiB", "2.5KiB", "2KiB",
+                 "1.5KiB", "1KiB")
+        + _budgets("per-tensor", "flash", "40KiB", "24KiB", "20KiB", "16KiB")  # 2-bit weights everywhere: 16.0 KiB
+        + _budgets("per-channel", "flash", "40KiB", "24KiB", "16KiB", "10KiB", "6KiB", "4KiB", "3KiB", "2KiB", "1.5KiB",
+                   **PAPER)
+        + _budgets("per-tensor", "flash", "40KiB", "24KiB", "20KiB", "16KiB", **PAPER),
         ROOT / "runs" / "bench-dnas"),
     "resnet8-cifar10": Task(
         "DNAS on ResNet-8 / CIFAR-10: channel-wise against layer-wise, FLASH and energy",
@@ -108,9 +129,10 @@ def trials(args, everything: bool = False) -> list[Trial]:
     configuration it was made with; float models trained by any run of the table are shared."""
     task, planned = TASKS[args.task], []
     for budget in task.budgets:
-        if everything or (budget.granularity in args.granularities and budget.label in (args.budgets or [budget.label])):
-            cfg = RunConfig(method="dnas", weight_granularity=budget.granularity,
-                            budget={budget.cost: budget.value}, **task.train)
+        asked = budget.granularity in args.granularities and budget.label in (args.budgets or [budget.label])
+        if everything or (asked and (args.paper or not budget.options)):
+            cfg = RunConfig(method="dnas", weight_granularity=budget.granularity, budget={budget.cost: budget.value},
+                            options=dict(budget.options), **task.train)
             planned.append(Trial(cfg, task.run_dir(args.runs, budget)))
     for bits in (UNIFORM if everything or not args.no_uniform else ()):  # quantization-aware as long
         train = {**task.train, "qat_epochs": task.train["qat_epochs"] + task.train["budget_epochs"], "budget_epochs": 0}
@@ -179,7 +201,7 @@ def equal_accuracy(task: Task, runs: Path) -> list[str]:
     found = {}
     for b in task.budgets:
         path = task.run_dir(runs, b) / "result.json"
-        if path.exists():
+        if path.exists() and not b.options:
             found.setdefault(b.granularity, []).append(json.loads(path.read_text()))
     if len(found) < 2:
         return []
@@ -192,7 +214,7 @@ def equal_accuracy(task: Task, runs: Path) -> list[str]:
 
 def table(args) -> None:
     task, rows, order = TASKS[args.task], [], []
-    labelled = [(f"dnas {b.granularity}", b.label, task.run_dir(args.runs, b)) for b in task.budgets]
+    labelled = [(b.search, b.label, task.run_dir(args.runs, b)) for b in task.budgets]
     labelled += [(f"uniform {bits}-bit", "none", args.runs / "uniform" / f"{bits}bit") for bits in UNIFORM]
     for label, budget, out in labelled:
         order.append((label, budget))
@@ -216,6 +238,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--no-uniform", action="store_true", help="leave out the uniform rows")
+    ap.add_argument("--paper", action="store_true", help="also the runs of the paper's schedule (weights_on=mixture)")
     args = ap.parse_args()
     args.runs = args.runs or TASKS[args.task].runs
     os.environ["MIXPREC_DATA"] = args.data_dir
