@@ -2,6 +2,7 @@
 gives the very configuration the benchmark ran."""
 import importlib.util
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,30 @@ def test_fpga_table_commands_reproduce_their_config(learned, name, monkeypatch):
     for field in FIELDS:
         assert config[field] == getattr(cfg, field), field
     assert config["budget"] == cfg.budget and config["float_from"] is None
+
+
+@pytest.fixture(scope="module")
+def dnas_bench():
+    spec = importlib.util.spec_from_file_location("bench_dnas", ROOT / "benchmarks" / "dnas.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("task", ["lenet5-mnist", "resnet8-cifar10"])
+def test_dnas_table_commands_reproduce_their_config(dnas_bench, task, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(task=task, granularities=["per-channel", "per-tensor"], budgets=None, runs=tmp_path,
+                           no_uniform=False, paper=True)
+    trials = dnas_bench.trials(args)
+    assert len(trials) == len(dnas_bench.TASKS[task].budgets) + len(dnas_bench.UNIFORM)
+    flags = set()
+    for trial in trials:
+        config, out = parsed(dnas_bench.command_line(trial.config, trial.out, ROOT), monkeypatch)
+        for field in FIELDS:
+            assert config[field] == getattr(trial.config, field), (trial.out, field)
+        assert config["budget"] == trial.config.budget and Path(out) == trial.out
+        flags |= set(trial.config.budget) | set(trial.config.options)
+    assert {"flash"} < flags  # energy budgets (resnet8) and the paper's schedule (lenet5) pass through too
