@@ -465,6 +465,16 @@ def _round_up(absent: torch.Tensor, present: torch.Tensor, weight: torch.Tensor,
 def _residues(absent, present, weight, modulus: int) -> torch.Tensor:
     """The (unnormalised) distribution of ``X mod M``, shape ``(..., M)``."""
     r = torch.remainder(weight.round().long(), modulus)
+    if absent.dim() == 1 and r.dim() > 1:  # slots shared by every row: one sum per distinct row of weights
+        rows = r.reshape(-1, r.shape[-1])
+        distinct, row_of = torch.unique(rows, dim=0, return_inverse=True)
+        if len(distinct) < len(rows):
+            return _slot_sums(absent, present, distinct, modulus)[row_of].reshape(r.shape[:-1] + (modulus,))
+    return _slot_sums(absent, present, r, modulus)
+
+
+def _slot_sums(absent, present, r: torch.Tensor, modulus: int) -> torch.Tensor:
+    """``_residues`` of the residues ``r`` of the slots' weights."""
     zero = torch.zeros_like(r)
     dist = absent[..., None] * F.one_hot(zero, modulus) + present[..., None] * F.one_hot(r, modulus)
     delta = F.one_hot(torch.zeros((), dtype=torch.long), modulus).double()
