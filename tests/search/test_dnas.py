@@ -11,7 +11,7 @@ from mixprec.cost import Budget, load_target
 from mixprec.execute import reference
 from mixprec.models import get_model
 from mixprec.quantizers import ActQuantizer, DNASActQuantizer
-from mixprec.search.dnas import (DnasOptions, SupernetCost, act_choices, cost_terms, freeze_argmax, searches_acts,
+from mixprec.search.dnas import (DnasOptions, SupernetCost, act_choices, choices, cost_terms, freeze_argmax, searches_acts,
                                  supernet, supernet_quantizers, temperature)
 from mixprec.search.learned import parse_options
 
@@ -64,14 +64,10 @@ def _supernet(name: str, target: str = "mpic", granularity: str = "per-channel",
     return qm, x
 
 
-def _choices(qm) -> list:
-    return [*supernet_quantizers(qm).values(), *act_choices(qm).values()]
-
-
 def _random_logits(qm, seed: int = 1, scale: float = 2.0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for q in _choices(qm):
+        for q in choices(qm):
             q.alpha.copy_(torch.randn(q.alpha.shape, generator=g) * scale)
 
 
@@ -121,9 +117,9 @@ def test_eval_of_the_supernet_is_its_frozen_argmax_model(name, acts):
 
 
 def _as_double(qm) -> list[torch.nn.Parameter]:
-    for q in _choices(qm):
+    for q in choices(qm):
         q.alpha.data = q.alpha.data.double()
-    return [q.alpha for q in _choices(qm)]
+    return [q.alpha for q in choices(qm)]
 
 
 @pytest.mark.parametrize("key", ["flash_bytes", "energy_uj", "bops", "ram_bytes"])
@@ -161,7 +157,7 @@ def test_one_hot_expected_cost_is_the_exact_cost_of_the_argmax(name):
     qm, _ = _supernet(name, acts="search")
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():  # one-hot after the softmax, some channels of each prunable layer at 0 bits
-        for q in _choices(qm):
+        for q in choices(qm):
             pick = torch.randint(0, len(q.widths), (q.alpha.shape[0],), generator=g)
             pick[0] = len(q.widths) - 1
             q.alpha.fill_(-1e4)
@@ -182,12 +178,12 @@ def test_activation_widths_are_searched_where_the_budget_depends_on_them():
     assert not searched(energy="1", given=8)  # --act-bits fixes them
     assert searched({"acts": "search"}, flash="4KiB") and not searched({"acts": "fixed"}, energy="1")
     qm, _ = _supernet("residual", acts="search")
-    choices = act_choices(qm)
+    searched_acts = act_choices(qm)
     head = qm.graph.grid_source(qm.graph.output)
-    assert set(choices) == set(qm.act_quantizers) - {"input", head}  # the input and the logits stay fixed
+    assert set(searched_acts) == set(qm.act_quantizers) - {"input", head}  # the input and the logits stay fixed
     assert all(isinstance(qm.act_quantizers[n], ActQuantizer) and int(qm.act_quantizers[n].bits()) == 8
                for n in ("input", head))
-    assert all(isinstance(q, DNASActQuantizer) and q.widths == (2, 4, 8) for q in choices.values())
+    assert all(isinstance(q, DNASActQuantizer) and q.widths == (2, 4, 8) for q in searched_acts.values())
 
 
 def test_temperature_falls_as_a_run_of_t_epochs_would():

@@ -70,6 +70,10 @@ class _Choice(LearnedQuantizer):
         """(G,) the argmax candidate index per group, ties to the wider width."""
         return (len(self.widths) - 1) - torch.argmax(self.alpha.flip(1), dim=1)
 
+    def _bits_of(self, choice: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        widths = torch.tensor(self.widths, dtype=torch.float32, device=self.alpha.device)
+        return widths[choice].reshape(shape)
+
 
 class DNASWeightQuantizer(_Choice):
     """Logits ``alpha`` of shape (G, P) over the ascending candidate ``widths`` (0 = pruned, only
@@ -117,8 +121,7 @@ class DNASWeightQuantizer(_Choice):
         return idx
 
     def bits(self) -> torch.Tensor:
-        widths = torch.tensor(self.widths, dtype=torch.float32, device=self.alpha.device)
-        return widths[self.choice()].reshape(self.param_shape)
+        return self._bits_of(self.choice(), self.param_shape)
 
     def pruned(self) -> torch.Tensor:
         """(G,) bool: the groups the argmax prunes."""
@@ -226,8 +229,7 @@ class DNASActQuantizer(_Choice):
                                "training-mode forward pass first")
 
     def bits(self) -> torch.Tensor:
-        widths = torch.tensor(self.widths, dtype=torch.float32, device=self.alpha.device)
-        return widths[self.choice()].reshape((1,) * len(self.shape))
+        return self._bits_of(self.choice(), (1,) * len(self.shape))
 
     def qparams(self, x: torch.Tensor | None = None) -> QParams:
         """The argmax candidate's grid (what the argmax model lowers to), its step as the frozen

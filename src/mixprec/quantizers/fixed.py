@@ -308,7 +308,7 @@ def frozen_act_quantizer(qp: QParams, shape: tuple[int, ...], numerics: str,
         raise ValueError(f"per-group activation bits need fixed-point numerics (these are {numerics})")
     fixed = ActQuantizer(shape, bits, numerics, clip=clip)
     _, hi = qrange(bits, qp.signed)
-    top = (hi.double() * qp.scale.detach().double().cpu().reshape(bits.shape)).float()
+    top = _range_top(hi, qp.scale.detach().cpu().reshape(bits.shape))
     fixed.set_range(-top if qp.signed else torch.zeros_like(top), top)
     fixed.set_observing(False)  # the range stays the learned one during fine-tuning
     return fixed
@@ -328,8 +328,14 @@ def settled_step(step: torch.Tensor, bits: torch.Tensor, signed: bool) -> torch.
     float32 step off it, and a settled step stays as it is. A learned grid that quantizes with it
     lowers exactly as its frozen copy will."""
     _, hi = qrange(bits.detach().round(), signed)
-    hi = hi.to(torch.float32).to(step.device)
-    return ((hi.double() * step.detach().double()).float() / hi.clamp_min(1.0)).to(torch.float32)
+    hi = hi.to(step.device)
+    return (_range_top(hi, step.detach()) / hi.float().clamp_min(1.0)).to(torch.float32)
+
+
+def _range_top(hi: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The top of the range a learned grid freezes into: its largest code times its step, exact in
+    float64, rounded once to float32."""
+    return (hi.double() * step.double()).float()
 
 
 def freeze_observers(module: nn.Module, frozen: bool = True) -> None:

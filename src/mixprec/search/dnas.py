@@ -175,8 +175,13 @@ def act_choices(qm: QuantModel) -> dict[str, DNASActQuantizer]:
     return {name: q for name, q in qm.act_quantizers.items() if isinstance(q, DNASActQuantizer)}
 
 
+def choices(qm: QuantModel) -> list:
+    """Every distribution the search trains: the weights' and the searched activations'."""
+    return [*supernet_quantizers(qm).values(), *act_choices(qm).values()]
+
+
 def set_temperature(qm: QuantModel, t: float) -> None:
-    for q in [*supernet_quantizers(qm).values(), *act_choices(qm).values()]:
+    for q in choices(qm):
         q.set_temperature(t)
 
 
@@ -196,7 +201,8 @@ class SupernetCost:
 
     def __init__(self, qm: QuantModel, target):
         self.qm = qm
-        quantizers, choices = supernet_quantizers(qm), act_choices(qm)
+        # the model's structure stays through the search: its choices are looked up once
+        self.weights, self.acts = quantizers, choices = supernet_quantizers(qm), act_choices(qm)
         base = assignment(qm)
         widest = {n: torch.full(q.param_shape, float(max(q.widths))) for n, q in quantizers.items()}
         acts = {n: torch.full_like(b, float(max(choices[n].widths))) if n in choices else b for n, b in base.act.items()}
@@ -211,18 +217,16 @@ class SupernetCost:
 
     def expected(self) -> dict[str, torch.Tensor]:
         if self._expected is None:
-            p_weights = {n: q.probabilities().cpu() for n, q in supernet_quantizers(self.qm).items()}
-            choices = act_choices(self.qm)
-            p_acts = {a: choices[a].probabilities()[0].cpu() if a in choices else torch.ones(1, dtype=torch.float64)
+            p_weights = {n: q.probabilities().cpu() for n, q in self.weights.items()}
+            p_acts = {a: self.acts[a].probabilities()[0].cpu() if a in self.acts else torch.ones(1, dtype=torch.float64)
                       for a in self.tables.acts}
             self._expected = self.tables.expected(p_weights, p_acts)
         return self._expected
 
     def argmax(self) -> dict[str, float]:
         if self._argmax is None:
-            choice = {n: q.choice().cpu().numpy() for n, q in supernet_quantizers(self.qm).items()}
-            choices = act_choices(self.qm)
-            acts = {a: int(choices[a].choice()[0]) if a in choices else 0 for a in self.tables.acts}
+            choice = {n: q.choice().cpu().numpy() for n, q in self.weights.items()}
+            acts = {a: int(self.acts[a].choice()[0]) if a in self.acts else 0 for a in self.tables.acts}
             self._argmax = self.tables.totals(choice, acts)
         return self._argmax
 
@@ -318,27 +322,24 @@ def split_for_search(ctx: SearchContext, share: float):
     return (x[order[:k]], y[order[:k]]), (x[order[k:]], y[order[k:]])
 
 
-def trainable(qm: QuantModel, logits: bool, weights_on: str = "mixture") -> None:
+def trainable(qm: QuantModel, logits: bool, weights_on: str) -> None:
     """Train the logits (weights frozen) or the weights, biases and activation clips (logits frozen),
     the latter on the mixture or (``weights_on="argmax"``) on the argmax model."""
-    for q in [*supernet_quantizers(qm).values(), *act_choices(qm).values()]:
+    for q in choices(qm):
         q.set_hard(not logits and weights_on == "argmax")
+        q.alpha.requires_grad_(logits)
     for layer in qm.layers.values():
-        layer.quantizer.alpha.requires_grad_(logits)
         layer.weight.requires_grad_(not logits)
         layer.bias.requires_grad_(not logits)
     for q in act_choices(qm).values():
-        q.alpha.requires_grad_(logits)
         q.clip_value.requires_grad_(not logits)
 
 
 def logits_and_weights(qm: QuantModel) -> tuple[list, list]:
     """What each pass trains: the logits of every choice; the weights and biases (as the model
     groups them) and the activation clips."""
-    choices = act_choices(qm).values()
-    alphas = [q.alpha for q in supernet_quantizers(qm).values()] + [q.alpha for q in choices]
-    clips = [q.clip_value for q in choices]
-    return alphas, qm.weight_parameters() + ([{"params": clips}] if clips else [])
+    clips = [q.clip_value for q in act_choices(qm).values()]
+    return [q.alpha for q in choices(qm)], qm.weight_parameters() + ([{"params": clips}] if clips else [])
 
 
 def run_pass(ctx: SearchContext, qm: QuantModel, phase: str, epoch: int, data, cfg: TrainConfig, params,
@@ -410,7 +411,7 @@ def search(ctx: SearchContext, qm: QuantModel, opts: DnasOptions) -> list[dict]:
     for epoch in range(epochs):
         set_temperature(qm, temperature(opts, epoch, epochs))
         logits_cfg, weights_cfg = pass_configs(ctx, opts, epoch, epochs, logit_steps)
-        trainable(qm, logits=True)
+        trainable(qm, logits=True, weights_on=opts.weights_on)
         searched = run_pass(ctx, qm, "dnas-logits", epoch, search_data, logits_cfg, alphas, [terms])
         trainable(qm, logits=False, weights_on=opts.weights_on)
         trained = run_pass(ctx, qm, "dnas", epoch, weight_data, weights_cfg, weights, [stats])
