@@ -74,12 +74,13 @@ def _print_result(result: dict, out: Path) -> None:
                       str(r["weight_bytes"]), str(r["param_bytes"]), f"{r['macs']:,}")
     console.print(table)
     from .cost import format_size
+    from .search.result import in_out_ram
 
     acc, cost = result["accuracy"], result["cost"]
     console.print(f"test accuracy: float {acc['float']:.2%}  quantized (integer-exact) [bold]{acc['quantized']:.2%}[/]")
     tables = (result.get("cost_detail") or {}).get("table_bytes") or 0
-    console.print(f"FLASH {format_size(cost['flash_bytes'])}{f' ({tables:,} B layout tables)' if tables else ''}  peak RAM {format_size(cost['ram_bytes'])}  "
-                  f"MACs {cost['macs']:,}  EBOPs {cost['ebops']:,.0f}  latency {cost['latency_cycles']:,.0f} cycles  "
+    console.print(f"FLASH {format_size(cost['flash_bytes'])}{f' ({tables:,} B layout tables)' if tables else ''}  peak RAM {format_size(cost['ram_bytes'])}"
+                  f"{in_out_ram(cost)}  MACs {cost['macs']:,}  EBOPs {cost['ebops']:,.0f}  latency {cost['latency_cycles']:,.0f} cycles  "
                   f"energy {cost['energy_uj']:.3g} uJ")
     for k, c in result["budget_checks"].items():
         mark = "[green]ok[/]" if c["ok"] else "[red]over[/]"
@@ -149,6 +150,10 @@ def search(model: str = typer.Option(..., help="registered model name or package
            ram: Optional[str] = typer.Option(None, help="peak RAM budget, e.g. 16KiB"),
            ram_in_out: Optional[str] = typer.Option(None, help="in+out RAM budget: the largest input+output "
                                                     "buffers of one layer (the MCU paper's RAM constraint), e.g. 8KiB"),
+           ram_model: str = typer.Option("liveness", "--ram-model",
+                                         help="what --ram limits: liveness (the arena the planner lays out for the "
+                                              "buffers live at once) or layer (the MCU paper's rule: the largest "
+                                              "input+output buffers of one layer, as --ram-in-out)"),
            bops: Optional[str] = typer.Option(None, help="BOPs budget (bit operations: MACs x weight x input bits)"),
            ebops: Optional[str] = typer.Option(None, help="EBOPs budget"),
            energy_uj: Optional[str] = typer.Option(None, "--energy-uj", help="energy budget in uJ"),
@@ -169,10 +174,23 @@ def search(model: str = typer.Option(..., help="registered model name or package
     Data-parallel: torchrun --standalone --nproc-per-node N --no-python mixprec search ...
     """
     given = locals()
+    ram, ram_in_out = _ram_limits(ram, ram_in_out, ram_model)
     _run(_config_fields(given, weight_granularity=granularity, options=_options(option),
                         budget=_budget(flash=flash, ram=ram, ram_in_out=ram_in_out, bops=bops, ebops=ebops,
                                        energy_uj=energy_uj, latency_cycles=latency_cycles)),
          out, quiet, verbose, resume, device)
+
+
+def _ram_limits(ram: str | None, ram_in_out: str | None, ram_model: str) -> tuple[str | None, str | None]:
+    """``(--ram, --ram-in-out)`` as budgets: under ``--ram-model layer`` the ``--ram`` limit is the
+    in+out one (the run records it so, and ``result.json`` shows both RAM figures either way)."""
+    if ram_model not in ("liveness", "layer"):
+        _fail(ValueError(f"--ram-model {ram_model}: choose liveness or layer"))
+    if ram_model == "liveness" or ram is None:
+        return ram, ram_in_out
+    if ram_in_out is not None:
+        _fail(ValueError("--ram-model layer makes --ram the in+out limit; give --ram or --ram-in-out, not both"))
+    return None, ram
 
 
 def _config_fields(given: dict, **renamed) -> dict:

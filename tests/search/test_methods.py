@@ -30,7 +30,7 @@ def half(monkeypatch):
 
 
 def test_a_registered_method_is_validated_parsed_and_run(half, tmp_path, digits_float):
-    assert list(methods())[:4] == ["uniform", "hgq", "dq", "dnas"] and "half" in methods()
+    assert list(methods())[:5] == ["uniform", "hgq", "dq", "dnas", "rl"] and "half" in methods()
     cfg = RunConfig(method="half", options={"bits": "2"}, qat_epochs=1, budget_epochs=0,
                     float_from=str(digits_float))
     result = run_search(cfg, tmp_path / "run")
@@ -41,8 +41,8 @@ def test_a_registered_method_is_validated_parsed_and_run(half, tmp_path, digits_
 
 
 def test_unknown_method_lists_the_registered_ones(half):
-    with pytest.raises(ValueError, match="unknown method 'rl'; available: uniform, hgq, dq, dnas, half"):
-        RunConfig(method="rl")
+    with pytest.raises(ValueError, match="unknown method 'haq'; available: uniform, hgq, dq, dnas, rl, half"):
+        RunConfig(method="haq")
 
 
 def test_methods_command_lists_every_method_and_its_options(half):

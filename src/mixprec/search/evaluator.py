@@ -53,6 +53,7 @@ class EvaluatorSpec:
     start_bits: int = 8
     lr: float | None = None  # None: the configuration's qat_lr
     threads: int | None = None  # intra-op threads of the hosting process (None: leave as is)
+    device: str = "cpu"  # where it trains and scores ("cuda" on a GPU worker)
 
 
 @dataclass
@@ -72,19 +73,17 @@ class CandidateEvaluator:
             torch.set_num_threads(spec.threads)
         self.qm, self.data = _start_model(spec)
         self.target = _target(spec.config)
-        self.initial = {k: v.detach().clone() for k, v in self.qm.state_dict().items()}
         self.initial_bits = (self.qm.weight_bits(), self.qm.act_bits())
-        widest = BitAssignment({n: torch.full_like(b, float(max(self.target.weight_bits)))
-                                for n, b in self.qm.weight_bits().items()},
-                               {n: torch.full_like(b, float(max(self.target.act_bits)))
-                                for n, b in self.qm.act_bits().items()}, self.qm.act_shifts())
-        self.tables: CostTables = build_tables(self.qm.graph, self.target, widest)
+        self.tables: CostTables = widest_tables(self.qm, self.target)
+        self.device = torch.device(spec.device)
+        self.qm.to(self.device)
+        self.initial = {k: v.detach().clone() for k, v in self.qm.state_dict().items()}
         rng = np.random.default_rng(spec.config.seed)
         n_train = len(self.data.y_train) if not spec.train_samples else min(spec.train_samples, len(self.data.y_train))
         pick = np.sort(rng.permutation(len(self.data.y_train))[:n_train])
-        self.x_train, self.y_train = self.data.x_train[pick], self.data.y_train[pick]
+        self.x_train, self.y_train = self.data.x_train[pick].to(self.device), self.data.y_train[pick].to(self.device)
         n_val = min(spec.val_samples, len(self.data.y_val))
-        self.x_val, self.y_val = self.data.x_val[:n_val], self.data.y_val[:n_val]
+        self.x_val, self.y_val = self.data.x_val[:n_val].to(self.device), self.data.y_val[:n_val].to(self.device)
 
     def __reduce__(self):  # a process pool or a Ray actor rebuilds it from its specification
         return (CandidateEvaluator, (self.spec,))
@@ -121,23 +120,14 @@ class CandidateEvaluator:
 
     def start_choice(self) -> tuple[dict, dict]:
         """The indices of the starting model's widths."""
-        kw = {}
-        for name, layer in self.tables.layers.items():
-            bits = self.initial_bits[0][name].reshape(layer.groups, -1).amax(1)
-            kw[name] = np.array([_index(layer.widths, float(b), name) for b in bits])
-        ka = {q: _index(a.widths, float(self.initial_bits[1][q].max()), q) for q, a in self.tables.acts.items()}
-        return kw, ka
+        return choice_of(self.tables, *self.initial_bits)
 
     # -- steps ----------------------------------------------------------------------------------------
     def _restore(self) -> None:
         self.qm.load_state_dict(self.initial)  # weights, biases, ranges, and the start's bits (buffers)
 
     def _apply(self, kw: dict, ka: dict) -> None:
-        for name, layer in self.tables.layers.items():
-            self.qm.layers[name].quantizer.set_bits(layer.bits(kw[name]))
-        for q, act in self.tables.acts.items():
-            self.qm.act_quantizers[q].set_bits(cap_all(act.base, act.widths[ka[q]]).reshape(act.shape))
-        self.qm.invalidate()
+        apply_choice(self.qm, self.tables, kw, ka)
 
     def _fine_tune(self) -> list[float]:
         cfg = self.spec.config
@@ -170,6 +160,35 @@ class CandidateEvaluator:
         for i in range(0, len(self.y_val), batch_size):
             correct += int((qm(self.x_val[i:i + batch_size]).argmax(1) == self.y_val[i:i + batch_size]).sum())
         return correct / max(len(self.y_val), 1)
+
+
+def widest_tables(qm, target: Target) -> CostTables:
+    """The cost tables of ``qm`` around the target's widest widths: group ``g`` at width ``w`` is
+    plain "``g`` takes ``w``" (``cost.tables``)."""
+    widest = BitAssignment({n: torch.full_like(b, float(max(target.weight_bits))) for n, b in qm.weight_bits().items()},
+                           {n: torch.full_like(b, float(max(target.act_bits))) for n, b in qm.act_bits().items()},
+                           qm.act_shifts())
+    return build_tables(qm.graph, target, widest)
+
+
+def choice_of(tables: CostTables, weight_bits: dict, act_bits: dict) -> tuple[dict, dict]:
+    """A model's widths (``QuantModel.weight_bits()``, ``act_bits()``) as table indices: each
+    group's widest entry, each activation's."""
+    kw = {}
+    for name, layer in tables.layers.items():
+        bits = weight_bits[name].reshape(layer.groups, -1).amax(1)
+        kw[name] = np.array([_index(layer.widths, float(b), name) for b in bits])
+    ka = {q: _index(a.widths, float(act_bits[q].max()), q) for q, a in tables.acts.items()}
+    return kw, ka
+
+
+def apply_choice(qm, tables: CostTables, kw: dict, ka: dict) -> None:
+    """Set ``qm``'s widths to a choice of table indices (``CostTables.totals``' arguments)."""
+    for name, layer in tables.layers.items():
+        qm.layers[name].quantizer.set_bits(layer.bits(kw[name]))
+    for q, act in tables.acts.items():
+        qm.act_quantizers[q].set_bits(cap_all(act.base, act.widths[ka[q]]).reshape(act.shape))
+    qm.invalidate()
 
 
 def _index(widths: np.ndarray, value: float, name: str) -> int:

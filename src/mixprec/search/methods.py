@@ -22,7 +22,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-METHOD_MODULES = ("mixprec.search.uniform", "mixprec.search.hgq", "mixprec.search.dq", "mixprec.search.dnas")
+METHOD_MODULES = ("mixprec.search.uniform", "mixprec.search.hgq", "mixprec.search.dq", "mixprec.search.dnas",
+                  "mixprec.search.rl")
 
 
 @dataclass(frozen=True)

@@ -103,11 +103,16 @@ def _budget_step_lines(step: dict) -> list[str]:
             f"bit tensors changed; {moved or 'costs unchanged'}"]
 
 
+def in_out_ram(cost: dict) -> str:
+    """The MCU paper's RAM figure beside the planned arena (runs before it was measured: nothing)."""
+    return f" (largest in+out of one layer {format_size(cost['ram_mcu_in_out'])})" if "ram_mcu_in_out" in cost else ""
+
+
 def summary_markdown(result: dict) -> str:
     acc, cost = result["accuracy"], result["cost"]
     lines = [f"# {result['method']} on {result['model']} / {result['data']} for {result['target']}", "",
              f"- test accuracy: float {acc['float']:.2%}, quantized (integer-exact) {acc['quantized']:.2%}",
-             f"- FLASH {format_size(cost['flash_bytes'])}, peak RAM {format_size(cost['ram_bytes'])}, "
+             f"- FLASH {format_size(cost['flash_bytes'])}, peak RAM {format_size(cost['ram_bytes'])}{in_out_ram(cost)}, "
              f"MACs {cost['macs']:,}, EBOPs {cost['ebops']:,.0f}, latency {cost['latency_cycles']:,.0f} cycles, "
              f"energy {cost['energy_uj']:.3g} uJ",
              f"- budget: {result['budget'] or 'none'}; feasible: {result['feasible']}",
