@@ -16,8 +16,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip >&2
   # Pinned: the CPU wheel. An unpinned torch pulls gigabytes of CUDA packages.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0" >&2
-  # The export formats (QONNX, hls4ml) are optional extras for users; the tests exercise them.
-  "$VENV/bin/python" -m pip install -q -e ".[test,onnx,hls4ml]" >&2
+  # The export formats (QONNX, hls4ml) and Ray are optional extras for users; the tests exercise them.
+  "$VENV/bin/python" -m pip install -q -e ".[test,onnx,hls4ml,ray]" >&2
   echo "$want" > "$stamp"
 fi
 

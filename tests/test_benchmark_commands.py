@@ -85,3 +85,21 @@ def test_dnas_table_commands_reproduce_their_config(dnas_bench, task, tmp_path, 
         assert config["budget"] == trial.config.budget and Path(out) == trial.out
         flags |= set(trial.config.budget) | set(trial.config.options)
     assert {"flash"} < flags  # energy budgets (resnet8) and the paper's schedule (lenet5) pass through too
+
+
+@pytest.mark.parametrize("preset", ["lenet5-mnist", "resnet8-cifar10"])
+def test_rl_table_commands_reproduce_their_config(preset, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("bench_rl", ROOT / "benchmarks" / "rl.py")
+    rl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl)
+    args = SimpleNamespace(only=[preset], budgets=None, methods=list(rl.METHODS), runs=tmp_path)
+    trials = rl.planned(args)
+    assert {t.config.method for t in trials} == {"rl", "hgq", "dq", "uniform"}
+    for trial in trials:
+        config, out = parsed(rl.command_line(trial.config, trial.out, ROOT), monkeypatch)
+        for field in FIELDS:
+            assert config[field] == getattr(trial.config, field), (trial.out, field)
+        assert config["budget"] == trial.config.budget and set(config["budget"]) == {"flash", "ram"}
+        assert Path(out) == trial.out
