@@ -32,7 +32,7 @@ from ...train import fit, load_checkpoint, save_checkpoint
 from ...train.loop import evaluate_accuracy
 from ..context import SearchContext
 from ..evaluator import EvaluatorSpec, apply_choice, choice_of, widest_tables
-from ..learned import parse_options
+from ..learned import measured_costs, meets, parse_options
 from ..methods import Method
 from ..saved import quantized_state, rebuild_quantized
 from .env import build_episode
@@ -115,6 +115,10 @@ def search_rl(ctx: SearchContext):
                   ctx.config.train_config("qat"), params=qm.weight_parameters(), **ctx.fit_options("rl-final"))
     ctx.history["rl"] = search.state.log
     ctx.history["qat"] = history
+    measured = measured_costs(qm, ctx.target)
+    if not meets(measured, ctx.budget):  # the tables and the deployed layout disagree: say so, the budget step fixes it
+        log.warning("RL: the best policy measures %s on the deployed model, over the budget %s that the cost tables "
+                    "said it met", {k: measured[k] for k in ctx.budget.limits()}, ctx.budget.limits())
     return qm, search.state.log
 
 
