@@ -52,6 +52,14 @@ def test_options_and_targets_it_cannot_take_are_refused_before_the_folder(digits
         assert not out.exists()
 
 
+def test_without_ray_the_ray_executor_says_how_to_install_it(digits_float, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed: its import fails
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"pip install 'mixprec\[ray\]'"):
+        run_search(_config(digits_float, options={**OPTIONS, "executor": "ray"}), out)
+    assert not out.exists()
+
+
 def test_ram_model_layer_makes_ram_the_in_out_limit(tmp_path):
     runner = CliRunner()
     common = ["search", "--model", "digits-cnn", "--data", "digits", "--target", "cortex-m7", "--method", "rl",
