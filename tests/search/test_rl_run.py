@@ -110,3 +110,13 @@ def test_sigkill_mid_search_then_resume_ends_with_the_uninterrupted_result(digit
     a, b = (json.loads((d / "result.json").read_text()) for d in (straight, cut))
     assert a["accuracy"] == b["accuracy"] and a["cost"] == b["cost"]
     assert a["history"]["rl"] == b["history"]["rl"]
+
+
+def test_a_budget_the_held_layers_put_out_of_reach_is_refused_before_the_folder(digits_float, tmp_path):
+    # digits-cnn at its narrowest: 4,664 B of FLASH, 5,000 B with the first and last layers' weights at 8 bits
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="FLASH 5,000 > 4,864.*ends_bits=0"):
+        run_search(_config(digits_float, budget={"flash": "4.75KiB", "ram": "2KiB"}), out)
+    assert not out.exists()
+    assert run_search(_config(digits_float, budget={"flash": "4.75KiB", "ram": "2KiB"},
+                              options={**OPTIONS, "ends_bits": "0", "episodes": "4"}), out)["feasible"]

@@ -11,7 +11,9 @@ A method is one module that defines ``METHOD = Method(name, run, options, summar
 - ``removes_channels``: whether its result may be narrower than the model (``mixprec.prune``), so
   the budget check before training counts what removed channels free;
 - ``check(config, target, options)``: refuses (``ValueError``) what the method cannot do with this
-  configuration on this target, before the run claims its folder or trains anything.
+  configuration on this target, before the run claims its folder or trains anything;
+  ``check_model(config, target, options, model, input_shape, budget)`` what it can only judge on
+  the model (a budget its own constraints cannot meet), also before the folder is claimed.
 
 Add the module to ``METHOD_MODULES`` (or call ``register`` from your own code) and
 ``mixprec search --method NAME`` runs it. Modules load on first use, so the command line stays fast.
@@ -34,6 +36,9 @@ class Method:
     summary: str
     removes_channels: bool = False  # its result may have fewer channels than the model (budgets below the full width's minimum are reachable)
     check: Callable | None = None  # (RunConfig, Target, options) -> None, raising ValueError before any training
+    # (RunConfig, Target, options, model, input_shape, Budget) -> None: what needs the model (a budget its
+    # constraints cannot meet), raising ValueError (BudgetError) before the run claims its folder
+    check_model: Callable | None = None
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -124,14 +124,20 @@ def largest_uniform_act_bits(model, target, input_shape, budget: Budget, weight_
 def check_options(cfg: RunConfig, target) -> None:
     """Refuse unknown or malformed method options, and options the target cannot take, before any
     training."""
-    from .learned import parse_options
-
     method = get_method(cfg.method)
     if method.options is None and cfg.options:
         raise ValueError(f"--method {cfg.method} takes no options (got {sorted(cfg.options)})")
-    opts = None if method.options is None else parse_options(method.options, cfg.options, cfg.method)
+    opts = method_options(cfg)
     if method.check is not None:
         method.check(cfg, target, opts)
+
+
+def method_options(cfg: RunConfig):
+    """The method's options dataclass from ``cfg.options`` (None: it takes none)."""
+    from .learned import parse_options
+
+    method = get_method(cfg.method)
+    return None if method.options is None else parse_options(method.options, cfg.options, cfg.method)
 
 
 @dataclass
@@ -189,6 +195,9 @@ def prepare(trial: Trial, progress=None, epoch_hook=None, *, resume: bool = Fals
     data = load_dataset(cfg.data, cfg.data_dir, cfg.seed)
     data = preflight.prepare(data, model, spec.input_shape, cfg.data, cfg.model)
     weight_bits, act_bits = choose_bits(cfg, model, target, data.input_shape, budget)
+    method = get_method(cfg.method)
+    if method.check_model is not None:
+        method.check_model(cfg, target, method_options(cfg), model, data.input_shape, budget)
     barrier()  # every process has looked before the first one writes
     if w.is_main:
         out.mkdir(parents=True, exist_ok=True)

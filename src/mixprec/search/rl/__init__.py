@@ -35,7 +35,7 @@ from ..evaluator import EvaluatorSpec, apply_choice, choice_of, widest_tables
 from ..learned import measured_costs, meets, parse_options
 from ..methods import Method
 from ..saved import quantized_state, rebuild_quantized
-from .env import build_episode
+from .env import build_episode, fit_to_budget
 from .executors import EXECUTORS, import_ray, make_executor
 from .search import RLSearch, Schedule
 
@@ -54,7 +54,7 @@ class RLOptions:
     train_samples: int = 12_800  # the candidates' fixed fine-tuning subset of the training split
     val_samples: int = 2_000  # the candidates' fixed validation subset
     start_epochs: int = 1  # quantization-aware epochs at 8 bits of the shared starting point
-    ends_bits: int = 8  # the first layer's weights and output and the last layer's weights at this width; 0: searched
+    ends_bits: int = 8  # the first and the last layer's weights at this width; 0: searched
     sigma: float = 0.5  # exploration: truncated normal of sigma * sigma_decay ** (episode - warmup)
     sigma_decay: float = 0.99
     executor: str = "local"  # local | process | ray
@@ -83,6 +83,16 @@ def check(cfg, target, opts: RLOptions) -> None:
                          f"-bit weights; give one of those, or 0 to search the first and last layers too")
     if opts.executor == "ray":
         import_ray()
+
+
+def check_model(cfg, target, opts: RLOptions, model, input_shape, budget) -> None:
+    """``Method.check_model``: the budget can be met with the held layers at ``ends_bits`` and
+    every searched tensor at its narrowest width (raises ``BudgetError`` naming what to change)."""
+    qm = quantize(model, target, input_shape, bits=max(target.weight_bits), act_bits=max(target.act_bits),
+                  weight_granularity=weight_granularity_for(target, cfg.weight_granularity))
+    tables = widest_tables(qm, target)
+    episode = build_episode(qm.graph, tables, choice_of(tables, qm.weight_bits(), qm.act_bits()), opts.ends_bits)
+    fit_to_budget(episode, tables, [0] * len(episode.steps), budget.limits())
 
 
 def search_rl(ctx: SearchContext):
@@ -153,4 +163,5 @@ def evaluator_spec(ctx: SearchContext, opts: RLOptions, start: Path) -> Evaluato
 
 METHOD = Method("rl", search_rl, RLOptions,
                 "reinforcement-learning search (DDPG, HAQ-style) of each weight and activation tensor's width "
-                "under hard FLASH/RAM limits; candidates in parallel (local, process, ray)", check=check)
+                "under hard FLASH/RAM limits; candidates in parallel (local, process, ray)", check=check,
+                check_model=check_model)

@@ -4,8 +4,8 @@ sees at each, how an action becomes a width, and the walk that makes every polic
 An episode walks the model's weighted layers in execution order: one step for a layer's weights,
 then one for the activation tensor it produces (and one for each residual add's output). The input
 (the data, 8 bits) and the network's output (the logits) are never steps; with ``ends_bits`` the
-first layer's weights and output and the last layer's weights are held at that width too, as the
-paper does.
+first and the last layer's weights are held at that width too, as the paper does (the first layer's
+output is searched: it is often the largest buffer, which the RAM limit needs narrower).
 
 The state of a step (Rusci et al., after HAQ): is-depthwise, input channels, output channels,
 stride, kernel size, weight count, input positions (H x W), layer index, the previous action and
@@ -87,7 +87,7 @@ def build_episode(graph: Graph, tables: CostTables, start: tuple[dict, dict], en
     held = set()
     if ends_bits:
         first, last = weighted[0].name, weighted[-1].name
-        held = {(WEIGHTS, first), (ACTS, first), (WEIGHTS, last)}
+        held = {(WEIGHTS, first), (WEIGHTS, last)}
     fixed_w = {n: np.asarray(v).copy() for n, v in start[0].items()}
     fixed_a = dict(start[1])
     steps = []
