@@ -6,19 +6,25 @@ each, so a search's course does not depend on the executor. Ray is an optional e
 when asked for."""
 from __future__ import annotations
 
-import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from typing import Protocol
 
 from ..evaluator import CandidateEvaluator, CandidateResult, EvaluatorSpec
-
-log = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "process", "ray")
 
 
+class Executor(Protocol):
+    def evaluate(self, candidates: list[dict]) -> list[CandidateResult]:
+        """The candidates' results, in their order."""
+
+    def close(self) -> None:
+        """Stop the workers."""
+
+
 class LocalExecutor:
-    def __init__(self, spec: EvaluatorSpec, workers: int = 1, **_):
+    def __init__(self, spec: EvaluatorSpec):
         self.spec = spec
         self._evaluator: CandidateEvaluator | None = None
 
@@ -46,7 +52,7 @@ def _evaluate_in_worker(candidate: dict) -> CandidateResult:
 class ProcessExecutor:
     """Worker processes started fresh (``spawn``: no torch state inherited through ``fork``)."""
 
-    def __init__(self, spec: EvaluatorSpec, workers: int = 2, **_):
+    def __init__(self, spec: EvaluatorSpec, workers: int = 2):
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_start_worker, initargs=(spec,))
 
@@ -93,7 +99,7 @@ def import_ray():
     return ray
 
 
-def make_executor(name: str, spec: EvaluatorSpec, workers: int, address: str = "", gpus: float = 0):
+def make_executor(name: str, spec: EvaluatorSpec, workers: int, address: str = "", gpus: float = 0) -> Executor:
     if name == "local":
         return LocalExecutor(spec)
     if name == "process":
