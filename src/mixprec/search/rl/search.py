@@ -144,6 +144,9 @@ class RLSearch:
                  "weight_bits": self._bits(kw, ka)[0], "act_bits": self._bits(kw, ka)[1], "lowered": p.lowered,
                  "repeat": any(e["positions"] == list(p.positions) for e in self.state.log), **p.costs}
         self.state.log.append(entry)
+        log.info("RL episode %d: %.2f%% validation, reward %+.4f, %s%s", p.episode, 100 * accuracy, reward,
+                 ", ".join(f"{k} {p.costs[k]:,.0f}" for k in self.limits),
+                 f", {p.lowered} width(s) lowered to fit" if p.lowered else "")
         return entry
 
     def best(self) -> dict:
