@@ -8,7 +8,7 @@ limits (Rusci et al. 2020, after HAQ), for a board with a fixed FLASH and RAM.
    lowered until it meets every budget limit (``env.fit_to_budget``, on the exact cost tables), so
    every policy evaluated already fits. A policy is scored once by the candidate evaluator (a short
    fine-tune from the start, ``steps`` steps on a fixed training subset, then validation accuracy);
-   the reward is that accuracy less the float model's.
+   the reward is 0.1 x (that accuracy less the float model's, in percentage points), as HAQ's.
 3. Candidates are evaluated where ``executor`` says (``executors``: this process, worker processes,
    or Ray actors), ``batch`` episodes at a time, and fed back in episode order, so the course of a
    search depends on its seed alone; the agent, its replay buffer and the episode log are saved

@@ -22,6 +22,8 @@ from .env import STATE_SIZE, Episode, action_position, fit_to_budget
 
 log = logging.getLogger(__name__)
 
+REWARD_SCALE = 10.0  # HAQ's 0.1 per percentage point, on accuracies given as fractions
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -130,11 +132,17 @@ class RLSearch:
         self._save()
 
     def feed(self, p: Proposal) -> dict:
-        """Give the agent episode ``p``'s reward (validation accuracy relative to the float model)
-        and, after the warm-up, one update per step."""
+        """Give the agent episode ``p``'s reward and, after the warm-up, one update per step.
+
+        The reward is HAQ's: 0.1 x (accuracy - the float model's accuracy) in percentage points. The
+        transitions carry the actions of the policy that was evaluated: where the walk lowered a
+        width, the action moves to the middle of that width's share, so the critic learns the value
+        of what was scored."""
         accuracy = self.state.scores[p.key]
-        reward = accuracy - self.float_accuracy
-        self.agent.observe([np.asarray(x) for x in p.states], p.actions, reward)
+        reward = REWARD_SCALE * (accuracy - self.float_accuracy)
+        taken = [a if action_position(a, len(s.choices)) == at else (at + 0.5) / len(s.choices)
+                 for a, at, s in zip(p.actions, p.positions, self.episode.steps)]
+        self.agent.observe([np.asarray(x) for x in p.states], taken, reward)
         if p.episode >= self.schedule.warmup:
             rng = np.random.default_rng([self.schedule.seed, p.episode, 1])
             for _ in range(len(p.states)):
