@@ -159,7 +159,7 @@ def table(args) -> None:
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     about = ("`cortex-m7` (2/4/8-bit weights and activations), a FLASH limit and a RAM limit (the planned arena, "
              "`--ram-model liveness`) at once; every row's costs are measured on the deployed artifact. `rl`: the "
-             "DDPG search (first and last layer at 8 bits, every candidate scored after a short fine-tune from a "
+             "DDPG search (the first and last layers' weights at 8 bits, every candidate scored after a short fine-tune from a "
              "shared 8-bit start, the best policy fine-tuned); `hgq`/`dq`: the learned methods under the same "
              "limits; all three from the full-width float model, with the same quantized epochs after their search. "
              "`uniformB`: B-bit weights and activations, the widest model of the family that fits both limits. "
