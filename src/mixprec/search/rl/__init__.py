@@ -90,17 +90,21 @@ def check_model(cfg, target, opts: RLOptions, model, input_shape, budget) -> Non
     every searched tensor at its narrowest width (raises ``BudgetError`` naming what to change)."""
     qm = quantize(model, target, input_shape, bits=max(target.weight_bits), act_bits=max(target.act_bits),
                   weight_granularity=weight_granularity_for(target, cfg.weight_granularity))
-    tables = widest_tables(qm, target)
-    episode = build_episode(qm.graph, tables, choice_of(tables, qm.weight_bits(), qm.act_bits()), opts.ends_bits)
+    tables, episode = episode_of(qm, target, opts)
     fit_to_budget(episode, tables, [0] * len(episode.steps), budget.limits())
+
+
+def episode_of(qm, target, opts: RLOptions):
+    """The cost tables of ``qm`` (at the target's widest widths) and the episode over its tensors."""
+    tables = widest_tables(qm, target)
+    return tables, build_episode(qm.graph, tables, choice_of(tables, qm.weight_bits(), qm.act_bits()), opts.ends_bits)
 
 
 def search_rl(ctx: SearchContext):
     opts = parse_options(RLOptions, ctx.config.options, "rl")
     folder = ctx.checkpoint_dir or Path(tempfile.mkdtemp(prefix="mixprec-rl-"))
     qm = starting_point(ctx, opts, folder / START_CHECKPOINT)
-    tables = widest_tables(qm, ctx.target)
-    episode = build_episode(qm.graph, tables, choice_of(tables, qm.weight_bits(), qm.act_bits()), opts.ends_bits)
+    tables, episode = episode_of(qm, ctx.target, opts)
     n_val = min(opts.val_samples, len(ctx.data.y_val))
     float_accuracy = evaluate_accuracy(ctx.float_model, ctx.data.x_val[:n_val], ctx.data.y_val[:n_val])
     schedule = Schedule(opts.episodes, opts.warmup, opts.batch, opts.sigma, opts.sigma_decay, ctx.config.seed)
