@@ -4,7 +4,7 @@ ResNet-8 / CIFAR-10 under FLASH and energy budgets -> the "DNAS on ..." tables o
 
     .venv/bin/python benchmarks/dnas.py [--task lenet5-mnist|resnet8-cifar10]
         [--granularities per-channel per-tensor] [--budgets 16KiB energy-90uJ ...]
-        [--runs DIR] [--no-uniform] [--table-only]
+        [--runs DIR] [--no-uniform] [--variants] [--table-only]
 
 Every run is ``mixprec search --method dnas`` (or ``uniform``) on ``mpic`` ({0, 2, 4, 8}-bit weights,
 8-bit activations: these budgets keep them) from one float model per task (the first run trains
@@ -118,6 +118,7 @@ TASKS = {
              batch_size=64, lr=2e-3, qat_lr=5e-4, weight_decay=0.01, optimizer="adamw"),
         _budgets("per-channel", "flash", "40KiB", "24KiB", "16KiB")
         + _budgets("per-tensor", "flash", "48KiB", "36KiB", "28KiB")
+        + _budgets("per-channel", "flash", "40KiB", "24KiB", prune="false")  # is pruning what costs accuracy?
         + _budgets("per-channel", "energy", "110", "90", "70")
         + _budgets("per-tensor", "energy", "125", "118", "112"),
         ROOT / "runs" / "bench-dnas-resnet8"),
@@ -130,7 +131,7 @@ def trials(args, everything: bool = False) -> list[Trial]:
     task, planned = TASKS[args.task], []
     for budget in task.budgets:
         asked = budget.granularity in args.granularities and budget.label in (args.budgets or [budget.label])
-        if everything or (asked and (args.paper or not budget.options)):
+        if everything or (asked and (args.variants or not budget.options)):
             cfg = RunConfig(method="dnas", weight_granularity=budget.granularity, budget={budget.cost: budget.value},
                             options=dict(budget.options), **task.train)
             planned.append(Trial(cfg, task.run_dir(args.runs, budget)))
@@ -238,7 +239,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--no-uniform", action="store_true", help="leave out the uniform rows")
-    ap.add_argument("--paper", action="store_true", help="also the runs of the paper's schedule (weights_on=mixture)")
+    ap.add_argument("--variants", "--paper", dest="variants", action="store_true",
+                    help="also the variant rows (options other than the defaults: the paper's schedule, no pruning)")
     args = ap.parse_args()
     args.runs = args.runs or TASKS[args.task].runs
     os.environ["MIXPREC_DATA"] = args.data_dir

@@ -74,7 +74,7 @@ def test_dnas_table_commands_reproduce_their_config(dnas_bench, task, tmp_path, 
     from types import SimpleNamespace
 
     args = SimpleNamespace(task=task, granularities=["per-channel", "per-tensor"], budgets=None, runs=tmp_path,
-                           no_uniform=False, paper=True)
+                           no_uniform=False, variants=True)
     trials = dnas_bench.trials(args)
     assert len(trials) == len(dnas_bench.TASKS[task].budgets) + len(dnas_bench.UNIFORM)
     flags = set()
