@@ -109,7 +109,8 @@ TASKS = {
     "resnet8-cifar10": Task(
         "DNAS on ResNet-8 / CIFAR-10: channel-wise against layer-wise, FLASH and energy",
         "Full-width ResNet-8 (MLPerf Tiny, 78,186 parameters) on CIFAR-10, `mpic` target ({0,2,4,8}-bit "
-        "weights, 8-bit activations), one float model for every row (30 epochs, as the cortex-m4 table's), "
+        "weights; activations at 8 bits under FLASH budgets, searched among {2,4,8} bits per tensor under "
+        "energy budgets, which depend on them: `acts=auto`), one float model for every row (30 epochs, as the cortex-m4 table's), "
         "one seed; each search 4 epochs + 1 after the budget step (the uniform models 5 quantization-aware "
         "epochs). Each granularity under FLASH budgets and under energy budgets (the MPIC model's estimate "
         "of one inference; its uniform 8-bit model: 129.3 uJ, 2-bit: 108.7 uJ); channel-wise pruning ties "
