@@ -114,7 +114,9 @@ TASKS = {
         "one seed; each search 4 epochs + 1 after the budget step (the uniform models 5 quantization-aware "
         "epochs). Each granularity under FLASH budgets and under energy budgets (the MPIC model's estimate "
         "of one inference; its uniform 8-bit model: 129.3 uJ, 2-bit: 108.7 uJ); channel-wise pruning ties "
-        "the channels of a residual add across its branches. Columns as in the LeNet-5 table.",
+        "the channels of a residual add across its branches. Variant rows (`--variants`): `prune=false`, channel-wise "
+        "without the 0-bit candidate; `logits_lr=0.01`, the logits' optimiser 5x slower. Columns as in the LeNet-5 "
+        "table.",
         dict(model="resnet8", data="cifar10", target="mpic", float_epochs=30, qat_epochs=4, budget_epochs=1,
              batch_size=64, lr=2e-3, qat_lr=5e-4, weight_decay=0.01, optimizer="adamw"),
         _budgets("per-channel", "flash", "40KiB", "24KiB", "16KiB")
