@@ -147,9 +147,9 @@ class RLSearch:
             rng = np.random.default_rng([self.schedule.seed, p.episode, 1])
             for _ in range(len(p.states)):
                 self.agent.update(rng)
-        kw, ka = self.episode.choice(p.positions)
+        wbits, abits = self._bits(*self.episode.choice(p.positions))
         entry = {"episode": p.episode, "accuracy": accuracy, "reward": reward, "positions": list(p.positions),
-                 "weight_bits": self._bits(kw, ka)[0], "act_bits": self._bits(kw, ka)[1], "lowered": p.lowered,
+                 "weight_bits": wbits, "act_bits": abits, "lowered": p.lowered,
                  "repeat": any(e["positions"] == list(p.positions) for e in self.state.log), **p.costs}
         self.state.log.append(entry)
         log.info("RL episode %d: %.2f%% validation, reward %+.4f, %s%s", p.episode, 100 * accuracy, reward,
