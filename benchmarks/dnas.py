@@ -115,8 +115,10 @@ TASKS = {
         "epochs). Each granularity under FLASH budgets and under energy budgets (the MPIC model's estimate "
         "of one inference; its uniform 8-bit model: 129.3 uJ, 2-bit: 108.7 uJ); channel-wise pruning ties "
         "the channels of a residual add across its branches. Variant rows (`--variants`): `prune=false`, channel-wise "
-        "without the 0-bit candidate; `logits_lr=0.01`, the logits' optimiser 5x slower. Columns as in the LeNet-5 "
-        "table.",
+        "without the 0-bit candidate; `logits_lr=0.01`, the logits' optimiser 5x slower; `prune_prior=2`, the 0-bit "
+        "logit starts 2 below the others (with equal logits Adam's first step prunes every channel whose narrowest "
+        "width costs more than the expectation); `logits_on=argmax`, the logits trained on the argmax model "
+        "(straight-through) instead of the softmax mixture. Columns as in the LeNet-5 table.",
         dict(model="resnet8", data="cifar10", target="mpic", float_epochs=30, qat_epochs=4, budget_epochs=1,
              batch_size=64, lr=2e-3, qat_lr=5e-4, weight_decay=0.01, optimizer="adamw"),
         _budgets("per-channel", "flash", "40KiB", "24KiB", "16KiB")
@@ -124,6 +126,9 @@ TASKS = {
         # variants: is it the pruning that costs channel-wise accuracy here, or logits that move too fast?
         + _budgets("per-channel", "flash", "40KiB", "24KiB", prune="false")
         + _budgets("per-channel", "flash", "40KiB", "24KiB", logits_lr="0.01")
+        # the 0-bit logit started below the others: no pruning before the loss can answer
+        + _budgets("per-channel", "flash", "40KiB", "24KiB", "16KiB", prune_prior="2")
+        + _budgets("per-channel", "flash", "40KiB", prune_prior="2", logits_on="argmax")
         + _budgets("per-channel", "energy", "110", "90", "70")
         + _budgets("per-tensor", "energy", "125", "118", "112"),
         ROOT / "runs" / "bench-dnas-resnet8"),
@@ -203,19 +208,25 @@ def savings(channel: list[dict], layer: list[dict], key: str) -> list[str]:
 
 
 def equal_accuracy(task: Task, runs: Path) -> list[str]:
-    """A line under the table: channel-wise against layer-wise at equal accuracy, FLASH and energy."""
+    """Lines under the table: channel-wise (the default, then each variant's rows) against
+    layer-wise at equal accuracy, FLASH and energy; a variant against layer-wise with the same
+    options where the table has them, else against the default's."""
     found = {}
     for b in task.budgets:
         path = task.run_dir(runs, b) / "result.json"
-        if path.exists() and not b.options:
-            found.setdefault(b.granularity, []).append(json.loads(path.read_text()))
-    if len(found) < 2:
-        return []
-    channel, layer = found["per-channel"], found["per-tensor"]
-    parts = [f"{label} {', '.join(savings(channel, layer, key))}" for label, key in (("FLASH", "flash_bytes"),
-                                                                                  ("energy", "energy_uj"))]
-    return ["", "Channel-wise against layer-wise at equal accuracy (for each layer-wise row, the cheapest channel-wise "
-            "row at least as accurate), measured on the rows above: " + "; ".join(parts) + "."]
+        if path.exists():
+            found.setdefault((b.granularity, b.options), []).append(json.loads(path.read_text()))
+    lines = []
+    for (granularity, options), channel in found.items():
+        layer = found.get(("per-tensor", options)) or found.get(("per-tensor", ()))
+        if granularity != "per-channel" or not layer or len(channel) < 2:  # a single variant row is no front
+            continue
+        parts = [f"{label} {', '.join(savings(channel, layer, key))}" for label, key in (("FLASH", "flash_bytes"),
+                                                                                      ("energy", "energy_uj"))]
+        which = "Channel-wise" + (f" ({' '.join(f'{k}={v}' for k, v in options)})" if options else "")
+        lines += ["", f"{which} against layer-wise at equal accuracy (for each layer-wise row, the cheapest channel-wise "
+                  "row at least as accurate), measured on the rows above: " + "; ".join(parts) + "."]
+    return lines
 
 
 def table(args) -> None:

@@ -61,13 +61,20 @@ def test_hard_training_forward_is_the_argmax_model_and_gates_pruned_channels_who
         q.alpha.copy_(torch.randn(q.alpha.shape, generator=torch.Generator().manual_seed(2)))
         q.alpha[0, 0] += 5.0  # channel 0 pruned
     q.train()
-    q.set_hard(True)
+    q.set_forward("argmax")
     fixed, kept = q.freeze(w)
     assert torch.equal(q(w), fixed(kept))
     gate = q.output_gate()  # the draw of the forward before: the argmax's
     assert torch.equal(gate, (~q.pruned()).float()) and float(gate[0]) == 0.0
-    q.set_hard(False)
+    q.set_forward("straight-through")  # the same forward, and the softmax's gradient to the logits
+    out = q(w)
+    assert torch.equal(out, fixed(kept))
+    out.sum().backward()
+    assert q.alpha.grad is not None and bool((q.alpha.grad != 0).any())
+    q.set_forward("mixture")
     assert not torch.equal(q(w), fixed(kept))  # the softmax mixture again
+    with pytest.raises(ValueError):
+        q.set_forward("sample")
 
 
 def test_per_layer_logits_are_one_group_and_never_prune():

@@ -88,6 +88,35 @@ def test_candidates_are_the_targets_widths_and_prune_only_where_allowed(name, ta
     assert all(0 not in q.widths for q in supernet_quantizers(unpruned).values())
 
 
+def test_the_0_bit_logit_starts_prune_prior_below_the_others():
+    for prior in (0.0, 2.0):
+        qm, _ = _supernet("residual", prune_prior=prior)
+        for q in supernet_quantizers(qm).values():
+            start = torch.zeros(q.alpha.shape)
+            if q.prunes:
+                start[:, 0] = -prior
+            assert torch.equal(q.alpha.detach(), start)
+            assert bool((q.bits() == max(q.widths)).all())  # the search starts from the widest model
+
+
+def test_with_a_prior_the_cost_alone_takes_the_narrowest_width_before_pruning():
+    """Adam moves every logit at one pace whatever its gradient's size: from equal logits the first
+    step already prunes wherever the narrowest width costs more than the expectation (small layers,
+    their bias included); with the prior the search starts unpruned, and pruning still comes once
+    the cost keeps pushing."""
+    qm, _ = _supernet("residual", prune_prior=2.0)
+    costs = SupernetCost(qm, load_target("mpic"))
+    opt = torch.optim.Adam([q.alpha for q in choices(qm)], lr=0.05)
+    pruned_by_step = []
+    for _ in range(200):
+        costs.clear()
+        opt.zero_grad()
+        costs.expected()["flash_bytes"].backward()
+        opt.step()
+        pruned_by_step.append(sum(int(q.pruned().sum()) for q in supernet_quantizers(qm).values() if q.prunes))
+    assert pruned_by_step[:5] == [0] * 5 and pruned_by_step[-1] > 0
+
+
 @pytest.mark.parametrize("acts", ["fixed", "search"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_eval_of_the_supernet_is_its_frozen_argmax_model(name, acts):
@@ -215,7 +244,7 @@ def test_options_are_checked():
     assert parse_options(DnasOptions, {"cost": "flash,energy", "lam": "0.1,1", "gumbel": "true"}, "dnas").gumbel
     for bad in ({"cost": "ram_in_out"}, {"cost": "flash", "lam": "1,2"}, {"lam": "-1"}, {"search_split": "1"},
                 {"t_start": "0"}, {"range_rule": "pow2"}, {"beta": "1"}, {"acts": "pact"},
-                {"weights_on": "sample"}):
+                {"weights_on": "sample"}, {"prune_prior": "-1"}, {"logits_on": "sample"}):
         with pytest.raises(ValueError):
             parse_options(DnasOptions, bad, "dnas")
 

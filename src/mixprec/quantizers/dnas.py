@@ -30,6 +30,7 @@ from .base import Frozen, LearnedQuantizer, QParams, ceil_ste, fake_quant, needs
 from .fixed import RANGE_RULES, FixedWeightQuantizer, freeze_learned_act, settled_step
 
 GRANULARITIES = ("per-channel", "per-tensor")
+FORWARD_MODES = ("mixture", "argmax", "straight-through")
 
 
 class _Choice(LearnedQuantizer):
@@ -40,27 +41,37 @@ class _Choice(LearnedQuantizer):
         if len(set(self.widths)) != len(self.widths) or not any(w > 0 for w in self.widths):
             raise ValueError(f"candidate widths {self.widths}: distinct, at least one above 0")
         self.gumbel = bool(gumbel)
-        self.hard = False  # training forwards take the argmax candidate alone (set_hard)
+        self.forward_mode = "mixture"  # what training forwards weigh the candidates by (set_forward)
         self.alpha = nn.Parameter(torch.zeros(groups, len(self.widths)))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def set_temperature(self, t: float) -> None:
         self.temperature.fill_(float(t))
 
-    def set_hard(self, on: bool) -> None:
-        """Make training forwards the argmax model's (one-hot, no gradient to the logits), for
-        training the weights the search would return now."""
-        self.hard = bool(on)
+    def set_forward(self, mode: str) -> None:
+        """What training forwards weigh the candidates by: ``mixture`` (the softmax, or a Gumbel
+        draw), ``argmax`` (one-hot, no gradient to the logits: to train the weights of the model the
+        search would return now) or ``straight-through`` (the argmax one-hot forward, the softmax's
+        gradient to the logits: each logit learns what its candidate would change in the argmax
+        model, not in a mixture no width choice gives)."""
+        if mode not in FORWARD_MODES:
+            raise ValueError(f"forward mode {mode!r}: choose one of {', '.join(FORWARD_MODES)}")
+        self.forward_mode = mode
 
     def probabilities(self) -> torch.Tensor:
         """(G, P) softmax of ``alpha / T``: what the expected cost weighs."""
         return torch.softmax(self.alpha / self.temperature, dim=1)
 
     def mixture(self) -> torch.Tensor:
-        """The weights of one training forward: the probabilities, a hard Gumbel-softmax draw, or
-        (``hard``) the argmax one-hot."""
-        if self.hard:
-            return F.one_hot(self.choice(), len(self.widths)).to(self.alpha.dtype)
+        """The weights of one training forward (``set_forward``): the probabilities or a hard
+        Gumbel-softmax draw, or the argmax one-hot (with the probabilities' gradient when
+        straight-through)."""
+        if self.forward_mode != "mixture":
+            one_hot = F.one_hot(self.choice(), len(self.widths)).to(self.alpha.dtype)
+            if self.forward_mode == "argmax":
+                return one_hot
+            p = self.probabilities()
+            return one_hot + (p - p.detach())
         if self.gumbel:
             return F.gumbel_softmax(self.alpha, tau=float(self.temperature), hard=True, dim=1)
         return self.probabilities()
