@@ -114,3 +114,20 @@ def test_non_interactive_run_logs_plain_lines_and_quiet_silences_them(tmp_path):
     assert "epoch 0 loss" in plain.stderr and "samples/s" in plain.stderr and "\r" not in plain.stderr
     quiet = subprocess.run(args + ["--out", str(tmp_path / "b"), "--quiet"], capture_output=True, text=True)
     assert quiet.returncode == 0 and "epoch 0" not in quiet.stderr
+
+
+def test_rl_flags_are_its_options_and_other_methods_refuse_them(tmp_path, monkeypatch):
+    import mixprec.search
+
+    seen = []
+    monkeypatch.setattr(mixprec.search, "run_search", lambda cfg, out, **kw: seen.append(cfg))
+    common = ["search", "--model", "digits-cnn", "--data", "digits", "--target", "cortex-m7", "--out", str(tmp_path / "r")]
+    res = runner.invoke(app, common + ["--method", "rl", "--episodes", "30", "--executor", "ray", "--workers", "2",
+                                       "--ray-address", "auto", "-o", "warmup=5"])
+    assert res.exit_code == 0, res.output
+    assert seen[0].options == {"warmup": "5", "episodes": "30", "executor": "ray", "workers": "2", "ray_address": "auto"}
+    other = runner.invoke(app, common + ["--method", "dnas", "--episodes", "30"])
+    assert other.exit_code == 2 and "--episodes is an option of --method rl, not of --method dnas" in other.output
+    both = runner.invoke(app, common + ["--method", "rl", "--workers", "2", "-o", "workers=3"])
+    assert both.exit_code == 2 and "both given" in both.output
+    assert len(seen) == 1 and not (tmp_path / "r").exists()

@@ -141,6 +141,12 @@ def search(model: str = typer.Option(..., help="registered model name or package
            method: str = typer.Option("uniform", help="search method (`mixprec methods` lists them and their options)"),
            option: list[str] = typer.Option([], "--option", "-o",
                                             help="method option KEY=VALUE (repeatable), e.g. -o cost=ebops -o beta=0.1"),
+           episodes: Optional[int] = typer.Option(None, help="rl: episodes of the search (-o episodes)"),
+           executor: Optional[str] = typer.Option(None, help="rl: where candidates are evaluated: local, process "
+                                                  "or ray (-o executor)"),
+           workers: Optional[int] = typer.Option(None, help="rl: candidates evaluated at once (-o workers)"),
+           ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                                     help="rl: an existing Ray cluster (-o ray_address)"),
            float_from: Optional[str] = typer.Option(None, "--float-from",
                                                     help="start from this run's float model instead of training one"),
            bits: Optional[int] = typer.Option(None, help="weight bits (default: widest that fits the budget)"),
@@ -175,7 +181,9 @@ def search(model: str = typer.Option(..., help="registered model name or package
     """
     given = locals()
     ram, ram_in_out = _ram_limits(ram, ram_in_out, ram_model)
-    _run(_config_fields(given, weight_granularity=granularity, options=_options(option),
+    options = _with_flags(method, _options(option), episodes=episodes, executor=executor, workers=workers,
+                          ray_address=ray_address)
+    _run(_config_fields(given, weight_granularity=granularity, options=options,
                         budget=_budget(flash=flash, ram=ram, ram_in_out=ram_in_out, bops=bops, ebops=ebops,
                                        energy_uj=energy_uj, latency_cycles=latency_cycles)),
          out, quiet, verbose, resume, device)
@@ -212,6 +220,35 @@ def _options(items: list[str]) -> dict:
         if not sep or not key:
             _fail(ValueError(f"--option {item!r}: write KEY=VALUE, e.g. --option beta=0.1"))
         out[key.strip()] = value.strip()
+    return out
+
+
+def _with_flags(method: str, options: dict, **flags) -> dict:
+    """The method options that have their own flag (``--episodes`` is ``-o episodes``), checked
+    against the method's options: a flag the method does not take, or given both ways, is refused."""
+    from dataclasses import fields
+
+    from .search.methods import get_method, method_names
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return options
+    if method not in method_names():
+        return options  # the run names the unknown method
+
+    def takes(name: str) -> set[str]:
+        m = get_method(name)
+        return {f.name for f in fields(m.options)} if m.options is not None else set()
+
+    out = dict(options)
+    for key, value in given.items():
+        flag = "--" + key.replace("_", "-")
+        if key not in takes(method):
+            owners = " or ".join(f"--method {n}" for n in method_names() if key in takes(n))
+            _fail(ValueError(f"{flag} is an option of {owners}, not of --method {method}"))
+        if key in options:
+            _fail(ValueError(f"{flag} and -o {key}=... both given: give one"))
+        out[key] = str(value)
     return out
 
 
