@@ -106,6 +106,25 @@ def test_residual_padded_maxpool_and_average_pool_are_exact(tmp_path):
     assert "pads max pooling" in notes and "per-channel weight scales" in notes
 
 
+@pytest.mark.parametrize("shape", [(1, 6, 6), (2, 3, 5)])
+def test_mlp_on_an_image_input_is_exact(tmp_path, shape):
+    """hls4ml's channels-last conversion used to reorder the first dense layer's weights for a
+    flattened image input as if rows and columns were swapped: the input now arrives flat."""
+    from mixprec.convert import convert
+
+    torch.manual_seed(2)
+    n = int(np.prod(shape))
+    mlp = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(n, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    qm = convert(mlp, shape, "fixed", 8, 8, "per-channel", "per-tensor")
+    xs = torch.randn(200, *shape)
+    qm.calibrate([xs[:64]])
+    qm.eval()
+    ig = qm.lower()
+    exporter = get_exporter("hls4ml")
+    artifact = exporter.export(ExportInput(tmp_path, ig, qm, None, shape, xs[:8].numpy()), tmp_path / "hls4ml")
+    assert np.array_equal(exporter.run(artifact, xs.numpy()), reference(ig, xs.numpy()))
+
+
 class _Named(torch.nn.Module):
     """Layer names hls4ml (torch.fx) would not keep: upper case, dotted, escaping alike."""
 
