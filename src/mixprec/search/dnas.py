@@ -29,7 +29,8 @@ the same amount whatever its gradient's size, so a channel whose narrowest width
 the expectation (a small layer's, its bias counted) is pruned by the very first step, before the
 loss can answer. ``prune_prior`` starts the 0-bit logit that far below the others: pruning then
 comes only once the cost keeps pushing (ResNet-8 / CIFAR-10 under 40 KiB: 19% of the channels
-pruned and 76.4% with 0, 10% and 78.9% with 2; docs/benchmarks.md).
+pruned and 76.4% with 0, 10% and 78.9% with 2; under 24 KiB, where the budget itself forces the
+cuts, no gain; docs/benchmarks.md).
 """
 from __future__ import annotations
 
