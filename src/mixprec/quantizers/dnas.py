@@ -5,7 +5,9 @@ Training forward: ``W_hat[g] = sum_p softmax(alpha[g] / T)_p * Q_p(W[g])``, ``Q_
 quantizer at ``p`` bits (straight-through rounding, its grid from the float weight by its range
 rule) and ``Q_0 = 0``: a channel at 0 bits is pruned, and ``output_gate`` scales its bias by
 ``1 - P(0 bits)`` so it goes whole. With ``gumbel`` each training forward draws a hard one-hot
-sample (Gumbel-softmax, straight-through to the logits) instead.
+sample (Gumbel-softmax, straight-through to the logits) instead. ``set_forward`` makes training
+forwards the argmax model's instead: without a gradient to the logits (to train the weights), or
+straight-through (the logits learn from the argmax model).
 
 Everything else is the argmax model: ``bits()`` the argmax width per group, ``qparams``/``freeze``
 the fixed quantizer at those bits (the grid its candidate used in training, so ``eval()`` of a
