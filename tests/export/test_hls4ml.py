@@ -125,6 +125,63 @@ def test_mlp_on_an_image_input_is_exact(tmp_path, shape):
     assert np.array_equal(exporter.run(artifact, xs.numpy()), reference(ig, xs.numpy()))
 
 
+def _per_element(model, shape, seed, **act_bits):
+    """``model`` converted with random per-element weight and activation bits (0 = pruned), the input's
+    from 1 bit up and the output's from 4, those of ``act_bits`` (node: bits) as given; calibrated."""
+    from mixprec.convert import convert
+    from mixprec.graph.convert import trace
+    from mixprec.graph.ir import REQUANTIZING_OPS
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    graph, _ = trace(model, shape)
+    bits = lambda s, lo: torch.from_numpy(rng.integers(lo, 8, size=s)).float()  # noqa: E731
+    last = graph.weighted()[-1].name
+    act = {n.name: bits(n.out_shape, {"input": 1, last: 4}.get(n.name, 0)) for n in graph if n.op in REQUANTIZING_OPS}
+    act.update({name: torch.as_tensor(b, dtype=torch.float32).expand(graph[name].out_shape).clone()
+                for name, b in act_bits.items()})
+    weight = {n.name: bits(n.weight_shape, 0) for n in graph.weighted()}
+    qm = convert(model, shape, "fixed", weight, act, "per-element", "per-element")
+    qm.calibrate([torch.randn(64, *shape) * 1.5])
+    qm.eval()
+    return qm
+
+
+@pytest.mark.parametrize("model,shape", [
+    (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)), (1, 3, 4)),
+    (_Residual(), (2, 8, 8))], ids=["mlp-on-image", "residual-cnn"])
+def test_per_element_precision_is_exact(tmp_path, model, shape):
+    """Per-element grids of the input and of every activation (0-bit elements included) and
+    per-element weight bits: hls4ml's FixedPointQuantizer layers round every element once, onto its
+    own grid, as the reference does, also on inputs that lie exactly halfway between grid points."""
+    qm = _per_element(model, shape, 5)
+    ig = qm.lower()
+    assert np.unique(np.asarray(ig["input"].grid.bits)).size > 1
+    xs = (torch.randn(200, *shape) * 1.5).numpy()
+    step = np.broadcast_to(np.asarray(ig["input"].grid.elem_scale), shape)
+    ties = ((np.round(xs[:100] / step) + 0.5) * step).astype(np.float32)
+    xs = np.concatenate([xs, ties])
+    exporter = get_exporter("hls4ml")
+    artifact = exporter.export(ExportInput(tmp_path, ig, qm, None, shape, xs[:8]), tmp_path / "hls4ml")
+    assert any("FixedPointQuantizer" in note for note in artifact.notes)
+    out, ints = exporter.run(artifact, xs, keep=True)
+    ref, env = reference(ig, xs, keep=True)
+    assert np.array_equal(out, ref)
+    assert set(ints) >= {n.name for n in ig.nodes if n.grid is not None}
+    assert all(np.array_equal(v.reshape(env[n].shape), env[n]) for n, v in ints.items())
+
+
+def test_per_element_clamps_other_than_the_type_range_are_refused(tmp_path):
+    """ReLU6 at 7 bits clamps inside the element types' range: no ap_fixed saturation reproduces it."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.ReLU6(), torch.nn.Linear(6, 3))
+    with torch.no_grad():
+        model[1].weight.mul_(50.0)  # outputs well past 6: the clamp binds
+    qm = _per_element(model, (12,), 2, **{"1": [7, 7, 7, 7, 7, 6]})
+    inp = ExportInput(tmp_path, qm.lower(), qm, None, (12,), np.zeros((1, 12), np.float32))
+    with pytest.raises(ExportError, match="per-element clamps"):
+        get_exporter("hls4ml").export(inp, tmp_path / "hls4ml")
+
+
 class _Named(torch.nn.Module):
     """Layer names hls4ml (torch.fx) would not keep: upper case, dotted, escaping alike."""
 

@@ -20,9 +20,12 @@ hls4ml 1.3 pads max pooling with the bit pattern ``x[width-1] = 1``, the most ne
 signed type but a large positive one of an unsigned type: a tensor a padded max pooling reads is
 carried in a signed type one bit wider (same values and saturation; noted in the artifact).
 
-Not expressible, hence ``ExportError``: ``scaled`` numerics (integer multiplier + shift per
-channel), per-element activation precision (one type per layer), clamps other than ReLU / the
-type's own range (ReLU6, Hardtanh), grouped or dilated and 1-D convolutions. What hls4ml stores
+A tensor with per-element (or per-channel) grids, the input included, goes through hls4ml's
+``FixedPointQuantizer`` layer (``hls4ml_elements``): the producing layer keeps its exact result and
+the quantizer rounds every element once onto its own grid (the input: from a port type wide enough
+that truncating a double to it changes no rounding). Not expressible, hence ``ExportError``:
+``scaled`` numerics (integer multiplier + shift per channel), clamps other than ReLU / the type's
+own range (ReLU6, Hardtanh where they bind), grouped or dilated and 1-D convolutions. What hls4ml stores
 differently but exactly is noted: its PyTorch converter takes one type per layer and role, so
 weights of channels with different scales or widths share the layer's widest type.
 
@@ -53,6 +56,7 @@ from torch import nn
 from ..lower import IntGraph, IntNode
 from ..numerics import bits_for_range, qrange
 from .base import Artifact, ExportError, ExportInput
+from .hls4ml_elements import element_masks, element_quantizer, register, wide_input_frac
 from .names import identifiers
 
 log = logging.getLogger(__name__)
@@ -100,24 +104,27 @@ class _RealNet(nn.Module):
     """The integer program in real values: conv/linear with on-grid weights, ReLU, pooling, add.
     Its modules are registered under their hls4ml layer names (:func:`_layer_keys`)."""
 
-    def __init__(self, ig: IntGraph, layers: dict[str, nn.Module], names: dict[str, str], relus: dict[str, str]):
+    def __init__(self, ig: IntGraph, layers: dict[str, nn.Module], names: dict[str, str], relus: dict[str, str],
+                 quants: dict[str, str]):
         super().__init__()
-        self.order = [(n.name, n.op, list(n.inputs), names.get(n.name), relus.get(n.name)) for n in ig.nodes]
+        self.order = [(n.name, n.op, list(n.inputs), names.get(n.name), relus.get(n.name), quants.get(n.name))
+                      for n in ig.nodes]
         self.output = ig.output
         for key, module in layers.items():
             self.add_module(key, module)
 
     def forward(self, x):
         env = {}
-        for name, op, inputs, key, relu in self.order:
+        for name, op, inputs, key, relu, quant in self.order:
             if op == "input":
-                env[name] = x
-                continue
-            if key is None:  # a flatten of a flat input
-                env[name] = env[inputs[0]]
-                continue
-            y = env[inputs[0]] + env[inputs[1]] if op == "add" else getattr(self, key)(env[inputs[0]])
-            env[name] = getattr(self, relu)(y) if relu else y
+                y = x
+            elif key is None:  # a flatten of a flat input
+                y = env[inputs[0]]
+            else:
+                y = env[inputs[0]] + env[inputs[1]] if op == "add" else getattr(self, key)(env[inputs[0]])
+            if relu:
+                y = getattr(self, relu)(y)
+            env[name] = getattr(self, quant)(y) if quant else y
         return env[self.output]
 
 
@@ -133,6 +140,8 @@ def _layer_keys(ig: IntGraph) -> dict:
             texts[n.name] = n.name
         if n.op in ("conv", "linear", "add"):
             texts[(n.name, "relu")] = f"{n.name}_relu"
+        if n.grid is not None:
+            texts[(n.name, "quant")] = f"{n.name}_quant"
     n_adds = sum(n.op == "add" for n in ig.nodes)
     reserved = (set(keyword.kwlist) | set(dir(builtins)) | set(dir(_RealNet)) | {"order", "output", "x", "add"}
                 | {f"add_{i}" for i in range(1, n_adds + 1)})
@@ -151,9 +160,13 @@ def _out_tensor(node: IntNode) -> _Tensor:
     return _Tensor(_frac(g.scale, node.name), int(lo[0]), int(hi[0]), g.signed, bits)
 
 
+def _activation(node: IntNode) -> str:
+    return node.attrs.get("activation", "identity")
+
+
 def _check_activation(node: IntNode, t: _Tensor) -> str:
     """The hls4ml activation that, with the saturating output type, reproduces the clamp."""
-    act = node.attrs.get("activation", "identity")
+    act = _activation(node)
     qlo, qhi = qrange(t.bits, t.signed)
     if act == "identity" and (t.lo, t.hi) == (qlo, qhi):
         return "identity"
@@ -182,6 +195,8 @@ def _plan(ig: IntGraph):
     layers: dict[str, nn.Module] = {}
     names: dict[str, str] = {}
     relus: dict[str, str] = {}  # our node -> its ReLU layer's name
+    quants: dict[str, str] = {}  # our node -> its per-element quantizer layer's name
+    wide: list[_Tensor] = []  # a per-element input's port type
     keys = _layer_keys(ig)
     precision: dict[str, dict[str, str]] = {}  # hls4ml layer name -> {role: type}
     node_layer: dict[str, str] = {}  # our node -> hls4ml layer holding its output
@@ -204,10 +219,44 @@ def _plan(ig: IntGraph):
                      f"grid): hls4ml 1.3 pads max pooling of unsigned types with a large positive value")
         return _Tensor(t.frac, t.lo, t.hi, True, t.bits + 1)
 
+    def per_element(node: IntNode, exact: _Tensor, relu: bool, rounding: str) -> _Tensor | None:
+        """Where ``node``'s output has per-element grids: its layer keeps the ``exact`` result
+        (after the ReLU, if any), and a per-element quantizer layer casts every element onto its own
+        grid, into the tensor's common type. None where one type holds the tensor."""
+        masks = element_masks(node, relu)
+        if masks is None:
+            return None
+        qkey = quants[node.name] = keys[(node.name, "quant")]
+        layers[qkey] = element_quantizer(masks, rounding, flat=node.name in flat or len(node.out_shape) == 1)
+        g = node.grid
+        shift = 0 if g.post_shift is None else np.broadcast_to(np.asarray(g.post_shift, np.int64), node.out_shape)
+        lo = int((np.broadcast_to(np.asarray(g.lo, np.int64), node.out_shape) << shift).min())
+        hi = int((np.broadcast_to(np.asarray(g.hi, np.int64), node.out_shape) << shift).max())
+        common = carry(node, _Tensor(_frac(g.scale, node.name), lo, hi, g.signed), relu=True)
+        precision[qkey] = {"result": common.type()}
+        if relu:
+            relu_key = relus[node.name] = keys[(node.name, "relu")]
+            layers[relu_key] = nn.ReLU()
+            precision[relu_key] = {"result": exact.type()}
+        node_layer[node.name] = qkey
+        tensors[node.name] = common
+        notes.append(f"{node.name}: per-element precision through hls4ml's FixedPointQuantizer layer {qkey!r} "
+                     f"(io_parallel)")
+        return common
+
     for node in ig.nodes:
         key = keys.get(node.name)
         op = node.op
         if op == "input":
+            masks = element_masks(node, relu=False)
+            if masks is not None:  # a port wide enough for one exact rounding per element (wide_input_frac)
+                k, b, i = masks
+                frac = wide_input_frac((b - i)[b > 0])
+                port = _Tensor(frac, 0, 0, True, bits=int(i.max()) + 1 + frac)
+                wide.append(port)
+                precision["x"] = {"result": port.type("AP_TRN", "AP_SAT")}
+                per_element(node, port, relu=False, rounding="RND_CONV")
+                continue
             t = carry(node, _out_tensor(node), relu=False)
             tensors[node.name] = t
             precision["x"] = {"result": t.type("AP_RND_CONV", "AP_SAT")}
@@ -215,9 +264,6 @@ def _plan(ig: IntGraph):
         names[node.name] = key
         if op in ("conv", "linear"):
             t_in = tensors[node.inputs[0]]
-            t_out = _out_tensor(node)
-            act = _check_activation(node, t_out)
-            t_out = carry(node, t_out, act == "relu")
             w_int = np.asarray(node.params["weight"], dtype=np.int64)
             c_out = w_int.shape[0]
             acc_scale = np.asarray(node.params["acc_scale"], dtype=np.float64).reshape(-1)
@@ -252,24 +298,29 @@ def _plan(ig: IntGraph):
                 m.weight.copy_(torch.from_numpy(w_real.astype(np.float32)))
                 m.bias.copy_(torch.from_numpy(b_real.astype(np.float32)))
             layers[key] = m
-            prec = {"weight": w_t.type(), "bias": b_t.type(), "accum": acc_t.type()}
+            precision[key] = {"weight": w_t.type(), "bias": b_t.type(), "accum": acc_t.type()}
+            if len(set(f_c.tolist())) > 1 or w_t.bits > 16:
+                notes.append(f"{node.name}: per-channel weight scales 2^-{f_c.min()}..2^-{f_c.max()} share one "
+                             f"hls4ml weight type {w_t.type()} ({w_t.bits} bits per weight in hls4ml's storage; "
+                             f"values exact)")
+            if per_element(node, acc_t, _activation(node) == "relu", "RND") is not None:
+                precision[key]["result"] = acc_t.type()  # exact: every element rounds in its quantizer
+                continue
+            t_out = _out_tensor(node)
+            act = _check_activation(node, t_out)
+            t_out = carry(node, t_out, act == "relu")
             if act == "relu":
                 shift = f_acc - t_out.frac
                 r = -(-acc_bound // (1 << shift)) + 1 if shift >= 0 else acc_bound << -shift
-                prec["result"] = _Tensor(t_out.frac, -r, r, True).type("AP_RND", "AP_SAT")
+                precision[key]["result"] = _Tensor(t_out.frac, -r, r, True).type("AP_RND", "AP_SAT")
                 relu = relus[node.name] = keys[(node.name, "relu")]
                 layers[relu] = nn.ReLU()
                 precision[relu] = {"result": t_out.type("AP_RND", "AP_SAT")}
                 node_layer[node.name] = relu
             else:
-                prec["result"] = t_out.type("AP_RND", "AP_SAT")
+                precision[key]["result"] = t_out.type("AP_RND", "AP_SAT")
                 node_layer[node.name] = key
-            precision[key] = prec
             tensors[node.name] = t_out
-            if len(set(f_c.tolist())) > 1 or w_t.bits > 16:
-                notes.append(f"{node.name}: per-channel weight scales 2^-{f_c.min()}..2^-{f_c.max()} share one "
-                             f"hls4ml weight type {w_t.type()} ({w_t.bits} bits per weight in hls4ml's storage; "
-                             f"values exact)")
         elif op == "maxpool":
             a = node.attrs
             if a["dims"] != 2:
@@ -303,11 +354,15 @@ def _plan(ig: IntGraph):
             node_layer[node.name] = key
         elif op == "add":
             ta, tb = (tensors[i] for i in node.inputs)
+            f = max(ta.frac, tb.frac)
+            bound = (ta.max_abs << (f - ta.frac)) + (tb.max_abs << (f - tb.frac))
+            exact = _Tensor(f, -bound, bound, True)
+            if per_element(node, exact, _activation(node) == "relu", "RND") is not None:
+                precision[key] = {"result": exact.type()}
+                continue
             t_out = _out_tensor(node)
             act = _check_activation(node, t_out)
             t_out = carry(node, t_out, act == "relu")
-            f = max(ta.frac, tb.frac)
-            bound = (ta.max_abs << (f - ta.frac)) + (tb.max_abs << (f - tb.frac))
             if act == "relu":
                 shift = f - t_out.frac
                 r = -(-bound // (1 << shift)) + 1 if shift >= 0 else bound << -shift
@@ -320,6 +375,12 @@ def _plan(ig: IntGraph):
                 precision[key] = {"result": t_out.type("AP_RND", "AP_SAT")}
                 node_layer[node.name] = key
             tensors[node.name] = t_out
+        elif op == "act" and element_masks(node, _activation(node) == "relu") is not None:
+            if _activation(node) != "relu":
+                raise ExportError(f"node {node.name!r}: a standalone {_activation(node)!r} requantization has no "
+                                  f"hls4ml layer")
+            names[node.name] = None  # the ReLU and the quantizer do it all
+            per_element(node, tensors[node.inputs[0]], True, "RND")
         elif op == "act":
             t_out = _out_tensor(node)
             act = _check_activation(node, t_out)
@@ -332,7 +393,8 @@ def _plan(ig: IntGraph):
             node_layer[node.name] = key
         else:
             raise ExportError(f"node {node.name!r}: op {op!r} has no hls4ml export")
-    return layers, names, relus, precision, node_layer, tensors, notes
+    tensors.update({f"(port {i})": t for i, t in enumerate(wide)})  # for _default_type
+    return layers, names, relus, quants, precision, node_layer, tensors, notes
 
 
 def _name_adds(model: nn.Module, ig: IntGraph, names: dict, precision: dict, node_layer: dict) -> None:
@@ -463,8 +525,9 @@ class Hls4mlExporter:
         ig: IntGraph = inp.graph
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        layers, names, relus, precision, node_layer, tensors, notes = _plan(ig)
-        model = _RealNet(ig, layers, names, relus).eval()
+        layers, names, relus, quants, precision, node_layer, tensors, notes = _plan(ig)
+        register()
+        model = _RealNet(ig, layers, names, relus, quants).eval()
         _name_adds(model, ig, names, precision, node_layer)
         t0 = time.perf_counter()
         input_shape = (int(np.prod(inp.input_shape)),) if flat_inputs(ig) else tuple(inp.input_shape)
@@ -472,6 +535,7 @@ class Hls4mlExporter:
             config = hls4ml.utils.config_from_pytorch_model(
                 model, input_shape, granularity="name", backend=BACKEND,
                 default_precision=_default_type(tensors), channels_last_conversion="full", transpose_outputs=False)
+        config["Model"]["BitExact"] = False  # our types are exact by construction: no re-derivation
         layer_cfg = config["LayerName"]
         missing = [k for k in precision if k not in layer_cfg]
         if missing:
