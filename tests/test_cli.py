@@ -23,6 +23,23 @@ def test_cost_json_matches_hand_count_of_weight_bytes():
     assert totals["macs"] == 16 * 64 + 64 * 32 + 32 * 32 + 32 * 5
 
 
+def test_cost_ebops_are_the_ones_a_run_reports(tmp_path, digits_float):
+    """One EBOPs: ``mixprec cost`` counts the model's own weights as quantized, as result.json does
+    (a weight that rounds to 0 costs nothing); every weight at its full width is ``ebops_nominal``."""
+    from mixprec.search import RunConfig, run_search
+
+    res = runner.invoke(app, ["cost", "--model", "jet-mlp", "--target", "fpga-hls4ml", "--bits", "8", "--json"])
+    totals = json.loads(res.output)["totals"]
+    full = (16 * 64 + 64 * 32 + 32 * 32 + 32 * 5) * 8 * 8
+    assert totals["ebops_nominal"] == full and 0 < totals["ebops"] < full
+    out = tmp_path / "u8"
+    result = run_search(RunConfig(model="digits-cnn", data="digits", target="fpga-hls4ml", bits=8, qat_epochs=1,
+                                  budget_epochs=0, float_from=str(digits_float)), out)
+    res = runner.invoke(app, ["cost", "--from", str(out), "--json"])
+    totals = json.loads(res.output)["totals"]
+    assert totals["ebops"] == result["cost"]["ebops"] < totals["ebops_nominal"] == result["cost_detail"]["ebops_nominal"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--flash", "12KB"], "ambiguous"),
     (["--flash", "twelve"], "size"),

@@ -260,9 +260,11 @@ def cost(model: Optional[str] = typer.Option(None, help="registered model or pac
          input_shape: Optional[str] = typer.Option(None, help="e.g. 3,224,224 (default: the model's)"),
          from_run: Optional[Path] = typer.Option(None, "--from", help="a run directory"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
-    """Per-layer and total cost (FLASH, peak RAM, MACs, BOPs, EBOPs, latency, energy) without training."""
+    """Per-layer and total cost (FLASH, peak RAM, MACs, BOPs, EBOPs, latency, energy) without training.
+    EBOPs count the model's own weights as quantized (ebops_nominal: every weight at its full width)."""
     from .api import assignment, quantize
     from .cost import evaluate, format_table, load_target
+    from .cost.deployed import weight_ebops
 
     try:
         if from_run is not None:
@@ -279,7 +281,7 @@ def cost(model: Optional[str] = typer.Option(None, help="registered model or pac
             shape = tuple(int(s) for s in input_shape.split(",")) if input_shape else model_input_shape(model)
             t = load_target(target)
             qm = quantize(get_model(model), t, shape, bits=bits, act_bits=act_bits or bits, weight_granularity=granularity)
-            report = evaluate(qm.graph, assignment(qm), t)
+            report = weight_ebops(evaluate(qm.graph, assignment(qm), t), qm)  # EBOPs of the model's own weights
     except (ValueError, FileNotFoundError) as exc:
         _fail(exc)
     if as_json:

@@ -54,6 +54,27 @@ def test_mnist_records_its_normalisation(mnist, shared_datasets):
     assert np.array_equal(pre.apply(pixels).astype(np.float32), mnist.x_test.numpy())
 
 
+def test_unit_scale_keeps_pixels_in_0_1_and_records_it(mnist, shared_datasets):
+    unit = load_dataset("mnist[scale=unit, val_size=5000]", shared_datasets, seed=0)
+    pre = unit.preprocessing
+    assert (pre.raw_divisor, pre.mean, pre.std) == (255.0, (0.0,), (1.0,))
+    assert float(unit.x_test.min()) == 0.0 and float(unit.x_test.max()) == 1.0
+    pixels = read_idx(shared_datasets / "mnist" / "t10k-images-idx3-ubyte.gz", 3)[:, None]
+    assert np.array_equal(pre.apply(pixels).astype(np.float32), unit.x_test.numpy())
+    assert torch.equal(unit.y_val, mnist.y_val)  # the same split, only the scaling differs
+
+
+@pytest.mark.parametrize("name, message", [
+    ("mnist[scale=raw]", "choose one of standard, unit"),
+    ("mnist[colour=red]", "no option colour; its options: val_size, scale"),
+    ("mnist[val_size=many]", "val_size='many' must be an integer"),
+    ("mnist[scale]", "is not KEY=VALUE"),
+    ("mnist[scale=unit", "options go in brackets")])
+def test_data_options_are_checked(shared_datasets, name, message):
+    with pytest.raises(DatasetError, match=message.replace("[", r"\[")):
+        load_dataset(name, shared_datasets)
+
+
 def test_mnist_split_is_seeded_and_keeps_the_official_test_set(mnist, shared_datasets):
     again = load_dataset("mnist", shared_datasets, seed=0)
     other = load_dataset("mnist", shared_datasets, seed=1)

@@ -232,6 +232,49 @@ def test_hgq_per_element_on_the_fpga_meets_an_ebops_budget(tmp_path, float_run):
     assert any(b.size > 16 and len(np.unique(b)) > 1 for b in bits)  # per-element, mixed
 
 
+def test_hgq_per_element_on_the_fpga_learns_every_input_feature_and_exports_to_hls4ml(tmp_path, float_run, digits):
+    """The README's FPGA recipe: per-element weights and activations, the input's bits learned per
+    feature by default on the FPGA; hls4ml takes the result and matches the reference everywhere."""
+    pytest.importorskip("hls4ml")
+    from mixprec.export import export_run
+    from mixprec.export.verify import verify_run
+
+    cfg = RunConfig(target="fpga-hls4ml", method="hgq", weight_granularity="per-element", budget={"ebops": "3e4"},
+                    options={"bits_lr": "0.1", "init_bits": "6", "act_init_bits": "6", "act_granularity": "per-element"},
+                    **FAST)
+    result = run_search(cfg, tmp_path / "fpga")
+    assert result["feasible"] and result["reference_mismatches"] == 0
+    _, qm, _ = load_run(tmp_path / "fpga")
+    inp = qm.act_quantizers["input"].bits()
+    assert inp.shape == (1, 8, 8) and len(torch.unique(inp)) > 1  # per feature, learned apart
+    export_run(tmp_path / "fpga", "hls4ml")
+    (row,) = verify_run(tmp_path / "fpga", n_inputs=None, formats=["hls4ml"])  # the whole test set
+    assert row.ok and row.inputs == len(digits.x_test)
+
+
+def test_hgq_learns_the_input_only_where_features_cost_their_own_bits():
+    from mixprec.cost import load_target
+
+    auto = HGQOptions()
+    assert auto.input_setup(load_target("fpga-hls4ml")) == (True, "per-element")
+    assert auto.input_setup(load_target("cortex-m4")) == (False, "per-tensor")  # data comes at one width
+    assert HGQOptions(learn_input="true").input_setup(load_target("cortex-m4")) == (True, "per-tensor")
+    assert HGQOptions(learn_input="false").input_setup(load_target("fpga-hls4ml")) == (False, "per-tensor")
+    with pytest.raises(ValueError, match="learn_input"):
+        HGQOptions(learn_input="yes please")
+
+
+def test_hgq_input_features_may_be_pruned():
+    from mixprec.quantizers.hgq import HGQActQuantizer
+    from mixprec.search.hgq import keep_activations_alive
+
+    q = HGQActQuantizer((3,), "per-element", init_f=-20.0)
+    q.train()
+    q(torch.tensor([[0.5, 3.0, 1.0]]))
+    keep_activations_alive([q], max_bits=8, min_bits=None)
+    assert torch.all(q.bits() == 0.0)  # the network input: a feature at 0 bits is pruned, not revived
+
+
 def test_hgq_keeps_activations_alive():
     from mixprec.quantizers.hgq import HGQActQuantizer
     from mixprec.search.hgq import keep_activations_alive

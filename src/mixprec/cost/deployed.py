@@ -46,15 +46,34 @@ def cost_report(qm: QuantModel, target: str | Target) -> CostReport:
     report = evaluate(qm.graph, a, t)
     try:
         ig = qm.lower()
-    except RuntimeError:  # not calibrated yet: nominal bits only
-        return report
-    rows = _effective_ebops(qm, {n: torch.as_tensor(ig[n].params["weight"]) for n in qm.layers})
+    except RuntimeError:  # not calibrated yet: the EBOPs of the weights on their grids, FLASH from the cost model
+        return weight_ebops(report, qm)
+    _set_ebops(report, _effective_ebops(qm, {n: torch.as_tensor(ig[n].params["weight"]) for n in qm.layers}))
+    _measure_flash_sections(report, ig, qm.graph, a, t)
+    return report
+
+
+@torch.no_grad()
+def weight_ebops(report: CostReport, qm: QuantModel) -> CostReport:
+    """``report`` (of ``qm``'s widths) with ``ebops`` counted on ``qm``'s integer weights, straight from
+    the quantizers' grids (no calibration needed: weight grids come from the weights)."""
+    _set_ebops(report, _effective_ebops(qm, _grid_weights(qm)))
+    return report
+
+
+def _set_ebops(report: CostReport, rows: dict) -> None:
     for row in report.layers:
         if row.name in rows:
             row.ebops = float(rows[row.name])
     report.totals["ebops"] = float(sum(rows.values()))
-    _measure_flash_sections(report, ig, qm.graph, a, t)
-    return report
+
+
+def _grid_weights(qm: QuantModel) -> dict:
+    ints = {}
+    for name, layer in qm.layers.items():
+        w = layer.weight.detach()
+        ints[name] = integer_weights(w, layer.quantizer.qparams(w))[1]
+    return ints
 
 
 def _measure_flash_sections(report: CostReport, ig, graph, a: BitAssignment, t: Target) -> None:
@@ -83,11 +102,7 @@ def _measure_flash_sections(report: CostReport, ig, graph, a: BitAssignment, t: 
 def effective_ebops(qm: QuantModel) -> float:
     """``cost_report(qm, t).totals["ebops"]`` of a calibrated model without lowering it (the integer
     weights straight from the quantizers' grids): cheap enough to steer training by."""
-    ints = {}
-    for name, layer in qm.layers.items():
-        w = layer.weight.detach()
-        ints[name] = integer_weights(w, layer.quantizer.qparams(w))[1]
-    return float(sum(_effective_ebops(qm, ints).values()))
+    return float(sum(_effective_ebops(qm, _grid_weights(qm)).values()))
 
 
 def _effective_ebops(qm: QuantModel, w_int: dict) -> dict:

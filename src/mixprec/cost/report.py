@@ -25,7 +25,7 @@ from .rounding import align_up_ste
 from .targets import Target
 
 TOTALS = ("flash_bytes", "weight_bytes", "param_bytes", "table_bytes", "ram_bytes", "ram_lower_bound", "ram_mcu_in_out",
-          "macs", "bops", "ebops", "latency_cycles", "energy_uj")
+          "macs", "bops", "ebops", "ebops_nominal", "latency_cycles", "energy_uj")
 _INT_TOTALS = ("flash_bytes", "weight_bytes", "param_bytes", "table_bytes", "ram_bytes", "ram_lower_bound", "ram_mcu_in_out", "macs")
 
 
@@ -102,7 +102,7 @@ def _totals(graph, a, target, terms, params, tables, arena, lower, in_out) -> di
             "param_bytes": param_bytes, "table_bytes": table_bytes, "ram_bytes": arena, "ram_lower_bound": lower,
             "ram_mcu_in_out": torch.stack(list(in_out.values())).max() if in_out else zero,
             "macs": zero + float(sum(n.macs for n in graph)), "bops": t["bops"], "ebops": t["ebops"],
-            "latency_cycles": t["cycles"], "energy_uj": compute.energy_uj(t["cycles"], target)}
+            "ebops_nominal": t["ebops"], "latency_cycles": t["cycles"], "energy_uj": compute.energy_uj(t["cycles"], target)}
 
 
 def _evaluate(graph: Graph, a: BitAssignment, target: Target):
@@ -119,7 +119,13 @@ def evaluate_torch(graph: Graph, assignment: BitAssignment, target: Target) -> d
 
 
 def evaluate(graph: Graph, assignment: BitAssignment, target: Target) -> CostReport:
-    """Per-layer costs, totals (plain ints / floats) and the arena plan."""
+    """Per-layer costs, totals (plain ints / floats) and the arena plan.
+
+    From widths alone, EBOPs count every weight at its nominal width (``ebops_nominal``, an upper
+    bound); ``ebops`` holds the same until the weights are known:
+    :func:`mixprec.cost.deployed.cost_report` and ``weight_ebops`` replace it with the EBOPs of the
+    integer weights (a weight's set bits; one that rounds to 0 costs nothing), the one figure
+    results, budgets and ``mixprec cost`` report as ``ebops``."""
     with torch.no_grad():
         terms, params, tables, plan, in_out, totals = _evaluate(graph, assignment.detach(), target)
         rows = [_row(graph, assignment, n, terms[n.name], params[n.name], tables[n.name], in_out.get(n.name), target)

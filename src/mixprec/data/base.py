@@ -1,6 +1,7 @@
 """Dataset registry and the split container every loader returns."""
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import dataclass
@@ -208,6 +209,51 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int
 
         # A relative PATH is also looked for under the data directory.
         return load_npz(name[len("npz:"):], data_dir_from_env(data_dir), seed=seed, **options)
+    name, given = split_options(name)
     if name not in _LOADERS:
         raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}, npz:PATH")
-    return _LOADERS[name](data_dir=data_dir_from_env(data_dir), seed=seed, **options)
+    loader = _LOADERS[name]
+    known = [p for p in inspect.signature(loader).parameters if p not in ("data_dir", "seed", "download")]
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise DatasetError(f"dataset {name!r} has no option {', '.join(unknown)}; its options: "
+                           f"{', '.join(known) or 'none'} (as in {name}[{known[0] if known else 'key'}=...])")
+    params = inspect.signature(loader).parameters
+    typed = {k: _typed(name, k, v, params[k].default) for k, v in given.items()}
+    return loader(data_dir=data_dir_from_env(data_dir), seed=seed, **typed, **options)
+
+
+def _typed(dataset: str, key: str, text: str, default):
+    """An option's text as its default's type (bool, int, float; else the text)."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(default, (int, float)):
+            return type(default)(float(text)) if isinstance(default, int) else float(text)
+    except ValueError:
+        kind = "true or false" if isinstance(default, bool) else "an integer" if isinstance(default, int) else "a number"
+        raise DatasetError(f"dataset {dataset!r}: option {key}={text!r} must be {kind}") from None
+    return text
+
+
+def split_options(name: str) -> tuple[str, dict[str, str]]:
+    """``"mnist[scale=unit]"`` -> ``("mnist", {"scale": "unit"})``: loader options in the data name,
+    so a run's config and its command line carry them.
+
+    >>> split_options("mnist[scale=unit, val_size=1000]")
+    ('mnist', {'scale': 'unit', 'val_size': '1000'})
+    """
+    if "[" not in name:
+        return name, {}
+    base, _, rest = name.partition("[")
+    if not rest.endswith("]"):
+        raise DatasetError(f"dataset {name!r}: options go in brackets at the end, as in {base}[scale=unit]")
+    options = {}
+    for item in filter(None, (i.strip() for i in rest[:-1].split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise DatasetError(f"dataset {name!r}: option {item!r} is not KEY=VALUE")
+        options[key.strip()] = value.strip()
+    return base.strip(), options

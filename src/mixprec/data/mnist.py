@@ -113,33 +113,47 @@ def _normalise(x: np.ndarray, mean: float, std: float) -> np.ndarray:
     return lut[x][:, None]
 
 
-def preprocessing(ds: IdxDataset) -> Preprocessing:
-    """What :func:`_normalise` does, as a record: pixels / 255, standardised."""
-    return Preprocessing(255.0, (ds.mean,), (ds.std,), raw="uint8 pixels 0..255 (28x28, one channel)")
+SCALES = ("standard", "unit")
+
+
+def preprocessing(ds: IdxDataset, scale: str = "standard") -> Preprocessing:
+    """What :func:`_normalise` does, as a record: pixels / 255, standardised unless ``scale="unit"``."""
+    mean, std = ((ds.mean,), (ds.std,)) if scale == "standard" else ((0.0,), (1.0,))
+    return Preprocessing(255.0, mean, std, raw="uint8 pixels 0..255 (28x28, one channel)")
 
 
 def load_idx_dataset(ds: IdxDataset, data_dir=None, seed: int = 0, download: bool = False,
-                     val_size: int = 5000) -> Splits:
-    """Pixels scaled to [0, 1] then standardised, shape (1, 28, 28); validation is a stratified
-    hold-out of ``val_size`` training images (seeded); the official test set is untouched."""
+                     val_size: int = 5000, scale: str = "standard") -> Splits:
+    """Pixels scaled to [0, 1] then standardised (``scale="unit"``: left in [0, 1], as HGQ2 feeds
+    them; non-negative inputs quantize unsigned, and constant background pixels are exact zeros),
+    shape (1, 28, 28); validation is a stratified hold-out of ``val_size`` training images (seeded);
+    the official test set is untouched."""
+    if scale not in SCALES:
+        raise DatasetError(f"{ds.name}: scale={scale!r}; choose one of {', '.join(SCALES)} "
+                           f"(standard: (pixel / 255 - mean) / std; unit: pixel / 255)")
     data_dir = resolve_data_dir(data_dir)
     x_train, y_train = _read_split(ds, data_dir, "train", download)
     x_test, y_test = _read_split(ds, data_dir, "test", download)
     train, val = stratified_split(y_train, val_size, seed)
-    norm = lambda a: tensor(_normalise(a, ds.mean, ds.std))  # noqa: E731
+    pre = preprocessing(ds, scale)
+    norm = lambda a: tensor(_normalise(a, pre.mean[0], pre.std[0]))  # noqa: E731
     log.info("%s: %d train, %d val, %d test from %s", ds.name, len(train), len(val), len(y_test), data_dir)
     return Splits(ds.name, norm(x_train[train]), tensor(y_train[train]), norm(x_train[val]), tensor(y_train[val]),
                   norm(x_test), tensor(y_test), len(ds.classes), ds.classes,
-                  preprocessing=preprocessing(ds))
+                  preprocessing=pre)
 
 
 @register("mnist")
-def load_mnist(data_dir=None, seed: int = 0, download: bool = False, val_size: int = 5000) -> Splits:
-    """MNIST from ``data_dir`` (``mnist/``, ``MNIST/raw/`` or the directory itself)."""
-    return load_idx_dataset(MNIST, data_dir, seed, download, val_size)
+def load_mnist(data_dir=None, seed: int = 0, download: bool = False, val_size: int = 5000,
+               scale: str = "standard") -> Splits:
+    """MNIST from ``data_dir`` (``mnist/``, ``MNIST/raw/`` or the directory itself); ``mnist[scale=unit]``
+    keeps pixels in [0, 1]."""
+    return load_idx_dataset(MNIST, data_dir, seed, download, val_size, scale)
 
 
 @register("fashion-mnist")
-def load_fashion_mnist(data_dir=None, seed: int = 0, download: bool = False, val_size: int = 5000) -> Splits:
-    """Fashion-MNIST from ``data_dir`` (``fashion-mnist/`` or ``FashionMNIST/raw/``)."""
-    return load_idx_dataset(FASHION_MNIST, data_dir, seed, download, val_size)
+def load_fashion_mnist(data_dir=None, seed: int = 0, download: bool = False, val_size: int = 5000,
+                       scale: str = "standard") -> Splits:
+    """Fashion-MNIST from ``data_dir`` (``fashion-mnist/`` or ``FashionMNIST/raw/``); ``[scale=unit]``
+    keeps pixels in [0, 1]."""
+    return load_idx_dataset(FASHION_MNIST, data_dir, seed, download, val_size, scale)

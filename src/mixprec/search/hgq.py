@@ -24,8 +24,9 @@ from ..quantizers.hgq import HGQActQuantizer, HGQWeightQuantizer
 from ..train import Callback, fit
 from .context import SearchContext
 from .methods import Method
-from .learned import (EpochCosts, ParetoFront, check_learned, cost_key, default_cost, differentiable_costs, every_k, freeze,
-                      is_feasible, learned_model, log_ramp, model_quantizers, pareto_folder, parse_options, relaxed)
+from .learned import (EpochCosts, ParetoFront, check_act_granularity, check_learned, cost_key, default_cost,
+                      differentiable_costs, every_k, freeze, is_feasible, learned_model, log_ramp, model_quantizers,
+                      pareto_folder, parse_options, relaxed)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ class HGQOptions:
     bits_reach: float = 8.0  # f can move at least this many bits over the phase (a short phase raises bits_lr)
     gamma: float = 0.0  # + gamma * sum(f): HGQ's small pull towards fewer bits
     penalty_every: int = 8  # compute the cost term every k steps, weighted by k
-    learn_input: bool = False  # learn the input's bits too (its gradient needs the first layer's input gradient, a large share of a small model's step; data usually comes at a fixed width)
+    learn_input: str = "auto"  # learn the input's bits too: true | false | auto (= on fixed-point targets, the FPGA, where every input feature costs its own bits; elsewhere data comes at one width and the gradient would cost a share of a small model's step)
+    input_granularity: str = ""  # of the learned input bits; "" = per-element where the target allows it (HGQ2's per-feature inputs: constant or useless features go to 0 bits), else per-tensor
 
     def __post_init__(self):
         if self.schedule and self.schedule not in SCHEDULES:
@@ -61,6 +63,16 @@ class HGQOptions:
             raise ValueError("penalty_every must be at least 1")
         if not 0.0 <= self.anneal <= 1.0:
             raise ValueError(f"anneal is a fraction of the phase, 0..1 (got {self.anneal})")
+        if self.learn_input not in ("auto", "true", "false"):
+            raise ValueError(f"learn_input is true, false or auto (got {self.learn_input!r})")
+
+    def input_setup(self, target) -> tuple[bool, str]:
+        """Whether the input's bits are learned on ``target``, and at which granularity."""
+        learn = self.learn_input == "true" or (self.learn_input == "auto" and target.numerics == "fixed")
+        if not learn:
+            return False, "per-tensor"
+        finest = "per-element" if "per-element" in target.act_granularities and target.numerics == "fixed" else "per-tensor"
+        return True, self.input_granularity or finest
 
 
 class BetaPenalty(Callback):
@@ -77,6 +89,7 @@ class BetaPenalty(Callback):
         self.reference, self.target, self.total_steps = reference, target, max(total_steps, 1)
         self.cost_model = target_model  # the gradient's cost model (relaxed containers)
         self.act_quantizers: list = []  # kept at 1 to max_act_bits bits (see keep_activations_alive)
+        self.input_quantizers: list = []  # a learned input: 0 bits prune a feature, so only the top is kept
         self.weight_quantizers: list = []  # each keeps one group alive (see keep_layers_alive)
         self.measure_model = measure_model or target_model  # the controller's: the real containers
         self.max_act_bits = max(self.measure_model.act_containers)
@@ -134,6 +147,7 @@ class BetaPenalty(Callback):
     def after_step(self, step: int) -> None:
         if every_k(step, self.pace.every):
             keep_activations_alive(self.act_quantizers, self.max_act_bits)
+            keep_activations_alive(self.input_quantizers, self.max_act_bits, min_bits=None)
             keep_layers_alive(self.weight_quantizers)
 
     def after_epoch(self, epoch: int, stats: dict) -> None:
@@ -177,15 +191,17 @@ def phase_pace(opts: HGQOptions, total_steps: int) -> Pace:
 
 
 @torch.no_grad()
-def keep_activations_alive(quantizers, max_bits: int = 16) -> None:
+def keep_activations_alive(quantizers, max_bits: int = 16, min_bits: int | None = 1) -> None:
     """Keep every activation group between 1 and ``max_bits`` bits: a 0-bit activation passes no
     gradient, so a beta overshoot (cost far above its target at the start) could prune the network
     dead for good (weights may still prune), and a group whose range is tiny must not get a grid so
     fine that ``x / step`` overflows. A group that has only seen zeros (a dead channel) has no range:
-    its ``f`` is capped as if its integer bits were 0, so a first small value cannot overflow either."""
+    its ``f`` is capped as if its integer bits were 0, so a first small value cannot overflow either.
+    ``min_bits=None``: no floor (the network input, whose features may be pruned)."""
     for q in quantizers:
         i, seen = q.range_int_bits()
-        lo = torch.where(seen, 1.0 - i, torch.full_like(i, -math.inf))
+        floor = -math.inf if min_bits is None else float(min_bits)
+        lo = torch.where(seen, floor - i, torch.full_like(i, -math.inf))
         hi = torch.where(seen, max_bits - i, torch.full_like(i, float(max_bits)))
         q.f.copy_(torch.minimum(torch.maximum(q.f, lo), hi))
 
@@ -211,7 +227,8 @@ def hgq_model(ctx: SearchContext, opts: HGQOptions):
     return learned_model(
         ctx, opts.act_granularity,
         lambda node, w, gran: HGQWeightQuantizer(node.weight_shape, gran, init_bits=opts.init_bits - 1, weight=w),
-        lambda node, gran: HGQActQuantizer(node.out_shape, gran, init_bits=opts.act_init_bits))
+        lambda node, gran: HGQActQuantizer(node.out_shape, gran, init_bits=opts.act_init_bits),
+        input_granularity=opts.input_setup(ctx.target)[1])
 
 
 def _calibrate_acts(ctx: SearchContext, qm, act_bits: float | None = None) -> None:
@@ -248,9 +265,13 @@ def search_hgq(ctx: SearchContext):
     total = train_cfg.epochs * math.ceil(len(data.x_train) / train_cfg.batch_size)
     penalty = BetaPenalty(opts, key, schedule, reference, None if limit is None else opts.target_ratio * limit,
                           total, steer, t)
-    if not opts.learn_input:
-        qm.act_quantizers["input"].f.requires_grad_(False)
-    penalty.act_quantizers = [q for q in qm.act_quantizers.values() if q.f.requires_grad]  # the trained ones
+    learn_input, input_granularity = opts.input_setup(t)
+    inp = qm.act_quantizers["input"]
+    inp.f.requires_grad_(learn_input)
+    if learn_input:
+        log.info("HGQ learns the input's bits %s (constant or useless features may go to 0 bits)", input_granularity)
+        penalty.input_quantizers = [inp]
+    penalty.act_quantizers = [q for q in qm.act_quantizers.values() if q.f.requires_grad and q is not inp]
     penalty.weight_quantizers = [layer.quantizer for layer in qm.layers.values()]
     measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
     f_params = [q.f for q in model_quantizers(qm) if q.f.requires_grad]
@@ -272,6 +293,12 @@ def search_hgq(ctx: SearchContext):
     return freeze(qm), history
 
 
+def check_hgq(cfg, target, opts: HGQOptions) -> None:
+    """``Method.check``: the activation and input granularities the target allows."""
+    check_learned(cfg, target, opts)
+    check_act_granularity(target, opts.input_setup(target)[1])
+
+
 METHOD = Method("hgq", search_hgq, HGQOptions,
                 "per-weight/channel bit-widths learned by gradient (HGQ: surrogate gradient, cost penalty with a controller)",
-                check=check_learned)
+                check=check_hgq)

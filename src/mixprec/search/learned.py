@@ -173,16 +173,19 @@ def log_ramp(start: float, end: float, t: float) -> float:
 
 
 @torch.no_grad()
-def learned_model(ctx, act_granularity: str, weight_quantizer, act_quantizer) -> QuantModel:
+def learned_model(ctx, act_granularity: str, weight_quantizer, act_quantizer,
+                  input_granularity: str = "per-tensor") -> QuantModel:
     """The run's float model with a method's quantizers: ``weight_quantizer(node, weight,
     granularity)`` at the run's weight granularity and ``act_quantizer(node, granularity)`` at
-    ``act_granularity`` (the input always per tensor: data comes at one width)."""
+    ``act_granularity``, the input's at ``input_granularity`` (default per tensor: data comes at one
+    width)."""
     t = ctx.target
     weights = weight_granularity_for(t, ctx.config.weight_granularity)
     check_act_granularity(t, act_granularity)
+    check_act_granularity(t, input_granularity)
     return convert_with(ctx.float_model, ctx.data.input_shape, t.numerics,
                         lambda node, w: weight_quantizer(node, w, weights),
-                        lambda node: act_quantizer(node, "per-tensor" if node.op == "input" else act_granularity),
+                        lambda node: act_quantizer(node, input_granularity if node.op == "input" else act_granularity),
                         t.name)
 
 
