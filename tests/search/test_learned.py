@@ -252,6 +252,30 @@ def test_hgq_per_element_on_the_fpga_learns_every_input_feature_and_exports_to_h
     assert row.ok and row.inputs == len(digits.x_test)
 
 
+def test_hgq_front_makes_every_pareto_epoch_a_run_of_its_own(tmp_path, float_run):
+    """``schedule=front``: beta ramps over the run and every (val accuracy, EBOPs) Pareto epoch becomes
+    a run in RUN/front/, with the budget step and its fine-tune, costed on the deployed model,
+    integer-exact, loadable and reportable like any run."""
+    from typer.testing import CliRunner
+
+    from mixprec.cli import app
+
+    cfg = RunConfig(target="fpga-hls4ml", method="hgq", float_from=str(float_run), float_epochs=3, qat_epochs=4,
+                    budget_epochs=1, options={"schedule": "front", "beta": "0.01", "beta_end": "30", "bits_lr": "0.1"})
+    result = run_search(cfg, tmp_path / "front")
+    rows = json.loads((tmp_path / "front" / "front" / "front.json").read_text())["front"]
+    assert len(rows) >= 2 and result["front"] == rows
+    costs = [r["cost"]["ebops"] for r in rows]
+    assert len(set(costs)) == len(costs)  # distinct points, not one model repeated
+    for row in rows:
+        member = tmp_path / "front" / row["run"]
+        _, qm, stored = load_run(member)
+        assert stored["reference_mismatches"] == 0 and stored["cost"]["ebops"] == row["cost"]["ebops"]
+        assert stored["budget_step"]["fine_tune_epochs"] == 1
+    report = CliRunner().invoke(app, ["report", str(tmp_path / "front" / "front")])
+    assert report.exit_code == 0, report.output
+
+
 def test_hgq_learns_the_input_only_where_features_cost_their_own_bits():
     from mixprec.cost import load_target
 

@@ -15,6 +15,15 @@ from .config import RunConfig
 
 
 @dataclass
+class FrontMember:
+    """One (validation accuracy, cost) Pareto point a method kept: its index entry (epoch,
+    val_accuracy, cost, costs) and how to build its frozen quantized model."""
+
+    entry: dict
+    build: Callable[[], object]
+
+
+@dataclass
 class SearchContext:
     config: RunConfig
     float_model: nn.Module
@@ -29,6 +38,7 @@ class SearchContext:
     checkpoint_dir: Path | None = None  # per-epoch checkpoints of each phase go here
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     fine_tune_after: bool = False  # a method sets it when its result needs a fine-tune with bits frozen
+    front: list[FrontMember] = field(default_factory=list)  # a method asked for a front: each becomes a run
 
     def checkpoint(self, phase: str) -> Path | None:
         return None if self.checkpoint_dir is None else self.checkpoint_dir / f"{phase}_last.pt"

@@ -15,14 +15,18 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 
 import torch
 
 from ..cost.deployed import effective_ebops
 from ..granularity import reduce_to
 from ..quantizers.hgq import HGQActQuantizer, HGQWeightQuantizer
+from ..nn.model import QuantModel
 from ..train import Callback, fit
-from .context import SearchContext
+from ..train.checkpoint import load_checkpoint
+from .context import FrontMember, SearchContext
 from .methods import Method
 from .learned import (EpochCosts, ParetoFront, check_act_granularity, check_learned, cost_key, default_cost,
                       differentiable_costs, every_k, freeze, is_feasible, learned_model, log_ramp, model_quantizers,
@@ -30,13 +34,13 @@ from .learned import (EpochCosts, ParetoFront, check_act_granularity, check_lear
 
 log = logging.getLogger(__name__)
 
-SCHEDULES = ("constant", "linear", "log", "controller")
+SCHEDULES = ("constant", "linear", "log", "controller", "front")
 
 
 @dataclass
 class HGQOptions:
     cost: str = ""  # the cost to steer by (flash, ram, ram_in_out, bops, ebops, energy, latency); "" = the first budget limit, else ebops
-    schedule: str = ""  # constant | linear | log | controller; "" = controller when the cost has a budget, else log
+    schedule: str = ""  # constant | linear | log | controller | front; "" = controller when the cost has a budget, else log; front = the log ramp, and every (val accuracy, cost) Pareto epoch becomes its own run in RUN/front/
     beta: float = 1e-2  # penalty weight of cost / reference (the budget, else the starting cost)
     beta_end: float = 1.0  # end of the linear / log ramp
     target_ratio: float = 0.95  # controller: aim at this fraction of the budget (containers round up)
@@ -102,7 +106,7 @@ class BetaPenalty(Callback):
         o = self.opts
         if self.schedule == "linear":
             return o.beta + (o.beta_end - o.beta) * min(t, 1.0)
-        if self.schedule == "log":
+        if self.schedule in ("log", "front"):
             return log_ramp(o.beta, o.beta_end, t)
         return self.beta
 
@@ -253,7 +257,7 @@ def search_hgq(ctx: SearchContext):
     schedule = opts.schedule or ("controller" if limit is not None else "log")
     if schedule == "controller" and limit is None:
         raise ValueError(f"the beta controller tracks a budget on {key}; give one (e.g. --flash) or choose "
-                         f"--option schedule=constant|linear|log")
+                         f"--option schedule=constant|linear|log|front")
     qm = hgq_model(ctx, opts)
     _calibrate_acts(ctx, qm, opts.act_init_bits)
     for q in qm.act_quantizers.values():
@@ -287,10 +291,24 @@ def search_hgq(ctx: SearchContext):
     history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val, train_cfg, params=groups,
                   callbacks=[penalty, measure], best_if=is_feasible, **ctx.fit_options("hgq"))
     ctx.history["hgq"] = history
+    if schedule == "front":  # every Pareto epoch becomes a run of its own (search.front)
+        folder = pareto_folder(ctx.checkpoint_dir)
+        ctx.front = [FrontMember(entry, partial(_pareto_member, ctx, opts, folder / entry["checkpoint"]))
+                     for entry in measure.front.entries if folder is not None and "checkpoint" in entry]
     qm.cpu()
     _calibrate_acts(ctx, qm)  # integer bits from the calibration set before export (HGQ)
     ctx.fine_tune_after = True  # freezing re-derives the grids from the weights: let the weights adapt
     return freeze(qm), history
+
+
+def _pareto_member(ctx: SearchContext, opts: HGQOptions, checkpoint: Path) -> QuantModel:
+    """The frozen model of one Pareto checkpoint, prepared as the search's own result is: integer
+    bits recalibrated, then frozen."""
+    qm = hgq_model(ctx, opts)
+    qm.load_state_dict(load_checkpoint(checkpoint)["model"])
+    qm.cpu()
+    _calibrate_acts(ctx, qm)
+    return freeze(qm)
 
 
 def check_hgq(cfg, target, opts: HGQOptions) -> None:

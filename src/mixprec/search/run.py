@@ -3,7 +3,7 @@
 ``prepare`` (options, model, target, budget against the smallest achievable cost, then the data:
 all before the directory is claimed; ``config.yaml``) -> ``float`` (the float model, trained with
 per-epoch checkpoints or shared from another run) -> ``method`` -> ``budget`` (the budget step) ->
-``final`` (integer-exact test accuracy, deployed cost, budget checks, reference check ->
+``front`` (only when the method kept a front: each point a run in ``front/``) -> ``final`` (integer-exact test accuracy, deployed cost, budget checks, reference check ->
 ``result.json``, ``report.md``, ``checkpoints/quantized.pt``, ``integer_model.npz``).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -161,6 +161,7 @@ class RunState:
     quantized: QuantModel | None = None
     budget_step: dict | None = None
     result: dict | None = None
+    front: list | None = None  # the front's runs, when the method kept one (``build_front``)
 
     @property
     def config(self) -> RunConfig:
@@ -276,6 +277,7 @@ def finish(run: RunState) -> None:
         "layers": layer_bits(qm, report),
         "preprocessing": preprocessing_entry(data, qm),
         "history": {"float": run.float_history, **run.context.history},
+        **({"front": run.front} if run.front else {}),
         "device": str(run.device), "processes": run.world.size,
         "wall_seconds": time.perf_counter() - run.started,
     }
@@ -284,10 +286,48 @@ def finish(run: RunState) -> None:
     run.result = result
 
 
+def build_front(run: RunState) -> None:
+    """The front stage (``-o schedule=front``): every Pareto point the method kept becomes a run of
+    its own in ``RUN/front/NN-epochEEE/``, as the run's own result is made (the budget step and its
+    fine-tune, integer-exact test accuracy, the deployed cost, the reference check): each one can
+    be reported, exported and verified. ``RUN/front/front.json`` indexes them, and ``mixprec report
+    RUN/front`` plots them. A member that finished is read back (a killed run resumes)."""
+    members = run.context.front if run.context is not None else []
+    if not members:
+        return
+    folder = run.out / "front"
+    rows = []
+    for i, member in enumerate(members):
+        out = folder / f"{i:02d}-epoch{member.entry['epoch']:03d}"
+        done = out / "result.json"
+        if done.exists():
+            result = json.loads(done.read_text())
+        else:
+            ctx = replace(run.context, history={}, front=[], checkpoint_dir=out / "checkpoints")
+            qm = member.build()
+            step = run_budget_step(ctx, qm)
+            if run.world.is_main:
+                out.mkdir(parents=True, exist_ok=True)
+                run.config.save(out / "config.yaml")
+            one = replace(run, trial=Trial(run.config, out), context=ctx, quantized=qm, budget_step=step, result=None,
+                          front=None)
+            finish(one)
+            result = one.result
+        if result is not None:
+            rows.append({"run": str(out.relative_to(run.out)), "epoch": member.entry["epoch"],
+                         "val_accuracy": member.entry["val_accuracy"], "test_accuracy": result["accuracy"]["quantized"],
+                         "cost": result["cost"], "feasible": result["feasible"], "degenerate": result["degenerate"]})
+    if run.world.is_main:
+        (folder / "front.json").write_text(json.dumps({"front": rows}, indent=1))
+    run.front = rows
+    log.info("front: %d runs in %s", len(rows), folder)
+
+
 #: A run's stages in order; ``run_search(..., until=NAME)`` stops after one (``float``: a float
-#: model other trials can share)
+#: model other trials can share). The front comes before the final stage, whose ``result.json``
+#: marks the run done.
 STAGES: dict[str, Callable[[RunState], None]] = {
-    "float": train_float, "method": run_method, "budget": meet_budget, "final": finish}
+    "float": train_float, "method": run_method, "budget": meet_budget, "front": build_front, "final": finish}
 
 
 def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=None, *,
