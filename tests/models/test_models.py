@@ -18,6 +18,8 @@ PUBLISHED_PARAMS = {
     "mobilenetv1-0.25": (216_322, 221_794),  # mlcommons/tiny VWW; NXP eIQ model zoo: 221,794
     "fc-autoencoder": (267_928, 269_992),  # mlcommons/tiny anomaly detection (ToyCar)
     "jet-mlp": (4_389, None),  # 16-64-32-32-5
+    "mnist-mlp": (52_650, None),  # 784-64-32-10 (HGQ2's MNIST MLP)
+    "digits-mlp": (3_466, None),  # 64-32-32-10
     "mobilenetv2": (3_504_872, None),  # torchvision mobilenet_v2
     "efficientnet-lite0": (4_652_008, None),  # timm efficientnet_lite0
 }
@@ -45,7 +47,7 @@ def count_keras_total(model: nn.Module) -> int:
 def test_list_models():
     assert list_models() == [
         "digits-cnn", "lenet5", "resnet8", "dscnn", "mobilenetv1-0.25",
-        "fc-autoencoder", "jet-mlp", "mobilenetv2", "efficientnet-lite0",
+        "fc-autoencoder", "jet-mlp", "mnist-mlp", "digits-mlp", "mobilenetv2", "efficientnet-lite0",
     ]
 
 

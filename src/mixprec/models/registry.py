@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from mixprec.models.imagenet import efficientnet_lite0, mobilenet_v2
-from mixprec.models.small import digits_cnn, jet_mlp, lenet5
+from mixprec.models.small import digits_cnn, digits_mlp, jet_mlp, lenet5, mnist_mlp
 from mixprec.models.tiny import dscnn, fc_autoencoder, mobilenetv1_025, resnet8
 
 
@@ -45,6 +45,8 @@ _SPECS = (
     ModelSpec("mobilenetv1-0.25", mobilenetv1_025, (3, 96, 96), 2, "vww", "MLPerf Tiny VWW"),
     ModelSpec("fc-autoencoder", fc_autoencoder, (640,), None, "toyadmos", "MLPerf Tiny AD"),
     ModelSpec("jet-mlp", jet_mlp, (16,), 5, "jets", "hls4ml / HGQ jet tagging"),
+    ModelSpec("mnist-mlp", mnist_mlp, (1, 28, 28), 10, "mnist", "HGQ2 / hls4ml MNIST MLP 784-64-32-10"),
+    ModelSpec("digits-mlp", digits_mlp, (1, 8, 8), 10, "digits", "MLP 64-32-32-10"),
     ModelSpec("mobilenetv2", mobilenet_v2, (3, 224, 224), 1000, "imagenet", "torchvision"),
     ModelSpec("efficientnet-lite0", efficientnet_lite0, (3, 224, 224), 1000, "imagenet", "timm"),
 )

@@ -71,3 +71,24 @@ def jet_mlp(num_classes: int = 5) -> nn.Module:
         relu3=nn.ReLU(),
         fc4=nn.Linear(32, num_classes),
     ))
+
+
+def _image_mlp(pixels: int, hidden: tuple[int, ...], num_classes: int) -> nn.Module:
+    layers: list = [("flatten", nn.Flatten())]
+    width = pixels
+    for i, h in enumerate(hidden, start=1):
+        layers += [(f"fc{i}", nn.Linear(width, h)), (f"relu{i}", nn.ReLU())]
+        width = h
+    layers.append((f"fc{len(hidden) + 1}", nn.Linear(width, num_classes)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+def mnist_mlp(num_classes: int = 10) -> nn.Module:
+    """MNIST MLP 784-64-32-10 with ReLU (52,650 parameters) on the (1, 28, 28) image: the FPGA
+    comparison model of HGQ2 / hls4ml users."""
+    return _image_mlp(28 * 28, (64, 32), num_classes)
+
+
+def digits_mlp(num_classes: int = 10) -> nn.Module:
+    """Digits MLP 64-32-32-10 with ReLU (3,466 parameters) on the (1, 8, 8) image."""
+    return _image_mlp(8 * 8, (32, 32), num_classes)
