@@ -103,3 +103,19 @@ def test_rl_table_commands_reproduce_their_config(preset, tmp_path, monkeypatch)
             assert config[field] == getattr(trial.config, field), (trial.out, field)
         assert config["budget"] == trial.config.budget and set(config["budget"]) == {"flash", "ram"}
         assert Path(out) == trial.out
+
+
+@pytest.mark.parametrize("task", ["mnist-mlp", "digits-mlp"])
+def test_hgq2_comparison_commands_reproduce_their_config(task, tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_fpga", ROOT / "benchmarks" / "fpga.py")
+    fpga = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_fpga", fpga)  # its dataclasses look their module up
+    spec.loader.exec_module(fpga)
+    trials = fpga.our_trials(fpga.TASKS[task], tmp_path)
+    assert len(trials) == len(fpga.TASKS[task].levels) + 1  # the levels, and one front run
+    for trial in trials:
+        config, out = parsed(fpga.command_line(trial.config, trial.out, ROOT), monkeypatch)
+        for field in FIELDS:
+            assert config[field] == getattr(trial.config, field), (trial.out, field)
+        assert config["budget"] == trial.config.budget and Path(out) == trial.out
+    assert trials[-1].config.options["schedule"] == "front"

@@ -4,6 +4,7 @@ import shlex
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 import mixprec.cli as cli
@@ -66,8 +67,9 @@ def test_trained_floats_finds_the_float_models_trials_trained(tmp_path):
     assert found == {Trial(RunConfig(), own).float_id: own}
 
 
-def test_command_line_reproduces_the_configuration(tmp_path, monkeypatch):
-    cfg = RunConfig(model="lenet5[width=0.5]", data="mnist", method="dq", budget={"flash": "8KiB", "ram": "4KiB", "ram_in_out": "2KiB",
+@pytest.mark.parametrize("data", ["mnist", "mnist[scale=unit, val_size=1000]"])
+def test_command_line_reproduces_the_configuration(tmp_path, monkeypatch, data):
+    cfg = RunConfig(model="lenet5[width=0.5]", data=data, method="dq", budget={"flash": "8KiB", "ram": "4KiB", "ram_in_out": "2KiB",
                                                                   "energy": "90", "latency": "1e6"},
                     float_epochs=3, qat_lr=1e-3, seed=2, options={"weight_epochs": "1"},
                     float_from=str(tmp_path / "f"), weight_granularity="per-tensor")

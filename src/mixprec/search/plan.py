@@ -108,7 +108,8 @@ _STATED = ("float_epochs", "qat_epochs", "budget_epochs", "batch_size", "lr", "q
 def command_line(cfg: RunConfig, out, root: Path | None = None) -> str:
     """The ``mixprec search`` command that runs ``cfg`` into ``out`` (paths relative to ``root``
     when under it), for tables that state how each row was made."""
-    parts = [f"mixprec search --model '{cfg.model}' --data {cfg.data} --target {cfg.target} --method {cfg.method}"]
+    data = f"'{cfg.data}'" if "[" in cfg.data else cfg.data  # loader options: quoted for the shell
+    parts = [f"mixprec search --model '{cfg.model}' --data {data} --target {cfg.target} --method {cfg.method}"]
     if cfg.bits:
         parts.append(f"--bits {cfg.bits}")
     if cfg.act_bits is not None:  # unset: the CLI's own default (activations at least as wide as weights)

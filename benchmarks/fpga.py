@@ -1,0 +1,264 @@
+"""Our HGQ against HGQ2 on `fpga-hls4ml`, side by side -> the "FPGA: HGQ against HGQ2" table.
+
+    .venv/bin/python benchmarks/fpga.py [--task mnist-mlp digits-mlp] [--only ours hgq2] [--epochs N]
+        [--runs DIR] [--table-only]
+
+Needs ``pip install hgq2`` (Keras 3, run here on its torch backend) for the HGQ2 rows.
+
+Ours: ``mixprec search --method hgq --granularity per-element -o act_granularity=per-element`` (the
+input's bits learned per feature, the FPGA default) under each EBOPs level of the task, and one
+``-o schedule=front`` run whose Pareto epochs become runs of their own; all from one float model.
+HGQ2: the same MLP of ``QDense`` layers with HGQ2's defaults (per-weight and per-activation bits,
+its input quantized per feature), trained on the same split with its beta ramped over the run
+(``BetaScheduler``, log), every epoch's validation accuracy, test accuracy and EBOPs recorded; at
+each level, its epoch with the best validation accuracy within the level (its Pareto front).
+
+Both sides counted with both rules: ``ours`` (per multiplier, the integer weight's set bits times
+its input's bits; a weight that rounds to 0 costs nothing) and ``nominal`` (each weight's learned
+width times its input's width: HGQ2's rule without its bias term); HGQ2's own figure (with its
+bias term) beside them. Our rows are integer-exact test accuracy of the deployed model; HGQ2's its
+Keras model's (HGQ2 states it is bit-exact with its firmware).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _tables import merge_rows, write_section  # noqa: E402
+
+from mixprec.cost.compute import effective_bits  # noqa: E402
+from mixprec.data import load_dataset  # noqa: E402
+from mixprec.search import RunConfig, Trial, run_search  # noqa: E402
+from mixprec.search.plan import command_line, in_float_order, share_floats, trained_floats  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TITLE = "FPGA: HGQ against HGQ2"
+TARGET = "fpga-hls4ml"
+
+
+@dataclass(frozen=True)
+class Task:
+    model: str
+    data: str
+    hidden: tuple[int, ...]
+    levels: tuple[str, ...]  # EBOPs levels, as in the table
+    train: dict
+    front: dict  # our schedule=front options
+    hgq2: dict  # HGQ2: epochs, batch, lr, beta range
+
+
+TASKS = {
+    "mnist-mlp": Task("mnist-mlp", "mnist[scale=unit]", (64, 32), ("530k", "106k", "23k", "8.2k", "4.7k", "2.1k"),
+                      dict(float_epochs=10, qat_epochs=10, budget_epochs=2, batch_size=128, lr=2e-3, qat_lr=1e-3),
+                      dict(beta="0.01", beta_end="100"),
+                      dict(epochs=30, batch_size=128, lr=2e-3, beta0=1e-7, beta1=1e-4)),
+    "digits-mlp": Task("digits-mlp", "digits", (32, 32), ("48k", "26k", "16.5k", "10.3k", "4.1k"),
+                       dict(float_epochs=60, qat_epochs=60, budget_epochs=10, batch_size=32, lr=3e-3, qat_lr=1e-3),
+                       dict(beta="0.01", beta_end="100"),
+                       dict(epochs=200, batch_size=32, lr=3e-3, beta0=1e-7, beta1=1e-3)),
+}
+
+
+def level_value(text: str) -> float:
+    return float(text[:-1]) * 1e3 if text.endswith("k") else float(text)
+
+
+# -- ours ---------------------------------------------------------------------------------------------
+def our_trials(task: Task, runs: Path, epochs_scale: float = 1.0) -> list[Trial]:
+    train = {k: max(1, round(v * epochs_scale)) if k.endswith("epochs") else v for k, v in task.train.items()}
+    base = dict(model=task.model, data=task.data, target=TARGET, method="hgq", weight_granularity="per-element",
+                **train)
+    trials = [Trial(RunConfig(**base, budget={"ebops": f"{level_value(lv):g}"},
+                              options={"act_granularity": "per-element"}), runs / task.model / "ours" / lv)
+              for lv in task.levels]
+    trials.append(Trial(RunConfig(**base, options={"act_granularity": "per-element", "schedule": "front",
+                                                   **task.front}), runs / task.model / "ours" / "front"))
+    return [Trial(RunConfig.load(t.out / "config.yaml"), t.out) if (t.out / "config.yaml").exists() else t
+            for t in trials]
+
+
+def run_ours(trials: list[Trial]) -> None:
+    for trial in in_float_order(share_floats(trials, trained_floats(trials))):
+        cfg, out = trial.config, trial.out
+        if cfg.float_from:
+            cfg = replace(cfg, float_from=str(_rel(Path(cfg.float_from))))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        (out.parent / f"{out.name}.command").write_text(command_line(cfg, _rel(out), ROOT) + "\n")
+        if not (out / "result.json").exists():
+            logging.info("%s", command_line(cfg, _rel(out), ROOT))
+            run_search(cfg, out, resume=True)
+
+
+def _rel(path: Path) -> Path:
+    full = path.resolve()
+    return full.relative_to(ROOT) if full.is_relative_to(ROOT) else path
+
+
+# -- HGQ2 ---------------------------------------------------------------------------------------------
+def run_hgq2(task: Task, out: Path, epochs: int | None = None) -> list[dict]:
+    """HGQ2 on the task's split; every epoch's record (``out/epochs.json``, read back when there)."""
+    record = out / "epochs.json"
+    if record.exists():
+        return json.loads(record.read_text())["epochs"]
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    import keras
+    from hgq.config import LayerConfigScope, QuantizerConfigScope
+    from hgq.layers import QDense
+    from hgq.utils.sugar import BetaScheduler, FreeEBOPs, PieceWiseSchedule
+
+    h = task.hgq2
+    epochs = epochs or h["epochs"]
+    data = load_dataset(task.data, seed=0)
+    flat = lambda x: x.reshape(len(x), -1).numpy()  # noqa: E731
+    x_train, x_val, x_test = flat(data.x_train), flat(data.x_val), flat(data.x_test)
+    y_train, y_val, y_test = data.y_train.numpy(), data.y_val.numpy(), data.y_test.numpy()
+    keras.utils.set_random_seed(0)
+    with QuantizerConfigScope(place="all"), LayerConfigScope(enable_ebops=True, beta0=h["beta0"]):
+        inp = keras.Input((x_train.shape[1],))
+        x = inp
+        for width in task.hidden:
+            x = QDense(width, activation="relu")(x)
+        model = keras.Model(inp, QDense(data.num_classes)(x))
+    steps = epochs * int(np.ceil(len(x_train) / h["batch_size"]))
+    model.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(h["lr"], steps)),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    epochs_log: list[dict] = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            _, test_acc = model.evaluate(x_test, y_test, batch_size=1024, verbose=0)
+            ours, nominal = hgq2_ebops(model, x_train.shape[1])
+            epochs_log.append({"epoch": epoch, "val_accuracy": float(logs["val_accuracy"]),
+                               "test_accuracy": float(test_acc), "ebops_hgq2": float(logs["ebops"]),
+                               "ebops": ours, "ebops_nominal": nominal, "beta": float(logs.get("beta", 0.0))})
+
+    t0 = time.perf_counter()
+    model.fit(x_train, y_train, batch_size=h["batch_size"], epochs=epochs, validation_data=(x_val, y_val),
+              callbacks=[FreeEBOPs(), BetaScheduler(PieceWiseSchedule([(0, h["beta0"], "log"),
+                                                                         (epochs, h["beta1"], "constant")])),
+                         Record()], verbose=0)
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"epochs": epochs_log, "seconds": time.perf_counter() - t0,
+                                  "settings": {**h, "epochs": epochs}}, indent=1))
+    return epochs_log
+
+
+def hgq2_ebops(model, n_in: int) -> tuple[float, float]:
+    """An HGQ2 model's EBOPs by our rule (each quantized weight's set bits times its input's bits)
+    and by the nominal one (its learned weight widths times its input's widths)."""
+    from hgq.layers import QDense
+    from keras import ops
+
+    ours = nominal = 0.0
+    width = n_in
+    for layer in model.layers:
+        if not isinstance(layer, QDense):
+            continue
+        b_in = np.asarray(ops.convert_to_numpy(layer.iq.bits_((1, width)))).reshape(-1)
+        w = np.asarray(ops.convert_to_numpy(layer.qkernel), dtype=np.float64)  # (in, out), on power-of-two grids
+        k = torch.from_numpy(np.round(w * 2.0 ** 40).astype(np.int64))  # exact: HGQ2 grids are far coarser
+        ours += float((b_in[:, None] * effective_bits(k).numpy()).sum())
+        b_w = np.asarray(ops.convert_to_numpy(layer.kq.bits_(tuple(w.shape))))
+        nominal += float((b_in[:, None] * b_w).sum())
+        width = w.shape[1]
+    return ours, nominal
+
+
+def best_within(points: list[dict], level: float, key: str) -> dict | None:
+    """The point with the best validation accuracy whose ``key`` cost is within ``level``."""
+    inside = [p for p in points if p[key] <= level]
+    return max(inside, key=lambda p: p["val_accuracy"]) if inside else None
+
+
+# -- table --------------------------------------------------------------------------------------------
+def table(tasks: list[str], runs: Path) -> None:
+    rows, order = [], []
+    for name in tasks:
+        task = TASKS[name]
+        front_rows = _our_front(runs / name / "ours" / "front")
+        hgq2 = runs / name / "hgq2" / "epochs.json"
+        hgq2_points = json.loads(hgq2.read_text())["epochs"] if hgq2.exists() else []
+        for lv in task.levels:
+            limit = level_value(lv)
+            order += [(name, lv, m) for m in ("hgq", "hgq front", "HGQ2")]
+            out = runs / name / "ours" / lv
+            if (out / "result.json").exists():
+                r = json.loads((out / "result.json").read_text())
+                cmd = (out.parent / f"{lv}.command").read_text().strip()
+                rows.append(_row(name, lv, "hgq", r["accuracy"]["quantized"], r["cost"]["ebops"],
+                                 r["cost_detail"]["ebops_nominal"], None, r["feasible"], f"`{cmd}`"))
+            best = best_within(front_rows, limit, "ebops")
+            if best is not None:
+                cmd = (runs / name / "ours" / "front.command").read_text().strip()
+                rows.append(_row(name, lv, "hgq front", best["test_accuracy"], best["ebops"], best["ebops_nominal"],
+                                 None, True, f"`{cmd}` ({best['run']})"))
+            best = best_within(hgq2_points, limit, "ebops_hgq2")
+            if best is not None:
+                rows.append(_row(name, lv, "HGQ2", best["test_accuracy"], best["ebops"], best["ebops_nominal"],
+                                 best["ebops_hgq2"], True, f"`python benchmarks/fpga.py --task {name} --only hgq2` "
+                                 f"(epoch {best['epoch']})"))
+    header = ["| task | EBOPs level | run | test acc | EBOPs (ours: set bits) | EBOPs (nominal widths) | "
+              "EBOPs (HGQ2's own) | within level | command |", "|---|---|---|---|---|---|---|---|---|"]
+    about = (f"`{TARGET}`. `hgq`: our HGQ under the level as a budget (per-element weights and activations, the "
+             "input's bits learned per feature), the model as deployed (integer-exact test accuracy, EBOPs of the "
+             "exported weights); `hgq front`: one `-o schedule=front` run, its Pareto member with the best "
+             "validation accuracy within the level (each member a run of its own, budget step and fine-tune "
+             "applied); `HGQ2`: HGQ2 0.2 (Keras 3, torch backend) with its defaults, beta ramped over its run, its "
+             "epoch with the best validation accuracy within the level by its own EBOPs. 'ours' counts each "
+             "integer weight's set bits times its input's bits; 'nominal' each weight's learned width times its "
+             "input's width (HGQ2's rule without its bias term). One seed.")
+    write_section(TITLE, about, "python benchmarks/fpga.py", header + merge_rows(TITLE, rows, 3, order))
+
+
+def _our_front(run: Path) -> list[dict]:
+    index = run / "front" / "front.json"
+    if not index.exists():
+        return []
+    points = []
+    for row in json.loads(index.read_text())["front"]:
+        r = json.loads((run / row["run"] / "result.json").read_text())
+        points.append({"run": row["run"], "val_accuracy": row["val_accuracy"], "test_accuracy": row["test_accuracy"],
+                       "ebops": r["cost"]["ebops"], "ebops_nominal": r["cost_detail"]["ebops_nominal"]})
+    return points
+
+
+def _row(task, level, run, acc, ebops, nominal, own, within, command) -> str:
+    own_text = f"{own:,.0f}" if own is not None else ""
+    return (f"| {task} | {level} | {run} | {acc:.2%} | {ebops:,.0f} | {nominal:,.0f} | {own_text} | "
+            f"{'yes' if within else 'NO'} | {command} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--only", nargs="+", default=["ours", "hgq2"], choices=["ours", "hgq2"])
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-fpga")
+    ap.add_argument("--epochs-scale", type=float, default=1.0, help="our runs' epochs times this (a quick look)")
+    ap.add_argument("--hgq2-epochs", type=int, help="HGQ2's epochs (default: the task's)")
+    ap.add_argument("--data-dir", default=os.environ.get("MIXPREC_DATA", str(ROOT.parent / "shared" / "datasets")))
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    os.environ["MIXPREC_DATA"] = args.data_dir
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not args.table_only:
+        for name in args.task:
+            task = TASKS[name]
+            if "ours" in args.only:
+                run_ours(our_trials(task, args.runs, args.epochs_scale))
+            if "hgq2" in args.only:
+                run_hgq2(task, args.runs / name / "hgq2", args.hgq2_epochs)
+    table(args.task, args.runs)
+
+
+if __name__ == "__main__":
+    main()
