@@ -196,6 +196,27 @@ def test_per_group_activation_bits_freeze_only_under_fixed_numerics():
         q.freeze(numerics="scaled")
 
 
+def test_a_pruned_activation_group_stays_pruned_when_frozen():
+    """A feature learned at 0 bits (a pruned input pixel) freezes at 0 bits: at 1 bit it would come
+    back and cost what the search saved (an MNIST MLP's EBOPs went from 7.6k to 38k). A whole tensor
+    keeps at least a bit."""
+    from mixprec.quantizers.hgq import HGQActQuantizer
+
+    q = HGQActQuantizer((4,), "per-element", init_f=3.0)
+    q.train()
+    q(torch.tensor([[0.5, 3.0, 1.0, -0.7]]))
+    with torch.no_grad():
+        q.f[0] = -20.0
+    fixed = q.freeze(numerics="fixed").quantizer
+    assert torch.equal(fixed.bits(), q.bits().detach()) and float(fixed.bits()[0]) == 0.0
+    fixed.eval()
+    assert torch.all(fixed(torch.tensor([[0.4, 2.9, 1.1, -0.6]]))[:, 0] == 0.0)
+    whole = HGQActQuantizer((4,), "per-tensor", init_f=-20.0)
+    whole.train()
+    whole(torch.tensor([[0.5, 3.0, 1.0, -0.7]]))
+    assert float(whole.freeze(numerics="fixed").quantizer.bits().min()) == 1.0
+
+
 def test_frozen_activation_takes_the_given_clip():
     q, _ = make("DQActQuantizer", "scaled")
     assert q.freeze().quantizer.clip == q.clip
