@@ -3,8 +3,9 @@
 ``prepare`` (options, model, target, budget against the smallest achievable cost, then the data:
 all before the directory is claimed; ``config.yaml``) -> ``float`` (the float model, trained with
 per-epoch checkpoints or shared from another run) -> ``method`` -> ``budget`` (the budget step) ->
-``front`` (only when the method kept a front: each point a run in ``front/``) -> ``final`` (integer-exact test accuracy, deployed cost, budget checks, reference check ->
-``result.json``, ``report.md``, ``checkpoints/quantized.pt``, ``integer_model.npz``).
+``front`` (only when the method kept a front: each point a run in ``front/``) -> ``final``
+(integer-exact test accuracy, deployed cost, budget checks, reference check -> ``result.json``,
+``report.md``, ``checkpoints/quantized.pt``, ``integer_model.npz``).
 """
 from __future__ import annotations
 
