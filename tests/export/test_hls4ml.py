@@ -182,6 +182,26 @@ def test_per_element_clamps_other_than_the_type_range_are_refused(tmp_path):
         get_exporter("hls4ml").export(inp, tmp_path / "hls4ml")
 
 
+def test_biases_wider_than_float32_are_exact(tmp_path):
+    """A bias on a fine accumulator grid can need more than float32's 24 significant bits (an MNIST
+    MLP's did): hls4ml reads the layers in float64."""
+    from mixprec.convert import convert
+
+    torch.manual_seed(3)
+    mlp = torch.nn.Sequential(torch.nn.Linear(12, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    qm = convert(mlp, (12,), "fixed", 12, 8, "per-channel", "per-tensor")
+    xs = torch.randn(200, 12)
+    qm.calibrate([xs[:64]])
+    qm.eval()
+    ig = qm.lower()
+    bias = np.asarray(ig["0"].params["bias"]).copy()
+    bias[0] -= 2 ** 25 + 1  # 26 significant bits; the channel then sits at its ReLU's floor
+    ig["0"].params["bias"] = bias
+    exporter = get_exporter("hls4ml")
+    artifact = exporter.export(ExportInput(tmp_path, ig, qm, None, (12,), xs[:8].numpy()), tmp_path / "hls4ml")
+    assert np.array_equal(exporter.run(artifact, xs.numpy()), reference(ig, xs.numpy()))
+
+
 class _Named(torch.nn.Module):
     """Layer names hls4ml (torch.fx) would not keep: upper case, dotted, escaping alike."""
 

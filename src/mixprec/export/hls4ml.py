@@ -280,12 +280,14 @@ def _plan(ig: IntGraph):
             acc_t = _Tensor(f_acc, -acc_bound, acc_bound, True)
             w_real = (w_int * (2.0 ** -f_c).reshape((-1,) + (1,) * (w_int.ndim - 1)))
             b_real = bias * 2.0 ** -(t_in.frac + f_c)
-            for arr, what in ((w_real, "weights"), (b_real, "biases")):
-                if not np.array_equal(arr.astype(np.float32).astype(np.float64), arr):
-                    raise ExportError(f"node {node.name!r}: {what} are not exactly representable in float32, "
-                                      f"which hls4ml's PyTorch converter reads")
+            # float64 modules: hls4ml reads their values as they are, and a bias at the accumulator's
+            # precision can need more than float32's 24 significant bits (an MNIST MLP's did)
+            for arr, what in ((w_int, "weights"), (bias, "biases")):
+                if int(np.abs(arr).max(initial=0)) >= 2 ** 53:
+                    raise ExportError(f"node {node.name!r}: {what} need more than the 53 significant bits of "
+                                      f"float64, which hls4ml's PyTorch converter reads")
             if op == "linear":
-                m = nn.Linear(w_int.shape[1], c_out)
+                m = nn.Linear(w_int.shape[1], c_out, dtype=torch.float64)
             else:
                 a = node.attrs
                 if a["dims"] != 2:
@@ -293,10 +295,10 @@ def _plan(ig: IntGraph):
                 if a["groups"] != 1 or any(d != 1 for d in a["dilation"]):
                     raise ExportError(f"node {node.name!r}: grouped or dilated convolutions are not supported by "
                                       f"hls4ml's PyTorch converter")
-                m = nn.Conv2d(w_int.shape[1], c_out, a["kernel_size"], a["stride"], a["padding"])
+                m = nn.Conv2d(w_int.shape[1], c_out, a["kernel_size"], a["stride"], a["padding"], dtype=torch.float64)
             with torch.no_grad():
-                m.weight.copy_(torch.from_numpy(w_real.astype(np.float32)))
-                m.bias.copy_(torch.from_numpy(b_real.astype(np.float32)))
+                m.weight.copy_(torch.from_numpy(w_real))
+                m.bias.copy_(torch.from_numpy(b_real))
             layers[key] = m
             precision[key] = {"weight": w_t.type(), "bias": b_t.type(), "accum": acc_t.type()}
             if len(set(f_c.tolist())) > 1 or w_t.bits > 16:
