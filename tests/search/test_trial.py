@@ -24,7 +24,7 @@ def test_float_stage_alone_leaves_a_float_model_and_no_result(float_run):
     assert (float_run / "checkpoints" / "float.pt").is_file()
     assert (float_run / "config.yaml").is_file()
     assert not (float_run / "result.json").exists() and not (float_run / "checkpoints" / "quantized.pt").exists()
-    assert list(STAGES) == ["float", "method", "budget", "final"]
+    assert list(STAGES) == ["float", "method", "budget", "front", "final"]
     with pytest.raises(ValueError, match="unknown stage 'quant'"):
         run_search(RunConfig(**FAST), float_run, resume=True, until="quant")
 
