@@ -11,6 +11,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from ..bracketed import NotKeyValue, split_bracketed
+
 
 class DatasetError(ValueError):
     """A dataset is missing, truncated or corrupt; the message names the file."""
@@ -213,12 +215,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int
     if name not in _LOADERS:
         raise DatasetError(f"unknown dataset {name!r}; available: {', '.join(list_datasets())}, npz:PATH")
     loader = _LOADERS[name]
-    known = [p for p in inspect.signature(loader).parameters if p not in ("data_dir", "seed", "download")]
+    params = inspect.signature(loader).parameters
+    known = [p for p in params if p not in ("data_dir", "seed", "download")]
     unknown = sorted(set(given) - set(known))
     if unknown:
         raise DatasetError(f"dataset {name!r} has no option {', '.join(unknown)}; its options: "
                            f"{', '.join(known) or 'none'} (as in {name}[{known[0] if known else 'key'}=...])")
-    params = inspect.signature(loader).parameters
     typed = {k: _typed(name, k, v, params[k].default) for k, v in given.items()}
     return loader(data_dir=data_dir_from_env(data_dir), seed=seed, **typed, **options)
 
@@ -240,20 +242,18 @@ def _typed(dataset: str, key: str, text: str, default):
 
 def split_options(name: str) -> tuple[str, dict[str, str]]:
     """``"mnist[scale=unit]"`` -> ``("mnist", {"scale": "unit"})``: loader options in the data name,
-    so a run's config and its command line carry them.
+    so a run's config and its command line carry them (the model names' parser, with data's checks).
 
     >>> split_options("mnist[scale=unit, val_size=1000]")
     ('mnist', {'scale': 'unit', 'val_size': '1000'})
     """
     if "[" not in name:
         return name, {}
-    base, _, rest = name.partition("[")
-    if not rest.endswith("]"):
+    base = name.partition("[")[0]
+    if not name.endswith("]"):
         raise DatasetError(f"dataset {name!r}: options go in brackets at the end, as in {base}[scale=unit]")
-    options = {}
-    for item in filter(None, (i.strip() for i in rest[:-1].split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise DatasetError(f"dataset {name!r}: option {item!r} is not KEY=VALUE")
-        options[key.strip()] = value.strip()
+    try:
+        base, options = split_bracketed(name)
+    except NotKeyValue as bad:
+        raise DatasetError(f"dataset {name!r}: option {bad.item!r} is not KEY=VALUE") from None
     return base.strip(), options

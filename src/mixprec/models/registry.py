@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from mixprec.bracketed import NotKeyValue, split_bracketed
+
 from mixprec.models.imagenet import efficientnet_lite0, mobilenet_v2
 from mixprec.models.small import digits_cnn, digits_mlp, jet_mlp, lenet5, mnist_mlp
 from mixprec.models.tiny import dscnn, fc_autoencoder, mobilenetv1_025, resnet8
@@ -61,16 +63,11 @@ def list_models() -> list[str]:
 def split_arguments(name: str) -> tuple[str, dict]:
     """``"lenet5[width=0.5]"`` -> ``("lenet5", {"width": 0.5})``: builder arguments in a model name,
     so a run's config names a resized model (numbers become int or float, the rest stay text)."""
-    if not name.endswith("]") or "[" not in name:
-        return name, {}
-    base, _, args = name[:-1].partition("[")
-    kwargs = {}
-    for item in filter(None, (a.strip() for a in args.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"model {name!r}: write arguments as name[key=value,...], e.g. lenet5[width=0.5]")
-        kwargs[key.strip()] = _number(value.strip())
-    return base, kwargs
+    try:
+        base, items = split_bracketed(name)
+    except NotKeyValue:
+        raise ValueError(f"model {name!r}: write arguments as name[key=value,...], e.g. lenet5[width=0.5]") from None
+    return base, {key: _number(value) for key, value in items.items()}
 
 
 def _number(text: str):
