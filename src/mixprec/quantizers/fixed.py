@@ -299,9 +299,9 @@ def frozen_act_quantizer(qp: QParams, shape: tuple[int, ...], numerics: str,
                          clip: tuple[float, float] = (float("-inf"), float("inf"))) -> ActQuantizer:
     """The fixed activation quantizer a learned grid ``qp`` freezes into, not observing: its bits
     (rounded; at least 1 for a whole tensor, while a group learned at 0 bits, such as a pruned input
-    feature, stays at 0: reviving it would cost what the search saved) and a range of the largest code times the learned step, one per tensor or
-    (fixed numerics) one per bits group, symmetric when signed (the observer's scale is then
-    max|range| / largest code, the learned step)."""
+    feature, stays at 0: reviving it would cost what the search saved) and a range of the largest
+    code times the learned step, one per tensor or (fixed numerics) one per bits group, symmetric
+    when signed (the observer's scale is then max|range| / largest code, the learned step)."""
     bits = qp.bits.detach().round().cpu()
     if bits.numel() == 1 or numerics != "fixed":  # a whole tensor at 0 bits is a dead network
         bits = bits.clamp_min(1)

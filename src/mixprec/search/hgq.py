@@ -22,8 +22,8 @@ import torch
 
 from ..cost.deployed import effective_ebops
 from ..granularity import reduce_to
-from ..quantizers.hgq import HGQActQuantizer, HGQWeightQuantizer
 from ..nn.model import QuantModel
+from ..quantizers.hgq import HGQActQuantizer, HGQWeightQuantizer
 from ..train import Callback, fit
 from ..train.checkpoint import load_checkpoint
 from .context import FrontMember, SearchContext
