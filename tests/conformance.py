@@ -144,6 +144,24 @@ def build_case(name: str, builder, granularity: str, numerics: str) -> Case:
     return Case(name, granularity, numerics, qm, wbits, abits, inputs, codes)
 
 
+def pruned_per_element(model, shape, seed, **act_bits):
+    """``model`` converted with random per-element weight and activation bits (0 = pruned), the input's
+    from 1 bit up and the output's from 4, those of ``act_bits`` (node: bits) as given; calibrated."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    graph, _ = trace(model, shape)
+    bits = lambda s, lo: torch.from_numpy(rng.integers(lo, 8, size=s)).float()  # noqa: E731
+    last = graph.weighted()[-1].name
+    act = {n.name: bits(n.out_shape, {"input": 1, last: 4}.get(n.name, 0)) for n in graph if n.op in REQUANTIZING_OPS}
+    act.update({name: torch.as_tensor(b, dtype=torch.float32).expand(graph[name].out_shape).clone()
+                for name, b in act_bits.items()})
+    weight = {n.name: bits(n.weight_shape, 0) for n in graph.weighted()}
+    qm = convert(model, shape, "fixed", weight, act, "per-element", "per-element")
+    qm.calibrate([torch.randn(64, *shape) * 1.5])
+    qm.eval()
+    return qm
+
+
 def node_lsb(ig, graph, name: str, exact_inputs: bool = True) -> torch.Tensor:
     """One step of the grid of tensor ``name``, per element where grids differ per element (fixed
     point with per-channel/element bits). Pass-through ops keep their input's (pooling windows mix

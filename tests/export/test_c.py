@@ -145,6 +145,28 @@ def test_cost_model_counts_the_width_tables_of_mixed_per_channel_weights(tmp_pat
     assert m.flash_bytes == predicted["flash_bytes"] == cost_report(qm, t).totals["flash_bytes"]
 
 
+@needs_host
+def test_pruned_activation_elements_are_exact_and_cost_what_is_stored(tmp_path):
+    """What hgq hands back on a fixed-point target: per-element weight and activation bits with
+    0-bit elements (pruned input features among them): the host library equals the reference, and
+    its FLASH and arena are the cost model's."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    input_bits = torch.tensor([0.0, 3, 0, 5, 1, 0, 8, 2, 0, 4, 6, 0]).reshape(1, 3, 4)
+    qm = conformance.pruned_per_element(model, (1, 3, 4), 3, input=input_bits, **{"1": [0, 4, 0, 2, 7, 3]})
+    ig = qm.lower()
+    x = (torch.randn(300, 1, 3, 4) * 1.5).numpy()
+    m = generate(ig, qm.graph, assignment(qm), FIXED_MCU, tmp_path / "c")
+    tu = tmp_path / "one.c"
+    tu.write_text('#include "c/model.c"\n#include "c/model_weights.c"\n' + tc.host_driver_source([(m.prefix, "c/model.h")]))
+    tc.compile_host([tu], tmp_path / "one", [tmp_path])
+    codes = quantize_codes(input_grid(ig), x).reshape(len(x), -1)
+    got = tc.run_host(tmp_path / "one", 0, codes, int(np.prod(m.output_shape)), tmp_path / "io")
+    assert np.array_equal(got, np.asarray(reference(ig, x)).reshape(len(x), -1))
+    assert m.flash_bytes == cost_report(qm, FIXED_MCU).totals["flash_bytes"] and m.ram_matches
+
+
 # ----------------------------------------------------------------------------- conformance sweep
 
 

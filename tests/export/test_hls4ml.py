@@ -13,10 +13,15 @@ pytest.importorskip("hls4ml")
 if shutil.which("g++") is None:
     pytest.skip("hls4ml's compile() needs g++", allow_module_level=True)
 
+import sys  # noqa: E402
+
 from mixprec import api  # noqa: E402
 from mixprec.execute import reference  # noqa: E402
 from mixprec.export import Artifact, ExportError, ExportInput, get_exporter  # noqa: E402
 from mixprec.models import get_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the conformance helpers
+from conformance import pruned_per_element  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -125,28 +130,6 @@ def test_mlp_on_an_image_input_is_exact(tmp_path, shape):
     assert np.array_equal(exporter.run(artifact, xs.numpy()), reference(ig, xs.numpy()))
 
 
-def _per_element(model, shape, seed, **act_bits):
-    """``model`` converted with random per-element weight and activation bits (0 = pruned), the input's
-    from 1 bit up and the output's from 4, those of ``act_bits`` (node: bits) as given; calibrated."""
-    from mixprec.convert import convert
-    from mixprec.graph.convert import trace
-    from mixprec.graph.ir import REQUANTIZING_OPS
-
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    graph, _ = trace(model, shape)
-    bits = lambda s, lo: torch.from_numpy(rng.integers(lo, 8, size=s)).float()  # noqa: E731
-    last = graph.weighted()[-1].name
-    act = {n.name: bits(n.out_shape, {"input": 1, last: 4}.get(n.name, 0)) for n in graph if n.op in REQUANTIZING_OPS}
-    act.update({name: torch.as_tensor(b, dtype=torch.float32).expand(graph[name].out_shape).clone()
-                for name, b in act_bits.items()})
-    weight = {n.name: bits(n.weight_shape, 0) for n in graph.weighted()}
-    qm = convert(model, shape, "fixed", weight, act, "per-element", "per-element")
-    qm.calibrate([torch.randn(64, *shape) * 1.5])
-    qm.eval()
-    return qm
-
-
 @pytest.mark.parametrize("model,shape", [
     (torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)), (1, 3, 4)),
     (_Residual(), (2, 8, 8))], ids=["mlp-on-image", "residual-cnn"])
@@ -154,7 +137,7 @@ def test_per_element_precision_is_exact(tmp_path, model, shape):
     """Per-element grids of the input and of every activation (0-bit elements included) and
     per-element weight bits: hls4ml's FixedPointQuantizer layers round every element once, onto its
     own grid, as the reference does, also on inputs that lie exactly halfway between grid points."""
-    qm = _per_element(model, shape, 5)
+    qm = pruned_per_element(model, shape, 5)
     ig = qm.lower()
     assert np.unique(np.asarray(ig["input"].grid.bits)).size > 1
     xs = (torch.randn(200, *shape) * 1.5).numpy()
@@ -176,7 +159,7 @@ def test_per_element_clamps_other_than_the_type_range_are_refused(tmp_path):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 6), torch.nn.ReLU6(), torch.nn.Linear(6, 3))
     with torch.no_grad():
         model[1].weight.mul_(50.0)  # outputs well past 6: the clamp binds
-    qm = _per_element(model, (12,), 2, **{"1": [7, 7, 7, 7, 7, 6]})
+    qm = pruned_per_element(model, (12,), 2, **{"1": [7, 7, 7, 7, 7, 6]})
     inp = ExportInput(tmp_path, qm.lower(), qm, None, (12,), np.zeros((1, 12), np.float32))
     with pytest.raises(ExportError, match="per-element clamps"):
         get_exporter("hls4ml").export(inp, tmp_path / "hls4ml")

@@ -149,6 +149,28 @@ def test_unsupported_widths_are_snapped_up_then_reduced_on_an_mcu():
     assert qm.layers["fc3"].quantizer.bits().min() > 0  # the last layer is never pruned
 
 
+def test_pruned_input_features_and_activation_elements_stay_pruned_on_the_fpga():
+    """Groups HGQ pruned (0-bit input features, 0-bit activation elements) are no width to snap up:
+    reviving them would cost what the search saved and change the inputs the weights were trained
+    on. The step cuts elsewhere; every pruned element stays at 0 bits."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from conformance import pruned_per_element
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3))
+    qm = pruned_per_element(model, (1, 3, 4), 3, input=torch.tensor([0.0, 3, 0, 5, 1, 0, 8, 2, 0, 4, 6, 0]).reshape(1, 3, 4))
+    pruned = {name: q.bits() == 0 for name, q in qm.act_quantizers.items()}
+    assert pruned["input"].sum() == 5 and bs._supported(qm, mixprec.as_target("fpga-hls4ml"))
+    ebops = mixprec.cost_report(qm, "fpga-hls4ml").totals["ebops"]
+    r = bs.budget_step(qm, "fpga-hls4ml", Budget(ebops=0.6 * ebops))
+    assert r.feasible and r.changed
+    assert all(torch.equal(q.bits()[pruned[name]], torch.zeros(int(pruned[name].sum()))) for name, q in qm.act_quantizers.items())
+    _, a = _widths(qm)
+    assert a <= set(range(17)) and bs._supported(qm, mixprec.as_target("fpga-hls4ml"))
+
+
 @pytest.mark.parametrize("solver", ["milp", "greedy"])
 def test_flash_and_ram_together_on_resnet8(solver):
     qm = _model("resnet8", "cortex-m7")
