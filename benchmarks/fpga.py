@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/fpga.py [--task mnist-mlp digits-mlp] [--only ours hgq2] [--epochs N]
         [--runs DIR] [--table-only]
+    .venv/bin/python benchmarks/fpga.py --verify [--task digits-mlp]
+
+``--verify``: one model per granularity (per-element, per-channel, per-tensor weights and
+activations) exported through hls4ml, its compiled C++ run on the whole test set against the integer
+reference -> the "FPGA: hls4ml verification" table, with the resources the HGQ paper's relation
+estimates from EBOPs (about LUT + 55 x DSP; no Vivado/Vitis report here).
 
 Needs ``pip install hgq2`` (Keras 3, run here on its torch backend) for the HGQ2 rows.
 
@@ -43,6 +49,7 @@ from mixprec.search.plan import command_line, in_float_order, share_floats, trai
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLE = "FPGA: HGQ against HGQ2"
+VERIFY_TITLE = "FPGA: hls4ml verification"
 TARGET = "fpga-hls4ml"
 
 
@@ -195,23 +202,23 @@ def table(tasks: list[str], runs: Path) -> None:
             if (out / "result.json").exists():
                 r = json.loads((out / "result.json").read_text())
                 cmd = (out.parent / f"{lv}.command").read_text().strip()
-                rows.append(_row(name, lv, "hgq", r["accuracy"]["quantized"], r["cost"]["ebops"],
+                rows.append(_row(name, lv, limit, "hgq", r["accuracy"]["quantized"], r["cost"]["ebops"],
                                  r["cost_detail"]["ebops_nominal"], None, r["feasible"], f"`{cmd}`"))
             best = best_within(front_rows, limit, "ebops")
             if best is not None:
                 cmd = (runs / name / "ours" / "front.command").read_text().strip()
-                rows.append(_row(name, lv, "hgq front", best["test_accuracy"], best["ebops"], best["ebops_nominal"],
+                rows.append(_row(name, lv, limit, "hgq front", best["test_accuracy"], best["ebops"], best["ebops_nominal"],
                                  None, True, f"`{cmd}` ({best['run']})"))
             best = best_within(hgq2_points, limit, "ebops_hgq2")
             if best is not None:
-                rows.append(_row(name, lv, "HGQ2", best["test_accuracy"], best["ebops"], best["ebops_nominal"],
+                rows.append(_row(name, lv, limit, "HGQ2", best["test_accuracy"], best["ebops"], best["ebops_nominal"],
                                  best["ebops_hgq2"], True, f"`python benchmarks/fpga.py --task {name} --only hgq2` "
                                  f"(epoch {best['epoch']})"))
-    header = ["| task | EBOPs level | run | test acc | EBOPs (ours: set bits) | EBOPs (nominal widths) | "
-              "EBOPs (HGQ2's own) | within level | command |", "|---|---|---|---|---|---|---|---|---|"]
+    header = ["| task | EBOPs level | run | test acc | EBOPs (ours: set bits) | of the level | EBOPs (nominal widths) | "
+              "EBOPs (HGQ2's own) | within level | command |", "|---|---|---|---|---|---|---|---|---|---|"]
     about = (f"`{TARGET}`. `hgq`: our HGQ under the level as a budget (per-element weights and activations, the "
              "input's bits learned per feature), the model as deployed (integer-exact test accuracy, EBOPs of the "
-             "exported weights); `hgq front`: one `-o schedule=front` run, its Pareto member with the best "
+             "exported weights; its controller lands the budget from under it: 'of the level' is the share used); `hgq front`: one `-o schedule=front` run, its Pareto member with the best "
              "validation accuracy within the level (each member a run of its own, budget step and fine-tune "
              "applied); `HGQ2`: HGQ2 0.2 (Keras 3, torch backend) with its defaults, beta ramped over its run, its "
              "epoch with the best validation accuracy within the level by its own EBOPs. 'ours' counts each "
@@ -232,10 +239,63 @@ def _our_front(run: Path) -> list[dict]:
     return points
 
 
-def _row(task, level, run, acc, ebops, nominal, own, within, command) -> str:
+def _row(task, level, limit, run, acc, ebops, nominal, own, within, command) -> str:
     own_text = f"{own:,.0f}" if own is not None else ""
-    return (f"| {task} | {level} | {run} | {acc:.2%} | {ebops:,.0f} | {nominal:,.0f} | {own_text} | "
+    return (f"| {task} | {level} | {run} | {acc:.2%} | {ebops:,.0f} | {ebops / limit:.0%} | {nominal:,.0f} | {own_text} | "
             f"{'yes' if within else 'NO'} | {command} |")
+
+
+# -- hls4ml verification ----------------------------------------------------------------------------
+#: One model per granularity: (label, weight granularity, our options, EBOPs budget as a share of the
+#: task's first level); the per-element one is the first level's budgeted run itself
+GRANULARITY_RUNS = (("per-element", None, None, None),
+                    ("per-channel", "per-channel", {"act_granularity": "per-channel"}, 1.0),
+                    ("per-tensor", "per-tensor", {"act_granularity": "per-tensor"}, 1.0))
+
+
+def verify_trials(task: Task, runs: Path) -> list[tuple[str, Trial]]:
+    first = our_trials(task, runs)[0]
+    out = []
+    for label, gran, options, share in GRANULARITY_RUNS:
+        if gran is None:
+            out.append((label, first))
+            continue
+        cfg = replace(first.config, weight_granularity=gran, options=options,
+                      budget={"ebops": f"{share * level_value(task.levels[0]):g}"})
+        path = runs / task.model / "verify" / label
+        out.append((label, Trial(RunConfig.load(path / "config.yaml"), path) if (path / "config.yaml").exists()
+                    else Trial(cfg, path)))
+    return out
+
+
+def run_verify(tasks: list[str], runs: Path) -> None:
+    from mixprec.export import export_run
+    from mixprec.export.verify import verify_run
+
+    rows, order = [], []
+    for name in tasks:
+        trials = verify_trials(TASKS[name], runs)
+        run_ours([t for _, t in trials])
+        for label, trial in trials:
+            order.append((name, label))
+            t0 = time.perf_counter()
+            export_run(trial.out, "hls4ml")
+            (row,) = verify_run(trial.out, n_inputs=None, formats=["hls4ml"])
+            seconds = time.perf_counter() - t0
+            r = json.loads((trial.out / "result.json").read_text())
+            cmd = (trial.out.parent / f"{trial.out.name}.command").read_text().strip()
+            rows.append(f"| {name} | {label} | {r['accuracy']['quantized']:.2%} | {r['cost']['ebops']:,.0f} | "
+                        f"{row.inputs:,} | {row.mismatches} | {seconds:.0f} | `{cmd}`; `mixprec export "
+                        f"{_rel(trial.out)} --format hls4ml`; `mixprec verify {_rel(trial.out)} -n 0` |")
+    header = ["| task | granularity (weights and activations) | test acc | EBOPs = estimated LUT + 55 x DSP | "
+              "test inputs | mismatches | export + verify s | commands |", "|---|---|---|---|---|---|---|---|"]
+    about = (f"`{TARGET}`: one HGQ model per granularity exported through hls4ml 1.3 (Vivado backend, "
+             "`io_parallel`, latency strategy; per-element and per-channel grids through its fixed-point quantizer "
+             "layers), the compiled C++ emulation run on the whole test set and compared with the integer reference "
+             "output by output (`array_equal`). No Vivado/Vitis synthesis here, so no hls4ml resource report: the "
+             "resource figure is the HGQ paper's estimate from EBOPs (about LUT + 55 x DSP), not a measurement.")
+    write_section(VERIFY_TITLE, about, f"python benchmarks/fpga.py --verify --task {' '.join(tasks)}",
+                  header + merge_rows(VERIFY_TITLE, rows, 2, order))
 
 
 def main() -> None:
@@ -247,9 +307,13 @@ def main() -> None:
     ap.add_argument("--hgq2-epochs", type=int, help="HGQ2's epochs (default: the task's)")
     ap.add_argument("--data-dir", default=os.environ.get("MIXPREC_DATA", str(ROOT.parent / "shared" / "datasets")))
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--verify", action="store_true", help="the hls4ml verification table instead")
     args = ap.parse_args()
     os.environ["MIXPREC_DATA"] = args.data_dir
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.verify:
+        run_verify(args.task, args.runs)
+        return
     if not args.table_only:
         for name in args.task:
             task = TASKS[name]

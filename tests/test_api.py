@@ -3,6 +3,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 import mixprec
@@ -54,6 +55,18 @@ def test_unsupported_bits_and_granularity_name_the_supported_set():
         mixprec.quantize(get_model("digits-cnn"), "cortex-m4", (1, 8, 8), bits=5)
     with pytest.raises(ValueError, match="per-tensor"):
         mixprec.quantize(get_model("digits-cnn"), "cortex-m4", (1, 8, 8), bits=4, weight_granularity="per-element")
+
+
+def test_pruned_activation_groups_load_on_a_fixed_point_target():
+    """What the FPGA's search hands back (input features at 0 bits) converts again, as a run's
+    checkpoint is loaded; a whole tensor at 0 bits is refused (a dead network)."""
+    features = torch.tensor([0.0, 4] * 8)
+    qm = mixprec.quantize(get_model("jet-mlp"), "fpga-hls4ml", (16,), bits=6, act_bits={"input": features})
+    assert torch.equal(qm.act_quantizers["input"].bits().flatten(), features)
+    with pytest.raises(ValueError, match="0-bit activations are not supported by fpga-hls4ml"):
+        mixprec.quantize(get_model("jet-mlp"), "fpga-hls4ml", (16,), bits=6, act_bits={"input": torch.tensor(0.0)})
+    with pytest.raises(ValueError, match="0-bit activations are not supported by generic"):
+        mixprec.quantize(get_model("jet-mlp"), "generic", (16,), bits=6, act_bits={"input": features})
 
 
 def test_cost_term_is_differentiable_for_learned_bits():

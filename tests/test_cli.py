@@ -38,6 +38,11 @@ def test_cost_ebops_are_the_ones_a_run_reports(tmp_path, digits_float):
     res = runner.invoke(app, ["cost", "--from", str(out), "--json"])
     totals = json.loads(res.output)["totals"]
     assert totals["ebops"] == result["cost"]["ebops"] < totals["ebops_nominal"] == result["cost_detail"]["ebops_nominal"]
+    from mixprec import cli
+
+    with cli.console.capture() as printed:  # a fabric has no FLASH or arena to report
+        cli._print_result(result, out)
+    assert "LUT + 55 x DSP" in printed.get() and "FLASH" not in printed.get() and "peak RAM" not in printed.get()
 
 
 @pytest.mark.parametrize("args, message", [

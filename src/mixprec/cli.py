@@ -78,10 +78,15 @@ def _print_result(result: dict, out: Path) -> None:
 
     acc, cost = result["accuracy"], result["cost"]
     console.print(f"test accuracy: float {acc['float']:.2%}  quantized (integer-exact) [bold]{acc['quantized']:.2%}[/]")
-    tables = (result.get("cost_detail") or {}).get("table_bytes") or 0
-    console.print(f"FLASH {format_size(cost['flash_bytes'])}{f' ({tables:,} B layout tables)' if tables else ''}  peak RAM {format_size(cost['ram_bytes'])}"
-                  f"{in_out_ram(cost)}  MACs {cost['macs']:,}  EBOPs {cost['ebops']:,.0f}  latency {cost['latency_cycles']:,.0f} cycles  "
-                  f"energy {cost['energy_uj']:.3g} uJ")
+    if _on_fpga(out):  # no FLASH or arena there: every weight is its own fixed-point constant in the fabric
+        detail = result.get("cost_detail") or {}
+        console.print(f"EBOPs {cost['ebops']:,.0f} (resources: about LUT + 55 x DSP, the HGQ paper's estimate)  "
+                      f"weights {format_size(detail.get('weight_bytes', 0))}  MACs {cost['macs']:,}")
+    else:
+        tables = (result.get("cost_detail") or {}).get("table_bytes") or 0
+        console.print(f"FLASH {format_size(cost['flash_bytes'])}{f' ({tables:,} B layout tables)' if tables else ''}  peak RAM {format_size(cost['ram_bytes'])}"
+                      f"{in_out_ram(cost)}  MACs {cost['macs']:,}  EBOPs {cost['ebops']:,.0f}  latency {cost['latency_cycles']:,.0f} cycles  "
+                      f"energy {cost['energy_uj']:.3g} uJ")
     for k, c in result["budget_checks"].items():
         mark = "[green]ok[/]" if c["ok"] else "[red]over[/]"
         console.print(f"budget {k}: {c['value']:,.6g} <= {c['limit']:,.6g} {mark}")
@@ -90,6 +95,15 @@ def _print_result(result: dict, out: Path) -> None:
         verdict = f"[bold red]DEGENERATE[/] ({'feasible' if result['feasible'] else 'infeasible'})"
     console.print(f"{verdict}; reference mismatches: {result['reference_mismatches']}; "
                   f"{result['wall_seconds']:.1f} s; run directory: {out}")
+
+
+def _on_fpga(out: Path) -> bool:
+    """Whether the run's target is a fabric (fixed point, no FLASH or RAM capacity: fpga-hls4ml)."""
+    from .cost import as_target
+    from .search import RunConfig
+
+    t = as_target(RunConfig.load(out / "config.yaml").target)
+    return t.numerics == "fixed" and t.flash_bytes is None and t.ram_bytes is None
 
 
 def _run(cfg_kwargs: dict, out: Path, quiet: bool, verbose: bool, resume: bool = False, device: str = "auto") -> dict:

@@ -25,9 +25,11 @@ def quantize(model: nn.Module, target: str | Target, input_shape: tuple[int, ...
     for b in _values(bits):
         if b not in t.weight_bits:
             raise ValueError(f"{b}-bit weights are not supported by {t.name}; supported: {', '.join(map(str, t.weight_bits))}")
-    for b in _values(act_bits):
-        if b not in t.act_bits:
-            raise ValueError(f"{b}-bit activations are not supported by {t.name}; supported: {', '.join(map(str, t.act_bits))}")
+    for grid in act_bits.values() if isinstance(act_bits, dict) else [act_bits]:
+        allowed = t.act_bits_of(torch.as_tensor(grid).numel())
+        for b in _values(grid):
+            if b not in allowed:
+                raise ValueError(f"{b}-bit activations are not supported by {t.name}; supported: {', '.join(map(str, allowed))}")
     return convert(model, input_shape, t.numerics, bits, act_bits, gran, t.act_granularities[0], t.name)
 
 

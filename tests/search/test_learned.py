@@ -84,7 +84,8 @@ def test_hgq_controller_drives_the_cost_down(hgq_run):
     _, result = hgq_run
     epochs = result["history"]["hgq"]
     assert epochs[-1]["cost"]["flash_bytes"] < epochs[0]["cost"]["flash_bytes"]
-    assert all(e["beta"] > 0 for e in epochs)
+    # over the budget, beta pushes down (a pull raises bits only under 0.97 of it)
+    assert all(e["beta"] > 0 for e in epochs if e["cost"]["flash_bytes"] > 6 * 1024)
 
 
 def test_dq_phases_and_float_model_reused(dq_run, hgq_run, float_run):
@@ -137,6 +138,27 @@ def test_beta_controller_moves_towards_the_target():
     assert ramp.current_beta() == pytest.approx(1e-3)
     ramp.calls = 50
     assert ramp.current_beta() == pytest.approx(10 ** -1.5)
+
+
+def test_the_controller_pulls_bits_up_under_its_band_and_holds_inside_it():
+    """A budget is a target to land near: under (1 - band) x target the penalty becomes a pull that
+    raises bits and grows while the cost stays there, in the band both hold, over the target the
+    pull stops and beta, which kept shrinking under the target, pushes again."""
+    from mixprec.search.hgq import PULL_START, HGQOptions, control_beta
+
+    opts = HGQOptions(beta=1e-2, band=0.05)
+    start = PULL_START * opts.beta
+    assert control_beta(0.03, 0.0, 1.2, 1.0, opts, 0.1) == (pytest.approx(0.03 * math.exp(0.1 * 0.2)), 0.0)
+    assert control_beta(0.03, 0.0, 0.97, 1.0, opts, 0.1) == (0.03, 0.0)  # in the band
+    beta, pull = control_beta(0.03, 0.0, 0.5, 1.0, opts, 0.1)
+    assert beta == pytest.approx(0.03 * math.exp(-0.05)) and pull == pytest.approx(start * math.exp(0.1 * (1 - 0.5 / 0.95)))
+    assert control_beta(beta, pull, 0.5, 1.0, opts, 0.1)[1] > pull  # still under: pulls harder
+    assert control_beta(beta, pull, 0.96, 1.0, opts, 0.1) == (beta, pull)  # back in the band: holds
+    assert control_beta(beta, pull, 1.1, 1.0, opts, 0.1) == (pytest.approx(beta * math.exp(0.01)), 0.0)
+    one_sided = HGQOptions(beta=1e-2, band=0.0)
+    assert control_beta(0.03, 0.0, 0.5, 1.0, one_sided, 0.1) == (pytest.approx(0.03 * math.exp(-0.05)), 0.0)
+    with pytest.raises(ValueError, match="band"):
+        HGQOptions(band=1.0)
 
 
 def test_relaxed_target_counts_every_bit():

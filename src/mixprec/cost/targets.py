@@ -86,6 +86,13 @@ class Target:
     def allows_pruning(self) -> bool:
         return 0 in self.weight_bits
 
+    def act_bits_of(self, groups: int) -> tuple[int, ...]:
+        """The widths the entries of an activation grid of ``groups`` bit groups may take: the
+        target's, and 0 for a group of a finer-than-tensor grid in fixed point (a pruned input feature
+        or activation element: its value is always 0, so it costs nothing and is not stored); a whole
+        tensor at 0 bits would be a dead network."""
+        return (0, *self.act_bits) if self.numerics == "fixed" and groups > 1 else self.act_bits
+
     def throughput(self, act_bits: float, weight_bits: float) -> float:
         """MACs per cycle at the table entry of the next supported width up (clamped to the largest).
 

@@ -300,7 +300,7 @@ def cost_terms(ctx: SearchContext, opts: DnasOptions, costs: SupernetCost, total
     penalties = []
     for key, lam in zip(keys, lams):
         limit = limits.get(key)
-        pace = HGQOptions(beta=lam, target_ratio=opts.target_ratio, penalty_every=1)
+        pace = HGQOptions(beta=lam, target_ratio=opts.target_ratio, penalty_every=1, band=0.0)
         reference = limit if limit is not None else max(float(start[key]), 1e-12)
         target = None if limit is None else opts.target_ratio * limit
         penalties.append(ExpectedCostPenalty(costs, pace, key, "constant" if limit is None else "controller",

@@ -5,7 +5,8 @@ every activation tensor learns its fractional bits ``f`` by the surrogate gradie
 :mod:`mixprec.quantizers.hgq`, against a cost penalty ``beta * cost / reference``. The cost is any
 total of the cost model (EBOPs, BOPs, FLASH, peak RAM, in+out RAM, energy, latency). ``beta``
 follows a schedule (constant, linear or log ramp) or a controller that tracks a target cost (by
-default 95% of the budget on that cost). Every epoch is measured exactly; epochs on the (validation
+default the band of 97-100% of the budget on that cost, raising bits when the cost falls under it).
+Every epoch is measured exactly; epochs on the (validation
 accuracy, cost) Pareto front are kept in ``RUN/pareto/``; the result is the most accurate epoch
 that meets the budget (the last one when none does), recalibrated and frozen into fixed bits for
 the budget step.
@@ -43,10 +44,11 @@ class HGQOptions:
     schedule: str = ""  # constant | linear | log | controller | front; "" = controller when the cost has a budget, else log; front = the log ramp, and every (val accuracy, cost) Pareto epoch becomes its own run in RUN/front/
     beta: float = 1e-2  # penalty weight of cost / reference (the budget, else the starting cost)
     beta_end: float = 1.0  # end of the linear / log ramp
-    target_ratio: float = 0.95  # controller: aim at this fraction of the budget (containers round up)
+    target_ratio: float = 1.0  # controller: aim at this fraction of the budget (the cost it reads is the real containers'; with the band it settles in [(1 - band) x, 1 x] this)
     gain: float = 0.05  # controller: change of ln(beta) per penalty step per unit of relative error
     min_reach: float = 16.0  # controller: at least this change of ln(beta) over the phase at full error (a short phase raises its gain)
     max_error: float = 1.0  # controller: the relative error is clipped to +-this (bounds each step)
+    band: float = 0.03  # controller: below (1 - band) x its target the penalty turns into a pull that raises bits, so a budget is landed near, not undershot (0 = never)
     anneal: float = 0.0  # controller: its target falls from the starting cost to the final one over this fraction of the phase (geometrically); 0 = the final target from the first step
     init_bits: float = 8.0  # starting weight storage bits (sign included)
     act_init_bits: float = 8.0  # starting activation bits
@@ -65,6 +67,8 @@ class HGQOptions:
             cost_key(self.cost)
         if self.penalty_every < 1:
             raise ValueError("penalty_every must be at least 1")
+        if not 0.0 <= self.band < 1.0:
+            raise ValueError(f"band is a fraction of the controller's target, 0 <= band < 1 (got {self.band})")
         if not 0.0 <= self.anneal <= 1.0:
             raise ValueError(f"anneal is a fraction of the phase, 0..1 (got {self.anneal})")
         if self.learn_input not in ("auto", "true", "false"):
@@ -98,6 +102,7 @@ class BetaPenalty(Callback):
         self.measure_model = measure_model or target_model  # the controller's: the real containers
         self.max_act_bits = max(self.measure_model.act_containers)
         self.beta, self.calls, self.last_cost = opts.beta, 0, float("nan")  # last_cost: what the controller saw
+        self.pull = 0.0  # the controller's upward pull (see control_beta)
         self.pace = phase_pace(opts, self.total_steps)
         self.start_cost: float | None = None  # the first measured cost: where an annealed target starts
 
@@ -108,7 +113,7 @@ class BetaPenalty(Callback):
             return o.beta + (o.beta_end - o.beta) * min(t, 1.0)
         if self.schedule in ("log", "front"):
             return log_ramp(o.beta, o.beta_end, t)
-        return self.beta
+        return -self.pull if self.pull else self.beta
 
     def current_target(self) -> float:
         if not self.opts.anneal or self.start_cost is None:
@@ -125,10 +130,8 @@ class BetaPenalty(Callback):
             self.last_cost = self.measured(model, cost)
             if self.start_cost is None:
                 self.start_cost = self.last_cost
-            # clipped: a start far over budget (13x on an FPGA run) otherwise let beta leap ~e^0.6 per
-            # step and prune whole layers before the cost could answer
-            error = min(max(self.last_cost / self.current_target() - 1.0, -self.opts.max_error), self.opts.max_error)
-            self.beta = min(max(self.beta * math.exp(self.pace.gain * error), 1e-8), 1e4)
+            self.beta, self.pull = control_beta(self.beta, self.pull, self.last_cost, self.current_target(), self.opts,
+                                                self.pace.gain)
         term = self.current_beta() * cost / self.reference
         if self.opts.gamma:
             term = term + self.opts.gamma * sum(q.f.sum() for q in model_quantizers(model))
@@ -160,11 +163,40 @@ class BetaPenalty(Callback):
             stats["target_cost"] = self.current_target()
 
     def state_dict(self) -> dict:
-        return {"beta": self.beta, "calls": self.calls, "start_cost": self.start_cost}
+        return {"beta": self.beta, "pull": self.pull, "calls": self.calls, "start_cost": self.start_cost}
 
     def load_state_dict(self, state: dict) -> None:
         self.beta, self.calls = state["beta"], state["calls"]
+        self.pull = state.get("pull", 0.0)
         self.start_cost = state.get("start_cost")
+
+
+#: The controller's upward pull starts at this fraction of the options' starting beta
+PULL_START = 1e-2
+
+
+def control_beta(beta: float, pull: float, cost: float, target: float, opts: HGQOptions,
+                 gain: float) -> tuple[float, float]:
+    """One controller update from the measured ``cost``: ``(beta, pull)``; the penalty weighs the
+    cost by ``beta`` while ``pull`` is 0, else by ``-pull`` (the bits climb). Multiplicative, the
+    relative error clipped to ``opts.max_error`` (a start far over budget, 13x on an FPGA run,
+    otherwise let beta leap ~e^0.6 per step and prune whole layers before the cost could answer).
+
+    Over the target beta grows and any pull stops. Under the target beta shrinks; with
+    ``opts.band``, under ``(1 - band) x target`` the pull starts small and grows while the cost
+    stays there, and in the band both hold. A positive beta, however small, still pushes every bit
+    the loss does not defend downwards (Adam's steps follow the gradient's sign): a run that overshot
+    stayed at 65% of a 26k-EBOPs budget to its end. Beta keeps what it had learnt under the pull, so
+    the cost, once back over the target, meets the push it needs (restarting it small let the cost
+    settle 15% over the budget)."""
+    error = min(max(cost / target - 1.0, -opts.max_error), opts.max_error)
+    low = (1.0 - opts.band) * target
+    if opts.band and low <= cost <= target:
+        return beta, pull
+    beta = min(max(beta * math.exp(gain * error), 1e-8), 1e4)
+    if cost > target or not opts.band:
+        return beta, 0.0
+    return beta, min(max(pull, PULL_START * opts.beta) * math.exp(gain * min(1.0 - cost / low, opts.max_error)), 1e4)
 
 
 @dataclass(frozen=True)

@@ -44,15 +44,6 @@ def _restore(qm, saved: dict) -> None:
     qm.invalidate()
 
 
-def _act_widths_of(q, t: Target) -> tuple[int, ...]:
-    """The widths an activation quantizer's entries may take: the target's, and 0 for the groups of
-    a finer-than-tensor grid in fixed point (a pruned input feature or channel, which the frozen
-    quantizer keeps at 0: snapping it up to 1 bit would revive what the search pruned)."""
-    if t.numerics == "fixed" and q.bits().numel() > 1:
-        return (0, *t.act_bits)
-    return t.act_bits
-
-
 def _snap_model(qm, t: Target) -> bool:
     changed = False
     for name, layer in qm.layers.items():
@@ -63,7 +54,7 @@ def _snap_model(qm, t: Target) -> bool:
             changed = True
     for name, q in qm.act_quantizers.items():
         bits = q.bits().detach().cpu()
-        snapped = _snap(bits, _act_widths_of(q, t))
+        snapped = _snap(bits, t.act_bits_of(bits.numel()))
         if not torch.equal(snapped, bits.float()):
             _set_bits(q, snapped, tuple(bits.shape))
             changed = True
@@ -75,7 +66,7 @@ def _snap_model(qm, t: Target) -> bool:
 def _supported(qm, t: Target) -> bool:
     w = all(set(map(float, l.quantizer.bits().detach().flatten().tolist())) <= set(map(float, t.weight_bits))
             for l in qm.layers.values())
-    a = all(set(map(float, q.bits().detach().flatten().tolist())) <= set(map(float, _act_widths_of(q, t)))
+    a = all(set(map(float, q.bits().detach().flatten().tolist())) <= set(map(float, t.act_bits_of(q.bits().numel())))
             for q in qm.act_quantizers.values())
     return w and a
 
