@@ -110,6 +110,8 @@ def test_options_are_parsed_and_checked(tmp_path):
         parse_options(HGQOptions, {"bta": "1"}, "hgq")
     with pytest.raises(ValueError, match="ewgs"):
         parse_options(DQOptions, {"act_grad": "magic"}, "dq")
+    with pytest.raises(ValueError, match="hgq option gamma='lots' must be a number"):
+        parse_options(HGQOptions, {"gamma": "lots"}, "hgq")
     with pytest.raises(ValueError, match="takes no options"):
         run_search(RunConfig(options={"beta": "1"}, **FAST), tmp_path / "u")
     with pytest.raises(ValueError, match="controller"):  # a controller needs a budget on its cost
@@ -272,6 +274,27 @@ def test_hgq_per_element_on_the_fpga_learns_every_input_feature_and_exports_to_h
     export_run(tmp_path / "fpga", "hls4ml")
     (row,) = verify_run(tmp_path / "fpga", n_inputs=None, formats=["hls4ml"])  # the whole test set
     assert row.ok and row.inputs == len(digits.x_test)
+
+
+@pytest.fixture(scope="module")
+def mlp_float(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mlp-float") / "run"
+    run_search(RunConfig(model="digits-mlp", float_epochs=30, batch_size=32, lr=3e-3), out, until="float")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ebops", [2e3, 2e4, 2e5])
+def test_the_controller_lands_budgets_10x_apart_within_10_percent_under(tmp_path, mlp_float, ebops):
+    """A budget is a target: the digits MLP on the FPGA, per-element HGQ from 8-bit starts near 1e5
+    EBOPs; at 2e3 and 2e4 the controller must come down and stay, at 2e5 go up (a positive beta
+    alone never raises bits). The deployed model ends within 10% under each budget."""
+    cfg = RunConfig(model="digits-mlp", target="fpga-hls4ml", method="hgq", weight_granularity="per-element",
+                    budget={"ebops": f"{ebops:g}"}, float_from=str(mlp_float), qat_epochs=40, budget_epochs=5,
+                    batch_size=32, qat_lr=1e-3, options={"act_granularity": "per-element"})
+    result = run_search(cfg, tmp_path / "run")
+    assert result["feasible"] and not result["degenerate"]
+    assert 0.9 * ebops <= result["cost"]["ebops"] <= ebops
 
 
 def test_hgq_front_makes_every_pareto_epoch_a_run_of_its_own(tmp_path, float_run):

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..bracketed import NotKeyValue, split_bracketed
+from ..bracketed import NotKeyValue, split_bracketed, typed
 
 
 class DatasetError(ValueError):
@@ -228,16 +228,9 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int
 def _typed(dataset: str, key: str, text: str, default):
     """An option's text as its default's type (bool, int, float; else the text)."""
     try:
-        if isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1", "yes")
-        if isinstance(default, (int, float)):
-            return type(default)(float(text)) if isinstance(default, int) else float(text)
-    except ValueError:
-        kind = "true or false" if isinstance(default, bool) else "an integer" if isinstance(default, int) else "a number"
-        raise DatasetError(f"dataset {dataset!r}: option {key}={text!r} must be {kind}") from None
-    return text
+        return typed(text, default)
+    except ValueError as err:
+        raise DatasetError(f"dataset {dataset!r}: option {key}={text!r} {err}") from None
 
 
 def split_options(name: str) -> tuple[str, dict[str, str]]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..bracketed import typed
 from ..convert import activation_clip, convert_with
 from ..cost import Budget, Target, assignment, evaluate_torch
 from ..cost.deployed import cost_report
@@ -43,15 +44,16 @@ def parse_options(cls, options: dict, method: str):
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for --method {method}; known: {', '.join(sorted(known))}")
-    return cls(**{k: _convert(v, cls.__dataclass_fields__[k].default) for k, v in options.items()})
+    return cls(**{k: _convert(method, k, v, cls.__dataclass_fields__[k].default) for k, v in options.items()})
 
 
-def _convert(value, default):
-    if not isinstance(value, str) or isinstance(default, str) or default is None:
+def _convert(method: str, key: str, value, default):
+    if not isinstance(value, str) or default is None:
         return value
-    if isinstance(default, bool):
-        return value.lower() in ("1", "true", "yes", "on")
-    return type(default)(float(value)) if isinstance(default, int) else float(value)
+    try:
+        return typed(value, default)
+    except ValueError as err:
+        raise ValueError(f"{method} option {key}={value!r} {err}") from None
 
 
 def cost_key(name: str) -> str:
