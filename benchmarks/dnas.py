@@ -22,16 +22,17 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _runs import command_file, run_trial  # noqa: E402
 from _tables import merge_rows, write_section  # noqa: E402
 
 from mixprec.cost.keys import BY_NAME  # noqa: E402
 from mixprec.granularity import expand  # noqa: E402
-from mixprec.search import RunConfig, Trial, load_run, run_search  # noqa: E402
-from mixprec.search.plan import command_line, in_float_order, share_floats, trained_floats  # noqa: E402
+from mixprec.search import RunConfig, Trial, load_run  # noqa: E402
+from mixprec.search.plan import in_float_order, share_floats, trained_floats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIFORM = (8, 4, 2)
@@ -157,26 +158,9 @@ def trials(args, everything: bool = False) -> list[Trial]:
     return in_float_order(share_floats(stored, trained))
 
 
-def _rel(path: Path) -> Path:
-    full = path.resolve()
-    return full.relative_to(ROOT) if full.is_relative_to(ROOT) else path
-
-
-def _command_file(out: Path) -> Path:
-    """Beside the run folder (a folder must hold a run or nothing to be resumed into)."""
-    return out.parent / f"{out.name}.command"
-
-
 def run_all(args) -> None:
     for trial in trials(args):
-        cfg = trial.config
-        if cfg.float_from:
-            cfg = replace(cfg, float_from=str(_rel(Path(cfg.float_from))))
-        trial.out.parent.mkdir(parents=True, exist_ok=True)
-        _command_file(trial.out).write_text(command_line(cfg, _rel(trial.out), ROOT) + "\n")
-        if not args.table_only and not (trial.out / "result.json").exists():
-            logging.info("%s: %s", trial.out, command_line(cfg, _rel(trial.out), ROOT))
-            run_search(cfg, trial.out, resume=True, device=args.device)
+        run_trial(trial.config, trial.out, run=not args.table_only, device=args.device)
 
 
 def weight_bits(run_dir: Path) -> float:
@@ -189,7 +173,7 @@ def weight_bits(run_dir: Path) -> float:
 def row(run_dir: Path, label: str, budget: str) -> str:
     r = json.loads((run_dir / "result.json").read_text())
     pruned = (r.get("history", {}).get("dnas") or [{}])[-1].get("pruned_share")
-    cmd = _command_file(run_dir).read_text().strip()
+    cmd = command_file(run_dir).read_text().strip()
     return (f"| {label} | {budget} | {r['accuracy']['quantized']:.2%} | {weight_bits(run_dir) / 1000:,.1f}k | "
             f"{r['cost']['flash_bytes']:,} | {r['cost']['energy_uj']:.1f} | {'yes' if r['feasible'] else 'NO'} | "
             f"{'' if pruned is None else f'{pruned:.0%}'} | `{cmd}` |")

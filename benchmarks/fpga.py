@@ -40,12 +40,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _runs import repo_relative, run_trial  # noqa: E402
 from _tables import merge_rows, write_section  # noqa: E402
 
 from mixprec.cost.compute import effective_bits  # noqa: E402
 from mixprec.data import load_dataset  # noqa: E402
-from mixprec.search import RunConfig, Trial, run_search  # noqa: E402
-from mixprec.search.plan import command_line, in_float_order, share_floats, trained_floats  # noqa: E402
+from mixprec.search import RunConfig, Trial  # noqa: E402
+from mixprec.search.plan import in_float_order, share_floats, trained_floats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TITLE = "FPGA: HGQ against HGQ2"
@@ -96,19 +97,7 @@ def our_trials(task: Task, runs: Path, epochs_scale: float = 1.0) -> list[Trial]
 
 def run_ours(trials: list[Trial]) -> None:
     for trial in in_float_order(share_floats(trials, trained_floats(trials))):
-        cfg, out = trial.config, trial.out
-        if cfg.float_from:
-            cfg = replace(cfg, float_from=str(_rel(Path(cfg.float_from))))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        (out.parent / f"{out.name}.command").write_text(command_line(cfg, _rel(out), ROOT) + "\n")
-        if not (out / "result.json").exists():
-            logging.info("%s", command_line(cfg, _rel(out), ROOT))
-            run_search(cfg, out, resume=True)
-
-
-def _rel(path: Path) -> Path:
-    full = path.resolve()
-    return full.relative_to(ROOT) if full.is_relative_to(ROOT) else path
+        run_trial(trial.config, trial.out)
 
 
 # -- HGQ2 ---------------------------------------------------------------------------------------------
@@ -286,7 +275,7 @@ def run_verify(tasks: list[str], runs: Path) -> None:
             cmd = (trial.out.parent / f"{trial.out.name}.command").read_text().strip()
             rows.append(f"| {name} | {label} | {r['accuracy']['quantized']:.2%} | {r['cost']['ebops']:,.0f} | "
                         f"{row.inputs:,} | {row.mismatches} | {seconds:.0f} | `{cmd}`; `mixprec export "
-                        f"{_rel(trial.out)} --format hls4ml`; `mixprec verify {_rel(trial.out)} -n 0` |")
+                        f"{repo_relative(trial.out)} --format hls4ml`; `mixprec verify {repo_relative(trial.out)} -n 0` |")
     header = ["| task | granularity (weights and activations) | test acc | EBOPs = estimated LUT + 55 x DSP | "
               "test inputs | mismatches | export + verify s | commands |", "|---|---|---|---|---|---|---|---|"]
     about = (f"`{TARGET}`: one HGQ model per granularity exported through hls4ml 1.3 (Vivado backend, "

@@ -33,17 +33,17 @@ import json
 import logging
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _runs import repo_relative, run_trial  # noqa: E402
 from _tables import merge_rows, write_section  # noqa: E402
 
 from mixprec.cost import Budget, load_target  # noqa: E402
 from mixprec.models import get_model  # noqa: E402
 from mixprec.quantizers.fixed import MSE_MAX_BITS  # noqa: E402
-from mixprec.search import RunConfig, Trial, run_search  # noqa: E402
-from mixprec.search.plan import (Family, command_line, in_float_order, share_floats, trained_floats,  # noqa: E402
+from mixprec.search import RunConfig, Trial  # noqa: E402
+from mixprec.search.plan import (Family, in_float_order, share_floats, trained_floats,  # noqa: E402
                                   widest)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,14 +105,6 @@ def config_for(preset: dict, run: dict, budget_text: str, float_from: str | None
                      float_from=float_from, **extra, **train)
 
 
-def command_for(cfg: RunConfig, out) -> str:
-    return command_line(cfg, out, ROOT)
-
-
-def _rel(path: Path) -> Path:
-    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-
-
 def _planned(args, all_budgets: bool, methods) -> list[Trial]:
     """The trials of the presets asked for, in run order; a folder that holds a run keeps the
     configuration it was made with, whatever this call would plan."""
@@ -143,14 +135,7 @@ def _float_sources(args, trials) -> dict[str, Path]:
 def run_all(args) -> None:
     trials = _planned(args, all_budgets=False, methods=args.methods)
     for trial in in_float_order(share_floats(trials, _float_sources(args, trials))):
-        cfg, out = trial.config, trial.out
-        if cfg.float_from:
-            cfg = replace(cfg, float_from=str(_rel(Path(cfg.float_from).resolve())))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        (out.parent / f"{out.name}.command").write_text(command_for(cfg, _rel(out)) + "\n")
-        if not args.table_only and not (out / "result.json").exists():
-            logging.info("%s: %s", trial.id, command_for(cfg, _rel(out)))
-            run_search(cfg, out, resume=True, device=args.device)
+        run_trial(trial.config, trial.out, run=not args.table_only, device=args.device)
 
 
 ACC_TITLE = "Learned precision under FLASH budgets"
@@ -294,11 +279,8 @@ def run_fpga(args) -> None:
     for budget in args.budgets_fpga or FPGA["budgets"]:
         for name in args.fpga_runs or FPGA_RUNS:
             out = args.runs / "lenet5-mnist-fpga" / budget / name
-            cfg = fpga_config(name, budget, str(_rel(source)) if source else None)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            (out.parent / f"{name}.command").write_text(command_for(cfg, _rel(out)) + "\n")
-            if not args.table_only:
-                run_search(cfg, out, resume=True, device=args.device)
+            cfg = fpga_config(name, budget, str(repo_relative(source)) if source else None)
+            run_trial(cfg, out, run=not args.table_only, device=args.device)
             if source is None:
                 source = out
 

@@ -28,15 +28,15 @@ import logging
 import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _runs import run_trial  # noqa: E402
 from _tables import merge_rows, write_section  # noqa: E402
 
 from mixprec.cost import Budget  # noqa: E402
-from mixprec.search import RunConfig, Trial, run_search  # noqa: E402
-from mixprec.search.plan import Family, command_line, in_float_order, share_floats, trained_floats, widest  # noqa: E402
+from mixprec.search import RunConfig, Trial  # noqa: E402
+from mixprec.search.plan import Family, in_float_order, share_floats, trained_floats, widest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = "cortex-m7"
@@ -105,11 +105,6 @@ def planned(args, everything: bool = False) -> list[Trial]:
     return trials
 
 
-def _rel(path: Path) -> Path:
-    full = path.resolve()
-    return full.relative_to(ROOT) if full.is_relative_to(ROOT) else path
-
-
 def run_all(args) -> None:
     trials = planned(args)
     known = trained_floats(planned(args, everything=True))
@@ -117,14 +112,7 @@ def run_all(args) -> None:
         model, _, path = item.rpartition("=")
         known.update({t.float_id: Path(path) for t in trials if t.trains_float() and t.config.model == model})
     for trial in in_float_order(share_floats(trials, known)):
-        cfg, out = trial.config, trial.out
-        if cfg.float_from:
-            cfg = replace(cfg, float_from=str(_rel(Path(cfg.float_from))))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        (out.parent / f"{out.name}.command").write_text(command_line(cfg, _rel(out), ROOT) + "\n")
-        if not args.table_only and not (out / "result.json").exists():
-            logging.info("%s: %s", out, command_line(cfg, _rel(out), ROOT))
-            run_search(cfg, out, resume=True, device=args.device)
+        run_trial(trial.config, trial.out, run=not args.table_only, device=args.device)
 
 
 TITLE = "RL on cortex-m7: FLASH and RAM limits at once"

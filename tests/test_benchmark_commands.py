@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 import mixprec.cli as cli
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _runs import command_for  # noqa: E402  (what every benchmark writes beside its runs)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ FIELDS = ("model", "data", "target", "method", "bits", "act_bits", "weight_granu
 def test_learned_table_commands_reproduce_their_config(learned, run, monkeypatch):
     preset = learned.PRESETS["resnet8-cifar10"]
     cfg = learned.config_for(preset, run, "16KiB", "runs/bench-learned/resnet8-cifar10/16KiB/uniform4")
-    config, out = parsed(learned.command_for(cfg, Path("runs/x")), monkeypatch)
+    config, out = parsed(command_for(cfg, Path("runs/x")), monkeypatch)
     for field in FIELDS:
         assert config[field] == getattr(cfg, field), field
     assert config["budget"] == cfg.budget and out == Path("runs/x")
@@ -54,7 +56,7 @@ def test_learned_table_commands_reproduce_their_config(learned, run, monkeypatch
 def test_fpga_table_commands_reproduce_their_config(learned, name, monkeypatch):
     # the uniform FPGA run leaves activation bits unset (they follow the weights)
     cfg = learned.fpga_config(name, "1e6", None)
-    config, _ = parsed(learned.command_for(cfg, Path("runs/x")), monkeypatch)
+    config, _ = parsed(command_for(cfg, Path("runs/x")), monkeypatch)
     for field in FIELDS:
         assert config[field] == getattr(cfg, field), field
     assert config["budget"] == cfg.budget and config["float_from"] is None
@@ -79,7 +81,7 @@ def test_dnas_table_commands_reproduce_their_config(dnas_bench, task, tmp_path, 
     assert len(trials) == len(dnas_bench.TASKS[task].budgets) + len(dnas_bench.UNIFORM)
     flags = set()
     for trial in trials:
-        config, out = parsed(dnas_bench.command_line(trial.config, trial.out, ROOT), monkeypatch)
+        config, out = parsed(command_for(trial.config, trial.out), monkeypatch)
         for field in FIELDS:
             assert config[field] == getattr(trial.config, field), (trial.out, field)
         assert config["budget"] == trial.config.budget and Path(out) == trial.out
@@ -98,7 +100,7 @@ def test_rl_table_commands_reproduce_their_config(preset, tmp_path, monkeypatch)
     trials = rl.planned(args)
     assert {t.config.method for t in trials} == {"rl", "hgq", "dq", "uniform"}
     for trial in trials:
-        config, out = parsed(rl.command_line(trial.config, trial.out, ROOT), monkeypatch)
+        config, out = parsed(command_for(trial.config, trial.out), monkeypatch)
         for field in FIELDS:
             assert config[field] == getattr(trial.config, field), (trial.out, field)
         assert config["budget"] == trial.config.budget and set(config["budget"]) == {"flash", "ram"}
@@ -114,7 +116,7 @@ def test_hgq2_comparison_commands_reproduce_their_config(task, tmp_path, monkeyp
     trials = fpga.our_trials(fpga.TASKS[task], tmp_path)
     assert len(trials) == len(fpga.TASKS[task].levels) + 1  # the levels, and one front run
     for trial in trials:
-        config, out = parsed(fpga.command_line(trial.config, trial.out, ROOT), monkeypatch)
+        config, out = parsed(command_for(trial.config, trial.out), monkeypatch)
         for field in FIELDS:
             assert config[field] == getattr(trial.config, field), (trial.out, field)
         assert config["budget"] == trial.config.budget and Path(out) == trial.out
