@@ -186,7 +186,8 @@ def flat_inputs(ig: IntGraph) -> set[str]:
 
 
 def _plan(ig: IntGraph):
-    """Torch modules, hls4ml layer names and precisions; raises ExportError on what is not exact."""
+    """Torch modules, hls4ml layer names and precisions, and every type the design holds (tensors and
+    the input port); raises ExportError on what is not exact."""
     if ig.numerics != "fixed":
         raise ExportError(f"hls4ml export needs fixed-point numerics (power-of-two scales, e.g. target "
                           f"fpga-hls4ml); this run uses {ig.numerics!r} numerics (per-channel integer "
@@ -395,8 +396,7 @@ def _plan(ig: IntGraph):
             node_layer[node.name] = key
         else:
             raise ExportError(f"node {node.name!r}: op {op!r} has no hls4ml export")
-    tensors.update({f"(port {i})": t for i, t in enumerate(wide)})  # for _default_type
-    return layers, names, relus, quants, precision, node_layer, tensors, notes
+    return layers, names, relus, quants, precision, node_layer, list(tensors.values()) + wide, notes
 
 
 def _name_adds(model: nn.Module, ig: IntGraph, names: dict, precision: dict, node_layer: dict) -> None:
@@ -431,10 +431,11 @@ def _padded_maxpool_sources(ig: IntGraph) -> set[str]:
     return out
 
 
-def _default_type(tensors: dict[str, _Tensor]) -> str:
-    """A type wide enough to hold every tensor exactly (layers hls4ml inserts, e.g. transposes)."""
-    frac = max(t.frac for t in tensors.values())
-    ints = max(t.bits - t.frac for t in tensors.values())
+def _default_type(types: list[_Tensor]) -> str:
+    """A type wide enough to hold every tensor and port type exactly (layers hls4ml inserts, e.g.
+    transposes)."""
+    frac = max(t.frac for t in types)
+    ints = max(t.bits - t.frac for t in types)
     return fixed_type(ints + frac + 1, frac, True)
 
 
@@ -527,7 +528,7 @@ class Hls4mlExporter:
         ig: IntGraph = inp.graph
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        layers, names, relus, quants, precision, node_layer, tensors, notes = _plan(ig)
+        layers, names, relus, quants, precision, node_layer, types, notes = _plan(ig)
         register()
         model = _RealNet(ig, layers, names, relus, quants).eval()
         _name_adds(model, ig, names, precision, node_layer)
@@ -536,7 +537,7 @@ class Hls4mlExporter:
         with contextlib.redirect_stdout(io.StringIO()):
             config = hls4ml.utils.config_from_pytorch_model(
                 model, input_shape, granularity="name", backend=BACKEND,
-                default_precision=_default_type(tensors), channels_last_conversion="full", transpose_outputs=False)
+                default_precision=_default_type(types), channels_last_conversion="full", transpose_outputs=False)
         config["Model"]["BitExact"] = False  # our types are exact by construction: no re-derivation
         layer_cfg = config["LayerName"]
         missing = [k for k in precision if k not in layer_cfg]
