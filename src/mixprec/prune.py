@@ -264,7 +264,7 @@ def _narrower_graph(graph: Graph, alive: dict, cols: dict, groups: dict) -> Grap
             attrs["groups"] = groups[node.name]
         nodes.append(replace(node, out_shape=shapes[node.name], in_shapes=[shapes[i] for i in node.inputs],
                              weight_shape=weight_shape, attrs=attrs))
-    return Graph(nodes, graph.output)
+    return Graph(nodes, graph.output, graph.output_transform)
 
 
 def _slice_rows_cols(t: torch.Tensor, rows: np.ndarray, cols: np.ndarray) -> torch.Tensor:

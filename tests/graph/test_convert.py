@@ -264,6 +264,8 @@ FLATTENS = {
     "method": lambda y: y.flatten(1),
     "view-size": lambda y: y.view(y.size(0), -1),
     "reshape-size": lambda y: y.reshape(y.size(0), -1),
+    "reshape-minus-one": lambda y: y.reshape(-1, 12),
+    "torch.reshape": lambda y: torch.reshape(y, (y.shape[0], -1)),
 }
 
 
@@ -311,6 +313,120 @@ def test_average_pooling(pool, shape, kernel):
 def test_max_pooling(pool, shape):
     graph = check_float(nn.Sequential(pool), shape)
     assert ops(graph) == ["input", "maxpool"]
+
+
+FUNCTIONAL_POOLS = {
+    "max_pool2d": (lambda y: F.max_pool2d(y, 2), (2, 4, 6), "maxpool"),
+    "max_pool2d-kw": (lambda y: F.max_pool2d(y, kernel_size=3, stride=2, padding=1), (2, 5, 5), "maxpool"),
+    "max_pool1d": (lambda y: F.max_pool1d(y, 2), (2, 7), "maxpool"),
+    "avg_pool2d": (lambda y: F.avg_pool2d(y, (2, 3)), (2, 4, 6), "avgpool"),
+    "avg_pool1d": (lambda y: F.avg_pool1d(y, 3, 1), (2, 6), "avgpool"),
+    "adaptive_avg_pool2d": (lambda y: F.adaptive_avg_pool2d(y, 1), (2, 4, 6), "avgpool"),
+    "adaptive_avg_pool1d": (lambda y: F.adaptive_avg_pool1d(y, (2,)), (2, 6), "avgpool"),
+}
+
+
+@pytest.mark.parametrize("pool, shape, op", FUNCTIONAL_POOLS.values(), ids=FUNCTIONAL_POOLS.keys())
+def test_functional_pooling(pool, shape, op):
+    graph = check_float(Fn(lambda m, x: pool(x)), shape)
+    assert ops(graph) == ["input", op]
+
+
+GLOBAL_MEANS = {
+    "mean-method": (lambda y: y.mean((2, 3)), ["avgpool", "flatten"]),
+    "torch.mean-negative": (lambda y: torch.mean(y, dim=[-1, -2]), ["avgpool", "flatten"]),
+    "keepdim-then-flatten": (lambda y: y.mean((2, 3), keepdim=True).flatten(1), ["avgpool", "flatten"]),
+    "adaptive-then-squeeze": (lambda y: F.adaptive_avg_pool2d(y, 1).squeeze(-1).squeeze(-1), ["avgpool", "flatten"]),
+}
+
+
+@pytest.mark.parametrize("pool, expected", GLOBAL_MEANS.values(), ids=GLOBAL_MEANS.keys())
+def test_a_mean_over_every_spatial_dim_is_global_average_pooling(pool, expected):
+    torch.manual_seed(3)
+    graph = check_float(Fn(lambda m, x: m.fc(pool(torch.relu(m.c(x)))), c=nn.Conv2d(2, 3, 3), fc=nn.Linear(3, 2)),
+                        (2, 5, 7))
+    assert ops(graph) == ["input", "conv", *expected, "linear"]
+    assert graph[graph["fc"].inputs[0]].out_shape == (3,)
+
+
+@pytest.mark.parametrize("padding, expected", [("same", (1, 2)), ("valid", (0, 0)), ((1, 0), (1, 0)), (2, (2, 2))])
+def test_conv_padding_forms(padding, expected):
+    graph = check_float(nn.Sequential(nn.Conv2d(2, 3, (3, 5), padding=padding)), (2, 6, 7))
+    assert graph["0"].attrs["padding"] == expected
+
+
+def test_dilated_same_padding():
+    graph = check_float(nn.Sequential(nn.Conv1d(2, 3, 3, padding="same", dilation=2)), (2, 9))
+    assert graph["0"].attrs["padding"] == (2,)
+
+
+class _Classifier(nn.Module):
+    def __init__(self, last):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.last = last if isinstance(last, nn.Module) else None
+        self.fn = None if isinstance(last, nn.Module) else last
+
+    def forward(self, x):
+        return self.last(self.fc(x)) if self.last is not None else self.fn(self.fc(x))
+
+
+@pytest.mark.parametrize("last, kind", [(nn.LogSoftmax(dim=1), "log_softmax"), (nn.Softmax(-1), "softmax"),
+                                        (lambda y: F.log_softmax(y, dim=1), "log_softmax"),
+                                        (lambda y: y.softmax(-1), "softmax")])
+def test_a_softmax_at_the_output_is_left_out(last, kind):
+    """Monotone: the deployed graph returns the logits (same argmax), and says what it left out."""
+    torch.manual_seed(4)
+    model = _Classifier(last)
+    graph, params = trace(model, (4,))
+    assert ops(graph) == ["input", "linear"] and graph.output_transform == kind
+    x = torch.randn(5, 4)
+    logits = run_float(graph, params, x)
+    with torch.no_grad():
+        want = model(x)
+    assert torch.allclose(torch.log_softmax(logits, 1) if kind == "log_softmax" else torch.softmax(logits, 1), want,
+                          atol=1e-6)
+    assert trace(nn.Sequential(nn.Linear(4, 3)), (4,))[0].output_transform == ""
+
+
+def test_in_place_activations():
+    torch.manual_seed(5)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.act = nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            y = self.act(self.c1(x))
+            y += self.c2(y)
+            return F.relu(y, inplace=True).relu_()
+
+    graph = check_float(M(), IMG)
+    assert ops(graph) == ["input", "conv", "conv", "add", "act"]
+
+
+def test_an_in_place_op_whose_result_is_dropped_is_refused():
+    """fx does not see ``x.relu_()`` change x: the layers after it would read x before it."""
+    with pytest.raises(UnsupportedLayerError, match="x = x.relu_"):
+        trace(Fn(lambda m, x: (m.c(x).relu_(), None)[1] or m.c(x), c=conv()), IMG)
+
+
+class _Gelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3)
+
+    def forward(self, x):
+        return F.gelu(self.conv(x))
+
+
+def test_errors_name_the_users_source_line_and_the_closest_supported_form():
+    with pytest.raises(UnsupportedLayerError) as info:
+        trace(_Gelu(), IMG)
+    msg = str(info.value)
+    assert "test_convert.py:" in msg and "`return F.gelu(self.conv(x))`" in msg
+    assert "nn.ReLU is the supported activation" in msg
 
 
 # --- shapes and structure ------------------------------------------------------------------------
@@ -418,7 +534,7 @@ UNSUPPORTED = {
     "adaptive-1d-nondividing": (nn.Sequential(nn.AdaptiveAvgPool1d(4)), (2, 6), "0"),
     "maxpool-ceil": (nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True)), IMG, "0"),
     "maxpool-dilated": (nn.Sequential(nn.MaxPool2d(2, dilation=2)), IMG, "0"),
-    "conv-same": (nn.Sequential(conv(padding="same")), IMG, "0"),
+    "conv-same-even": (nn.Sequential(nn.Conv2d(2, 2, 2, padding="same")), IMG, "0"),
     "conv-reflect": (nn.Sequential(conv(padding=1, padding_mode="reflect")), IMG, "0"),
     "conv3d": (nn.Sequential(nn.Conv3d(1, 1, 1)), (1, 2, 2, 2), "0"),
     "flatten-all": (Fn(lambda m, x: torch.flatten(x)), IMG, "flatten"),
@@ -428,9 +544,10 @@ UNSUPPORTED = {
     "add-scalar": (Fn(lambda m, x: x + 1.0), IMG, "add"),
     "add-broadcast": (Fn(lambda m, x: m.c(x) + x, c=nn.Conv2d(2, 1, 3, padding=1)), IMG, "add"),
     "add-param": (Param(), IMG, "p"),
-    "softmax": (nn.Sequential(nn.Linear(3, 2), nn.Softmax(-1)), (3,), "1"),
+    "softmax-inside": (nn.Sequential(nn.Linear(3, 2), nn.Softmax(-1), nn.Linear(2, 2)), (3,), "1"),
+    "mean-channels": (Fn(lambda m, x: x.mean(1)), IMG, "mean"),
     "leaky-relu": (nn.Sequential(nn.Linear(3, 2), nn.LeakyReLU()), (3,), "1"),
-    "functional-maxpool": (Fn(lambda m, x: F.max_pool2d(x, 2)), IMG, "max_pool2d"),  # modules only
+    "functional-maxpool-ceil": (Fn(lambda m, x: F.max_pool2d(x, 3, 2, ceil_mode=True)), IMG, "max_pool2d"),
     "tuple-output": (Pair(), IMG, "output"),
     "two-inputs": (TwoInputs(), IMG, "y"),
 }

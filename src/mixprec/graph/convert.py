@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 import re
 from dataclasses import dataclass
 
@@ -27,18 +28,39 @@ from .ir import Graph, Node
 log = logging.getLogger(__name__)
 
 SUPPORTED = (
-    "Conv1d, Conv2d (grouped, depthwise), Linear, BatchNorm1d/2d (after a conv or linear), "
-    "ReLU, ReLU6, Hardtanh, Identity, Dropout, MaxPool1d/2d, AvgPool1d/2d (no padding), "
-    "AdaptiveAvgPool1d/2d (output size dividing the input), Flatten / torch.flatten(x, 1), "
-    "residual add (a + b)"
+    "Conv1d, Conv2d (grouped, depthwise; zero padding as ints, tuples, 'valid' or 'same' with odd "
+    "kernels), Linear, BatchNorm1d/2d (after a conv or linear), ReLU, ReLU6, Hardtanh (modules, "
+    "functions, in place), Identity, Dropout, MaxPool1d/2d, AvgPool1d/2d (no padding), "
+    "AdaptiveAvgPool1d/2d (output size dividing the input), and their F.* forms; Flatten, "
+    "torch.flatten(x, 1), x.view(x.size(0), -1), reshape / squeeze to (batch, features); "
+    "x.mean((2, 3)) as global average pooling; residual add (a + b, torch.add, +=); a softmax or "
+    "log_softmax at the output (left out: the deployed model returns the logits)"
 )
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardtanh: "hardtanh"}
 _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.hardtanh: "hardtanh",
-                         "relu": "relu"}
+                         "relu": "relu", F.relu_: "relu", torch.relu_: "relu", "relu_": "relu",
+                         F.hardtanh_: "hardtanh"}
+_IN_PLACE = (F.relu_, torch.relu_, "relu_", F.hardtanh_, "add_")
 _ADD_TARGETS = (operator.add, torch.add, operator.iadd, "add", "add_")
-_FLATTEN_TARGETS = (torch.flatten, "flatten", "view", "reshape")
+_FLATTEN_TARGETS = (torch.flatten, "flatten", "view", "reshape", torch.reshape, "squeeze", torch.squeeze)
 _IGNORED_MODULES = (nn.Dropout, nn.Identity)
+_IGNORED_FUNCTIONS = (F.dropout, "contiguous", "clone", "detach")
+_MEAN_TARGETS = (torch.mean, "mean")
+# softmax-like functions: left out at the output (monotone), refused elsewhere
+_OUTPUT_TRANSFORMS = {F.softmax: "softmax", torch.softmax: "softmax", "softmax": "softmax",
+                      F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax", "log_softmax": "log_softmax"}
+_OUTPUT_TRANSFORM_MODULES = {nn.Softmax: "softmax", nn.LogSoftmax: "log_softmax"}
+# pooling: op, spatial dims, and the functional form's arguments after the input, in order
+_POOL_MODULES = {nn.MaxPool1d: ("maxpool", 1), nn.MaxPool2d: ("maxpool", 2), nn.AvgPool1d: ("avgpool", 1),
+                 nn.AvgPool2d: ("avgpool", 2), nn.AdaptiveAvgPool1d: ("adaptive", 1),
+                 nn.AdaptiveAvgPool2d: ("adaptive", 2)}
+_MAX_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVG_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+_POOL_FUNCTIONS = {F.max_pool1d: ("maxpool", 1, _MAX_ARGS), F.max_pool2d: ("maxpool", 2, _MAX_ARGS),
+                   F.avg_pool1d: ("avgpool", 1, _AVG_ARGS), F.avg_pool2d: ("avgpool", 2, _AVG_ARGS),
+                   F.adaptive_avg_pool1d: ("adaptive", 1, ("output_size",)),
+                   F.adaptive_avg_pool2d: ("adaptive", 2, ("output_size",))}
 _FUSABLE_PRODUCERS = ("conv", "linear", "add")
 
 
@@ -148,6 +170,7 @@ class _Builder:
         self.name_of: dict[fx.Node, str] = {}  # fx node -> ir node name whose tensor it is
         self.fused_act: set[str] = set()
         self.names = _Names(traced.graph)
+        self.output_kind = ""  # a softmax / log_softmax left out at the output
 
     # -- helpers ---------------------------------------------------------------------------
     def shape(self, n: fx.Node) -> tuple[int, ...]:
@@ -155,15 +178,18 @@ class _Builder:
         return tuple(meta.shape[1:])
 
     def fail(self, n: fx.Node, why: str = "") -> None:
-        what = type(self.modules[n.target]).__name__ if n.op == "call_module" else n.target
+        what = type(self.modules[n.target]).__name__ if n.op == "call_module" else _callable_name(n.target)
         name = n.name if n.op == "placeholder" else user_name(n)  # a second input: its argument's name
+        where = source_line(n)
+        hint = "" if why else _HINTS.get(what, "")
         raise UnsupportedLayerError(
-            f"unsupported operation in node '{name}' ({n.op}: {what}){': ' + why if why else ''}. "
-            f"Supported: {SUPPORTED}.")
+            f"unsupported operation in node '{name}' ({n.op}: {what}){f' at {where}' if where else ''}"
+            f"{': ' + why if why else ''}{'; ' + hint if hint else ''}. Supported: {SUPPORTED}.")
 
-    def add(self, fx_node: fx.Node, op: str, inputs: list[str], **kw) -> Node:
+    def add(self, fx_node: fx.Node, op: str, inputs: list[str], out_shape: tuple | None = None, **kw) -> Node:
+        """A node for ``fx_node`` (its shape unless ``out_shape``: one fx call made of two nodes)."""
         name = self.names.take(fx_node)
-        node = Node(name=name, op=op, inputs=inputs, out_shape=self.shape(fx_node),
+        node = Node(name=name, op=op, inputs=inputs, out_shape=out_shape or self.shape(fx_node),
                     in_shapes=[self._ir(i).out_shape for i in inputs], **kw)
         self.nodes.append(node)
         self.name_of[fx_node] = name
@@ -188,14 +214,29 @@ class _Builder:
             node = self.add(n, "linear", [self.src(n.args[0])], weight_shape=tuple(m.weight.shape),
                             attrs={"activation": "identity"})
         else:
-            if isinstance(m.padding, str) or m.padding_mode != "zeros":
-                self.fail(n, "only explicit zero padding is supported")
+            if m.padding_mode != "zeros":
+                self.fail(n, f"padding_mode={m.padding_mode!r}: only zero padding is supported (padding_mode='zeros')")
+            kernel, dilation = _pair(m.kernel_size, dims), _pair(m.dilation, dims)
             node = self.add(n, "conv", [self.src(n.args[0])], weight_shape=tuple(m.weight.shape), attrs={
-                "dims": dims, "kernel_size": _pair(m.kernel_size, dims), "stride": _pair(m.stride, dims),
-                "padding": _pair(m.padding, dims), "dilation": _pair(m.dilation, dims), "groups": m.groups,
-                "activation": "identity"})
+                "dims": dims, "kernel_size": kernel, "stride": _pair(m.stride, dims),
+                "padding": self.conv_padding(n, m.padding, kernel, dilation), "dilation": dilation,
+                "groups": m.groups, "activation": "identity"})
         node.attrs.update(act_min=float("-inf"), act_max=float("inf"))
         self.params[node.name] = FloatParams(m.weight.detach().clone(), bias)
+
+    def conv_padding(self, n: fx.Node, padding, kernel: tuple, dilation: tuple) -> tuple[int, ...]:
+        """Zero padding per spatial dim: ints and tuples as given, ``'valid'`` none, ``'same'`` half
+        the dilated kernel on each side (PyTorch pads an even kernel's extra element on the right only:
+        refused, since the kernels pad symmetrically)."""
+        if padding == "valid":
+            return (0,) * len(kernel)
+        if padding == "same":
+            total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+            if any(t % 2 for t in total):
+                self.fail(n, f"padding='same' with the even kernel {kernel} pads one side more than the other; "
+                             f"use an odd kernel, or explicit padding (the output is then one larger)")
+            return tuple(t // 2 for t in total)
+        return _pair(padding, len(kernel))
 
     def batchnorm(self, n: fx.Node, bn: nn.Module) -> None:
         producer = self.src(n.args[0])
@@ -220,37 +261,78 @@ class _Builder:
         else:
             self.add(n, "act", [producer], attrs={"activation": kind, "act_min": bounds[0], "act_max": bounds[1]})
 
-    def pool(self, n: fx.Node, m: nn.Module) -> None:
-        dims = 1 if isinstance(m, (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d)) else 2
+    def pool(self, n: fx.Node, kind: str, dims: int, a: dict) -> None:
+        """A pooling node from its arguments ``a`` (a module's attributes or a function's arguments,
+        by PyTorch's names); what the integer kernels cannot do is refused by name."""
         src = self.src(n.args[0])
         in_shape = self._ir(src).out_shape
-        if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
-            out = _pair(m.output_size, dims)
+        if kind == "adaptive":
+            out = _pair(a["output_size"], dims)
             spatial = in_shape[1:]
             if any(o is None or s % o for o, s in zip(out, spatial)):
-                self.fail(n, f"adaptive output size {m.output_size} must divide the input size {spatial}")
+                self.fail(n, f"adaptive output size {a['output_size']} must divide the input size {spatial}")
             kernel = tuple(s // o for s, o in zip(spatial, out))
             self.add(n, "avgpool", [src], attrs={"dims": dims, "kernel_size": kernel, "stride": kernel,
                                                  "padding": (0,) * dims})
             return
-        kernel = _pair(m.kernel_size, dims)
-        stride = _pair(m.stride if m.stride is not None else m.kernel_size, dims)
-        padding = _pair(m.padding, dims)
-        if getattr(m, "ceil_mode", False):
+        kernel = _pair(a["kernel_size"], dims)
+        stride = _pair(a.get("stride") or a["kernel_size"], dims)  # None and () mean the kernel size
+        padding = _pair(a.get("padding", 0), dims)
+        if a.get("ceil_mode"):
             self.fail(n, "ceil_mode=True is not supported")
-        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d)):
-            if _pair(m.dilation, dims) != (1,) * dims:
+        if kind == "maxpool":
+            if a.get("return_indices"):
+                self.fail(n, "return_indices=True is not supported")
+            if _pair(a.get("dilation", 1), dims) != (1,) * dims:
                 self.fail(n, "dilated max pooling is not supported")
-            op = "maxpool"
         else:
             if any(padding):
                 self.fail(n, "average pooling with padding is not supported (integer kernels exclude padding)")
-            op = "avgpool"
-        self.add(n, op, [src], attrs={"dims": dims, "kernel_size": kernel, "stride": stride, "padding": padding})
+            if a.get("divisor_override") is not None:
+                self.fail(n, "divisor_override is not supported")
+        self.add(n, kind, [src], attrs={"dims": dims, "kernel_size": kernel, "stride": stride, "padding": padding})
+
+    def global_mean(self, n: fx.Node) -> None:
+        """``x.mean((2, 3))`` (``keepdim`` either way) over every spatial dim: global average pooling,
+        then a flatten to (batch, channels) unless the dims are kept."""
+        a = _bound(n, ("dim", "keepdim", "dtype"))
+        in_shape = self.shape(n.args[0])
+        rank = len(in_shape) + 1
+        dims = a.get("dim")
+        dims = {d % rank for d in (dims if isinstance(dims, (tuple, list)) else [dims])} if dims is not None else None
+        if len(in_shape) not in (2, 3) or dims != set(range(2, rank)):
+            self.fail(n, f"only a mean over every spatial dim (global average pooling, e.g. x.mean((2, 3)) of a "
+                         f"(batch, channels, height, width) tensor) is supported; this one reduces dims "
+                         f"{sorted(dims) if dims else 'all'} of {(None,) + in_shape}")
+        spatial = tuple(in_shape[1:])
+        pooled = (in_shape[0],) + (1,) * len(spatial)
+        node = self.add(n, "avgpool", [self.src(n.args[0])], out_shape=pooled, attrs={
+            "dims": len(spatial), "kernel_size": spatial, "stride": spatial, "padding": (0,) * len(spatial)})
+        if not a.get("keepdim", False):
+            self.add(n, "flatten", [node.name])
+
+    def output_transform(self, n: fx.Node, kind: str) -> None:
+        """A softmax / log_softmax whose result the model returns: left out of the graph (both are
+        monotone, so the integer logits keep the argmax), said in the log and the result."""
+        if [u.op for u in n.users] != ["output"]:
+            self.fail(n, f"{kind} is supported only as the model's last operation (left out there: the deployed "
+                         f"model returns the logits); elsewhere it has no integer kernel")
+        if len(self.shape(n)) != 1:
+            self.fail(n, f"{kind} over a {len(self.shape(n))}-D output; the model must return (batch, classes)")
+        self.output_kind = kind
+        log.info("the model's %s at the output is left out: the deployed model returns the integer logits "
+                 "(same argmax)", kind)
+        self.alias(n, n.args[0])
 
     def flatten(self, n: fx.Node) -> None:
         in_shape = self.shape(n.args[0])
         out_shape = self.shape(n)
+        if out_shape == in_shape:  # squeeze of no size-1 dim, view to the same shape
+            self.alias(n, n.args[0])
+            return
+        if _unit_dims_only(in_shape, out_shape) and all(u.target in _FLATTEN_TARGETS for u in self._fx_users(n)):
+            self.alias(n, n.args[0])  # x.squeeze(-1).squeeze(-1): a step of a flatten, which the last one makes
+            return
         if len(out_shape) != 1 or out_shape[0] != torch.Size(in_shape).numel():
             self.fail(n, f"only flattening to (batch, features) is supported, got {in_shape} -> {out_shape}")
         if len(in_shape) == 1:
@@ -268,7 +350,7 @@ class _Builder:
                  attrs={"activation": "identity", "act_min": float("-inf"), "act_max": float("inf")})
 
     def _fx_users(self, n: fx.Node) -> list[fx.Node]:
-        return [u for u in n.users if not (u.op == "call_method" and u.target == "size")]
+        return [u for u in n.users if not _is_shape_query(u)]
 
     # -- dispatch --------------------------------------------------------------------------
     def visit(self, n: fx.Node) -> None:
@@ -296,9 +378,11 @@ class _Builder:
             self.activation(n, kind, _activation_bounds(kind, m))
         elif isinstance(m, _IGNORED_MODULES):
             self.alias(n, n.args[0])
-        elif isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
-                            nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)):
-            self.pool(n, m)
+        elif type(m) in _POOL_MODULES:
+            kind, dims = _POOL_MODULES[type(m)]
+            self.pool(n, kind, dims, vars(m))
+        elif type(m) in _OUTPUT_TRANSFORM_MODULES:
+            self.output_transform(n, _OUTPUT_TRANSFORM_MODULES[type(m)])
         elif isinstance(m, nn.Flatten):
             if m.start_dim != 1 or m.end_dim != -1:
                 self.fail(n, "Flatten must flatten everything after the batch dimension")
@@ -308,8 +392,12 @@ class _Builder:
 
     def function(self, n: fx.Node) -> None:
         t = n.target
-        if n.op == "call_method" and t == "size":
+        if _is_shape_query(n):
             return  # only feeds shape arguments of view/reshape
+        if t in _IN_PLACE and not n.users:
+            self.fail(n, "an in-place operation whose result is not used: torch.fx does not see it change its "
+                         "input, so the layers after it would read the value before it; write x = x.relu_() "
+                         "or x = F.relu(x)")
         if t in _ADD_TARGETS:
             self.add_op(n)
         elif t in _ACTIVATION_FUNCTIONS:
@@ -317,10 +405,71 @@ class _Builder:
             self.activation(n, kind, _activation_bounds(kind, dict(n.kwargs)))
         elif t in _FLATTEN_TARGETS:
             self.flatten(n)
-        elif t in (F.dropout, "contiguous"):
+        elif t in _POOL_FUNCTIONS:
+            kind, dims, names = _POOL_FUNCTIONS[t]
+            self.pool(n, kind, dims, _bound(n, names))
+        elif t in _MEAN_TARGETS:
+            self.global_mean(n)
+        elif t in _OUTPUT_TRANSFORMS:
+            self.output_transform(n, _OUTPUT_TRANSFORMS[t])
+        elif t in _IGNORED_FUNCTIONS:
             self.alias(n, n.args[0])
         else:
             self.fail(n)
+
+
+#: The closest supported way to write what is refused, by the layer's or function's name
+_HINTS = {
+    "LeakyReLU": "nn.ReLU is the supported rectifier", "GELU": "nn.ReLU is the supported activation",
+    "SiLU": "nn.ReLU is the supported activation", "Sigmoid": "no sigmoid kernel yet; nn.Hardtanh is supported",
+    "Tanh": "no tanh kernel yet; nn.Hardtanh(-1, 1) is the supported saturating activation",
+    "cat": "concatenation is not supported yet: sum the branches (a + b) if the design allows",
+    "pad": "give the padding to the convolution (Conv2d(..., padding=p)) instead of padding the tensor",
+    "ZeroPad2d": "give the padding to the convolution (Conv2d(..., padding=p)) instead",
+    "LSTM": "recurrent layers are not supported; a 1-D convolution (nn.Conv1d) over time is",
+    "GRU": "recurrent layers are not supported; a 1-D convolution (nn.Conv1d) over time is",
+    "Upsample": "upsampling is not supported", "interpolate": "upsampling is not supported",
+    "LayerNorm": "only BatchNorm right after a conv or linear is supported (folded into it)",
+    "matmul": "use nn.Linear", "mul": "elementwise products are not supported; a residual sum (a + b) is",
+}
+_HINTS.update({"leaky_relu": _HINTS["LeakyReLU"], "gelu": _HINTS["GELU"], "silu": _HINTS["SiLU"],
+               "sigmoid": _HINTS["Sigmoid"], "tanh": _HINTS["Tanh"]})
+
+
+def _is_shape_query(n: fx.Node) -> bool:
+    """``x.size()``, ``x.size(0)``, ``x.shape``, ``x.shape[0]``: they feed shape arguments only."""
+    if n.op == "call_method" and n.target == "size":
+        return True
+    if n.op == "call_function" and n.target is getattr and n.args[1] == "shape":
+        return True
+    return n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node) \
+        and _is_shape_query(n.args[0])
+
+
+def _callable_name(target) -> str:
+    """``F.max_pool2d`` -> ``max_pool2d``; a method's name stays as it is."""
+    return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+
+
+def source_line(n: fx.Node) -> str:
+    """Where in the user's code ``n`` comes from (``nets.py:17 `x = F.gelu(x)```), from the stack trace
+    the tracer recorded; '' when none was."""
+    frames = [f for f in re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.*)', n.stack_trace or "")
+              if f"{os.sep}torch{os.sep}" not in f[0]]  # the tracer's own frames
+    if not frames:
+        return ""
+    path, line, code = frames[-1]
+    return f"{path.rsplit('/', 1)[-1]}:{line} `{code.strip()}`"
+
+
+def _unit_dims_only(a: tuple, b: tuple) -> bool:
+    """Whether shapes ``a`` and ``b`` differ in size-1 dims only."""
+    return [d for d in a if d != 1] == [d for d in b if d != 1]
+
+
+def _bound(n: fx.Node, names: tuple[str, ...]) -> dict:
+    """A call's arguments after the input, by PyTorch's parameter ``names``: positional then keyword."""
+    return {**dict(zip(names, n.args[1:])), **n.kwargs}
 
 
 def trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Graph, dict[str, FloatParams]]:
@@ -333,7 +482,10 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Graph, dict[s
     model.eval()  # also through shape propagation: the traced modules are the model's own, and a
     try:          # BatchNorm in train mode would fold a zero batch into its running statistics
         try:
-            traced = fx.symbolic_trace(model)
+            tracer = fx.Tracer()
+            tracer.record_stack_traces = True  # errors can name the user's line
+            graph = tracer.trace(model)
+            traced = fx.GraphModule(tracer.root, graph, type(model).__name__)
         except Exception as exc:  # tracing errors come from user code: keep the cause
             raise UnsupportedLayerError(f"torch.fx could not trace the model: {exc}. Models must be free of "
                                         f"data-dependent control flow. Supported: {SUPPORTED}.") from exc
@@ -353,6 +505,6 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[Graph, dict[s
             if not isinstance(out, fx.Node):
                 builder.fail(n, "the model must return a single tensor")
             output = builder.src(out)
-    graph = Graph(builder.nodes, output)
+    graph = Graph(builder.nodes, output, builder.output_kind)
     log.debug("traced %d nodes, %d weighted", len(graph), len(graph.weighted()))
     return graph, builder.params

@@ -77,6 +77,9 @@ class Node:
 class Graph:
     nodes: list[Node]
     output: str
+    # a softmax / log_softmax the model applies to its output, left out of the graph: monotone, so the
+    # deployed integer logits keep the argmax ("" when the model returns its logits)
+    output_transform: str = ""
 
     def __post_init__(self) -> None:
         self._by_name = {n.name: n for n in self.nodes}

@@ -30,6 +30,7 @@ from ..cost.keys import ACT_COSTS, COSTS, WEIGHT_COSTS
 from ..cost.targets import activation_width_for, weight_granularity_for
 from ..data import Splits, load_dataset
 from ..execute import verify_against_reference
+from ..graph.convert import trace
 from ..lower import save_integer_model
 from ..models import get_model, get_spec
 from ..nn.model import QuantModel
@@ -220,13 +221,28 @@ def train_float(run: RunState) -> None:
         log.info("float model from %s", done)
         return
     hook = (lambda e, s: run.epoch_hook("float", e, s)) if run.epoch_hook else None
-    history = fit(run.model, data.x_train, data.y_train, data.x_val, data.y_val, cfg.train_config("float"), hook,
+    net = run.model
+    if trace(run.model, data.input_shape)[0].output_transform == "softmax":
+        net = LogOf(run.model)  # the loss takes log-probabilities; a model ending in log_softmax gives them
+    history = fit(net, data.x_train, data.y_train, data.x_val, data.y_val, cfg.train_config("float"), hook,
                   _phase(run.progress, "float"), checkpoint=run.checkpoints / "float_last.pt", augment=data.augment,
                   device=run.device)
     run.model.cpu()
     if run.world.is_main:
         save_checkpoint(done, {"model": run.model.state_dict(), "history": history})
     run.float_history = history
+
+
+class LogOf(nn.Module):
+    """``log(model(x))``: trains a model that returns probabilities (a softmax at its output) with the
+    cross-entropy of its log-probabilities, the loss it was written for."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.model(x).clamp_min(torch.finfo(torch.float32).tiny))
 
 
 def run_method(run: RunState) -> None:
@@ -277,6 +293,8 @@ def finish(run: RunState) -> None:
         "weight_range": weight_range_rule(qm),
         "layers": layer_bits(qm, report),
         "preprocessing": preprocessing_entry(data, qm),
+        **({"deployed_output": f"integer logits: the model's {qm.graph.output_transform} at the output is left out "
+                               f"(monotone, the argmax is unchanged)"} if qm.graph.output_transform else {}),
         "history": {"float": run.float_history, **run.context.history},
         **({"front": run.front} if run.front else {}),
         "device": str(run.device), "processes": run.world.size,

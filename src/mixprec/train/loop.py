@@ -111,7 +111,24 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
     order = torch.randperm(len(x), generator=generator) if shuffle else torch.arange(len(x))
     for i in range(0, len(x), batch_size):
         idx = order[i:i + batch_size]
-        yield x[idx], y[idx]
+        yield row_major(x[idx]), y[idx]
+
+
+def row_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the strides of a freshly made tensor (no copy when it is contiguous already).
+
+    A user's module must get what it would get from its own DataLoader: with one channel, a
+    contiguous (N, 1, H, W) tensor may carry the size-1 dim's stride of a channels-last one
+    ((64, 1, 8, 1) from a permuted or sliced array); convolutions then answer in channels-last
+    memory and the user's ``x.view(x.size(0), -1)`` fails."""
+    if not x.is_contiguous():
+        return x.contiguous()
+    strides, step = [], 1
+    for size in reversed(x.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    strides = tuple(reversed(strides))
+    return x if x.stride() == strides else x.as_strided(x.shape, strides)
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -262,6 +279,7 @@ class Trainer:
             xb, yb = self.x_train[idx], self.y_train[idx]
             if self.augment is not None:
                 xb = self.augment(xb, self._augment_generator())
+            xb = row_major(xb)
             lr = self._set_lr()
             # Summed over this shard and divided by the global count: DDP's gradient average then
             # equals the single-process gradient of the global batch.

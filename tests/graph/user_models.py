@@ -1,0 +1,221 @@
+"""Small models written the way public PyTorch code writes them (tutorials, keyword spotting,
+residual nets, 1-D temporal nets, MLPs): the converter's corpus. Each entry: a builder and the
+input shape (no batch dim)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TutorialNet(nn.Module):
+    """The PyTorch 60-minute blitz CNN, on one channel: functional pooling, view by size, log_softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 3)
+        self.conv2 = nn.Conv2d(6, 16, 3)
+        self.fc1 = nn.Linear(16 * 5 * 5, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), (2, 2))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(x.size(0), -1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return F.log_softmax(self.fc3(x), dim=1)
+
+
+class MnistExample(nn.Module):
+    """pytorch/examples' MNIST net: dropout, torch.flatten, functional max pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, 1)
+        self.conv2 = nn.Conv2d(8, 16, 3, 1)
+        self.dropout1 = nn.Dropout(0.25)
+        self.dropout2 = nn.Dropout(0.5)
+        self.fc1 = nn.Linear(16 * 6 * 6, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = F.relu(x)
+        x = self.conv2(x)
+        x = F.relu(x)
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = self.fc1(x)
+        x = F.relu(x)
+        x = self.dropout2(x)
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+class DSCNN(nn.Module):
+    """A keyword-spotting DS-CNN (MLPerf Tiny style): padding='same', depthwise separable blocks,
+    BatchNorm, in-place ReLU, a global mean."""
+
+    def __init__(self, channels: int = 16, blocks: int = 2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, channels, (5, 3), stride=2, padding=(2, 1), bias=False),
+                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        layers = []
+        for _ in range(blocks):
+            layers += [nn.Conv2d(channels, channels, 3, padding="same", groups=channels, bias=False),
+                       nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+                       nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True)]
+        self.body = nn.Sequential(*layers)
+        self.classifier = nn.Linear(channels, 12)
+
+    def forward(self, x):
+        x = self.body(self.stem(x))
+        x = torch.mean(x, dim=(2, 3))
+        return self.classifier(x)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock idiom: ``out += identity``, an empty Sequential shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = BasicBlock(8, 8)
+        self.layer2 = BasicBlock(8, 16, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        x = self.avgpool(x)
+        x = x.reshape(x.size(0), -1)
+        return self.fc(x)
+
+
+class TemporalConvNet(nn.Module):
+    """A 1-D temporal conv net on (channels, time): 'same' padding, dilation, F.avg_pool1d, x.mean(-1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 8, 5, padding="same")
+        self.conv2 = nn.Conv1d(8, 8, 3, padding="same", dilation=2)
+        self.conv3 = nn.Conv1d(8, 16, 3, padding="valid")
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.avg_pool1d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.conv3(x))
+        return self.head(x.mean(-1))
+
+
+class JetMLP(nn.Module):
+    """An hls4ml-style jet tagger MLP with a softmax at the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.out = nn.Linear(16, 5)
+        self.act = nn.ReLU()
+        self.softmax = nn.Softmax(dim=1)
+
+    def forward(self, x):
+        x = self.act(self.fc1(x))
+        x = self.act(self.fc2(x))
+        return self.softmax(self.out(x))
+
+
+class ImageMLP(nn.Module):
+    """An MLP on images: x.view(-1, 28 * 28) as the tutorials write it, ReLU6, torch.add."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(14 * 14, 64)
+        self.fc2 = nn.Linear(64, 64)
+        self.fc3 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = x.view(-1, 14 * 14)
+        h = F.relu6(self.fc1(x))
+        h = F.relu(torch.add(h, self.fc2(h)))
+        return self.fc3(h)
+
+
+class SequentialCNN(nn.Module):
+    """One nn.Sequential with nn.Flatten, adaptive pooling and Hardtanh."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardtanh(0.0, 4.0), nn.MaxPool2d(2),
+            nn.Conv2d(8, 16, 3, padding="same"), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.features(x)
+
+
+class SqueezeHead(nn.Module):
+    """A global pool kept as (C, 1, 1), squeezed twice, then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 12, 3, stride=2)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1)
+        return self.fc(x.squeeze(-1).squeeze(-1))
+
+
+CORPUS = {
+    "tutorial-net": (TutorialNet, (1, 28, 28)),
+    "mnist-example": (MnistExample, (1, 16, 16)),
+    "ds-cnn": (DSCNN, (1, 20, 10)),
+    "tiny-resnet": (TinyResNet, (3, 16, 16)),
+    "temporal-conv": (TemporalConvNet, (3, 32)),
+    "jet-mlp-softmax": (JetMLP, (16,)),
+    "image-mlp": (ImageMLP, (1, 14, 14)),
+    "sequential-cnn": (SequentialCNN, (3, 8, 8)),
+    "squeeze-head": (SqueezeHead, (2, 9, 9)),
+}
+
+
+class DigitsTutorialNet(nn.Module):
+    """The tutorial idiom on 8x8 digits: functional pooling, ``x.view(x.size(0), -1)`` right after a
+    convolution (fails on channels-last memory), log_softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 2 * 2, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = x.view(x.size(0), -1)
+        return F.log_softmax(self.fc(x), dim=1)
