@@ -157,6 +157,7 @@ def test_the_controller_pulls_bits_up_under_its_band_and_holds_inside_it():
     assert control_beta(beta, pull, 0.5, 1.0, opts, 0.1)[1] > pull  # still under: pulls harder
     assert control_beta(beta, pull, 0.96, 1.0, opts, 0.1) == (beta, pull)  # back in the band: holds
     assert control_beta(beta, pull, 1.1, 1.0, opts, 0.1) == (pytest.approx(beta * math.exp(0.01)), 0.0)
+    assert control_beta(1e-6, 0.5, 1.1, 1.0, opts, 0.1) == (pytest.approx(0.5 * math.exp(0.01)), 0.0)  # an overshot climb
     one_sided = HGQOptions(beta=1e-2, band=0.0)
     assert control_beta(0.03, 0.0, 0.5, 1.0, one_sided, 0.1) == (pytest.approx(0.03 * math.exp(-0.05)), 0.0)
     with pytest.raises(ValueError, match="band"):
