@@ -191,17 +191,6 @@ class SqueezeHead(nn.Module):
         return self.fc(x.squeeze(-1).squeeze(-1))
 
 
-CORPUS = {
-    "tutorial-net": (TutorialNet, (1, 28, 28)),
-    "mnist-example": (MnistExample, (1, 16, 16)),
-    "ds-cnn": (DSCNN, (1, 20, 10)),
-    "tiny-resnet": (TinyResNet, (3, 16, 16)),
-    "temporal-conv": (TemporalConvNet, (3, 32)),
-    "jet-mlp-softmax": (JetMLP, (16,)),
-    "image-mlp": (ImageMLP, (1, 14, 14)),
-    "sequential-cnn": (SequentialCNN, (3, 8, 8)),
-    "squeeze-head": (SqueezeHead, (2, 9, 9)),
-}
 
 
 class DigitsTutorialNet(nn.Module):
@@ -219,3 +208,32 @@ class DigitsTutorialNet(nn.Module):
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         x = x.view(x.size(0), -1)
         return F.log_softmax(self.fc(x), dim=1)
+
+
+class FunctionalLayers(nn.Module):
+    """Layers written as functions over the model's own parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 2, 3, 3) * 0.3)
+        self.b1 = nn.Parameter(torch.zeros(6))
+        self.w2 = nn.Parameter(torch.randn(4, 6 * 2 * 2) * 0.2)
+
+    def forward(self, x):
+        x = F.relu(F.conv2d(x, self.w1, self.b1, stride=1, padding=1))
+        x = F.avg_pool2d(x, 3)
+        return F.linear(x.flatten(1), self.w2)
+
+
+CORPUS = {
+    "tutorial-net": (TutorialNet, (1, 28, 28)),
+    "mnist-example": (MnistExample, (1, 16, 16)),
+    "ds-cnn": (DSCNN, (1, 20, 10)),
+    "tiny-resnet": (TinyResNet, (3, 16, 16)),
+    "temporal-conv": (TemporalConvNet, (3, 32)),
+    "jet-mlp-softmax": (JetMLP, (16,)),
+    "image-mlp": (ImageMLP, (1, 14, 14)),
+    "sequential-cnn": (SequentialCNN, (3, 8, 8)),
+    "squeeze-head": (SqueezeHead, (2, 9, 9)),
+    "functional-layers": (FunctionalLayers, (2, 6, 6)),
+}

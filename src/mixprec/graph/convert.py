@@ -31,7 +31,8 @@ SUPPORTED = (
     "Conv1d, Conv2d (grouped, depthwise; zero padding as ints, tuples, 'valid' or 'same' with odd "
     "kernels), Linear, BatchNorm1d/2d (after a conv or linear), ReLU, ReLU6, Hardtanh (modules, "
     "functions, in place), Identity, Dropout, MaxPool1d/2d, AvgPool1d/2d (no padding), "
-    "AdaptiveAvgPool1d/2d (output size dividing the input), and their F.* forms; Flatten, "
+    "AdaptiveAvgPool1d/2d (output size dividing the input), and their F.* forms (F.conv1d/conv2d/linear "
+    "with the model's parameters); Flatten, "
     "torch.flatten(x, 1), x.view(x.size(0), -1), reshape / squeeze to (batch, features); "
     "x.mean((2, 3)) as global average pooling; residual add (a + b, torch.add, +=); a softmax or "
     "log_softmax at the output (left out: the deployed model returns the logits)"
@@ -56,6 +57,8 @@ _POOL_MODULES = {nn.MaxPool1d: ("maxpool", 1), nn.MaxPool2d: ("maxpool", 2), nn.
                  nn.AvgPool2d: ("avgpool", 2), nn.AdaptiveAvgPool1d: ("adaptive", 1),
                  nn.AdaptiveAvgPool2d: ("adaptive", 2)}
 _MAX_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_CONV_ARGS = ("weight", "bias", "stride", "padding", "dilation", "groups")
+_WEIGHTED_FUNCTIONS = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.linear: "linear"}
 _AVG_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
 _POOL_FUNCTIONS = {F.max_pool1d: ("maxpool", 1, _MAX_ARGS), F.max_pool2d: ("maxpool", 2, _MAX_ARGS),
                    F.avg_pool1d: ("avgpool", 1, _AVG_ARGS), F.avg_pool2d: ("avgpool", 2, _AVG_ARGS),
@@ -208,21 +211,47 @@ class _Builder:
 
     # -- node kinds ------------------------------------------------------------------------
     def weighted(self, n: fx.Node, m: nn.Module) -> None:
-        dims = 1 if isinstance(m, nn.Conv1d) else 2
-        bias = m.bias.detach().clone() if m.bias is not None else torch.zeros(m.weight.shape[0])
-        if isinstance(m, nn.Linear):
-            node = self.add(n, "linear", [self.src(n.args[0])], weight_shape=tuple(m.weight.shape),
+        if not isinstance(m, nn.Linear) and m.padding_mode != "zeros":
+            self.fail(n, f"padding_mode={m.padding_mode!r}: only zero padding is supported (padding_mode='zeros')")
+        conv = None if isinstance(m, nn.Linear) else dict(stride=m.stride, padding=m.padding, dilation=m.dilation,
+                                                          groups=m.groups)
+        self.weighted_node(n, m.weight, m.bias, conv)
+
+    def weighted_node(self, n: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None, conv: dict | None) -> None:
+        """A conv (``conv``: stride, padding, dilation, groups as PyTorch takes them) or linear node with
+        its float weight and bias (zeros without one)."""
+        bias = bias.detach().clone() if bias is not None else torch.zeros(weight.shape[0])
+        if conv is None:
+            node = self.add(n, "linear", [self.src(n.args[0])], weight_shape=tuple(weight.shape),
                             attrs={"activation": "identity"})
         else:
-            if m.padding_mode != "zeros":
-                self.fail(n, f"padding_mode={m.padding_mode!r}: only zero padding is supported (padding_mode='zeros')")
-            kernel, dilation = _pair(m.kernel_size, dims), _pair(m.dilation, dims)
-            node = self.add(n, "conv", [self.src(n.args[0])], weight_shape=tuple(m.weight.shape), attrs={
-                "dims": dims, "kernel_size": kernel, "stride": _pair(m.stride, dims),
-                "padding": self.conv_padding(n, m.padding, kernel, dilation), "dilation": dilation,
-                "groups": m.groups, "activation": "identity"})
+            dims = weight.dim() - 2
+            kernel, dilation = tuple(weight.shape[2:]), _pair(conv.get("dilation", 1), dims)
+            node = self.add(n, "conv", [self.src(n.args[0])], weight_shape=tuple(weight.shape), attrs={
+                "dims": dims, "kernel_size": kernel, "stride": _pair(conv.get("stride", 1), dims),
+                "padding": self.conv_padding(n, conv.get("padding", 0), kernel, dilation), "dilation": dilation,
+                "groups": int(conv.get("groups", 1)), "activation": "identity"})
         node.attrs.update(act_min=float("-inf"), act_max=float("inf"))
-        self.params[node.name] = FloatParams(m.weight.detach().clone(), bias)
+        self.params[node.name] = FloatParams(weight.detach().clone(), bias)
+
+    def functional_weighted(self, n: fx.Node, kind: str) -> None:
+        """``F.conv1d/conv2d/linear`` with the model's own parameters as weight and bias."""
+        a = _bound(n, ("weight", "bias") if kind == "linear" else _CONV_ARGS)
+        tensors = {k: self.parameter(n, a.get(k)) for k in ("weight", "bias")}
+        if tensors["weight"] is None:
+            self.fail(n, f"F.{kind} needs a parameter of the model as its weight (an nn.Parameter attribute)")
+        self.weighted_node(n, tensors["weight"], tensors["bias"], None if kind == "linear" else a)
+
+    def parameter(self, n: fx.Node, arg) -> torch.Tensor | None:
+        """The model parameter a call's argument reads (None for None); refused for a computed tensor."""
+        if arg is None:
+            return None
+        if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+            self.fail(n, "its weight and bias must be parameters of the model, not computed tensors")
+        try:
+            return self.traced.get_parameter(arg.target)
+        except AttributeError:  # a buffer
+            return self.traced.get_buffer(arg.target)
 
     def conv_padding(self, n: fx.Node, padding, kernel: tuple, dilation: tuple) -> tuple[int, ...]:
         """Zero padding per spatial dim: ints and tuples as given, ``'valid'`` none, ``'same'`` half
@@ -361,7 +390,7 @@ class _Builder:
         elif n.op in ("call_function", "call_method"):
             self.function(n)
         elif n.op == "get_attr":
-            if any(u.op != "call_method" or u.target not in ("size",) for u in n.users):
+            if any(not (_is_shape_query(u) or u.target in _WEIGHTED_FUNCTIONS) for u in n.users):
                 self.fail(n, "parameters used outside a supported layer")
         elif n.op == "output":
             pass
@@ -405,6 +434,8 @@ class _Builder:
             self.activation(n, kind, _activation_bounds(kind, dict(n.kwargs)))
         elif t in _FLATTEN_TARGETS:
             self.flatten(n)
+        elif t in _WEIGHTED_FUNCTIONS:
+            self.functional_weighted(n, _WEIGHTED_FUNCTIONS[t])
         elif t in _POOL_FUNCTIONS:
             kind, dims, names = _POOL_FUNCTIONS[t]
             self.pool(n, kind, dims, _bound(n, names))
