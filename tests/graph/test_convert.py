@@ -355,6 +355,20 @@ def test_conv_padding_forms(padding, expected):
     assert graph["0"].attrs["padding"] == expected
 
 
+PADS = {
+    "F.pad": (lambda m, x: m.c(F.pad(x, (1, 1, 2, 2))), (3, 2)),
+    "ZeroPad2d": (lambda m, x: m.c(m.pad(x)), (2, 2)),
+    "F.pad-functional-conv": (lambda m, x: F.conv2d(F.pad(x, [1, 1, 1, 1], "constant", 0.0), m.c.weight, m.c.bias,
+                                                   padding=1), (2, 2)),
+}
+
+
+@pytest.mark.parametrize("forward, padding", PADS.values(), ids=PADS.keys())
+def test_zero_padding_folds_into_the_convolution(forward, padding):
+    graph = check_float(Fn(forward, c=nn.Conv2d(2, 3, 3, padding=1), pad=nn.ZeroPad2d(1)), (2, 5, 6))
+    assert ops(graph) == ["input", "conv"] and graph[graph.output].attrs["padding"] == padding
+
+
 def test_dilated_same_padding():
     graph = check_float(nn.Sequential(nn.Conv1d(2, 3, 3, padding="same", dilation=2)), (2, 9))
     assert graph["0"].attrs["padding"] == (2,)
@@ -536,6 +550,9 @@ UNSUPPORTED = {
     "maxpool-dilated": (nn.Sequential(nn.MaxPool2d(2, dilation=2)), IMG, "0"),
     "conv-same-even": (nn.Sequential(nn.Conv2d(2, 2, 2, padding="same")), IMG, "0"),
     "conv-reflect": (nn.Sequential(conv(padding=1, padding_mode="reflect")), IMG, "0"),
+    "pad-asymmetric": (Fn(lambda m, x: m.c(F.pad(x, (0, 1, 0, 1))), c=conv()), IMG, "pad"),
+    "pad-before-pool": (Fn(lambda m, x: F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 2)), IMG, "pad"),
+    "pad-reflect": (Fn(lambda m, x: m.c(F.pad(x, (1, 1, 1, 1), mode="reflect")), c=conv()), IMG, "pad"),
     "conv3d": (nn.Sequential(nn.Conv3d(1, 1, 1)), (1, 2, 2, 2), "0"),
     "flatten-all": (Fn(lambda m, x: torch.flatten(x)), IMG, "flatten"),
     "flatten-start0": (nn.Sequential(nn.Flatten(0)), IMG, "0"),

@@ -34,8 +34,9 @@ SUPPORTED = (
     "AdaptiveAvgPool1d/2d (output size dividing the input), and their F.* forms (F.conv1d/conv2d/linear "
     "with the model's parameters); Flatten, "
     "torch.flatten(x, 1), x.view(x.size(0), -1), reshape / squeeze to (batch, features); "
-    "x.mean((2, 3)) as global average pooling; residual add (a + b, torch.add, +=); a softmax or "
-    "log_softmax at the output (left out: the deployed model returns the logits)"
+    "x.mean((2, 3)) as global average pooling; residual add (a + b, torch.add, +=); zero padding "
+    "(F.pad, nn.ZeroPad2d, the same on both sides) folded into the convolution reading it; a softmax "
+    "or log_softmax at the output (left out: the deployed model returns the logits)"
 )
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardtanh: "hardtanh"}
@@ -174,6 +175,7 @@ class _Builder:
         self.fused_act: set[str] = set()
         self.names = _Names(traced.graph)
         self.output_kind = ""  # a softmax / log_softmax left out at the output
+        self.pads: dict[fx.Node, tuple[int, ...]] = {}  # zero padding folded into the conv reading it
 
     # -- helpers ---------------------------------------------------------------------------
     def shape(self, n: fx.Node) -> tuple[int, ...]:
@@ -227,12 +229,29 @@ class _Builder:
         else:
             dims = weight.dim() - 2
             kernel, dilation = tuple(weight.shape[2:]), _pair(conv.get("dilation", 1), dims)
+            padding = self.conv_padding(n, conv.get("padding", 0), kernel, dilation)
+            padding = tuple(p + q for p, q in zip(padding, self.pads.get(n.args[0], (0,) * dims)))
             node = self.add(n, "conv", [self.src(n.args[0])], weight_shape=tuple(weight.shape), attrs={
                 "dims": dims, "kernel_size": kernel, "stride": _pair(conv.get("stride", 1), dims),
-                "padding": self.conv_padding(n, conv.get("padding", 0), kernel, dilation), "dilation": dilation,
-                "groups": int(conv.get("groups", 1)), "activation": "identity"})
+                "padding": padding, "dilation": dilation, "groups": int(conv.get("groups", 1)),
+                "activation": "identity"})
         node.attrs.update(act_min=float("-inf"), act_max=float("inf"))
         self.params[node.name] = FloatParams(weight.detach().clone(), bias)
+
+    def pad(self, n: fx.Node, pads, mode: str = "constant", value: float = 0.0) -> None:
+        """Zero padding of the tensor (``F.pad``, ``nn.ZeroPad2d``, ``nn.ConstantPad*d`` with 0): folded
+        into the convolution that reads it (the same zeros), where it pads both sides of a dim alike."""
+        pads = _pair(pads, 2 * (len(self.shape(n)) - 1))  # (left, right[, top, bottom]): last dim first
+        if mode != "constant" or value != 0:
+            self.fail(n, f"only zero padding folds into the next convolution (this one: {mode}, {value})")
+        users = self._fx_users(n)
+        to_conv = all(u.op == "call_module" and isinstance(self.modules[u.target], (nn.Conv1d, nn.Conv2d))
+                      or u.target in (F.conv1d, F.conv2d) for u in users)
+        if not users or not to_conv or any(pads[i] != pads[i + 1] for i in range(0, len(pads), 2)):
+            self.fail(n, "zero padding folds into a convolution that reads it, the same on both sides of a dim; "
+                         "give the padding to the convolution (Conv2d(..., padding=p))")
+        self.pads[n] = tuple(reversed(pads[::2]))  # per spatial dim, first dim first
+        self.alias(n, n.args[0])
 
     def functional_weighted(self, n: fx.Node, kind: str) -> None:
         """``F.conv1d/conv2d/linear`` with the model's own parameters as weight and bias."""
@@ -410,6 +429,8 @@ class _Builder:
         elif type(m) in _POOL_MODULES:
             kind, dims = _POOL_MODULES[type(m)]
             self.pool(n, kind, dims, vars(m))
+        elif isinstance(m, (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d)):
+            self.pad(n, m.padding, value=getattr(m, "value", 0.0))
         elif type(m) in _OUTPUT_TRANSFORM_MODULES:
             self.output_transform(n, _OUTPUT_TRANSFORM_MODULES[type(m)])
         elif isinstance(m, nn.Flatten):
@@ -434,6 +455,9 @@ class _Builder:
             self.activation(n, kind, _activation_bounds(kind, dict(n.kwargs)))
         elif t in _FLATTEN_TARGETS:
             self.flatten(n)
+        elif t is F.pad:
+            a = _bound(n, ("pad", "mode", "value"))
+            self.pad(n, a["pad"], a.get("mode", "constant"), a.get("value") or 0.0)
         elif t in _WEIGHTED_FUNCTIONS:
             self.functional_weighted(n, _WEIGHTED_FUNCTIONS[t])
         elif t in _POOL_FUNCTIONS:
@@ -455,8 +479,6 @@ _HINTS = {
     "SiLU": "nn.ReLU is the supported activation", "Sigmoid": "no sigmoid kernel yet; nn.Hardtanh is supported",
     "Tanh": "no tanh kernel yet; nn.Hardtanh(-1, 1) is the supported saturating activation",
     "cat": "concatenation is not supported yet: sum the branches (a + b) if the design allows",
-    "pad": "give the padding to the convolution (Conv2d(..., padding=p)) instead of padding the tensor",
-    "ZeroPad2d": "give the padding to the convolution (Conv2d(..., padding=p)) instead",
     "LSTM": "recurrent layers are not supported; a 1-D convolution (nn.Conv1d) over time is",
     "GRU": "recurrent layers are not supported; a 1-D convolution (nn.Conv1d) over time is",
     "Upsample": "upsampling is not supported", "interpolate": "upsampling is not supported",
