@@ -237,3 +237,16 @@ CORPUS = {
     "squeeze-head": (SqueezeHead, (2, 9, 9)),
     "functional-layers": (FunctionalLayers, (2, 6, 6)),
 }
+
+
+class FailsInTraining(nn.Module):
+    """Traces (eval mode), then fails in its own forward once training starts."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        if self.training:
+            x = x.view(-1, 65)
+        return self.fc(x.flatten(1))
