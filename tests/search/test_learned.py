@@ -164,6 +164,15 @@ def test_the_controller_pulls_bits_up_under_its_band_and_holds_inside_it():
         HGQOptions(band=1.0)
 
 
+def test_landing_ranks_epochs_near_the_budget_first():
+    from mixprec.search.learned import landing
+
+    tier = landing("ebops", 1000.0)
+    assert tier({"feasible": True, "cost": {"ebops": 950.0}}) == 2
+    assert tier({"feasible": True, "cost": {"ebops": 850.0}}) == 1
+    assert tier({"feasible": False, "cost": {"ebops": 1100.0}}) == 0
+
+
 def test_relaxed_target_counts_every_bit():
     t = load_target("cortex-m4")
     r = relaxed(t)

@@ -129,6 +129,23 @@ def test_best_if_restricts_which_epochs_compete(digits):
     assert all(torch.equal(again.state_dict()[k], v) for k, v in last.items())
 
 
+def test_a_higher_tier_beats_a_more_accurate_epoch(digits):
+    """``best_if`` may rank: epoch 0 in tier 2 is kept although later epochs (tier 1) validate better."""
+    model = _model()
+    chosen = {}
+
+    class Mark(Callback):
+        def after_epoch(self, epoch, stats):
+            stats["tier"] = 2 if epoch == 0 else 1
+            if epoch == 0:
+                chosen.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    history = fit(model, *_data(digits), TrainConfig(epochs=3, batch_size=64, lr=3e-3), callbacks=[Mark()],
+                  best_if=lambda s: s["tier"])
+    assert max(h["val_accuracy"] for h in history[1:]) > history[0]["val_accuracy"]  # a real choice
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in chosen.items())
+
+
 def test_augmentation_is_applied_to_training_batches_only(digits):
     seen = []
 

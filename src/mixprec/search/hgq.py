@@ -8,8 +8,8 @@ follows a schedule (constant, linear or log ramp) or a controller that tracks a 
 default the band of 97-100% of the budget on that cost, raising bits when the cost falls under it).
 Every epoch is measured exactly; epochs on the (validation
 accuracy, cost) Pareto front are kept in ``RUN/pareto/``; the result is the most accurate epoch
-that meets the budget (the last one when none does), recalibrated and frozen into fixed bits for
-the budget step.
+that meets the budget (with the controller: among those at 90-100% of it first; the last epoch when
+none meets it), recalibrated and frozen into fixed bits for the budget step.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from ..train.checkpoint import load_checkpoint
 from .context import FrontMember, SearchContext
 from .methods import Method
 from .learned import (EpochCosts, ParetoFront, check_act_granularity, check_learned, cost_key, default_cost,
-                      differentiable_costs, every_k, freeze, is_feasible, learned_model, log_ramp, model_quantizers,
+                      differentiable_costs, every_k, freeze, is_feasible, landing, learned_model, log_ramp, model_quantizers,
                       pareto_folder, parse_options, relaxed)
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,8 @@ def search_hgq(ctx: SearchContext):
                  "%d, %g, %g), so that the bits can reach the budget", total, pace.every, pace.gain, pace.bits_lr,
                  opts.penalty_every, opts.gain, opts.bits_lr)
     history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val, train_cfg, params=groups,
-                  callbacks=[penalty, measure], best_if=is_feasible, **ctx.fit_options("hgq"))
+                  callbacks=[penalty, measure], best_if=landing(key, limit) if schedule == "controller" else is_feasible,
+                  **ctx.fit_options("hgq"))
     ctx.history["hgq"] = history
     if schedule == "front":  # every Pareto epoch becomes a run of its own (search.front)
         folder = pareto_folder(ctx.checkpoint_dir)

@@ -180,7 +180,7 @@ class Trainer:
                  augment: Callable | None = None, device: torch.device | str = "cpu",
                  on_epoch: Callable[[int, dict], None] | None = None,
                  progress: Callable[[int, int], None] | None = None, params=None,
-                 best_if: Callable[[dict], bool] | None = None):
+                 best_if: Callable[[dict], bool | int] | None = None):
         self.cfg = cfg
         self.best_if = best_if
         self.device = torch.device(device)
@@ -202,7 +202,7 @@ class Trainer:
         self.total_steps = max(cfg.epochs * self.steps_per_epoch, 1)
         self.epoch, self.step, self.lr_scale = 0, 0, 1.0
         self.history: list[dict] = []
-        self.best_acc, self.best_state = -1.0, None
+        self.best_acc, self.best_state, self.best_tier = -1.0, None, 0
         self.start_acc: float | None = None  # the model's validation accuracy before the first step
         self.peak_acc = -1.0  # the best validation accuracy of any epoch (the collapse reference)
         self.chance = chance_accuracy(y_val)
@@ -222,7 +222,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT, "config": asdict(self.cfg),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch, "step": self.step, "lr_scale": self.lr_scale,
-            "history": self.history, "best_acc": self.best_acc, "best_state": self.best_state,
+            "history": self.history, "best_acc": self.best_acc, "best_state": self.best_state, "best_tier": self.best_tier,
             "start_acc": self.start_acc, "peak_acc": self.peak_acc,
             "rng": capture_rng(self.generator),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
@@ -245,6 +245,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.lr_scale = state["epoch"], state["step"], state["lr_scale"]
         self.history, self.best_acc, self.best_state = list(state["history"]), state["best_acc"], state["best_state"]
+        self.best_tier = state.get("best_tier", 0 if self.best_state is None else 1)
         self.start_acc, self.peak_acc = state.get("start_acc"), state.get("peak_acc", self.best_acc)
         restore_rng(state["rng"], self.generator)
         for cb, cb_state in zip(self.callbacks, state["callbacks"]):
@@ -379,9 +380,10 @@ class Trainer:
             if self.world.is_main:
                 log.info("epoch %d loss %.4f val %.4f lr %.3g (%.1f s, %.0f samples/s)", self.epoch, stats["loss"],
                          stats["val_accuracy"], stats["lr"], stats["seconds"], stats["samples_per_second"])
-            eligible = self.best_if is None or self.best_if(stats)
-            if eligible and stats["val_accuracy"] > self.best_acc:
-                self.best_acc, self.best_state = stats["val_accuracy"], copy.deepcopy(self.model.state_dict())
+            tier = 1 if self.best_if is None else int(self.best_if(stats))
+            if tier and (tier, stats["val_accuracy"]) > (self.best_tier, self.best_acc):
+                self.best_tier, self.best_acc = tier, stats["val_accuracy"]
+                self.best_state = copy.deepcopy(self.model.state_dict())
             self.epoch += 1
             self._save()
             if self.on_epoch:
@@ -400,7 +402,8 @@ def fit(model: nn.Module, x_train, y_train, x_val, y_val, cfg: TrainConfig,
     (progress bars live in the CLI). ``options``: ``checkpoint`` (a path: written every epoch and
     resumed from when it exists), ``callbacks``, ``augment``, ``device``, ``params`` (tensors or
     optimiser parameter groups), ``best_if`` (``stats -> bool``: only epochs it accepts compete for
-    "best", e.g. those that meet a budget; when none does, the last epoch's weights stay). Returns
+    "best", e.g. those that meet a budget; when none does, the last epoch's weights stay; or ``stats
+    -> int``, a tier: 0 excluded, and an epoch of a higher tier beats any of a lower one). Returns
     the per-epoch stats.
     """
     return Trainer(model, x_train, y_train, x_val, y_val, cfg, on_epoch=on_epoch, progress=progress, **options).fit()
