@@ -225,6 +225,155 @@ class FunctionalLayers(nn.Module):
         return F.linear(x.flatten(1), self.w2)
 
 
+class LeNet5(nn.Module):
+    """The classic LeNet-5: nn.Sequential features, average pooling, a classifier Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
+                                      nn.Conv2d(6, 16, 5), nn.ReLU(), nn.AvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
+                                        nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class VGGBlocks(nn.Module):
+    """VGG-style blocks built in a loop, F.relu and F.max_pool2d, x.reshape(x.shape[0], -1)."""
+
+    def __init__(self, widths=(8, 16)):
+        super().__init__()
+        convs, cin = [], 3
+        for w in widths:
+            convs += [nn.Conv2d(cin, w, 3, padding=1), nn.Conv2d(w, w, 3, padding=1)]
+            cin = w
+        self.convs = nn.ModuleList(convs)
+        self.fc = nn.Linear(16 * 2 * 2, 10)
+
+    def forward(self, x):
+        for i, conv in enumerate(self.convs):
+            x = F.relu(conv(x))
+            if i % 2 == 1:
+                x = F.max_pool2d(x, kernel_size=2, stride=2)
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+class MobileNetV1Tiny(nn.Module):
+    """Depthwise separable blocks with BatchNorm and ReLU6, AdaptiveAvgPool2d then torch.flatten."""
+
+    def __init__(self):
+        super().__init__()
+
+        def dw(cin, cout, stride):
+            return nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                                 nn.ReLU6(inplace=True), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
+                                 nn.ReLU6(inplace=True))
+
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True))
+        self.blocks = nn.Sequential(dw(8, 16, 1), dw(16, 32, 2), dw(32, 32, 1))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.pool(self.blocks(self.stem(x)))
+        return self.fc(torch.flatten(x, 1))
+
+
+class KWS1D(nn.Module):
+    """A 1-D keyword-spotting CNN over MFCC frames: Conv1d + BatchNorm1d + MaxPool1d, a mean over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(10, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm1d(16)
+        self.conv2 = nn.Conv1d(16, 32, 3, padding=1)
+        self.bn2 = nn.BatchNorm1d(32)
+        self.pool = nn.MaxPool1d(2)
+        self.fc = nn.Linear(32, 12)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.bn1(self.conv1(x))))
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        return self.fc(torch.mean(x, dim=-1))
+
+
+class DropoutMLP(nn.Module):
+    """An MLP with functional dropout tied to self.training and a hardtanh."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(20, 32)
+        self.l2 = nn.Linear(32, 16)
+        self.l3 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = F.dropout(F.relu(self.l1(x)), p=0.2, training=self.training)
+        x = F.hardtanh(self.l2(x), min_val=0.0, max_val=2.0)
+        return self.l3(x)
+
+
+class ResBlock1D(nn.Module):
+    """A residual 1-D block: torch.add of two branches, then ReLU; a strided conv downsampling."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv1d(2, 8, 5, padding=2)
+        self.a = nn.Conv1d(8, 8, 3, padding=1)
+        self.b = nn.Conv1d(8, 8, 3, padding=1)
+        self.down = nn.Conv1d(8, 16, 3, stride=2)
+        self.head = nn.Linear(16 * 7, 4)
+
+    def forward(self, x):
+        x = F.relu(self.inp(x))
+        y = self.b(F.relu(self.a(x)))
+        x = F.relu(torch.add(x, y))
+        x = F.relu(self.down(x))
+        return self.head(x.view(x.size(0), -1))
+
+
+class LogSoftmaxHead(nn.Module):
+    """A CNN ending in nn.LogSoftmax, as models trained with nn.NLLLoss are written."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+        self.out = nn.Linear(4 * 3 * 3, 10)
+        self.log_softmax = nn.LogSoftmax(dim=1)
+
+    def forward(self, x):
+        return self.log_softmax(self.out(self.body(x)))
+
+
+class PaddedConvNet(nn.Module):
+    """Padding written as a layer: nn.ZeroPad2d before a valid convolution, F.pad before another."""
+
+    def __init__(self):
+        super().__init__()
+        self.pad = nn.ZeroPad2d(1)
+        self.conv1 = nn.Conv2d(1, 6, 3)
+        self.conv2 = nn.Conv2d(6, 8, 3)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(self.pad(x)))
+        x = F.relu(self.conv2(F.pad(x, (1, 1, 1, 1))))
+        return self.fc(F.adaptive_avg_pool2d(x, (1, 1)).flatten(1))
+
+
+class TwoStageResNet(nn.Module):
+    """Residual stages from a list of BasicBlocks (nn.Sequential of blocks), x.mean([2, 3])."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.stages = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8), BasicBlock(8, 16, 2), BasicBlock(16, 16))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.stages(self.stem(x)).mean([2, 3]))
+
+
 CORPUS = {
     "tutorial-net": (TutorialNet, (1, 28, 28)),
     "mnist-example": (MnistExample, (1, 16, 16)),
@@ -236,6 +385,15 @@ CORPUS = {
     "sequential-cnn": (SequentialCNN, (3, 8, 8)),
     "squeeze-head": (SqueezeHead, (2, 9, 9)),
     "functional-layers": (FunctionalLayers, (2, 6, 6)),
+    "lenet5": (LeNet5, (1, 28, 28)),
+    "vgg-blocks": (VGGBlocks, (3, 8, 8)),
+    "mobilenet-v1-tiny": (MobileNetV1Tiny, (3, 16, 16)),
+    "kws-1d": (KWS1D, (10, 20)),
+    "dropout-mlp": (DropoutMLP, (20,)),
+    "resblock-1d": (ResBlock1D, (2, 16)),
+    "log-softmax-head": (LogSoftmaxHead, (1, 8, 8)),
+    "padded-conv": (PaddedConvNet, (1, 6, 6)),
+    "two-stage-resnet": (TwoStageResNet, (3, 8, 8)),
 }
 
 
