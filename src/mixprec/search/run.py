@@ -37,7 +37,7 @@ from ..nn.model import QuantModel
 from ..train import evaluate_accuracy, fit, resolve_device, save_checkpoint
 from ..train.distributed import World, barrier, init_distributed
 from ..train.loop import chance_accuracy
-from ..user_code import as_user_error
+from ..user_code import as_user_error, model_files
 from . import preflight
 from .config import RunConfig
 from .context import SearchContext
@@ -368,14 +368,15 @@ def run_search(cfg: RunConfig, out_dir: str | Path, progress=None, epoch_hook=No
         if stored is not None:
             log.info("%s already holds this run's result (trial %s)", trial.out, trial.id)
             return stored
+    run = None
     try:
         run = prepare(trial, progress, epoch_hook, resume=resume, device=device)
         for name, stage in STAGES.items():
             stage(run)
             if name == until:
                 break
-    except Exception as exc:  # noqa: BLE001  (re-raised; as the user's own where it came from their code)
-        mine = as_user_error(exc)
+    except Exception as exc:  # noqa: BLE001  (re-raised; as the user's own where their model raised it)
+        mine = as_user_error(exc, model_files(cfg.model, run.model if run is not None else None))
         if mine is exc:
             raise
         raise mine from exc
