@@ -73,7 +73,7 @@ TASKS = {
     "digits-mlp": Task("digits-mlp", "digits", (32, 32), ("48k", "26k", "16.5k", "10.3k", "4.1k"),
                        dict(float_epochs=60, qat_epochs=60, budget_epochs=10, batch_size=32, lr=3e-3, qat_lr=1e-3),
                        dict(beta="0.01", beta_end="100"),
-                       dict(epochs=200, batch_size=32, lr=3e-3, beta0=1e-7, beta1=1e-3)),
+                       dict(epochs=200, batch_size=32, lr=3e-3, beta0=1e-7, beta1=1e-2)),
 }
 
 
