@@ -69,7 +69,7 @@ TASKS = {
     "mnist-mlp": Task("mnist-mlp", "mnist[scale=unit]", (64, 32), ("530k", "106k", "23k", "8.2k", "4.7k", "2.1k"),
                       dict(float_epochs=10, qat_epochs=10, budget_epochs=2, batch_size=128, lr=2e-3, qat_lr=1e-3),
                       dict(beta="0.01", beta_end="100"),
-                      dict(epochs=30, batch_size=128, lr=2e-3, beta0=1e-7, beta1=1e-4)),
+                      dict(epochs=30, batch_size=128, lr=2e-3, beta0=1e-7, beta1=1e-2)),
     "digits-mlp": Task("digits-mlp", "digits", (32, 32), ("48k", "26k", "16.5k", "10.3k", "4.1k"),
                        dict(float_epochs=60, qat_epochs=60, budget_epochs=10, batch_size=32, lr=3e-3, qat_lr=1e-3),
                        dict(beta="0.01", beta_end="100"),
@@ -192,7 +192,8 @@ def table(tasks: list[str], runs: Path) -> None:
                 r = json.loads((out / "result.json").read_text())
                 cmd = (out.parent / f"{lv}.command").read_text().strip()
                 rows.append(_row(name, lv, limit, "hgq", r["accuracy"]["quantized"], r["cost"]["ebops"],
-                                 r["cost_detail"]["ebops_nominal"], None, r["feasible"], f"`{cmd}`"))
+                                 r["cost_detail"]["ebops_nominal"], None, r["feasible"], f"`{cmd}`",
+                                 degenerate=bool(r.get("degenerate"))))
             best = best_within(front_rows, limit, "ebops")
             if best is not None:
                 cmd = (runs / name / "ours" / "front.command").read_text().strip()
@@ -228,9 +229,10 @@ def _our_front(run: Path) -> list[dict]:
     return points
 
 
-def _row(task, level, limit, run, acc, ebops, nominal, own, within, command) -> str:
+def _row(task, level, limit, run, acc, ebops, nominal, own, within, command, degenerate: bool = False) -> str:
     own_text = f"{own:,.0f}" if own is not None else ""
-    return (f"| {task} | {level} | {run} | {acc:.2%} | {ebops:,.0f} | {ebops / limit:.0%} | {nominal:,.0f} | {own_text} | "
+    acc_text = f"{acc:.2%}" + (" (DEGENERATE: collapsed, not a result)" if degenerate else "")
+    return (f"| {task} | {level} | {run} | {acc_text} | {ebops:,.0f} | {ebops / limit:.0%} | {nominal:,.0f} | {own_text} | "
             f"{'yes' if within else 'NO'} | {command} |")
 
 
