@@ -91,6 +91,13 @@ def _floor_half_up(mod, x):
     return mod.where(x - low >= 0.5, low + 1, low)
 
 
+def zero_bit_groups_allowed(numerics: str, groups: int) -> bool:
+    """Whether groups of an activation grid of ``groups`` bit groups may hold 0 bits: in fixed point,
+    finer than a whole tensor (a pruned input feature or activation element is always 0, costs
+    nothing and is not stored); a whole tensor at 0 bits would be a dead network."""
+    return numerics == "fixed" and groups > 1
+
+
 def qrange(bits, signed, narrow: bool = False):
     """Integer range ``(qmin, qmax)`` of a ``bits``-wide integer; works on arrays of bits.
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from ..granularity import GRANULARITIES
+from ..numerics import zero_bit_groups_allowed
 from .units import parse_size
 
 NUMERICS = ("scaled", "fixed")
@@ -88,10 +89,8 @@ class Target:
 
     def act_bits_of(self, groups: int) -> tuple[int, ...]:
         """The widths the entries of an activation grid of ``groups`` bit groups may take: the
-        target's, and 0 for a group of a finer-than-tensor grid in fixed point (a pruned input feature
-        or activation element: its value is always 0, so it costs nothing and is not stored); a whole
-        tensor at 0 bits would be a dead network."""
-        return (0, *self.act_bits) if self.numerics == "fixed" and groups > 1 else self.act_bits
+        target's, and 0 where :func:`~mixprec.numerics.zero_bit_groups_allowed`."""
+        return (0, *self.act_bits) if zero_bit_groups_allowed(self.numerics, groups) else self.act_bits
 
     def throughput(self, act_bits: float, weight_bits: float) -> float:
         """MACs per cycle at the table entry of the next supported width up (clamped to the largest).

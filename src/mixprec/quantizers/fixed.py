@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..granularity import expand, granularity_of, reduce_to
-from ..numerics import qrange
+from ..numerics import qrange, zero_bit_groups_allowed
 from .base import Frozen, QParams, Quantizer, as_bits_tensor, needs_weight, no_weight, range_scale
 
 
@@ -303,7 +303,7 @@ def frozen_act_quantizer(qp: QParams, shape: tuple[int, ...], numerics: str,
     code times the learned step, one per tensor or (fixed numerics) one per bits group, symmetric
     when signed (the observer's scale is then max|range| / largest code, the learned step)."""
     bits = qp.bits.detach().round().cpu()
-    if bits.numel() == 1 or numerics != "fixed":  # a whole tensor at 0 bits is a dead network
+    if not zero_bit_groups_allowed(numerics, bits.numel()):
         bits = bits.clamp_min(1)
     if bits.numel() == 1:
         bits = bits.reshape((1,) * len(shape))
