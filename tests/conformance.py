@@ -194,6 +194,9 @@ class ExactnessSuite:
     """Bit-exactness checks, parametrized over ``builders`` x ``granularities`` x ``numerics``."""
 
     builders: dict = {}
+    # builders whose end-to-end tolerance is wider than MODEL_LSB_TOL: a product multiplies a one-LSB
+    # rounding difference of either input by the other's magnitude (each layer still within one LSB)
+    model_lsb_tol: dict = {}
     granularities = GRANULARITIES
     numerics = NUMERICS
 
@@ -319,7 +322,8 @@ class ExactnessSuite:
             y_int = qm(x).double()
             y_fq = self._fake_quant(qm, lambda m: m(x)).double()
             err = ((y_int - y_fq).abs() / lsb).max().item()
-            assert err <= MODEL_LSB_TOL + 1e-3, f"{kind} input: {err:.2f} LSB from the fake-quant path"
+            tol = self.model_lsb_tol.get(case.name, MODEL_LSB_TOL)
+            assert err <= tol + 1e-3, f"{kind} input: {err:.2f} LSB from the fake-quant path"
 
     def test_each_layer_close_to_fake_quant(self, case):
         """Feed each layer the reference integers of its inputs and compare one layer at a time."""

@@ -53,6 +53,65 @@ class FunctionalHead(nn.Module):
         return self.fc(self.flatten(F.relu(self.conv(x))))
 
 
+class Branches(nn.Module):
+    """``torch.cat`` of branches of different ranges (and scales), as an inception block joins them;
+    ``with_input``: the input itself is one of them (a DenseNet-style join)."""
+
+    def __init__(self, conv=nn.Conv2d, channels: int = 2, with_input: bool = False, act: bool = True):
+        super().__init__()
+        self.a = conv(channels, 3, 3, padding=1)
+        self.b = conv(channels, 2, 1)
+        with torch.no_grad():
+            self.b.weight.mul_(5.0)
+        self.with_input, self.act = with_input, act
+
+    def forward(self, x):
+        parts = [self.a(x), F.relu(self.b(x))] + ([x] if self.with_input else [])
+        y = torch.cat(parts, dim=1)
+        return F.relu(y) if self.act else y
+
+
+class Features(nn.Module):
+    """Concatenated feature vectors (two rectified heads over one input), then a linear layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.fc = nn.Linear(6, 4), nn.Linear(6, 3), nn.Linear(7, 2)
+
+    def forward(self, x):
+        return self.fc(torch.cat((F.relu(self.a(x)), F.relu(self.b(x))), 1))
+
+
+class SqueezeExcite(nn.Module):
+    """A conv, then squeeze-and-excitation: global pool, two linears, a gate, ``x * s.view(b, c, 1, 1)``;
+    ``gate_first``: written ``s * x`` with ``unsqueeze``."""
+
+    def __init__(self, conv=nn.Conv2d, gate=nn.Hardsigmoid, gate_first: bool = False):
+        super().__init__()
+        self.conv = conv(2, 4, 3, padding=1)
+        self.fc1, self.fc2, self.gate = nn.Linear(4, 2), nn.Linear(2, 4), gate()
+        nn.init.constant_(self.fc1.bias, 0.5)  # a hidden unit never negative for every input (its range 0)
+        self.gate_first, self.spatial = gate_first, (2,) if conv is nn.Conv1d else (2, 3)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        s = self.gate(self.fc2(F.relu(self.fc1(x.mean(self.spatial)))))
+        if self.gate_first:
+            return s.unsqueeze(-1) * x if len(self.spatial) == 1 else s.unsqueeze(-1).unsqueeze(-1) * x
+        return x * s.view(x.size(0), x.size(1), 1, 1)
+
+
+class Product(nn.Module):
+    """The product of two branches of one shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 3, 1)
+
+    def forward(self, x):
+        return self.a(x) * torch.tanh(self.b(x))
+
+
 def seq(*layers, shape):
     return lambda: (nn.Sequential(*layers), shape)
 
@@ -110,6 +169,23 @@ BUILDERS = {
     "adaptive-global": lambda: (nn.Sequential(nn.Conv2d(2, 3, 2), nn.AdaptiveAvgPool2d(1)), IMG),
     "adaptive-dividing": lambda: (nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), nn.AdaptiveAvgPool2d((1, 5))), IMG),
     "adaptive1d": lambda: (nn.Sequential(nn.Conv1d(2, 3, 3), nn.AdaptiveAvgPool1d(7)), SIG),
+    # concatenation
+    "concat-branches": lambda: (Branches(), IMG),
+    "concat-with-input": lambda: (Branches(with_input=True, act=False), IMG),
+    "concat-conv1d-then-conv": lambda: (nn.Sequential(Branches(nn.Conv1d), nn.Conv1d(5, 2, 3)), SIG),
+    "concat-features": lambda: (Features(), VEC),
+    # products
+    "mul-squeeze-excite": lambda: (SqueezeExcite(), IMG),
+    "mul-gate-first-conv1d": lambda: (SqueezeExcite(nn.Conv1d, nn.Sigmoid, gate_first=True), SIG),
+    "mul-same-shape": lambda: (Product(), IMG),
+    # lookup-table activations
+    "table-leaky-relu": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3), nn.LeakyReLU(0.1)), IMG),
+    "table-sigmoid": lambda: (nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3)), VEC),
+    "table-tanh-conv1d": lambda: (nn.Sequential(nn.Conv1d(2, 3, 3), nn.Tanh()), SIG),
+    "table-hardswish-relu": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Hardswish(), nn.ReLU()), IMG),
+    "table-silu-gelu": lambda: (nn.Sequential(nn.Linear(6, 5), nn.SiLU(), nn.Linear(5, 4), nn.GELU()), VEC),
+    "table-hardsigmoid-flatten": lambda: (nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Hardsigmoid(),
+                                                        nn.Linear(27, 2)), IMG),
     # flatten
     "flatten-module": lambda: (nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 4)), IMG),
     "flatten-function": lambda: (FunctionalHead(lambda y: torch.flatten(y, 1)), (2, 4, 4)),
@@ -126,3 +202,4 @@ BUILDERS = {
 
 class TestLayers(ExactnessSuite):
     builders = BUILDERS
+    model_lsb_tol = {name: 6 for name in BUILDERS if name.startswith("mul-")}

@@ -109,6 +109,36 @@ class Bounded(nn.Module):
         return self.fc(self.flat(self.act(self.conv(x))))
 
 
+class Concat(nn.Module):
+    """Two branches joined by torch.cat, a conv over the join, a dense head."""
+
+    SHAPE = (2, 4, 4)
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(2, 4, 1), nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)
+        self.flat, self.fc = nn.Flatten(), nn.Linear(6 * 16, 3)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        return self.fc(self.flat(torch.relu(self.c(y))))
+
+
+class Gated(nn.Module):
+    """a 2->4 then LeakyReLU (maps 0 to 0: a's pruned rows go), b 4->4 then Sigmoid (0 -> 0.5: b's stay),
+    then a dense head."""
+
+    SHAPE = (2, 4, 4)
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.leaky, self.gate, self.flat, self.fc = nn.LeakyReLU(0.2), nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 16, 3)
+
+    def forward(self, x):
+        return self.fc(self.flat(self.gate(self.b(self.leaky(self.a(x))))))
+
+
 # case: (model, pruned rows per layer, the rows each layer keeps)
 CASES = {
     "plain": (Plain, {"conv1": [1, 4], "conv2": [0, 3, 5], "fc1": [2, 7]},
@@ -127,6 +157,10 @@ CASES = {
     # every input of g's second group goes: so does the group (2 groups -> 1)
     "grouped-whole-group": (Grouped, {"pre": [4, 5, 6, 7]},
                             {"pre": [0, 1, 2, 3], "g": [0, 1, 2, 3], "fc": [0, 1, 2]}),
+    "tables": (Gated, {"a": [1, 3], "b": [2]}, {"a": [0, 2], "b": [0, 1, 2, 3], "fc": [0, 1, 2]}),
+    # a concat keeps a place for every channel of its inputs: a's and b's pruned rows stay at 0 bits
+    "concat": (Concat, {"a": [1], "b": [0, 2], "c": [3]},
+               {"a": [0, 1, 2, 3], "b": [0, 1, 2, 3], "c": [0, 1, 2, 4, 5], "fc": [0, 1, 2]}),
 }
 
 

@@ -30,3 +30,22 @@ def test_errors_outside_the_models_code_stay_as_they_are(tmp_path):
         {}["missing"]
     except KeyError as exc:
         assert as_user_error(exc, files) is exc and model_files("digits-cnn") == set()
+
+
+def test_a_model_module_that_does_not_import_is_said_as_such(tmp_path, monkeypatch):
+    """``mixprec search --model mypkg.nets:Net`` finds ``mypkg`` in the current directory as ``python -m``
+    would; a module found nowhere is a ValueError naming it, not an internal error."""
+    import sys
+
+    from mixprec.models import get_model
+
+    pkg = tmp_path / "mynets"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "nets.py").write_text("import torch\n\ndef net():\n    return torch.nn.Linear(4, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert get_model("mynets.nets:net").in_features == 4
+    assert model_files("nowhere.nets:Net") == set()
+    with pytest.raises(ValueError, match="Cannot import model 'nowhere.nets:Net'"):
+        get_model("nowhere.nets:Net")

@@ -83,6 +83,10 @@ class NumpyKernels:
     def flatten(x) -> np.ndarray:
         return x.reshape(x.shape[0], -1)
 
+    @staticmethod
+    def concat(parts) -> np.ndarray:
+        return np.concatenate(parts, axis=1)
+
 
 #: Every integer below this magnitude is exact in float32 (24-bit significand)
 FLOAT32_EXACT = 2 ** 24
@@ -189,6 +193,10 @@ class TorchKernels:
     def flatten(x) -> torch.Tensor:
         return x.reshape(x.shape[0], -1)
 
+    @staticmethod
+    def concat(parts) -> torch.Tensor:
+        return torch.cat(parts, dim=1)
+
 
 def quantize_input(x, node: IntNode):
     """Real network input -> integers on the input node's grid (round half to even, saturate)."""
@@ -216,6 +224,16 @@ def step(node: IntNode, args: list, k) -> object:
             b = p["requant_b"].apply(b << p["left_shift"])
             return _finish(a + b, node)
         return _finish((a << p["align_a"]) + (b << p["align_b"]), node)
+    if op == "concat":  # each input rescaled onto its channels of the output grid, then joined
+        return k.concat([requantize(a, p[f"requant_{i}"], p[f"lo_{i}"], p[f"hi_{i}"], p.get(f"post_shift_{i}"))
+                         for i, a in enumerate(args)])
+    if op == "mul":  # codes multiplied (a per-channel vector broadcast over positions), then requantized
+        a, b = args
+        return _finish(a * b.reshape(tuple(b.shape) + (1,) * (a.ndim - b.ndim)), node)
+    if op == "table":  # each element's code looks up its group's table
+        x = args[0] if "in_shift" not in p else args[0] >> p["in_shift"]
+        y = p["table"][x + p["offset"]]
+        return y if node.grid.post_shift is None else y << node.grid.post_shift
     if op == "act":
         return _finish(args[0], node)
     if op == "maxpool":

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .granularity import expand, reduce_to
+from .graph.functions import table_function
 from .graph.ir import Graph
 from .numerics import INT32_MAX, INT32_MIN, Requant, add_left_shift, make_requant, qrange
 
@@ -155,6 +156,99 @@ def lower_add(s_a: float, s_b: float, grid: OutputGrid, kind: str, max_in_bits: 
             "requant": make_requant(s_acc / grid.elem_scale, kind)}
 
 
+def channel_slice(a, start: int, stop: int) -> np.ndarray:
+    """Channels ``start:stop`` (dim 0) of an array that broadcasts against a tensor (a constant
+    dim 0 broadcasts to every slice)."""
+    a = np.asarray(a)
+    return a if a.ndim == 0 or a.shape[0] == 1 else a[start:stop]
+
+
+def lower_concat(in_scales: list[float], in_channels: list[int], grid: OutputGrid, kind: str) -> dict:
+    """Per input ``i``: the rescale of its integers onto its channels of the output grid
+    (``requant_i``) and those channels' clamp (``lo_i``, ``hi_i``) and storage shift (``post_shift_i``)."""
+    params, start = {}, 0
+    for i, (s_in, c) in enumerate(zip(in_scales, in_channels)):
+        stop = start + c
+        params[f"requant_{i}"] = make_requant(s_in / channel_slice(grid.elem_scale, start, stop), kind)
+        params[f"lo_{i}"] = channel_slice(grid.lo, start, stop)
+        params[f"hi_{i}"] = channel_slice(grid.hi, start, stop)
+        if grid.post_shift is not None:
+            params[f"post_shift_{i}"] = channel_slice(grid.post_shift, start, stop)
+        start = stop
+    return params
+
+
+#: Entries of one lookup table: every code of an input of at most 8 bits
+TABLE_ENTRIES = 256
+TABLE_MAX_BITS = 8
+
+
+def lower_table(node, src: OutputGrid, grid: OutputGrid) -> dict:
+    """The lookup tables of a ``table`` node: for each group of elements that share their input and
+    output grids (the fewest equal row-major blocks: one per tensor, slice, channel or element),
+    ``f(k * s_in)`` rounded onto the output grid and clamped, for every input code ``k``
+    from ``base`` (-128 or 0) on. ``offset`` (per element) points at its group's table; ``in_shift``
+    and the output's post-shift move between codes and the tensors' common grids."""
+    shape = tuple(node.out_shape)
+    for g, side in ((src, "input"), (grid, "output")):
+        if int(np.max(g.bits)) > TABLE_MAX_BITS:
+            raise ValueError(f"layer {node.name!r} ({node.attrs['function']}): a lookup table reads and writes codes "
+                             f"of at most {TABLE_MAX_BITS} bits ({TABLE_ENTRIES} entries, as TFLite-Micro's int8 "
+                             f"kernels); its {side} has {int(np.max(g.bits))} bits: give activations {TABLE_MAX_BITS} "
+                             f"bits or fewer (--act-bits)")
+    full = {k: np.broadcast_to(np.asarray(v, dtype=np.float64), shape).reshape(-1) for k, v in
+            (("s_in", src.elem_scale), ("s_out", grid.elem_scale), ("lo", grid.lo), ("hi", grid.hi))}
+    key = np.stack(list(full.values()), axis=1)
+    groups = _distinct_prefix(key)
+    per = key.shape[0] // groups
+    first = key[::per]
+    base = -(TABLE_ENTRIES // 2) if src.signed else 0
+    codes = torch.arange(base, base + TABLE_ENTRIES, dtype=torch.float64)
+    f = table_function(node.attrs)
+    tables = [np.clip(np.round(f(codes * s_in).numpy() / s_out), lo, hi) for s_in, s_out, lo, hi in first]
+    offset = (np.arange(groups, dtype=np.int64) * TABLE_ENTRIES).repeat(per).reshape(shape) - base
+    in_shift = None if src.post_shift is None else np.broadcast_to(src.post_shift, shape)
+    return {"table": np.concatenate(tables).astype(np.int64), "offset": _compact(offset),
+            **({} if in_shift is None else {"in_shift": _compact(in_shift)})}
+
+
+def grid_seen_by(graph: Graph, name: str, grid: OutputGrid) -> OutputGrid:
+    """``grid`` (the grid of tensor ``name``'s source) over ``name``'s own shape: the same grid where
+    ``name`` is its source; through flatten element by element; through pooling a per-channel grid,
+    each channel's entry over its elements (per-element entries cannot follow a pool: ValueError)."""
+    node, source = graph[name], graph[graph.grid_source(name)]
+    if source.name == name:
+        return grid
+    src_shape, shape = tuple(source.out_shape), tuple(node.out_shape)
+    flattened = graph.buffer_source(name) == source.name  # views only: the elements keep their order
+
+    def onto(a):
+        if a is None or np.asarray(a).size == 1:
+            return a if a is None else np.asarray(a).reshape((1,) * len(shape))
+        a = np.asarray(a)
+        if flattened:
+            return np.broadcast_to(a, src_shape).reshape(shape)
+        if a.shape[0] != src_shape[0] or any(d != 1 for d in a.shape[1:]):
+            raise ValueError(f"tensor {name!r} ({node.op} of {source.name!r}): its elements' grids vary within a "
+                             f"channel, which pooling or flattening does not carry; a lookup table needs a "
+                             f"per-tensor or per-channel grid here")
+        per = int(np.prod(shape)) // src_shape[0]
+        return a.reshape(-1).repeat(per).reshape(shape) if len(shape) != len(src_shape) else a
+    return OutputGrid(grid.scale, onto(grid.bits), grid.signed, onto(grid.lo), onto(grid.hi), onto(grid.elem_scale),
+                      onto(grid.post_shift))
+
+
+def _distinct_prefix(key: np.ndarray) -> int:
+    """The fewest row-major groups of ``key``'s rows (a divisor of their count) within which all rows
+    are equal."""
+    n = key.shape[0]
+    for groups in sorted(d for d in range(1, n + 1) if n % d == 0):
+        per = n // groups
+        if np.array_equal(np.repeat(key[::per], per, axis=0), key):
+            return groups
+    return n
+
+
 def lower(graph: Graph, weights: dict, weight_qparams: dict, act_qparams: dict, numerics: str) -> IntGraph:
     """Lower a quantized graph given its float weights/biases and frozen quantizer grids.
 
@@ -178,6 +272,12 @@ def lower(graph: Graph, weights: dict, weight_qparams: dict, act_qparams: dict, 
         elif node.op == "add":
             max_bits = int(max(np.max(g.bits) for g in src_grid))
             params = lower_add(src_grid[0].scale, src_grid[1].scale, grid, kind, max_bits)
+        elif node.op == "concat":
+            params = lower_concat([g.scale for g in src_grid], [s[0] for s in node.in_shapes], grid, kind)
+        elif node.op == "mul":  # the product of two codes is on the grid s_a * s_b
+            params = {"requant": make_requant(src_grid[0].scale * src_grid[1].scale / grid.elem_scale, kind)}
+        elif node.op == "table":
+            params = lower_table(node, grid_seen_by(graph, node.inputs[0], src_grid[0]), grid)
         elif node.op == "act":
             params = {"requant": make_requant(src_grid[0].scale / grid.elem_scale, kind)}
         nodes.append(IntNode(node.name, node.op, list(node.inputs), dict(node.attrs), node.out_shape, grid, params))

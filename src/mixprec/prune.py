@@ -374,7 +374,11 @@ def _first_difference(old: IntGraph, new: IntGraph, alive: dict, cols: dict) -> 
                     return n.name, f"activation grid {field}"
         for key, v in o.params.items():
             w = n.params[key]
-            if key == "weight":
+            if key == "offset":  # a table's offsets: the tables themselves are compared element by element
+                continue
+            if key == "table":
+                ok = np.array_equal(_element_tables(o, o.out_shape)[rows], _element_tables(n, n.out_shape))
+            elif key == "weight":
                 ok = np.array_equal(_slice_rows_cols(torch.from_numpy(v), rows, cols[n.name]).numpy(), w)
             elif isinstance(v, Requant):
                 ok = v.kind == w.kind and same(v.multiplier, w.multiplier) and same(v.shift, w.shift)
@@ -385,6 +389,13 @@ def _first_difference(old: IntGraph, new: IntGraph, alive: dict, cols: dict) -> 
             if not ok:
                 return n.name, key
     return None
+
+
+def _element_tables(node, shape: tuple[int, ...]) -> np.ndarray:
+    """A ``table`` node's lookup table per element, ``shape + (256,)`` (offsets are a group's table
+    start minus the input code base, -128 or 0, so ``offset // 256`` is the group)."""
+    tables = np.asarray(node.params["table"]).reshape(-1, 256)
+    return tables[np.broadcast_to(node.params["offset"], shape) // 256]
 
 
 def _full(a, shape: tuple[int, ...]) -> np.ndarray:

@@ -23,7 +23,10 @@ def model_files(model_name: str, model: nn.Module | None = None) -> set[str]:
     classes of every submodule of ``model`` (outside torch and mixprec)."""
     files = set()
     module = model_name.partition("[")[0].partition(":")[0] if ":" in model_name else None
-    spec = importlib.util.find_spec(module) if module else None
+    try:
+        spec = importlib.util.find_spec(module) if module else None
+    except (ImportError, ValueError):  # not importable: the error that matters is the model's own
+        spec = None
     if spec is not None and spec.origin:
         files.add(str(Path(spec.origin).resolve()))
     for m in model.modules() if model is not None else ():

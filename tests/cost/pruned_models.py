@@ -70,6 +70,39 @@ class Grouped(nn.Module):
         return self.fc(self.flat(self.pool(self.act(self.g(self.act(self.pre(x)))))))
 
 
+class Concat(nn.Module):
+    """a 2->a (1x1), b 2->b (3x3), cat, c (a+b)->c (3x3), maxpool 2, flatten, fc; input (2, 8, 8)."""
+
+    SHAPE = (2, 8, 8)
+    READS = {"a": (None, 1), "b": (None, 1), "c": (None, 1), "fc": ("c", 16)}  # the concat keeps every channel
+
+    def __init__(self, a=4, b=4, c=6):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(2, a, 1), nn.Conv2d(2, b, 3, padding=1), nn.Conv2d(a + b, c, 3, padding=1)
+        self.act, self.pool, self.flat, self.fc = nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(c * 16, 3)
+
+    def forward(self, x):
+        y = torch.cat([self.act(self.a(x)), self.act(self.b(x))], dim=1)
+        return self.fc(self.flat(self.pool(self.act(self.c(y)))))
+
+
+class Gated(nn.Module):
+    """a 2->a then LeakyReLU, b a->b then Sigmoid (a pruned channel of b stays: sigmoid(0) = 0.5),
+    maxpool 2, flatten, fc; input (2, 8, 8)."""
+
+    SHAPE = (2, 8, 8)
+    READS = {"a": (None, 1), "b": ("a", 1), "fc": (None, 16)}
+
+    def __init__(self, a=4, b=4):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, a, 3, padding=1), nn.Conv2d(a, b, 3, padding=1)
+        self.leaky, self.gate, self.pool = nn.LeakyReLU(0.2), nn.Sigmoid(), nn.MaxPool2d(2)
+        self.flat, self.fc = nn.Flatten(), nn.Linear(b * 16, 3)
+
+    def forward(self, x):
+        return self.fc(self.flat(self.pool(self.gate(self.b(self.leaky(self.a(x)))))))
+
+
 def smaller(full: nn.Module, rows: dict[str, list[int]], **sizes) -> nn.Module:
     """``full`` rebuilt with only output channels ``rows[layer]`` (all where not given) and the
     input columns that read them; ``sizes``: the constructor's channel counts of the result."""

@@ -16,7 +16,7 @@ from mixprec.models import get_model
 from mixprec.models.registry import get_spec
 
 from .graphs import conv
-from .pruned_models import Grouped, Plain, Residual, Separable, kept_rows, sliced, smaller
+from .pruned_models import Concat, Gated, Grouped, Plain, Residual, Separable, kept_rows, sliced, smaller
 
 # (model, target, weight granularity, activation granularity): the last on a fixed-point target with
 # per-channel activations, where only the lowered values decide the clamp tables (FLASH not compared)
@@ -178,6 +178,10 @@ PRUNED = {
     # every input of g's second group pruned: the group goes
     "grouped-whole-group": (Grouped, {"pre": [4, 5, 6, 7]}, {"pre": [0, 1, 2, 3], "g": [0, 1, 2, 3]},
                             {"pre": 4, "g": 4, "groups": 1}),
+    # a concat keeps a place for every channel of a and b (their pruned rows stay at 0 bits); c's goes
+    "concat": (Concat, {"a": [1], "b": [0], "c": [2]}, {"c": [0, 1, 3, 4, 5]}, {"c": 5}),
+    # LeakyReLU keeps a pruned channel at 0 (it goes, with b's columns); Sigmoid makes it 0.5 (b's stays)
+    "tables": (Gated, {"a": [1], "b": [2]}, {"a": [0, 2, 3]}, {"a": 3}),
 }
 
 
@@ -207,6 +211,8 @@ def _pruned_case(case, target, seed=0):
     qm = mixprec.quantize(full, target, cls.SHAPE, bits=8)
     tables = build_tables(qm.graph, load_target(target), mixprec.assignment(qm))
     kw, ka = _pruning_choice(tables, pruned, np.random.default_rng(seed))
+    if any(n.op == "table" for n in tables.graph):  # lookup tables take codes of at most 8 bits
+        ka = {q: min(k, int(np.searchsorted(tables.acts[q].widths, 8))) for q, k in ka.items()}
     small = mixprec.quantize(smaller(full, kept, **sizes), target, cls.SHAPE, bits=8)
     small.calibrate([torch.randn(16, *cls.SHAPE)])
     _set_smaller(small, tables, kw, ka, kept)

@@ -111,6 +111,62 @@ def test_residual_padded_maxpool_and_average_pool_are_exact(tmp_path):
     assert "pads max pooling" in notes and "per-channel weight scales" in notes
 
 
+def _stem_then(block, channels: int) -> torch.nn.Module:
+    """A conv stem, ``block`` (``channels`` out), a dense head on 8 x 8 images."""
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3, padding=1), torch.nn.ReLU(), block, torch.nn.Flatten(),
+                               torch.nn.Linear(channels * 64, 3))
+
+
+@pytest.mark.parametrize("builder", ["two-branches", "three-with-input", "features"])
+def test_concatenation_is_exact(tmp_path, builder):
+    """torch.cat becomes hls4ml's Concatenate (pairwise, past two inputs) into an exact type; the
+    output type's rounding and saturation (and a ReLU the concat fuses) requantize it as the
+    reference does."""
+    from mixprec.convert import convert
+    from test_exactness import Branches, Features
+
+    torch.manual_seed(5)
+    model, shape = {"two-branches": (_stem_then(Branches(), 5), (2, 8, 8)),
+                    "three-with-input": (_stem_then(Branches(with_input=True), 7), (2, 8, 8)),
+                    "features": (Features(), (6,))}[builder]
+    qm = convert(model, shape, "fixed", 6, 7, "per-channel", "per-tensor")
+    qm.calibrate([torch.randn(64, *shape)])
+    qm.eval()
+    ig = qm.lower()
+    assert any(n.op == "concat" for n in ig.nodes)
+    xs = (torch.randn(200, *shape) * 1.5).numpy()
+    exporter = get_exporter("hls4ml")
+    artifact = exporter.export(ExportInput(tmp_path, ig, qm, None, shape, xs[:8]), tmp_path / "hls4ml")
+    out, ints = exporter.run(artifact, xs, keep=True)
+    ref, env = reference(ig, xs, keep=True)
+    assert np.array_equal(out, ref)
+    assert all(np.array_equal(v.reshape(env[n].shape), env[n]) for n, v in ints.items())
+
+
+class _Gated(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Conv2d(2, 3, 1)
+
+    def forward(self, x):
+        return torch.relu(self.a(x)) * self.b(x)
+
+
+@pytest.mark.parametrize("builder,message", [("table-sigmoid", "node '1': sigmoid is deployed as a lookup table"),
+                                             ("gated", "node 'mul': a product")])
+def test_lookup_tables_and_products_are_refused_by_name(tmp_path, builder, message):
+    from mixprec.convert import convert
+    from test_exactness import BUILDERS
+
+    model, shape = BUILDERS[builder]() if builder in BUILDERS else (_Gated(), (2, 8, 8))
+    qm = convert(model, shape, "fixed", 6, 7, "per-channel", "per-tensor")
+    qm.calibrate([torch.randn(32, *shape)])
+    qm.eval()
+    inp = ExportInput(tmp_path, qm.lower(), qm, None, shape, np.zeros((2, *shape), np.float32))
+    with pytest.raises(ExportError, match=message):
+        get_exporter("hls4ml").export(inp, tmp_path / "hls4ml")
+
+
 @pytest.mark.parametrize("shape", [(1, 6, 6), (2, 3, 5)])
 def test_mlp_on_an_image_input_is_exact(tmp_path, shape):
     """hls4ml's channels-last conversion used to reorder the first dense layer's weights for a

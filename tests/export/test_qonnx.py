@@ -21,7 +21,7 @@ from mixprec.convert import convert  # noqa: E402
 from mixprec.cost.bits import act_bits as resolve_act_bits  # noqa: E402
 from mixprec.execute import reference  # noqa: E402
 from mixprec.export import ExportError, ExportInput, get_exporter  # noqa: E402
-from mixprec.export.qonnx import inference_cost, weight_bit_count  # noqa: E402
+from mixprec.export.qonnx import MODEL_FILE, inference_cost, weight_bit_count  # noqa: E402
 from mixprec.granularity import expand  # noqa: E402
 from mixprec.graph.convert import trace  # noqa: E402
 
@@ -193,6 +193,36 @@ def test_standalone_activation_and_per_element_activation_widths_are_exact(tmp_p
     assert np.array_equal(out, ref)
     assert all(np.array_equal(ints[n], env[n]) for n in env)
     assert any("per-element activation bits" in n for n in artifact.notes)
+
+
+@pytest.mark.parametrize("builder,numerics,act_granularity,op_type", [
+    ("concat-branches", "scaled", "per-tensor", "Concat"), ("concat-with-input", "fixed", "per-channel", "Concat"),
+    ("concat-conv1d-then-conv", "scaled", "per-channel", "Concat"), ("concat-features", "fixed", "per-tensor", "Concat"),
+    ("table-leaky-relu", "scaled", "per-tensor", "Gather"), ("table-hardsigmoid-flatten", "fixed", "per-channel", "Gather"),
+    ("table-sigmoid", "fixed", "per-element", "Gather"), ("table-silu-gelu", "scaled", "per-tensor", "Gather"),
+    ("mul-squeeze-excite", "scaled", "per-tensor", "Mul"), ("mul-same-shape", "fixed", "per-channel", "Mul")])
+def test_concatenation_lookup_tables_and_products_are_exact(builder, numerics, act_granularity, op_type, tmp_path):
+    """Each input of a concat rescaled onto its channels of the output grid, then one Concat node; a
+    lookup-table activation a Gather from its tables (per element, channel or tensor); a product of
+    codes (a squeeze-and-excitation gate) an int64 Mul, then the requantization."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from test_exactness import BUILDERS
+
+    torch.manual_seed(4)
+    model, shape = BUILDERS[builder]()
+    qm = convert(model, shape, numerics, 6, 7, "per-channel", act_granularity)
+    qm.calibrate([torch.randn(64, *shape)])
+    qm.eval()
+    ig = qm.lower()
+    xs = (torch.randn(40, *shape) * 1.5).numpy()
+    exporter = get_exporter("qonnx")
+    artifact = exporter.export(ExportInput(tmp_path, ig, qm, None, shape, xs[:4]), tmp_path / "qonnx")
+    out, ints = exporter.run(artifact, xs, keep=True)
+    ref, env = reference(ig, xs, keep=True)
+    assert np.array_equal(out, ref)
+    assert all(np.array_equal(ints[n], env[n]) for n in env)
+    assert op_type in [n.op_type for n in onnx.load(artifact.path / MODEL_FILE).graph.node]
 
 
 def _tiny(numerics, weight_bits, act_bits, granularity="per-channel", width=64):

@@ -106,6 +106,28 @@ def test_residual_channels_are_tied_and_free_columns_only_when_every_tied_channe
     assert (live_columns(g, inner, "c") == [True, True, False, True]).all()
 
 
+class Joined(nn.Module):
+    """a 2->3 and b 2->2 joined by torch.cat, c 5->4 over the join."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(2, 3, 1), nn.Conv2d(2, 2, 1), nn.Conv2d(5, 4, 1)
+
+    def forward(self, x):
+        return self.c(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_a_concat_keeps_every_channel_of_its_inputs_and_is_a_producer_of_its_own():
+    g = _graph(Joined(), (2, 4, 4))
+    cmap = channel_map(g)
+    assert cmap.producers("cat") == ("cat",) and tie_groups(g) == []
+    alive = alive_channels(g, _pruned(a=(3, [0, 2]), b=(2, [1])))
+    assert alive["a"].all() and alive["b"].all() and alive["cat"].all() and live_columns(g, alive, "c").all()
+    probs = cmap.alive(cmap.live({"a": torch.tensor([0.25, 0.5, 1.0], dtype=torch.float64)}))
+    assert probs["a"].tolist() == [1.0, 1.0, 1.0]
+    assert cmap.tied_live(cmap.live({}), "a").tolist() == [1.0, 1.0, 1.0]
+
+
 def test_the_network_input_keeps_every_channel_it_is_tied_to():
     g = _graph(Shortcut(), (2, 4, 4))
     assert tie_groups(g) == [("input", "conv")]

@@ -208,6 +208,38 @@ def test_add_spellings(add):
     assert graph[graph.output].inputs == ["conv", "input"]
 
 
+@pytest.mark.parametrize("join", [lambda a, b: torch.cat([a, b], 1), lambda a, b: torch.cat((a, b), dim=-3),
+                                  lambda a, b: torch.concat([a, b], 1), lambda a, b: torch.cat(tensors=[a, b], dim=1)])
+def test_concatenation_along_channels(join):
+    g = trace(Fn(lambda m, x: F.relu(join(m.a(x), x)), a=nn.Conv2d(2, 3, 3, padding=1)), (2, 4, 4))[0]
+    node = g[g.output]
+    assert (node.op, node.inputs, node.out_shape, node.attrs["activation"]) == ("concat", ["a", "input"], (5, 4, 4), "relu")
+    assert node.in_shapes == [(3, 4, 4), (2, 4, 4)]
+
+
+@pytest.mark.parametrize("act, function, params", [
+    (nn.LeakyReLU(0.2), "leaky_relu", {"negative_slope": 0.2}), (lambda y: F.leaky_relu(y, 0.05), "leaky_relu",
+                                                                 {"negative_slope": 0.05}),
+    (nn.Sigmoid(), "sigmoid", {}), (torch.sigmoid, "sigmoid", {}), (lambda y: y.sigmoid(), "sigmoid", {}),
+    (nn.Tanh(), "tanh", {}), (torch.tanh, "tanh", {}), (nn.Hardswish(inplace=True), "hardswish", {}),
+    (F.hardsigmoid, "hardsigmoid", {}), (nn.SiLU(), "silu", {}), (lambda y: F.gelu(y, approximate="tanh"), "gelu",
+                                                                  {"approximate": "tanh"}),
+    (nn.ELU(0.5), "elu", {"alpha": 0.5})])
+def test_smooth_activations_become_lookup_tables(act, function, params):
+    act_module = act if isinstance(act, nn.Module) else None
+    model = Fn(lambda m, x: (m.act if act_module is not None else act)(m.c(x)), c=conv(), **(
+        {"act": act_module} if act_module is not None else {}))
+    g = trace(model, IMG)[0]
+    node = g[g.output]
+    assert (node.op, node.inputs, node.attrs["function"]) == ("table", ["c"], function)
+    assert {k: node.attrs[k] for k in params} == params
+
+
+def test_a_concatenation_of_one_tensor_is_an_alias():
+    g = trace(Fn(lambda m, x: torch.cat([m.a(x)], 1), a=conv()), IMG)[0]
+    assert [n.op for n in g] == ["input", "conv"] and g.output == "a"
+
+
 def test_standalone_activation_after_maxpool_is_an_act_node():
     torch.manual_seed(7)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.MaxPool2d(2), nn.ReLU6())
@@ -426,21 +458,21 @@ def test_an_in_place_op_whose_result_is_dropped_is_refused():
         trace(Fn(lambda m, x: (m.c(x).relu_(), None)[1] or m.c(x), c=conv()), IMG)
 
 
-class _Gelu(nn.Module):
+class _Upsampling(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(2, 2, 3)
 
     def forward(self, x):
-        return F.gelu(self.conv(x))
+        return F.interpolate(self.conv(x), scale_factor=2.0)
 
 
 def test_errors_name_the_users_source_line_and_the_closest_supported_form():
     with pytest.raises(UnsupportedLayerError) as info:
-        trace(_Gelu(), IMG)
+        trace(_Upsampling(), IMG)
     msg = str(info.value)
-    assert "test_convert.py:" in msg and "`return F.gelu(self.conv(x))`" in msg
-    assert "nn.ReLU is the supported activation" in msg
+    assert "test_convert.py:" in msg and "`return F.interpolate(self.conv(x), scale_factor=2.0)`" in msg
+    assert "upsampling is not supported" in msg
 
 
 # --- shapes and structure ------------------------------------------------------------------------
@@ -535,10 +567,11 @@ conv = lambda **kw: nn.Conv2d(2, 2, 3, **kw)  # noqa: E731
 IMG = (2, 4, 4)
 
 UNSUPPORTED = {
-    "sigmoid": (Fn(lambda m, x: torch.sigmoid(x)), IMG, "sigmoid"),
-    "gelu": (Fn(lambda m, x: m.act(x), act=nn.GELU()), IMG, "act"),
+    "interpolate": (Fn(lambda m, x: F.interpolate(x, scale_factor=2.0)), IMG, "interpolate"),
+    "softplus": (Fn(lambda m, x: m.act(x), act=nn.Softplus()), IMG, "act"),
     "lstm": (LSTMModel(), (5, 3), "lstm"),
-    "mul": (Fn(lambda m, x: m.a(x) * m.b(x), a=conv(), b=conv()), IMG, "mul"),
+    "mul-scalar": (Fn(lambda m, x: m.a(x) * 2.0, a=conv()), IMG, "mul"),
+    "mul-broadcast-spatial": (Fn(lambda m, x: m.a(x) * m.a(x).mean(1, keepdim=True), a=conv()), IMG, "mean"),
     "bn-first": (nn.Sequential(nn.BatchNorm2d(2)), IMG, "0"),
     "bn-after-relu": (nn.Sequential(conv(), nn.ReLU(), nn.BatchNorm2d(2)), IMG, "2"),
     "bn-after-pool": (nn.Sequential(conv(), nn.MaxPool2d(2), nn.BatchNorm2d(2)), IMG, "2"),
@@ -563,7 +596,9 @@ UNSUPPORTED = {
     "add-param": (Param(), IMG, "p"),
     "softmax-inside": (nn.Sequential(nn.Linear(3, 2), nn.Softmax(-1), nn.Linear(2, 2)), (3,), "1"),
     "mean-channels": (Fn(lambda m, x: x.mean(1)), IMG, "mean"),
-    "leaky-relu": (nn.Sequential(nn.Linear(3, 2), nn.LeakyReLU()), (3,), "1"),
+    "cat-spatial": (Fn(lambda m, x: torch.cat([x, x], dim=2)), IMG, "cat"),
+    "cat-batch": (Fn(lambda m, x: torch.cat([x, x])), IMG, "cat"),
+    "upsample": (nn.Sequential(nn.Conv2d(2, 2, 1), nn.Upsample(scale_factor=2)), IMG, "1"),
     "functional-maxpool-ceil": (Fn(lambda m, x: F.max_pool2d(x, 3, 2, ceil_mode=True)), IMG, "max_pool2d"),
     "tuple-output": (Pair(), IMG, "output"),
     "two-inputs": (TwoInputs(), IMG, "y"),

@@ -374,6 +374,126 @@ class TwoStageResNet(nn.Module):
         return self.fc(self.stages(self.stem(x)).mean([2, 3]))
 
 
+class Inception(nn.Module):
+    """A GoogLeNet-style inception block: four branches (1x1; 1x1 then 3x3; 1x1 then 5x5; max pool
+    then 1x1) joined by torch.cat along channels, BatchNorm and ReLU in each."""
+
+    def __init__(self, cin: int = 8):
+        super().__init__()
+
+        def unit(i, o, k):
+            return nn.Sequential(nn.Conv2d(i, o, k, padding=k // 2, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
+
+        self.stem = unit(3, cin, 3)
+        self.branch1 = unit(cin, 4, 1)
+        self.branch3 = nn.Sequential(unit(cin, 4, 1), unit(4, 6, 3))
+        self.branch5 = nn.Sequential(unit(cin, 2, 1), unit(2, 3, 5))
+        self.branch_pool = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), unit(cin, 3, 1))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        outputs = [self.branch1(x), self.branch3(x), self.branch5(x), self.branch_pool(x)]
+        x = torch.cat(outputs, 1)
+        x = F.adaptive_avg_pool2d(x, 1)
+        return self.fc(torch.flatten(x, 1))
+
+
+class DenseBlock(nn.Module):
+    """DenseNet's idiom: each layer's output concatenated to its input (``torch.cat([x, out], 1)``)."""
+
+    def __init__(self, growth: int = 4, layers: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 6, 3, padding=1)
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(6 + i * growth, growth, 3, padding=1), nn.ReLU()) for i in range(layers))
+        self.fc = nn.Linear((6 + layers * growth) * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], dim=1)
+        x = F.avg_pool2d(x, 2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+class TwoTowerMLP(nn.Module):
+    """Two MLP towers over one feature vector, joined by torch.cat on the feature dim (dim=-1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.wide = nn.Linear(12, 16)
+        self.deep = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU())
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        return self.head(torch.cat((F.relu(self.wide(x)), self.deep(x)), dim=-1))
+
+
+class MobileNetV3Block(nn.Module):
+    """MobileNetV3's idiom without squeeze-excitation: Hardswish stem, an inverted residual block
+    (expand, depthwise, project) with ``inplace`` Hardswish, Hardsigmoid-free head with dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.Hardswish(inplace=True))
+        self.expand = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish(inplace=True))
+        self.depthwise = nn.Sequential(nn.Conv2d(16, 16, 3, 1, 1, groups=16, bias=False), nn.BatchNorm2d(16),
+                                       nn.Hardswish(inplace=True))
+        self.project = nn.Sequential(nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.classifier = nn.Sequential(nn.Linear(8, 16), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(16, 10))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.project(self.depthwise(self.expand(x)))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.classifier(x)
+
+
+class LeakyKWS(nn.Module):
+    """A keyword-spotting CNN with LeakyReLU (F.leaky_relu with a slope), as audio models often use."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, (5, 3), padding=(2, 1))
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.conv1(x), 0.2)
+        x = F.max_pool2d(x, 2)
+        x = F.leaky_relu(self.conv2(x), negative_slope=0.2)
+        return self.fc(torch.mean(x, dim=(2, 3)))
+
+
+class TanhMLP(nn.Module):
+    """A classic tanh / sigmoid MLP (the pre-ReLU tutorials' activations), GELU in the middle."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3, self.out = nn.Linear(16, 24), nn.Linear(24, 24), nn.Linear(24, 12), nn.Linear(12, 4)
+
+    def forward(self, x):
+        x = torch.tanh(self.fc1(x))
+        x = F.gelu(self.fc2(x))
+        x = torch.sigmoid(self.fc3(x))
+        return self.out(x)
+
+
+class SiLUConvNet(nn.Module):
+    """EfficientNet-style SiLU (nn.SiLU and F.silu) after BatchNorm'd convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU())
+        self.conv2 = nn.Conv2d(8, 12, 3, stride=2, padding=1)
+        self.head = nn.Linear(12 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.silu(self.conv2(self.conv1(x)))
+        return self.head(x.flatten(1))
+
+
 CORPUS = {
     "tutorial-net": (TutorialNet, (1, 28, 28)),
     "mnist-example": (MnistExample, (1, 16, 16)),
@@ -394,6 +514,13 @@ CORPUS = {
     "log-softmax-head": (LogSoftmaxHead, (1, 8, 8)),
     "padded-conv": (PaddedConvNet, (1, 6, 6)),
     "two-stage-resnet": (TwoStageResNet, (3, 8, 8)),
+    "inception": (Inception, (3, 8, 8)),
+    "dense-block": (DenseBlock, (1, 8, 8)),
+    "two-tower-mlp": (TwoTowerMLP, (12,)),
+    "mobilenet-v3-block": (MobileNetV3Block, (3, 16, 16)),
+    "leaky-kws": (LeakyKWS, (1, 16, 10)),
+    "tanh-mlp": (TanhMLP, (16,)),
+    "silu-convnet": (SiLUConvNet, (1, 8, 8)),
 }
 
 

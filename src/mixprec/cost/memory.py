@@ -54,12 +54,15 @@ def requant_steps(graph: Graph, assignment: BitAssignment, name: str) -> int:
 
     - conv / linear: one per effective scale ``s_in * s_w / s_out``: max(weight scales, output scales)
     - add: each input is rescaled to the output grid and the sum requantized: sum of input scales + output scales
+    - concat: each input rescaled onto its channels of the output grid: per input, max(its scales,
+      the output's scales over its channels)
     - act: one rescale from input to output grid: max(input scales, output scales)
     - input, maxpool, avgpool, flatten: none (the input is quantized by the caller; the others keep
       their input's grid: average pooling divides by its window size, a constant of the kernel)
+    - table: none (its lookup tables, ``table_bytes_of``, hold outputs already on the output grid)
     """
     node = graph[name]
-    if node.op in ("input", "maxpool", "avgpool", "flatten"):
+    if node.op in ("input", "maxpool", "avgpool", "flatten", "table"):
         return 0
     out = n_scales(act_bits(assignment, graph, name))
     ins = [n_scales(act_bits(assignment, graph, i)) for i in node.inputs]
@@ -67,7 +70,27 @@ def requant_steps(graph: Graph, assignment: BitAssignment, name: str) -> int:
         return max(n_scales(weight_bits(assignment, graph, name)), out)
     if node.op == "add":
         return sum(ins) + out
+    if node.op == "concat":  # each input rescaled onto its channels of the output grid
+        return sum(max(i, concat_out_scales(node, out, k)) for k, i in enumerate(ins))
     return max(ins + [out])
+
+
+def concat_out_scales(node: Node, out: int, k: int) -> int:
+    """Output scales over input ``k``'s channels of a concat whose output has ``out`` scales (one,
+    or per channel, or finer: entries along dim 0)."""
+    return 1 if out == 1 else out * node.in_shapes[k][0] // node.out_shape[0]
+
+
+#: One lookup table: an output code (at most 8 bits, one byte) for each of the 256 input codes
+TABLE_BYTES = 256
+
+
+def table_count(graph: Graph, assignment: BitAssignment, name: str) -> int:
+    """Lookup tables a ``table`` node stores: one per group of elements that share the input's and
+    the output's grids, the finer bits tensor's entries (row-major blocks: 1, slices, channels or
+    elements)."""
+    node = graph[name]
+    return max(act_bits(assignment, graph, node.inputs[0]).numel(), act_bits(assignment, graph, name).numel())
 
 
 def param_flash_bytes(graph: Graph, assignment: BitAssignment, name: str, target: Target) -> int:
@@ -76,12 +99,14 @@ def param_flash_bytes(graph: Graph, assignment: BitAssignment, name: str, target
     Bias: ``param_bytes.bias`` per output channel of a weighted node (kept for pruned channels too:
     their output is the constant ``act(bias)``; ``attrs["bias"] = False`` drops it). Requantization:
     ``requant_steps * (multiplier + shift + zero_point)`` bytes (0 on ``fixed`` numerics targets).
+    Lookup tables: ``table_count * TABLE_BYTES``.
 
     Independent of the bit values (only of the bit tensors' shapes), hence a plain int.
     """
     node = graph[name]
     bias = node.out_channels * target.param_bytes.bias if node.has_weights and node.attrs.get("bias", True) else 0
-    return bias + requant_steps(graph, assignment, name) * target.param_bytes.requant
+    tables = table_count(graph, assignment, name) * TABLE_BYTES if node.op == "table" else 0
+    return bias + tables + requant_steps(graph, assignment, name) * target.param_bytes.requant
 
 
 #: Bytes of one row of an activation buffer's layout table: first bit (u32), container bits, shift

@@ -289,7 +289,14 @@ def param_bytes(tables, alive: dict) -> torch.Tensor:
     for name, (biased, combine, terms) in _param_terms(tables).items():
         if biased:
             total = total + alive[name].sum() * t.param_bytes.bias
-        if combine == "add":  # add: each input rescaled, the sum requantized
+        if combine == "table":  # lookup tables: one per group of elements, those of alive channels stored
+            count, channels = terms
+            tables = torch.ones((), dtype=torch.float64) if count == 1 else alive[name].sum() * (count // channels)
+            total = total + tables * memory.TABLE_BYTES
+            continue
+        if combine == "fixed":  # concat: its inputs and output are alive whole (channels.ChannelMap.pinned)
+            steps = torch.as_tensor(float(terms), dtype=torch.float64)
+        elif combine == "add":  # add: each input rescaled, the sum requantized
             steps = sum((_max_scales([term], alive) for term in terms), torch.zeros((), dtype=torch.float64))
         else:
             steps = _max_scales(terms, alive)
@@ -299,7 +306,8 @@ def param_bytes(tables, alive: dict) -> torch.Tensor:
 
 def _param_terms(tables) -> dict:
     """Per requantizing node: whether it has a bias, how ``memory.requant_steps`` combines its scale
-    tensors (``max`` or ``add``), and each as ``(tensor, entries along dim 0 or 0 for one scale)``."""
+    tensors (``max`` or ``add``), and each as ``(tensor, entries along dim 0 or 0 for one scale)``;
+    a concat's count as it is (``fixed``: nothing it reads or writes loses channels)."""
     def make():
         g, base, out = tables.graph, tables.base, {}
         for node in g:
@@ -310,6 +318,12 @@ def _param_terms(tables) -> dict:
             scales = ins + [(node.name, act_bits(base, g, node.name))]
             terms = [(n, b.shape[0] if b.numel() > 1 else 0) for n, b in scales]
             biased = node.has_weights and node.attrs.get("bias", True)
+            if node.op == "concat":
+                out[node.name] = (False, "fixed", memory.requant_steps(g, base, node.name))
+                continue
+            if node.op == "table":
+                out[node.name] = (False, "table", (memory.table_count(g, base, node.name), node.out_shape[0]))
+                continue
             out[node.name] = (biased, "add" if node.op == "add" else "max", terms)
         return out
     return _cached(tables, ("params",), make)

@@ -155,6 +155,18 @@ def int32_bounds(ig: IntGraph) -> list[Bound]:
             add(node, "input", x)
             if p["requant"].kind == "tflm" and np.max(p["requant"].shift) > 0:
                 add(node, "requantization input x * 2**left_shift", x * _left(p["requant"].shift, shape))
+        elif node.op == "mul":
+            a, b = (_absmax(ranges[i]) for i in node.inputs)
+            prod_ = a * b.reshape(b.shape + (1,) * (a.ndim - b.ndim))
+            add(node, "product", prod_)
+            if p["requant"].kind == "tflm" and np.max(p["requant"].shift) > 0:
+                add(node, "requantization input x * 2**left_shift", prod_ * _left(p["requant"].shift, shape))
+        elif node.op == "concat":
+            for i, src in enumerate(node.inputs):
+                x, rq = _absmax(ranges[src]), p[f"requant_{i}"]
+                add(node, f"input {i}", x)
+                if rq.kind == "tflm" and np.max(rq.shift) > 0:
+                    add(node, f"requantization input {i} x * 2**left_shift", x * _left(rq.shift, x.shape))
         elif node.op == "add":
             a, b = (_absmax(ranges[i]) for i in node.inputs)
             if "left_shift" in p:

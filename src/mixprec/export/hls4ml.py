@@ -100,6 +100,10 @@ class _Tensor:
         return max(abs(self.lo), abs(self.hi))
 
 
+#: Merges are functions, not modules: hls4ml names each after its torch.fx node (``add``, ``cat_1``)
+_MERGE_FUNCTIONS = {"add": "add", "concat": "cat"}
+
+
 class _RealNet(nn.Module):
     """The integer program in real values: conv/linear with on-grid weights, ReLU, pooling, add.
     Its modules are registered under their hls4ml layer names (:func:`_layer_keys`)."""
@@ -121,11 +125,20 @@ class _RealNet(nn.Module):
             elif key is None:  # a flatten of a flat input
                 y = env[inputs[0]]
             else:
-                y = env[inputs[0]] + env[inputs[1]] if op == "add" else getattr(self, key)(env[inputs[0]])
+                y = (env[inputs[0]] + env[inputs[1]] if op == "add" else
+                     _pairwise_cat([env[i] for i in inputs]) if op == "concat" else getattr(self, key)(env[inputs[0]]))
             if relu:
                 y = getattr(self, relu)(y)
             env[name] = getattr(self, quant)(y) if quant else y
         return env[self.output]
+
+
+def _pairwise_cat(parts: list) -> torch.Tensor:
+    """``torch.cat`` two at a time: hls4ml merges two tensors per layer."""
+    y = parts[0]
+    for part in parts[1:]:
+        y = torch.cat([y, part], dim=1)
+    return y
 
 
 def _layer_keys(ig: IntGraph) -> dict:
@@ -138,13 +151,13 @@ def _layer_keys(ig: IntGraph) -> dict:
     for n in ig.nodes:
         if n.op != "input":
             texts[n.name] = n.name
-        if n.op in ("conv", "linear", "add"):
+        if n.op in ("conv", "linear", "add", "concat"):
             texts[(n.name, "relu")] = f"{n.name}_relu"
         if n.grid is not None:
             texts[(n.name, "quant")] = f"{n.name}_quant"
-    n_adds = sum(n.op == "add" for n in ig.nodes)
-    reserved = (set(keyword.kwlist) | set(dir(builtins)) | set(dir(_RealNet)) | {"order", "output", "x", "add"}
-                | {f"add_{i}" for i in range(1, n_adds + 1)})
+    n_merges = sum(n.op in _MERGE_FUNCTIONS for n in ig.nodes)
+    reserved = (set(keyword.kwlist) | set(dir(builtins)) | set(dir(_RealNet)) | {"order", "output", "x"}
+                | {f"{fx}{'' if i == 0 else f'_{i}'}" for fx in _MERGE_FUNCTIONS.values() for i in range(n_merges + 1)})
     return identifiers(texts, reserved, lower=True)
 
 
@@ -198,6 +211,7 @@ def _plan(ig: IntGraph):
     relus: dict[str, str] = {}  # our node -> its ReLU layer's name
     quants: dict[str, str] = {}  # our node -> its per-element quantizer layer's name
     wide: list[_Tensor] = []  # a per-element input's port type
+    inner_types: dict[str, str] = {}  # a concat of three or more: the type of its pairwise joins before the last
     keys = _layer_keys(ig)
     precision: dict[str, dict[str, str]] = {}  # hls4ml layer name -> {role: type}
     node_layer: dict[str, str] = {}  # our node -> hls4ml layer holding its output
@@ -355,11 +369,16 @@ def _plan(ig: IntGraph):
             precision[key] = {"result": t.type()}
             tensors[node.name] = t
             node_layer[node.name] = key
-        elif op == "add":
-            ta, tb = (tensors[i] for i in node.inputs)
-            f = max(ta.frac, tb.frac)
-            bound = (ta.max_abs << (f - ta.frac)) + (tb.max_abs << (f - tb.frac))
+        elif op in ("add", "concat"):
+            # the sum, or the inputs side by side, on the finest input grid (exact); the output
+            # type's rounding and saturation (or the per-element quantizer) then requantize it
+            ins = [tensors[i] for i in node.inputs]
+            f = max(t.frac for t in ins)
+            scaled = [t.max_abs << (f - t.frac) for t in ins]
+            bound = sum(scaled) if op == "add" else max(scaled)
             exact = _Tensor(f, -bound, bound, True)
+            if op == "concat" and len(ins) > 2:  # the pairwise joins before the last keep the exact type
+                inner_types[node.name] = exact.type()
             if per_element(node, exact, _activation(node) == "relu", "RND") is not None:
                 precision[key] = {"result": exact.type()}
                 continue
@@ -394,13 +413,23 @@ def _plan(ig: IntGraph):
             precision[key] = {"result": t_out.type("AP_RND", "AP_SAT")}
             tensors[node.name] = t_out
             node_layer[node.name] = key
+        elif op == "mul":
+            raise ExportError(f"node {node.name!r}: a product (squeeze-and-excitation) has no exact hls4ml layer here "
+                              f"(hls4ml multiplies tensors of one shape, in its own result type); export this model to "
+                              f"C or QONNX")
+        elif op == "table":
+            raise ExportError(f"node {node.name!r}: {node.attrs['function']} is deployed as a lookup table of our own, "
+                              f"and hls4ml computes its activations with its own tables and types, which do not "
+                              f"reproduce it bit for bit; export this model to C or QONNX, or use ReLU for hls4ml")
         else:
             raise ExportError(f"node {node.name!r}: op {op!r} has no hls4ml export")
-    return layers, names, relus, quants, precision, node_layer, list(tensors.values()) + wide, notes
+    return layers, names, relus, quants, precision, node_layer, list(tensors.values()) + wide, notes, inner_types
 
 
-def _name_adds(model: nn.Module, ig: IntGraph, names: dict, precision: dict, node_layer: dict) -> None:
-    """Sums are functions, not modules: hls4ml names them after torch.fx's nodes (``add``, ``add_1``...).
+def _name_merges(model: nn.Module, ig: IntGraph, names: dict, precision: dict, node_layer: dict,
+                 inner_types: dict) -> None:
+    """Sums and concatenations are functions, not modules: hls4ml names them after torch.fx's nodes
+    (``add``, ``add_1``, ``cat``...).
     A module's layer is named after its fx node, which must be its own name (weights are looked up by it)."""
     import operator
 
@@ -408,15 +437,21 @@ def _name_adds(model: nn.Module, ig: IntGraph, names: dict, precision: dict, nod
     renamed = [(n.target, n.name) for n in traced.graph.nodes if n.op == "call_module" and n.name != n.target]
     if renamed:
         raise ExportError(f"torch.fx renames the hls4ml layers {renamed}; their weights and types would be lost")
-    fx_adds = [n.name for n in traced.graph.nodes if n.op == "call_function" and n.target in (operator.add, torch.add)]
-    ours = [n.name for n in ig.nodes if n.op == "add"]
-    if len(fx_adds) != len(ours):
-        raise ExportError(f"could not match the graph's {len(ours)} additions to torch.fx nodes {fx_adds}")
-    for node, fx_name in zip(ours, fx_adds):
-        key = names[node]
-        precision[fx_name] = precision.pop(key)
-        if node_layer[node] == key:
-            node_layer[node] = fx_name
+    targets = {"add": (operator.add, torch.add), "concat": (torch.cat,)}
+    for op, functions in targets.items():
+        fx_nodes = [n.name for n in traced.graph.nodes if n.op == "call_function" and n.target in functions]
+        ours = [n for n in ig.nodes if n.op == op]
+        joins = [len(n.inputs) - 1 for n in ours]  # fx nodes per node: one per pairwise join
+        if len(fx_nodes) != sum(joins):
+            raise ExportError(f"could not match the graph's {len(ours)} {op} nodes to torch.fx nodes {fx_nodes}")
+        for node, n_joins in zip(ours, joins):
+            mine, fx_nodes = fx_nodes[:n_joins], fx_nodes[n_joins:]
+            for inner in mine[:-1]:
+                precision[inner] = {"result": inner_types[node.name]}
+            key = names[node.name]
+            precision[mine[-1]] = precision.pop(key)
+            if node_layer[node.name] == key:
+                node_layer[node.name] = mine[-1]
 
 
 def _padded_maxpool_sources(ig: IntGraph) -> set[str]:
@@ -528,10 +563,10 @@ class Hls4mlExporter:
         ig: IntGraph = inp.graph
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        layers, names, relus, quants, precision, node_layer, types, notes = _plan(ig)
+        layers, names, relus, quants, precision, node_layer, types, notes, inner_types = _plan(ig)
         register()
         model = _RealNet(ig, layers, names, relus, quants).eval()
-        _name_adds(model, ig, names, precision, node_layer)
+        _name_merges(model, ig, names, precision, node_layer, inner_types)
         t0 = time.perf_counter()
         input_shape = (int(np.prod(inp.input_shape)),) if flat_inputs(ig) else tuple(inp.input_shape)
         with contextlib.redirect_stdout(io.StringIO()):
@@ -556,9 +591,14 @@ class Hls4mlExporter:
             shutil.rmtree(prj)  # a fresh project: no stale library from an earlier export
         chatter = io.StringIO()  # hls4ml prints its topology and build progress
         with contextlib.redirect_stdout(chatter):
-            hls_model = hls4ml.converters.convert_from_pytorch_model(
-                model, hls_config=config, output_dir=str(prj), project_name=PROJECT, backend=BACKEND,
-                io_type="io_parallel")
+            try:
+                hls_model = hls4ml.converters.convert_from_pytorch_model(
+                    model, hls_config=config, output_dir=str(prj), project_name=PROJECT, backend=BACKEND,
+                    io_type="io_parallel")
+            except Exception as exc:  # hls4ml's own limits, e.g. its line buffers for convolutions that
+                raise ExportError(    # branch from the network input: name them rather than a traceback
+                    f"hls4ml {hls4ml.__version__} could not convert this model ({type(exc).__name__}: {exc}); "
+                    f"C and QONNX export it exactly") from exc
             self._check_types(hls_model, precision)
             hls_model.config.trace_output = True  # compile the trace hooks in: run(keep=True) reads layer outputs
             hls_model.compile()

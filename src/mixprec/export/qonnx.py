@@ -405,6 +405,21 @@ class _Program(nn.Module):
             elif op == "act":
                 env[name] = self._typed(name, self._requant(name, env[node.inputs[0]].to(torch.int64), p["kind"]),
                                         p["spec"])
+            elif op == "mul":  # codes multiplied in int64 (a per-channel vector unsqueezed), then requantized
+                a, c = (env[i].to(torch.int64) for i in node.inputs)
+                while c.dim() < a.dim():
+                    c = c.unsqueeze(-1)
+                env[name] = self._typed(name, self._requant(name, a * c, p["kind"]), p["spec"])
+            elif op == "table":  # each element's code looks up its group's table (Gather)
+                x_in = env[node.inputs[0]].to(torch.int64)
+                if p["in_shift"]:
+                    x_in = torch.div(x_in, self.b(name, "in_div"), rounding_mode="floor")
+                y = F.embedding(x_in + self.b(name, "offset"), self.b(name, "table")).squeeze(-1)
+                env[name] = self._typed(name, y, p["spec"])
+            elif op == "concat":  # each input rescaled onto its channels of the output grid (Concat)
+                parts = [self._requant(name, env[i].to(torch.int64), p["kind"], f"c{k}_")
+                         for k, i in enumerate(node.inputs)]
+                env[name] = self._typed(name, torch.cat(parts, dim=1), p["spec"])
             elif op == "add":
                 a, c = (env[i].to(torch.int64) for i in node.inputs)
                 if p["kind"] == "tflm":
@@ -516,6 +531,26 @@ def plan_program(inp: ExportInput) -> _Plan:
                 raise ExportError(f"node {node.name!r}: requantization intermediates could overflow int64")
             p["kind"] = kind
             buf.update({k: _i64(v) for k, v in _requant_buffers(node.params["requant"]).items()})
+        elif op == "mul":
+            a_bound, b_bound = (plan.max_abs[i] for i in node.inputs)
+            if _requant_bound(node.params["requant"], a_bound * b_bound) >= INT64_SAFE:
+                raise ExportError(f"node {node.name!r}: requantization intermediates could overflow int64")
+            p["kind"] = kind
+            buf.update({k: _i64(v) for k, v in _requant_buffers(node.params["requant"]).items()})
+        elif op == "table":
+            pr = node.params
+            buf["table"] = torch.from_numpy(np.asarray(pr["table"], dtype=np.float32)[:, None])  # codes: exact
+            buf["offset"] = _i64(_batched(pr["offset"]))
+            p["in_shift"] = "in_shift" in pr
+            if p["in_shift"]:
+                buf["in_div"] = _i64(_batched(np.int64(1) << np.asarray(pr["in_shift"], dtype=np.int64)))
+        elif op == "concat":
+            p["kind"] = kind
+            for k, src in enumerate(node.inputs):
+                rq = node.params[f"requant_{k}"]
+                if _requant_bound(rq, plan.max_abs[src]) >= INT64_SAFE:
+                    raise ExportError(f"node {node.name!r}: requantization intermediates could overflow int64")
+                buf.update({f"c{k}_{key}": _i64(v) for key, v in _requant_buffers(rq).items()})
         elif op == "add":
             pr = node.params
             p["kind"] = kind

@@ -8,12 +8,16 @@ A weighted layer's output channel at 0 bits is *pruned*. A channel of a tensor i
   its group is live (a group with no live input computes nothing, as PLiNIO and MPIC treat a
   depthwise channel; a dense layer left without live inputs is no model and keeps its channels);
   at an add output while the channel of any input is live; through pooling, ``act`` and flatten
-  unchanged;
+  unchanged, and through a lookup table (``table``) whose function maps 0 to 0; at a concat or
+  product output, or a table's that maps 0 elsewhere (sigmoid: a pruned channel becomes a constant
+  0.5), always (they are producers of new channels);
 - *alive* (stored, hence read): while the channel is live at any producer *tied* to it. The
   producers (input, conv, linear) whose outputs meet at an add, directly or through pooling,
   ``act`` or other adds, form a *tie group*: channel ``c`` of every tensor of the group is kept
   while any one of them carries channel ``c``, so a pruned channel frees its consumers' weight
-  columns only when every tied channel is pruned.
+  columns only when every tied channel is pruned. A tie group a concat, product or such a table reads is
+  *pinned*: every channel stays alive (a pruned one at 0 bits with a zero bias), since the concat's
+  output keeps a place for each channel of each input (the table's a constant of each).
 
 Channel ``c`` of a tensor is index ``c`` of its first dimension; flatten spreads channel ``c`` of
 a ``(C, *S)`` tensor over the ``prod(S)`` consecutive features from ``c * prod(S)``. Weight column
@@ -40,10 +44,23 @@ from math import prod
 import numpy as np
 import torch
 
+from .functions import maps_zero_to_zero
 from .ir import WEIGHTED_OPS, Graph, Node
 
-PRODUCER_OPS = ("input",) + WEIGHTED_OPS  # the ops whose output channels are new
-CHANNEL_PRESERVING_OPS = ("maxpool", "avgpool", "act")
+PRODUCER_OPS = ("input", "concat") + WEIGHTED_OPS  # the ops whose output channels are new
+CHANNEL_PRESERVING_OPS = ("maxpool", "avgpool", "act", "table")
+
+
+def produces_channels(node: Node) -> bool:
+    """Whether ``node``'s output channels are new (its own tie group, every channel live): the input,
+    conv / linear, concat, a product, and a lookup table that does not map 0 to 0."""
+    return node.op in PRODUCER_OPS or node.op == "mul" or (node.op == "table" and not maps_zero_to_zero(node.attrs))
+
+
+def pins_inputs(node: Node) -> bool:
+    """Whether ``node`` keeps every channel of its inputs alive: a concat, a product, a table that maps 0
+    elsewhere."""
+    return node.op in ("concat", "mul") or (node.op == "table" and not maps_zero_to_zero(node.attrs))
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,7 @@ class ChannelMap:
     tie: dict[str, int]  # tensor -> its tie group (index into ``groups``)
     groups: list[tuple[str, ...]]  # producers of each tie group, in execution order
     block: dict[str, int]  # tensor -> dim-0 entries per channel of its tie group (flatten: prod(S))
+    pinned: frozenset = frozenset()  # tie groups a concat reads: every channel stays alive
 
     def producers(self, name: str) -> tuple[str, ...]:
         """The producers tied to tensor ``name`` (``name`` itself where it is a producer)."""
@@ -88,16 +106,20 @@ class ChannelMap:
 
     def alive(self, live: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Probability that each channel of each tensor is stored: any tied producer has it live."""
-        group_alive = [_any([live[p] for p in producers]) for producers in self.groups]
+        group_alive = [torch.ones_like(live[producers[0]]) if g in self.pinned else _any([live[p] for p in producers])
+                       for g, producers in enumerate(self.groups)]
         return {n.name: group_alive[self.tie[n.name]].repeat_interleave(self.block[n.name]) for n in self.graph}
 
     def tied_live(self, live: dict[str, torch.Tensor], layer: str) -> torch.Tensor:
-        """Probability that a producer tied to ``layer`` other than itself has each channel live."""
+        """Probability that a producer tied to ``layer`` other than itself has each channel live (a
+        pinned group: a concat reading it keeps every channel, as if live)."""
+        if self.tie[layer] in self.pinned:
+            return torch.ones_like(live[layer])
         others = [live[p] for p in self.producers(layer) if p != layer]
         return _any(others) if others else torch.zeros_like(live[layer])
 
     def _live_at(self, node: Node, live: dict, keep: dict) -> torch.Tensor:
-        if node.op == "input":
+        if node.op == "input" or (produces_channels(node) and not node.has_weights):
             return torch.ones(node.out_channels, dtype=torch.float64)
         ins = [live[i] for i in node.inputs]
         if node.op in WEIGHTED_OPS:
@@ -123,7 +145,7 @@ def channel_map(graph: Graph) -> ChannelMap:
 
     for node in graph:
         parent[node.name] = node.name
-        if node.op in PRODUCER_OPS:
+        if produces_channels(node):
             block[node.name] = 1
             continue
         src = graph[node.inputs[0]]
@@ -144,9 +166,10 @@ def channel_map(graph: Graph) -> ChannelMap:
         if r not in ids:
             ids[r] = len(groups)
             groups.append([])
-        if node.op in PRODUCER_OPS:
+        if produces_channels(node):
             groups[ids[r]].append(node.name)
-    return ChannelMap(graph, {n.name: ids[root(n.name)] for n in graph}, [tuple(g) for g in groups], block)
+    pinned = frozenset(ids[root(i)] for n in graph if pins_inputs(n) for i in n.inputs)
+    return ChannelMap(graph, {n.name: ids[root(n.name)] for n in graph}, [tuple(g) for g in groups], block, pinned)
 
 
 def _any(probs: list[torch.Tensor]) -> torch.Tensor:

@@ -34,7 +34,10 @@ SUPPORTED = (
     "AdaptiveAvgPool1d/2d (output size dividing the input), and their F.* forms (F.conv1d/conv2d/linear "
     "with the model's parameters); Flatten, "
     "torch.flatten(x, 1), x.view(x.size(0), -1), reshape / squeeze to (batch, features); "
-    "x.mean((2, 3)) as global average pooling; residual add (a + b, torch.add, +=); zero padding "
+    "x.mean((2, 3)) as global average pooling; residual add (a + b, torch.add, +=); torch.cat along "
+    "channels (dim=1); products of two tensors of one shape, or of a tensor and a per-channel vector "
+    "(squeeze-and-excitation: x * s.view(b, c, 1, 1)); LeakyReLU, Sigmoid, Tanh, Hardswish, Hardsigmoid, SiLU, GELU, ELU (modules and "
+    "functions, as 256-entry lookup tables on 8-bit codes); zero padding "
     "(F.pad, nn.ZeroPad2d, the same on both sides) folded into the convolution reading it; a softmax "
     "or log_softmax at the output (left out: the deployed model returns the logits)"
 )
@@ -43,9 +46,21 @@ _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardtanh: "hardtan
 _ACTIVATION_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6", F.hardtanh: "hardtanh",
                          "relu": "relu", F.relu_: "relu", torch.relu_: "relu", "relu_": "relu",
                          F.hardtanh_: "hardtanh"}
-_IN_PLACE = (F.relu_, torch.relu_, "relu_", F.hardtanh_, "add_")
+_IN_PLACE = (F.relu_, torch.relu_, "relu_", F.hardtanh_, "add_", F.leaky_relu_, "sigmoid_", "tanh_")
+# functions deployed as lookup tables (graph.functions): the name, and the function form's arguments
+# after the input (a module's attributes have the same names)
+_TABLE_MODULES = {nn.LeakyReLU: "leaky_relu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh", nn.Hardswish: "hardswish",
+                  nn.Hardsigmoid: "hardsigmoid", nn.SiLU: "silu", nn.GELU: "gelu", nn.ELU: "elu"}
+_TABLE_ARGS = {"leaky_relu": ("negative_slope",), "gelu": ("approximate",), "elu": ("alpha",)}
+_TABLE_FUNCTIONS = {F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu", "leaky_relu": "leaky_relu",
+                    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
+                    torch.tanh: "tanh", F.tanh: "tanh", "tanh": "tanh", "tanh_": "tanh", F.hardswish: "hardswish",
+                    F.hardsigmoid: "hardsigmoid", F.silu: "silu", F.gelu: "gelu", F.elu: "elu", F.elu_: "elu"}
 _ADD_TARGETS = (operator.add, torch.add, operator.iadd, "add", "add_")
-_FLATTEN_TARGETS = (torch.flatten, "flatten", "view", "reshape", torch.reshape, "squeeze", torch.squeeze)
+_CAT_TARGETS = (torch.cat, torch.concat, torch.concatenate)
+_MUL_TARGETS = (operator.mul, torch.mul, operator.imul, "mul", "mul_")
+_FLATTEN_TARGETS = (torch.flatten, "flatten", "view", "reshape", torch.reshape, "squeeze", torch.squeeze,
+                    "unsqueeze", torch.unsqueeze)
 _IGNORED_MODULES = (nn.Dropout, nn.Identity)
 _IGNORED_FUNCTIONS = (F.dropout, "contiguous", "clone", "detach")
 _MEAN_TARGETS = (torch.mean, "mean")
@@ -65,7 +80,7 @@ _POOL_FUNCTIONS = {F.max_pool1d: ("maxpool", 1, _MAX_ARGS), F.max_pool2d: ("maxp
                    F.avg_pool1d: ("avgpool", 1, _AVG_ARGS), F.avg_pool2d: ("avgpool", 2, _AVG_ARGS),
                    F.adaptive_avg_pool1d: ("adaptive", 1, ("output_size",)),
                    F.adaptive_avg_pool2d: ("adaptive", 2, ("output_size",))}
-_FUSABLE_PRODUCERS = ("conv", "linear", "add")
+_FUSABLE_PRODUCERS = ("conv", "linear", "add", "concat", "table", "mul")
 
 
 class UnsupportedLayerError(ValueError):
@@ -309,6 +324,14 @@ class _Builder:
         else:
             self.add(n, "act", [producer], attrs={"activation": kind, "act_min": bounds[0], "act_max": bounds[1]})
 
+    def table(self, n: fx.Node, kind: str, given: dict) -> None:
+        """An elementwise function deployed as a lookup table (``graph.functions``): its parameters
+        from ``given`` (a module's attributes or a call's arguments, by PyTorch's names)."""
+        params = {k: given[k] for k in _TABLE_ARGS.get(kind, ()) if given.get(k) is not None}
+        params = {k: v if isinstance(v, str) else float(v) for k, v in params.items()}
+        self.add(n, "table", [self.src(n.args[0])], attrs={
+            "function": kind, **params, "activation": "identity", "act_min": float("-inf"), "act_max": float("inf")})
+
     def pool(self, n: fx.Node, kind: str, dims: int, a: dict) -> None:
         """A pooling node from its arguments ``a`` (a module's attributes or a function's arguments,
         by PyTorch's names); what the integer kernels cannot do is refused by name."""
@@ -381,6 +404,10 @@ class _Builder:
         if _unit_dims_only(in_shape, out_shape) and all(u.target in _FLATTEN_TARGETS for u in self._fx_users(n)):
             self.alias(n, n.args[0])  # x.squeeze(-1).squeeze(-1): a step of a flatten, which the last one makes
             return
+        if len(in_shape) == 1 and _unit_dims_only(in_shape, out_shape) and out_shape[0] == in_shape[0] \
+                and all(u.target in _MUL_TARGETS for u in self._fx_users(n)):
+            self.alias(n, n.args[0])  # s.view(b, c, 1, 1): a per-channel vector the product broadcasts
+            return
         if len(out_shape) != 1 or out_shape[0] != torch.Size(in_shape).numel():
             self.fail(n, f"only flattening to (batch, features) is supported, got {in_shape} -> {out_shape}")
         if len(in_shape) == 1:
@@ -395,6 +422,39 @@ class _Builder:
         if self.shape(args[0]) != self.shape(args[1]):
             self.fail(n, "broadcasting add is not supported")
         self.add(n, "add", [self.src(a) for a in args],
+                 attrs={"activation": "identity", "act_min": float("-inf"), "act_max": float("inf")})
+
+    def mul(self, n: fx.Node) -> None:
+        """The product of two tensors of one shape, or of a feature map and a per-channel vector
+        (``x * s.view(b, c, 1, 1)``, either order): integer codes multiplied, then requantized."""
+        args = [a for a in n.args if a is not None]
+        if len(args) != 2 or not all(isinstance(a, fx.Node) for a in args):
+            self.fail(n, "only the product of two tensors is supported (a constant factor belongs in the layer before)")
+        srcs = [self.src(a) for a in args]
+        shapes = [self._ir(s_).out_shape for s_ in srcs]
+        if shapes[0] != shapes[1] and len(shapes[0]) == 1:  # the vector first: s * x
+            srcs, shapes = srcs[::-1], shapes[::-1]
+        if shapes[0] != shapes[1] and not (len(shapes[1]) == 1 and shapes[1][0] == shapes[0][0]):
+            self.fail(n, f"a product of shapes {shapes[0]} and {shapes[1]}: only equal shapes, or a feature map times a "
+                         f"per-channel vector (squeeze-and-excitation) are supported")
+        self.add(n, "mul", srcs, out_shape=shapes[0],
+                 attrs={"activation": "identity", "act_min": float("-inf"), "act_max": float("inf")})
+
+    def concat(self, n: fx.Node) -> None:
+        """``torch.cat`` of two or more tensors along the channel dim (dim 1 of the batch-first
+        tensor, the features of a flattened one): each input is requantized onto the output's grid."""
+        a = _bound(n, ("dim",))
+        tensors = n.args[0] if n.args else n.kwargs.get("tensors")
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
+            self.fail(n, "torch.cat needs a list of tensors the model computes")
+        rank = len(self.shape(n)) + 1
+        if int(a.get("dim", 0)) % rank != 1:
+            self.fail(n, f"only concatenation along the channel dim (dim=1) is supported, this one joins dim "
+                         f"{a.get('dim', 0)} of a {rank}-D tensor")
+        if len(tensors) == 1:
+            self.alias(n, tensors[0])
+            return
+        self.add(n, "concat", [self.src(t) for t in tensors],
                  attrs={"activation": "identity", "act_min": float("-inf"), "act_max": float("inf")})
 
     def _fx_users(self, n: fx.Node) -> list[fx.Node]:
@@ -426,6 +486,8 @@ class _Builder:
             self.activation(n, kind, _activation_bounds(kind, m))
         elif isinstance(m, _IGNORED_MODULES):
             self.alias(n, n.args[0])
+        elif type(m) in _TABLE_MODULES:
+            self.table(n, _TABLE_MODULES[type(m)], vars(m))
         elif type(m) in _POOL_MODULES:
             kind, dims = _POOL_MODULES[type(m)]
             self.pool(n, kind, dims, vars(m))
@@ -450,11 +512,18 @@ class _Builder:
                          "or x = F.relu(x)")
         if t in _ADD_TARGETS:
             self.add_op(n)
+        elif t in _CAT_TARGETS:
+            self.concat(n)
+        elif t in _MUL_TARGETS:
+            self.mul(n)
         elif t in _ACTIVATION_FUNCTIONS:
             kind = _ACTIVATION_FUNCTIONS[t]
             self.activation(n, kind, _activation_bounds(kind, dict(n.kwargs)))
         elif t in _FLATTEN_TARGETS:
             self.flatten(n)
+        elif t in _TABLE_FUNCTIONS:
+            kind = _TABLE_FUNCTIONS[t]
+            self.table(n, kind, _bound(n, _TABLE_ARGS.get(kind, ())))
         elif t is F.pad:
             a = _bound(n, ("pad", "mode", "value"))
             self.pad(n, a["pad"], a.get("mode", "constant"), a.get("value") or 0.0)
@@ -475,18 +544,12 @@ class _Builder:
 
 #: The closest supported way to write what is refused, by the layer's or function's name
 _HINTS = {
-    "LeakyReLU": "nn.ReLU is the supported rectifier", "GELU": "nn.ReLU is the supported activation",
-    "SiLU": "nn.ReLU is the supported activation", "Sigmoid": "no sigmoid kernel yet; nn.Hardtanh is supported",
-    "Tanh": "no tanh kernel yet; nn.Hardtanh(-1, 1) is the supported saturating activation",
-    "cat": "concatenation is not supported yet: sum the branches (a + b) if the design allows",
     "LSTM": "recurrent layers are not supported; a 1-D convolution (nn.Conv1d) over time is",
     "GRU": "recurrent layers are not supported; a 1-D convolution (nn.Conv1d) over time is",
     "Upsample": "upsampling is not supported", "interpolate": "upsampling is not supported",
     "LayerNorm": "only BatchNorm right after a conv or linear is supported (folded into it)",
-    "matmul": "use nn.Linear", "mul": "elementwise products are not supported; a residual sum (a + b) is",
+    "matmul": "use nn.Linear",
 }
-_HINTS.update({"leaky_relu": _HINTS["LeakyReLU"], "gelu": _HINTS["GELU"], "silu": _HINTS["SiLU"],
-               "sigmoid": _HINTS["Sigmoid"], "tanh": _HINTS["Tanh"]})
 
 
 def _is_shape_query(n: fx.Node) -> bool:

@@ -15,6 +15,8 @@ shape explicitly.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -120,14 +122,29 @@ def input_shape(name: str) -> tuple[int, ...]:
     return shape
 
 
+def _import_from_cwd(module_name: str):
+    """``importlib.import_module``, also finding modules in the current directory as ``python -m``
+    does (a console script's path lacks it): ``mixprec search --model mypkg.nets:Net`` from the
+    project's root."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        cwd = os.getcwd()
+        if cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(module_name)
+
+
 def _import_spec(reference: str) -> ModelSpec:
     module_name, _, attr = reference.partition(":")
     if not module_name or not attr:
         raise ValueError(f"Expected 'package.module:function', got {reference!r}")
     try:
-        builder = getattr(importlib.import_module(module_name), attr)
+        builder = getattr(_import_from_cwd(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"Cannot import model {reference!r}: {err}") from err
+        raise ValueError(f"Cannot import model {reference!r}: {err} (the module is looked up on the Python path "
+                         f"and in the current directory)") from err
     if not callable(builder):
         raise TypeError(f"{reference!r} is not callable")
     return ModelSpec(reference, builder, _shape_attr(builder), source=reference)

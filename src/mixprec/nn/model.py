@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..execute import TorchKernels, run
+from ..graph.functions import table_function
 from ..graph.ir import Graph
 from ..lower import IntGraph, lower
 from ..quantizers.base import QParams, Quantizer, fake_quant, round_ste
@@ -208,6 +209,13 @@ class QuantModel(nn.Module):
             y = self._weighted(node, args[0])
         elif op == "add":
             y = args[0] + args[1]
+        elif op == "concat":
+            y = torch.cat(args, dim=1)
+        elif op == "mul":
+            a_, b_ = args
+            y = a_ * b_.reshape(tuple(b_.shape) + (1,) * (a_.dim() - b_.dim()))
+        elif op == "table":
+            y = table_function(a)(args[0])
         else:  # act
             y = args[0]
         y = _ACTIVATIONS[a["activation"]](y, a.get("act_min"), a.get("act_max"))

@@ -31,7 +31,7 @@ from ..cost.targets import activation_width_for, weight_granularity_for
 from ..data import Splits, load_dataset
 from ..execute import verify_against_reference
 from ..graph.convert import trace
-from ..lower import save_integer_model
+from ..lower import TABLE_MAX_BITS, save_integer_model
 from ..models import get_model, get_spec
 from ..nn.model import QuantModel
 from ..train import evaluate_accuracy, fit, resolve_device, save_checkpoint
@@ -179,6 +179,21 @@ class RunState:
         return self.trial.out / "checkpoints"
 
 
+def check_lookup_tables(cfg: RunConfig, target, graph, act_bits: int) -> None:
+    """Activations deployed as lookup tables (sigmoid, tanh, hardswish, ...) take and give codes of at
+    most 8 bits; refuse a run that may choose wider ones before it trains."""
+    tables = [n for n in graph if n.op == "table"]
+    widest = act_bits if cfg.method == "uniform" else max(target.act_bits)
+    if tables and widest > TABLE_MAX_BITS:
+        n = tables[0]
+        how = (f"--act-bits {TABLE_MAX_BITS}" if cfg.method == "uniform" else
+               f"a target whose activations are at most {TABLE_MAX_BITS} bits (cortex-m4, cortex-m7, mpic), or "
+               f"--method uniform with --act-bits {TABLE_MAX_BITS} or fewer")
+        raise ValueError(f"layer {n.name!r} ({n.attrs['function']}) is deployed as a lookup table of "
+                         f"{TABLE_MAX_BITS}-bit codes, but the {cfg.method} method on target {target.name} may give "
+                         f"activations {widest} bits; use {how}")
+
+
 def prepare(trial: Trial, progress=None, epoch_hook=None, *, resume: bool = False, device: str = "auto") -> RunState:
     """Check what a user can get wrong, then claim the run directory.
 
@@ -199,6 +214,7 @@ def prepare(trial: Trial, progress=None, epoch_hook=None, *, resume: bool = Fals
     data = load_dataset(cfg.data, cfg.data_dir, cfg.seed)
     data = preflight.prepare(data, model, spec.input_shape, cfg.data, cfg.model)
     weight_bits, act_bits = choose_bits(cfg, model, target, data.input_shape, budget)
+    check_lookup_tables(cfg, target, trace(model, data.input_shape)[0], act_bits)
     method = get_method(cfg.method)
     if method.check_model is not None:
         method.check_model(cfg, target, method_options(cfg), model, data.input_shape, budget)

@@ -20,7 +20,7 @@ with the sizes and the cost model's figures side by side.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +108,7 @@ class _Emitter:
         self.notes: list[str] = []
         self.layers: list[dict] = []
         self.max_k = 0
+        self.layouts: dict = {}  # buffer -> its ActLayout
         self.packed = 0
         self.params = 0
 
@@ -224,6 +225,7 @@ def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, 
     for node in ig.nodes:
         if node.op != "flatten":
             layouts[node.name] = L.act_layout(graph, assignment, target, ig, node.name, ranges, layouts)
+    e.layouts = layouts
     widened = [w for t in layouts.values() for w in t.widened]
     plan = report.plan
     for name, t in layouts.items():
@@ -291,9 +293,26 @@ def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, 
             rq, counted = e.requant(node.params["requant"], shape, n_cost, node.name, node.name, node.grid.post_shift)
             row["param_bytes"] = counted
             e.decls.append(f"/* {_comment(node.name)}: {node.attrs.get('activation', 'act')} */\nstatic const mp_actfn {desc} = "
-                           f"{{ {e.act_ref(node.inputs[0])}, {e.act_ref(node.name)}, {int(np.prod(shape))}u, {rq}, "
+                           f"{{ {e.act_ref(node.inputs[0])}, {e.act_ref(node.name)}, {int(np.prod(shape))}u, 0u, {rq}, "
                            f"{e.clamp(node.grid, shape)} }};")
             e.calls.append(f"    mp_act_run(&{desc});")
+        elif node.op == "concat":
+            row["param_bytes"] = _concat(e, node, desc)
+        elif node.op == "mul":
+            n_cost = requant_steps(graph, assignment, node.name)
+            rq, row["param_bytes"] = e.requant(node.params["requant"], shape, n_cost, node.name, node.name,
+                                               node.grid.post_shift)
+            e.params += row["param_bytes"]
+            numel = int(np.prod(shape))
+            per = numel // int(np.prod(e.ig[node.inputs[1]].out_shape))
+            e.decls.append(f"/* {_comment(node.name)}: product */\nstatic const mp_mul {desc} = "
+                           f"{{ {e.act_ref(node.inputs[0])}, {e.act_ref(node.inputs[1])}, {e.act_ref(node.name)}, "
+                           f"{numel}u, {per}u, {rq}, {e.clamp(node.grid, shape)} }};")
+            e.calls.append(f"    mp_mul_run(&{desc});")
+        elif node.op == "table":
+            text, row["param_bytes"] = _table(e, node)
+            e.decls.append(f"/* {_comment(node.name)}: {node.attrs['function']} lookup */\nstatic const mp_lut {desc} = {text};")
+            e.calls.append(f"    mp_lut_run(&{desc});")
         else:
             raise ExportError(f"layer {node.name!r}: op {node.op!r} has no C kernel")
         if row["param_bytes"] != row["cost_param_bytes"] or row["weight_bytes"] != row["cost_weight_bytes"]:
@@ -438,6 +457,51 @@ def _add(e: _Emitter, node, shape) -> tuple[str, int]:
     text = (f"{{ {e.act_ref(node.inputs[0])}, {e.act_ref(node.inputs[1])}, {e.act_ref(node.name)}, {numel}u, {ls},\n"
             f"    {ra},\n    {rb},\n    {rq},\n    {e.clamp(node.grid, shape)} }}")
     return text, counted
+
+
+def _concat(e: _Emitter, node, desc: str) -> int:
+    """One rescale-and-store per input into its channels of the output buffer (``mp_act_run`` with
+    the element where they begin); returns the requantization bytes stored."""
+    from ...cost.memory import concat_out_scales
+
+    p, counted, start = node.params, 0, 0
+    n_out = L.act_scales(e.graph, e.a, node.name)
+    for i, src in enumerate(node.inputs):
+        shape = tuple(e.ig[src].out_shape)
+        n_cost = max(L.act_scales(e.graph, e.a, src), concat_out_scales(e.graph[node.name], n_out, i))
+        rq, c = e.requant(p[f"requant_{i}"], shape, n_cost, node.name)
+        counted += c
+        grid = replace(node.grid, lo=p[f"lo_{i}"], hi=p[f"hi_{i}"])
+        numel = int(np.prod(shape))
+        e.decls.append(f"/* {_comment(node.name)}: input {i} ({_comment(src)}) */\nstatic const mp_actfn {desc}_{i} = "
+                       f"{{ {e.act_ref(src)}, {e.act_ref(node.name)}, {numel}u, {start}u, {rq}, "
+                       f"{e.clamp(grid, shape)} }};")
+        e.calls.append(f"    mp_act_run(&{desc}_{i});")
+        start += numel
+    e.params += counted
+    return counted
+
+
+def _table(e: _Emitter, node) -> tuple[str, int]:
+    """The node's lookup tables, one per group of elements the cost model counts (each a table of the
+    lowered program's), as 256 bytes of output codes in the weights blob; returns (initializer, bytes)."""
+    from ...cost.memory import TABLE_BYTES, table_count
+
+    p = node.params
+    numel = int(np.prod(node.out_shape))
+    shift = np.broadcast_to(p.get("in_shift", np.zeros((), np.int64)), node.out_shape).reshape(-1)
+    if not np.array_equal(e.layouts[e.graph.buffer_source(node.inputs[0])].shift, shift):
+        raise ExportError(f"layer {node.name!r}: its input is stored on other grids than the ones its lookup table "
+                          f"reads (an average pooling of a per-channel fixed-point grid); QONNX exports it")
+    count = table_count(e.graph, e.a, node.name)
+    base = -(TABLE_BYTES // 2) if e.ig[e.graph.grid_source(node.inputs[0])].grid.signed else 0
+    first = np.broadcast_to(p["offset"], node.out_shape).reshape(-1)[:: numel // count] + base  # each group's table
+    rows = np.asarray(p["table"], dtype=np.int64).reshape(-1, TABLE_BYTES)[first // TABLE_BYTES]
+    blob = (rows.astype(np.int8) if node.grid.signed else rows.astype(np.uint8)).tobytes()
+    e.params += len(blob)
+    text = (f"{{ {e.act_ref(node.inputs[0])}, {e.act_ref(node.name)}, {numel}u, {0 if count == 1 else numel // count}u, "
+            f"{e.wref(e.weights.add(blob))}, {base}, {int(node.grid.signed)} }}")
+    return text, len(blob)
 
 
 def _fmt_float(x: float) -> str:

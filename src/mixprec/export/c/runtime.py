@@ -105,12 +105,34 @@ typedef struct {
     mp_clamp cl;
 } mp_add;
 
+/* out[start + e] = clamp(requant(in[e])), e < numel: a standalone activation (start 0), or one
+ * input of a concatenation (start: the element where its channels begin in the output) */
 typedef struct {
     const mp_act *in, *out;
-    uint32_t numel;
+    uint32_t numel, start;
     mp_rq rq;
     mp_clamp cl;
 } mp_actfn;
+
+/* product: out[e] = clamp(requant(a[e] * b[e / per])) (per: 1 for equal shapes, a channel's positions
+ * for a per-channel vector b) */
+typedef struct {
+    const mp_act *a, *b, *out;
+    uint32_t numel, per;
+    mp_rq rq;
+    mp_clamp cl;
+} mp_mul;
+
+/* out[e] = tab[(e / div) * 256 + code of in[e] - base]: an elementwise function as lookup tables of 256
+ * output codes (int8 when the output is signed, else uint8), one per group of div elements (div 0:
+ * one table) */
+typedef struct {
+    const mp_act *in, *out;
+    uint32_t numel, div;
+    const uint8_t *tab;
+    int32_t base;
+    uint8_t sgn;
+} mp_lut;
 
 /* ------------------------------------------------------------------------ bytes and bits */
 
@@ -202,6 +224,18 @@ MP_ALWAYS_INLINE int32_t mp_ld(const mp_act *t, uint32_t i) {
     }
     mp_locate(t, i, &bit, &w, &s);
     return mp_shl(mp_get(t->base, bit, w, t->sgn), s);
+}
+
+/* the stored code of element i (value = code << shift) */
+MP_ALWAYS_INLINE int32_t mp_ld_code(const mp_act *t, uint32_t i) {
+    uint32_t bit;
+    unsigned w, s;
+    if (t->mode == MP_UNIFORM && t->bits == 8u) {
+        int32_t v = t->base[i];
+        return (t->sgn && v >= 128) ? v - 256 : v;
+    }
+    mp_locate(t, i, &bit, &w, &s);
+    return mp_get(t->base, bit, w, t->sgn);
 }
 
 /* store the code of element i (value = code << shift) */
@@ -387,11 +421,27 @@ static inline void mp_add_run(const mp_add *d) {
     }
 }
 
-/* standalone activation: rescale onto the output grid and clamp */
+/* elementwise product (squeeze-and-excitation: a feature map times a per-channel gate) */
+static inline void mp_mul_run(const mp_mul *d) {
+    uint32_t e;
+    for (e = 0; e < d->numel; ++e)
+        mp_st_code(d->out, e, mp_clip(&d->cl, e, mp_requant(&d->rq, e, mp_ld(d->a, e) * mp_ld(d->b, e / d->per))));
+}
+
+/* lookup-table activation (sigmoid, tanh, hardswish, ...) */
+static inline void mp_lut_run(const mp_lut *d) {
+    uint32_t e;
+    for (e = 0; e < d->numel; ++e) {
+        const uint8_t raw = d->tab[(d->div ? e / d->div : 0u) * 256u + (uint32_t)(mp_ld_code(d->in, e) - d->base)];
+        mp_st_code(d->out, e, d->sgn ? (int32_t)(int8_t)raw : (int32_t)raw);
+    }
+}
+
+/* standalone activation, or one input of a concatenation: rescale onto the output grid and clamp */
 static inline void mp_act_run(const mp_actfn *d) {
     uint32_t e;
     for (e = 0; e < d->numel; ++e)
-        mp_st_code(d->out, e, mp_clip(&d->cl, e, mp_requant(&d->rq, e, mp_ld(d->in, e))));
+        mp_st_code(d->out, d->start + e, mp_clip(&d->cl, e, mp_requant(&d->rq, e, mp_ld(d->in, e))));
 }
 
 #endif /* MIXPREC_RUNTIME_H */
