@@ -101,6 +101,20 @@ class SqueezeExcite(nn.Module):
         return x * s.view(x.size(0), x.size(1), 1, 1)
 
 
+class ConvGate(nn.Module):
+    """torchvision's squeeze-and-excitation: the pooled (C, 1, 1) map through 1x1 convolutions, ``scale * x``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc1, self.fc2 = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 1)
+        nn.init.constant_(self.fc1.bias, 0.5)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        scale = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return scale * x
+
+
 class Product(nn.Module):
     """The product of two branches of one shape."""
 
@@ -178,6 +192,7 @@ BUILDERS = {
     "mul-squeeze-excite": lambda: (SqueezeExcite(), IMG),
     "mul-gate-first-conv1d": lambda: (SqueezeExcite(nn.Conv1d, nn.Sigmoid, gate_first=True), SIG),
     "mul-same-shape": lambda: (Product(), IMG),
+    "mul-conv-gate": lambda: (ConvGate(), IMG),
     # lookup-table activations
     "table-leaky-relu": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3), nn.LeakyReLU(0.1)), IMG),
     "table-sigmoid": lambda: (nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3)), VEC),

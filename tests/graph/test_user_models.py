@@ -69,3 +69,17 @@ def test_batches_have_the_strides_of_a_fresh_tensor():
     for xb, _ in batches(x, torch.zeros(4), 2):
         conv(xb).view(len(xb), -1)  # channels-last memory would refuse this view
     assert not conv(x).is_contiguous()  # what the user's model got before
+
+
+@pytest.mark.parametrize("name", ["DenseBlock", "SiLUConvNet", "MobileNetV3SE", "SEResNet"])
+def test_a_quick_search_per_family(tmp_path, name):
+    """Concatenation, lookup-table activations and squeeze-and-excitation products train, quantize and
+    deploy on digits from the model code as written: integer-exact, above chance, near the float model."""
+    from mixprec.search import RunConfig, run_search
+
+    cfg = RunConfig(model=f"tests.graph.user_models:{name}", data="digits", target="cortex-m4", float_epochs=8,
+                    qat_epochs=1, budget_epochs=0)
+    result = run_search(cfg, tmp_path / "run")
+    acc = result["accuracy"]
+    assert result["reference_mismatches"] == 0 and not result["degenerate"]
+    assert acc["quantized"] > 3 * acc["chance"] and acc["quantized"] > acc["float"] - 0.05

@@ -494,6 +494,63 @@ class SiLUConvNet(nn.Module):
         return self.head(x.flatten(1))
 
 
+class SEBlock(nn.Module):
+    """The SENet reference block: squeeze (adaptive pool, view), excite (two linears, sigmoid), scale."""
+
+    def __init__(self, channel: int, reduction: int = 4):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Sequential(nn.Linear(channel, channel // reduction, bias=False), nn.ReLU(inplace=True),
+                                nn.Linear(channel // reduction, channel, bias=False), nn.Sigmoid())
+
+    def forward(self, x):
+        b, c, _, _ = x.size()
+        y = self.avg_pool(x).view(b, c)
+        y = self.fc(y).view(b, c, 1, 1)
+        return x * y
+
+
+class SEResNet(nn.Module):
+    """A residual block with squeeze-and-excitation before the sum (SE-ResNet), on digits-sized input."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.conv = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.se = SEBlock(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = self.se(self.conv(x))
+        out += x
+        out = F.relu(out)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class MobileNetV3SE(nn.Module):
+    """MobileNetV3's bneck with torchvision's SqueezeExcitation idiom: Hardswish, the scale from
+    F.adaptive_avg_pool2d kept (C, 1, 1) through 1x1 convolutions, a Hardsigmoid gate, ``scale * x``."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8), nn.Hardswish())
+        self.fc1 = nn.Conv2d(8, 4, 1)
+        self.fc2 = nn.Conv2d(4, 8, 1)
+        self.project = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(x)
+        scale = F.adaptive_avg_pool2d(y, 1)
+        scale = F.hardsigmoid(self.fc2(F.relu(self.fc1(scale))))
+        y = self.project(scale * y)
+        x = x + y
+        return self.head(x.mean((2, 3)))
+
+
 CORPUS = {
     "tutorial-net": (TutorialNet, (1, 28, 28)),
     "mnist-example": (MnistExample, (1, 16, 16)),
@@ -521,6 +578,8 @@ CORPUS = {
     "leaky-kws": (LeakyKWS, (1, 16, 10)),
     "tanh-mlp": (TanhMLP, (16,)),
     "silu-convnet": (SiLUConvNet, (1, 8, 8)),
+    "se-resnet": (SEResNet, (1, 8, 8)),
+    "mobilenet-v3-se": (MobileNetV3SE, (1, 8, 8)),
 }
 
 

@@ -432,9 +432,13 @@ class _Builder:
             self.fail(n, "only the product of two tensors is supported (a constant factor belongs in the layer before)")
         srcs = [self.src(a) for a in args]
         shapes = [self._ir(s_).out_shape for s_ in srcs]
-        if shapes[0] != shapes[1] and len(shapes[0]) == 1:  # the vector first: s * x
+
+        def per_channel(gate, x):  # (C,) or (C, 1, 1): one value per channel of x
+            return gate != x and gate[0] == x[0] and all(d == 1 for d in gate[1:]) and len(gate) in (1, len(x))
+
+        if per_channel(shapes[0], shapes[1]):  # the gate first: s * x
             srcs, shapes = srcs[::-1], shapes[::-1]
-        if shapes[0] != shapes[1] and not (len(shapes[1]) == 1 and shapes[1][0] == shapes[0][0]):
+        if shapes[0] != shapes[1] and not per_channel(shapes[1], shapes[0]):
             self.fail(n, f"a product of shapes {shapes[0]} and {shapes[1]}: only equal shapes, or a feature map times a "
                          f"per-channel vector (squeeze-and-excitation) are supported")
         self.add(n, "mul", srcs, out_shape=shapes[0],
