@@ -194,8 +194,8 @@ class ExactnessSuite:
     """Bit-exactness checks, parametrized over ``builders`` x ``granularities`` x ``numerics``."""
 
     builders: dict = {}
-    # builders whose end-to-end tolerance is wider than MODEL_LSB_TOL: a product multiplies a one-LSB
-    # rounding difference of either input by the other's magnitude (each layer still within one LSB)
+    # builders whose end-to-end tolerance is wider than MODEL_LSB_TOL (each layer still within one LSB):
+    # e.g. a product multiplies a one-LSB rounding difference of either input by the other's magnitude
     model_lsb_tol: dict = {}
     granularities = GRANULARITIES
     numerics = NUMERICS

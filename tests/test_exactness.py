@@ -115,6 +115,31 @@ class ConvGate(nn.Module):
         return scale * x
 
 
+class ChannelSplit(nn.Module):
+    """ShuffleNetV2's unit: ``x.chunk(2, dim=1)``, one half through a conv, joined again."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x):
+        a, b = F.relu(self.stem(x)).chunk(2, dim=1)
+        return torch.cat([a, F.relu(self.conv(b))], dim=1)
+
+
+class Sliced(nn.Module):
+    """``x[:, a:b]`` of a 1-D map and ``torch.split`` of a feature vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(2, 5, 3, padding=1), nn.Linear(3 * 9, 4)
+
+    def forward(self, x):
+        y = self.conv(x)[:, 1:4]
+        head, tail = torch.split(torch.flatten(y, 1), [20, 7], dim=1)
+        return self.fc(torch.cat([tail, head], 1))
+
+
 class Product(nn.Module):
     """The product of two branches of one shape."""
 
@@ -193,6 +218,9 @@ BUILDERS = {
     "mul-gate-first-conv1d": lambda: (SqueezeExcite(nn.Conv1d, nn.Sigmoid, gate_first=True), SIG),
     "mul-same-shape": lambda: (Product(), IMG),
     "mul-conv-gate": lambda: (ConvGate(), IMG),
+    # channel slices
+    "slice-chunk": lambda: (ChannelSplit(), IMG),
+    "slice-index-and-split": lambda: (Sliced(), SIG),
     # lookup-table activations
     "table-leaky-relu": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3), nn.LeakyReLU(0.1)), IMG),
     "table-sigmoid": lambda: (nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3)), VEC),
@@ -217,4 +245,6 @@ BUILDERS = {
 
 class TestLayers(ExactnessSuite):
     builders = BUILDERS
-    model_lsb_tol = {name: 6 for name in BUILDERS if name.startswith("mul-")}
+    # products, and codes requantized twice in a row (a slice, then a concat: the training path rounds
+    # ties to even where the integer kernels round them up, at each step) drift further end to end
+    model_lsb_tol = {name: 6 for name in BUILDERS if name.startswith(("mul-", "slice-"))}

@@ -236,6 +236,8 @@ def step(node: IntNode, args: list, k) -> object:
         return y if node.grid.post_shift is None else y << node.grid.post_shift
     if op == "act":
         return _finish(args[0], node)
+    if op == "slice":  # channels start:stop, rescaled onto the slice's grid
+        return _finish(args[0][:, node.attrs["start"]:node.attrs["stop"]], node)
     if op == "maxpool":
         return k.maxpool(args[0], node.attrs)
     if op == "avgpool":

@@ -278,7 +278,7 @@ def lower(graph: Graph, weights: dict, weight_qparams: dict, act_qparams: dict, 
             params = {"requant": make_requant(src_grid[0].scale * src_grid[1].scale / grid.elem_scale, kind)}
         elif node.op == "table":
             params = lower_table(node, grid_seen_by(graph, node.inputs[0], src_grid[0]), grid)
-        elif node.op == "act":
+        elif node.op in ("act", "slice"):
             params = {"requant": make_requant(src_grid[0].scale / grid.elem_scale, kind)}
         nodes.append(IntNode(node.name, node.op, list(node.inputs), dict(node.attrs), node.out_shape, grid, params))
     out_scale = grids[graph.grid_source(graph.output)].scale

@@ -200,7 +200,8 @@ def test_standalone_activation_and_per_element_activation_widths_are_exact(tmp_p
     ("concat-conv1d-then-conv", "scaled", "per-channel", "Concat"), ("concat-features", "fixed", "per-tensor", "Concat"),
     ("table-leaky-relu", "scaled", "per-tensor", "Gather"), ("table-hardsigmoid-flatten", "fixed", "per-channel", "Gather"),
     ("table-sigmoid", "fixed", "per-element", "Gather"), ("table-silu-gelu", "scaled", "per-tensor", "Gather"),
-    ("mul-squeeze-excite", "scaled", "per-tensor", "Mul"), ("mul-same-shape", "fixed", "per-channel", "Mul")])
+    ("mul-squeeze-excite", "scaled", "per-tensor", "Mul"), ("mul-same-shape", "fixed", "per-channel", "Mul"),
+    ("slice-chunk", "scaled", "per-channel", "Slice"), ("slice-index-and-split", "fixed", "per-tensor", "Slice")])
 def test_concatenation_lookup_tables_and_products_are_exact(builder, numerics, act_granularity, op_type, tmp_path):
     """Each input of a concat rescaled onto its channels of the output grid, then one Concat node; a
     lookup-table activation a Gather from its tables (per element, channel or tensor); a product of

@@ -235,6 +235,22 @@ def test_smooth_activations_become_lookup_tables(act, function, params):
     assert {k: node.attrs[k] for k in params} == params
 
 
+@pytest.mark.parametrize("part, bounds", [
+    (lambda y: y[:, 1:3], (1, 3)), (lambda y: y[:, :2, ...], (0, 2)), (lambda y: y[:, -1:, :, :], (2, 3)),
+    (lambda y: y.chunk(3, dim=1)[1], (1, 2)), (lambda y: torch.split(y, [2, 1], dim=1)[0], (0, 2)),
+    (lambda y: y.split(1, 1)[2], (2, 3))])
+def test_channel_slices(part, bounds):
+    g = trace(Fn(lambda m, x: part(m.c(x)), c=nn.Conv2d(2, 3, 1)), IMG)[0]
+    node = g[g.output]
+    assert (node.op, node.inputs, (node.attrs["start"], node.attrs["stop"])) == ("slice", ["c"], bounds)
+    assert node.out_shape == (bounds[1] - bounds[0], 4, 4)
+
+
+def test_a_slice_of_every_channel_is_an_alias():
+    g = trace(Fn(lambda m, x: m.c(x)[:, :], c=nn.Conv2d(2, 3, 1)), IMG)[0]
+    assert [n.op for n in g] == ["input", "conv"]
+
+
 def test_a_concatenation_of_one_tensor_is_an_alias():
     g = trace(Fn(lambda m, x: torch.cat([m.a(x)], 1), a=conv()), IMG)[0]
     assert [n.op for n in g] == ["input", "conv"] and g.output == "a"
@@ -598,6 +614,9 @@ UNSUPPORTED = {
     "mean-channels": (Fn(lambda m, x: x.mean(1)), IMG, "mean"),
     "cat-spatial": (Fn(lambda m, x: torch.cat([x, x], dim=2)), IMG, "cat"),
     "cat-batch": (Fn(lambda m, x: torch.cat([x, x])), IMG, "cat"),
+    "slice-spatial": (Fn(lambda m, x: x[:, :, 1:3]), IMG, "getitem"),
+    "slice-step": (Fn(lambda m, x: x[:, ::2]), IMG, "getitem"),
+    "split-spatial": (Fn(lambda m, x: x.split(2, dim=2)[0]), IMG, "split"),
     "upsample": (nn.Sequential(nn.Conv2d(2, 2, 1), nn.Upsample(scale_factor=2)), IMG, "1"),
     "functional-maxpool-ceil": (Fn(lambda m, x: F.max_pool2d(x, 3, 2, ceil_mode=True)), IMG, "max_pool2d"),
     "tuple-output": (Pair(), IMG, "output"),

@@ -71,10 +71,11 @@ def test_batches_have_the_strides_of_a_fresh_tensor():
     assert not conv(x).is_contiguous()  # what the user's model got before
 
 
-@pytest.mark.parametrize("name", ["DenseBlock", "SiLUConvNet", "MobileNetV3SE", "SEResNet"])
+@pytest.mark.parametrize("name", ["DenseBlock", "SiLUConvNet", "MobileNetV3SE", "SEResNet", "ShuffleUnit"])
 def test_a_quick_search_per_family(tmp_path, name):
-    """Concatenation, lookup-table activations and squeeze-and-excitation products train, quantize and
-    deploy on digits from the model code as written: integer-exact, above chance, near the float model."""
+    """Concatenation, lookup-table activations, squeeze-and-excitation products and channel slices
+    train, quantize and deploy on digits from the model code as written: integer-exact, above chance,
+    near the float model."""
     from mixprec.search import RunConfig, run_search
 
     cfg = RunConfig(model=f"tests.graph.user_models:{name}", data="digits", target="cortex-m4", float_epochs=8,

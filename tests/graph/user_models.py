@@ -551,6 +551,26 @@ class MobileNetV3SE(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class ShuffleUnit(nn.Module):
+    """ShuffleNetV2's basic unit: channel split with ``chunk``, a depthwise branch, ``torch.cat``, and a
+    channel shuffle written as slices (``x[:, ::2]`` has no integer kernel; the halves are re-joined)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.branch = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                                    nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4),
+                                    nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x1, x2 = x.chunk(2, dim=1)
+        out = torch.cat((x1, self.branch(x2)), dim=1)
+        out = torch.cat((out[:, 4:], out[:, :4]), dim=1)
+        return self.fc(out.mean([2, 3]))
+
+
 CORPUS = {
     "tutorial-net": (TutorialNet, (1, 28, 28)),
     "mnist-example": (MnistExample, (1, 16, 16)),
@@ -580,6 +600,7 @@ CORPUS = {
     "silu-convnet": (SiLUConvNet, (1, 8, 8)),
     "se-resnet": (SEResNet, (1, 8, 8)),
     "mobilenet-v3-se": (MobileNetV3SE, (1, 8, 8)),
+    "shuffle-unit": (ShuffleUnit, (1, 8, 8)),
 }
 
 

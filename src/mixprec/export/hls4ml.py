@@ -413,6 +413,9 @@ def _plan(ig: IntGraph):
             precision[key] = {"result": t_out.type("AP_RND", "AP_SAT")}
             tensors[node.name] = t_out
             node_layer[node.name] = key
+        elif op == "slice":
+            raise ExportError(f"node {node.name!r}: a channel slice has no hls4ml layer in its PyTorch converter; "
+                              f"export this model to C or QONNX")
         elif op == "mul":
             raise ExportError(f"node {node.name!r}: a product (squeeze-and-excitation) has no exact hls4ml layer here "
                               f"(hls4ml multiplies tensors of one shape, in its own result type); export this model to "

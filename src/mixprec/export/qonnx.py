@@ -402,9 +402,11 @@ class _Program(nn.Module):
                 env[name] = xi
             elif op in ("conv", "linear"):
                 env[name] = self._weighted(node, p, env[node.inputs[0]])
-            elif op == "act":
-                env[name] = self._typed(name, self._requant(name, env[node.inputs[0]].to(torch.int64), p["kind"]),
-                                        p["spec"])
+            elif op in ("act", "slice"):
+                x_in = env[node.inputs[0]].to(torch.int64)
+                if op == "slice":  # a Slice of channels, then the requantization onto its grid
+                    x_in = x_in[:, node.attrs["start"]:node.attrs["stop"]]
+                env[name] = self._typed(name, self._requant(name, x_in, p["kind"]), p["spec"])
             elif op == "mul":  # codes multiplied in int64 (a per-channel vector unsqueezed), then requantized
                 a, c = (env[i].to(torch.int64) for i in node.inputs)
                 while c.dim() < a.dim():
@@ -525,7 +527,7 @@ def plan_program(inp: ExportInput) -> _Plan:
             if len(groups) > 1:
                 plan.notes.append(f"{node.name}: output channels split into {len(groups)} Conv/Gemm nodes by weight "
                                   f"width ({[g.bits for g in groups]}), one Quant per width")
-        elif op == "act":
+        elif op in ("act", "slice"):
             src = plan.max_abs[node.inputs[0]]
             if _requant_bound(node.params["requant"], src) >= INT64_SAFE:
                 raise ExportError(f"node {node.name!r}: requantization intermediates could overflow int64")

@@ -35,7 +35,7 @@ SUPPORTED = (
     "with the model's parameters); Flatten, "
     "torch.flatten(x, 1), x.view(x.size(0), -1), reshape / squeeze to (batch, features); "
     "x.mean((2, 3)) as global average pooling; residual add (a + b, torch.add, +=); torch.cat along "
-    "channels (dim=1); products of two tensors of one shape, or of a tensor and a per-channel vector "
+    "channels (dim=1); channel slices (x[:, a:b], torch.split, torch.chunk along dim 1); products of two tensors of one shape, or of a tensor and a per-channel vector "
     "(squeeze-and-excitation: x * s.view(b, c, 1, 1)); LeakyReLU, Sigmoid, Tanh, Hardswish, Hardsigmoid, SiLU, GELU, ELU (modules and "
     "functions, as 256-entry lookup tables on 8-bit codes); zero padding "
     "(F.pad, nn.ZeroPad2d, the same on both sides) folded into the convolution reading it; a softmax "
@@ -59,6 +59,7 @@ _TABLE_FUNCTIONS = {F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu", "le
 _ADD_TARGETS = (operator.add, torch.add, operator.iadd, "add", "add_")
 _CAT_TARGETS = (torch.cat, torch.concat, torch.concatenate)
 _MUL_TARGETS = (operator.mul, torch.mul, operator.imul, "mul", "mul_")
+_SPLIT_TARGETS = (torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split")
 _FLATTEN_TARGETS = (torch.flatten, "flatten", "view", "reshape", torch.reshape, "squeeze", torch.squeeze,
                     "unsqueeze", torch.unsqueeze)
 _IGNORED_MODULES = (nn.Dropout, nn.Identity)
@@ -191,6 +192,7 @@ class _Builder:
         self.names = _Names(traced.graph)
         self.output_kind = ""  # a softmax / log_softmax left out at the output
         self.pads: dict[fx.Node, tuple[int, ...]] = {}  # zero padding folded into the conv reading it
+        self.splits: dict[fx.Node, list[tuple[int, int]]] = {}  # torch.split / chunk: the channels of each part
 
     # -- helpers ---------------------------------------------------------------------------
     def shape(self, n: fx.Node) -> tuple[int, ...]:
@@ -444,6 +446,49 @@ class _Builder:
         self.add(n, "mul", srcs, out_shape=shapes[0],
                  attrs={"activation": "identity", "act_min": float("-inf"), "act_max": float("inf")})
 
+    def split(self, n: fx.Node) -> None:
+        """``torch.split(x, size or sizes, dim=1)``, ``torch.chunk(x, n, dim=1)``: the channel range of each
+        part, which the ``x_parts[i]`` reading it turns into a slice node."""
+        a = _bound(n, ("split_size_or_sections", "dim") if "split" in _callable_name(n.target) and
+                   "tensor" not in _callable_name(n.target) else ("chunks", "dim"))
+        shape = self.shape(n.args[0])
+        if int(a.get("dim", 0)) % (len(shape) + 1) != 1:
+            self.fail(n, "only splitting along the channel dim (dim=1) is supported")
+        channels = shape[0]
+        parts = [tuple(t.shape[1:]) for t in n.meta["tensor_meta"]] if isinstance(n.meta.get("tensor_meta"), (list, tuple)) \
+            else None
+        if parts is None:
+            self.fail(n, "the parts' shapes are unknown")
+        bounds, start = [], 0
+        for p_shape in parts:
+            bounds.append((start, start + p_shape[0]))
+            start += p_shape[0]
+        if start != channels:
+            self.fail(n, f"the parts cover {start} of {channels} channels")
+        self.splits[n] = bounds
+        self.name_of[n] = self.src(n.args[0])  # the parts read its tensor
+
+    def getitem(self, n: fx.Node) -> None:
+        """``parts[i]`` of a split, or ``x[:, a:b]`` / ``x[:, a:b, ...]``: a slice of channels (a copy
+        onto the slice's own grid)."""
+        source, index = n.args
+        if source in self.splits:
+            start, stop = self.splits[source][index]
+        else:
+            items = index if isinstance(index, tuple) else (index,)
+            items = [i for i in items if i is not Ellipsis] if items and items[-1] is Ellipsis else list(items)
+            rest = items[2:]
+            if len(items) < 2 or items[0] != slice(None) or not isinstance(items[1], slice) \
+                    or any(i != slice(None) for i in rest) or items[1].step not in (None, 1):
+                self.fail(n, "only channel slices x[:, a:b] (no step, every other dim whole) are supported")
+            start, stop, _ = items[1].indices(self.shape(source)[0])
+        src = self.src(source)
+        if (start, stop) == (0, self._ir(src).out_shape[0]):
+            self.alias(n, source)
+            return
+        self.add(n, "slice", [src], attrs={"start": int(start), "stop": int(stop), "activation": "identity",
+                                          "act_min": float("-inf"), "act_max": float("inf")})
+
     def concat(self, n: fx.Node) -> None:
         """``torch.cat`` of two or more tensors along the channel dim (dim 1 of the batch-first
         tensor, the features of a flattened one): each input is requantized onto the output's grid."""
@@ -520,6 +565,10 @@ class _Builder:
             self.concat(n)
         elif t in _MUL_TARGETS:
             self.mul(n)
+        elif t in _SPLIT_TARGETS:
+            self.split(n)
+        elif t is operator.getitem:
+            self.getitem(n)
         elif t in _ACTIVATION_FUNCTIONS:
             kind = _ACTIVATION_FUNCTIONS[t]
             self.activation(n, kind, _activation_bounds(kind, dict(n.kwargs)))

@@ -216,6 +216,8 @@ class QuantModel(nn.Module):
             y = a_ * b_.reshape(tuple(b_.shape) + (1,) * (a_.dim() - b_.dim()))
         elif op == "table":
             y = table_function(a)(args[0])
+        elif op == "slice":
+            y = args[0][:, a["start"]:a["stop"]]
         else:  # act
             y = args[0]
         y = _ACTIVATIONS[a["activation"]](y, a.get("act_min"), a.get("act_max"))

@@ -288,13 +288,13 @@ def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, 
             row["param_bytes"] = counted
             e.decls.append(f"/* {_comment(node.name)}: add */\nstatic const mp_add {desc} = {text};")
             e.calls.append(f"    mp_add_run(&{desc});")
-        elif node.op == "act":
+        elif node.op in ("act", "slice"):
             n_cost = requant_steps(graph, assignment, node.name)
             rq, counted = e.requant(node.params["requant"], shape, n_cost, node.name, node.name, node.grid.post_shift)
             row["param_bytes"] = counted
             e.decls.append(f"/* {_comment(node.name)}: {node.attrs.get('activation', 'act')} */\nstatic const mp_actfn {desc} = "
-                           f"{{ {e.act_ref(node.inputs[0])}, {e.act_ref(node.name)}, {int(np.prod(shape))}u, 0u, {rq}, "
-                           f"{e.clamp(node.grid, shape)} }};")
+                           f"{{ {e.act_ref(node.inputs[0])}, {e.act_ref(node.name)}, {int(np.prod(shape))}u, 0u, "
+                           f"{_slice_start(e, node)}u, {rq}, {e.clamp(node.grid, shape)} }};")
             e.calls.append(f"    mp_act_run(&{desc});")
         elif node.op == "concat":
             row["param_bytes"] = _concat(e, node, desc)
@@ -459,6 +459,14 @@ def _add(e: _Emitter, node, shape) -> tuple[str, int]:
     return text, counted
 
 
+def _slice_start(e: _Emitter, node) -> int:
+    """The input element where a slice's channels begin (channel-major buffers); 0 for an activation."""
+    if node.op != "slice":
+        return 0
+    src_shape = e.ig[node.inputs[0]].out_shape
+    return node.attrs["start"] * int(np.prod(src_shape[1:]))
+
+
 def _concat(e: _Emitter, node, desc: str) -> int:
     """One rescale-and-store per input into its channels of the output buffer (``mp_act_run`` with
     the element where they begin); returns the requantization bytes stored."""
@@ -474,7 +482,7 @@ def _concat(e: _Emitter, node, desc: str) -> int:
         grid = replace(node.grid, lo=p[f"lo_{i}"], hi=p[f"hi_{i}"])
         numel = int(np.prod(shape))
         e.decls.append(f"/* {_comment(node.name)}: input {i} ({_comment(src)}) */\nstatic const mp_actfn {desc}_{i} = "
-                       f"{{ {e.act_ref(src)}, {e.act_ref(node.name)}, {numel}u, {start}u, {rq}, "
+                       f"{{ {e.act_ref(src)}, {e.act_ref(node.name)}, {numel}u, {start}u, 0u, {rq}, "
                        f"{e.clamp(grid, shape)} }};")
         e.calls.append(f"    mp_act_run(&{desc}_{i});")
         start += numel

@@ -105,11 +105,12 @@ typedef struct {
     mp_clamp cl;
 } mp_add;
 
-/* out[start + e] = clamp(requant(in[e])), e < numel: a standalone activation (start 0), or one
- * input of a concatenation (start: the element where its channels begin in the output) */
+/* out[start + e] = clamp(requant(in[in_start + e])), e < numel: a standalone activation (both starts
+ * 0), one input of a concatenation (start: the element where its channels begin in the output), or
+ * a channel slice (in_start: the element where its channels begin in the input) */
 typedef struct {
     const mp_act *in, *out;
-    uint32_t numel, start;
+    uint32_t numel, start, in_start;
     mp_rq rq;
     mp_clamp cl;
 } mp_actfn;
@@ -437,11 +438,12 @@ static inline void mp_lut_run(const mp_lut *d) {
     }
 }
 
-/* standalone activation, or one input of a concatenation: rescale onto the output grid and clamp */
+/* standalone activation, one input of a concatenation, or a channel slice: rescale onto the output
+ * grid and clamp */
 static inline void mp_act_run(const mp_actfn *d) {
     uint32_t e;
     for (e = 0; e < d->numel; ++e)
-        mp_st_code(d->out, d->start + e, mp_clip(&d->cl, e, mp_requant(&d->rq, e, mp_ld(d->in, e))));
+        mp_st_code(d->out, d->start + e, mp_clip(&d->cl, e, mp_requant(&d->rq, e, mp_ld(d->in, d->in_start + e))));
 }
 
 #endif /* MIXPREC_RUNTIME_H */
