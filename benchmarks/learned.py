@@ -62,7 +62,7 @@ PRESETS = {
 }
 # ``hgq-u4``/``dq-u4``: the learned methods at the uniform4 model's width, from its float model, so a
 # learned run and the strongest uniform baseline start from the very same float weights
-METHODS = ("hgq", "dq", "hgq-u4", "dq-u4", "dnas", "uniform8", "uniform4", "uniform2")
+METHODS = ("hgq", "dq", "hgq-u4", "dq-u4", "dnas", "dnas-keep", "uniform8", "uniform4", "uniform2")
 
 
 def plan(preset: dict, budget_text: str, methods, headroom: float) -> list[dict]:
@@ -80,6 +80,9 @@ def plan(preset: dict, budget_text: str, methods, headroom: float) -> list[dict]
         elif m == "dnas":  # channel-wise with pruning: from the full width, it narrows the model itself
             w = family.widths[0]
             extra = dict(method="dnas")
+        elif m == "dnas-keep":  # channel-wise without pruning: where the full width fits at 2 bits
+            w = family.widths[0] if widest_at(2) == family.widths[0] else None
+            extra = dict(method="dnas", options={"prune": "false"})
         elif m.endswith("-u4"):
             w = widest_at(4)
             if w == widest_at(2, headroom):
@@ -102,7 +105,7 @@ def config_for(preset: dict, run: dict, budget_text: str, float_from: str | None
     # 2-bit activations would make a straw man)
     extra = {"bits": run["bits"], "act_bits": 8} if run["method"] == "uniform" else {}
     return RunConfig(model=run["model"], target=TARGET, method=run["method"], budget={"flash": budget_text},
-                     float_from=float_from, **extra, **train)
+                     float_from=float_from, options=run.get("options", {}), **extra, **train)
 
 
 def _planned(args, all_budgets: bool, methods) -> list[Trial]:
@@ -226,7 +229,8 @@ def tables(args) -> None:
                   "another machine, the float model of that width this machine trained by the same command). `dnas`: "
                   "channel-wise DNAS (a width per output channel among 0/2/4/8 bits, 0 = the channel removed from "
                   "the exported layer) from the full-width float model, then the budget step and fine-tune as hgq/dq; "
-                  "'model width' is where it started. Runs of "
+                  "'model width' is where it started. `dnas-keep`: the same without pruning ({2, 4, 8} bits per "
+                  "channel, `-o prune=false`), at the budgets where the full width fits at 2 bits. Runs of "
                   "one width share one float model; 'float test acc' is that model's, scored from its checkpoint, "
                   "so a row's loss to quantization is the difference of its two accuracies (between widths, float training noise "
                   "of a single seed is about 0.1 points on MNIST). Accuracy on the full test set with the "

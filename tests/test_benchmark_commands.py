@@ -41,6 +41,7 @@ FIELDS = ("model", "data", "target", "method", "bits", "act_bits", "weight_granu
     dict(name="uniform4", method="uniform", bits=4, model="resnet8[width=9]"),
     dict(name="hgq", method="hgq", model="resnet8[width=11]"),
     dict(name="dq-u4", method="dq", model="resnet8[width=9]"),
+    dict(name="dnas-keep", method="dnas", model="resnet8", options={"prune": "false"}),
 ])
 def test_learned_table_commands_reproduce_their_config(learned, run, monkeypatch):
     preset = learned.PRESETS["resnet8-cifar10"]

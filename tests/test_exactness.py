@@ -151,6 +151,17 @@ class Product(nn.Module):
         return self.a(x) * torch.tanh(self.b(x))
 
 
+class PaddedConv1d(nn.Module):
+    """A causal 1-D convolution: F.pad on the left only, then a strided conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 3, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (2, 0)))
+
+
 def seq(*layers, shape):
     return lambda: (nn.Sequential(*layers), shape)
 
@@ -167,6 +178,8 @@ BUILDERS = {
     "conv2d-padded": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1)), IMG),
     "conv2d-dilated": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3, dilation=2, padding=1)), IMG),
     "conv2d-asymmetric": lambda: (nn.Sequential(nn.Conv2d(2, 4, (1, 3), stride=(2, 1), padding=(1, 0))), IMG),
+    "conv2d-same-even": lambda: (nn.Sequential(nn.Conv2d(2, 4, (2, 4), padding="same")), IMG),
+    "conv1d-pad-one-side": lambda: (PaddedConv1d(), SIG),
     "conv2d-grouped": lambda: (nn.Sequential(nn.Conv2d(4, 6, 3, groups=2)), (4, 4, 4)),
     "conv2d-depthwise": lambda: (nn.Sequential(nn.Conv2d(4, 4, 3, groups=4, padding=1)), (4, 4, 4)),
     "conv2d-no-bias": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3, bias=False)), IMG),

@@ -33,10 +33,11 @@ class NumpyKernels:
         return np.asarray(x, dtype=np.int64)
 
     @staticmethod
-    def _windows(x: np.ndarray, kernel, stride, padding, dilation, fill: int) -> np.ndarray:
-        """(N, C, *out, *kernel) sliding windows of a 1-D or 2-D feature map."""
+    def _windows(x: np.ndarray, kernel, stride, padding, dilation, fill: int, padding_after=None) -> np.ndarray:
+        """(N, C, *out, *kernel) sliding windows of a 1-D or 2-D feature map (``padding`` before each
+        spatial dim, ``padding_after`` after it: the same unless given)."""
         dims = len(kernel)
-        pad = [(0, 0), (0, 0)] + [(p, p) for p in padding]
+        pad = [(0, 0), (0, 0)] + [(p, q) for p, q in zip(padding, padding_after or padding)]
         x = np.pad(x, pad, constant_values=fill)
         span = tuple(d * (k - 1) + 1 for k, d in zip(kernel, dilation))
         win = np.lib.stride_tricks.sliding_window_view(x, span, axis=tuple(range(2, 2 + dims)))
@@ -47,7 +48,8 @@ class NumpyKernels:
     @classmethod
     def conv(cls, x, w, attrs) -> np.ndarray:
         dims, groups = attrs["dims"], attrs["groups"]
-        win = cls._windows(x, attrs["kernel_size"], attrs["stride"], attrs["padding"], attrs["dilation"], 0)
+        win = cls._windows(x, attrs["kernel_size"], attrs["stride"], attrs["padding"], attrs["dilation"], 0,
+                           attrs.get("padding_after"))
         n, c = win.shape[:2]
         out_sp = win.shape[2:2 + dims]
         o = w.shape[0]
@@ -128,9 +130,21 @@ def ieee_float32():
         matmul.allow_tf32 = before
 
 
+def explicit_padding(x: torch.Tensor, attrs: dict) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``x`` zero-padded where a convolution pads one side of a dim more than the other
+    (``padding_after``), and the padding left for the convolution itself (then none)."""
+    before, after = tuple(attrs["padding"]), tuple(attrs.get("padding_after") or attrs["padding"])
+    if after == before:
+        return x, before
+    pads = [p for b, a in reversed(list(zip(before, after))) for p in (b, a)]  # F.pad: last dim first
+    return F.pad(x, pads), (0,) * len(before)
+
+
 def gemm_conv(x: torch.Tensor, w: torch.Tensor, attrs: dict) -> torch.Tensor:
     """A (grouped, strided, dilated, padded) 1-d or 2-d convolution as im2col + batched matrix
     product, in the dtype of ``x`` and ``w``."""
+    x, padding_ = explicit_padding(x, attrs)
+    attrs = {**attrs, "padding": padding_}
     one_d = attrs["dims"] == 1
     if one_d:
         x, w = x.unsqueeze(2), w.unsqueeze(2)
@@ -167,7 +181,8 @@ class TorchKernels:
         if uses_gemm(x.device, dt):
             return gemm_conv(x.to(dt), w.to(dt), attrs).round().to(torch.int64)
         fn = F.conv1d if attrs["dims"] == 1 else F.conv2d
-        y = fn(x.to(dt), w.to(dt), None, attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+        x, padding = explicit_padding(x.to(dt), attrs)
+        y = fn(x, w.to(dt), None, attrs["stride"], padding, attrs["dilation"], attrs["groups"])
         return y.round().to(torch.int64)
 
     @staticmethod

@@ -62,3 +62,29 @@ def exported_run(_exported):
     artifact, quantized model, result)``; shared by the tests of the session: read it, do not
     change it."""
     return _exported
+
+
+def export_exactly(fmt: str, model, shape: tuple, numerics: str, act_granularity: str, tmp_path, n_inputs: int,
+                   n_sample: int = 8):
+    """``model`` converted (6-bit per-channel weights, 7-bit activations), calibrated, exported to ``fmt``
+    and run on random inputs: returns the artifact after checking its output and every tensor it exposes
+    against the NumPy reference (``array_equal``)."""
+    import numpy as np
+    import torch
+
+    from mixprec.convert import convert
+    from mixprec.execute import reference
+    from mixprec.export import ExportInput, get_exporter
+
+    qm = convert(model, shape, numerics, 6, 7, "per-channel", act_granularity)
+    qm.calibrate([torch.randn(64, *shape)])
+    qm.eval()
+    ig = qm.lower()
+    xs = (torch.randn(n_inputs, *shape) * 1.5).numpy()
+    exporter = get_exporter(fmt)
+    artifact = exporter.export(ExportInput(tmp_path, ig, qm, None, shape, xs[:n_sample]), tmp_path / fmt)
+    out, ints = exporter.run(artifact, xs, keep=True)
+    ref, env = reference(ig, xs, keep=True)
+    assert np.array_equal(out, ref)
+    assert ints and all(np.array_equal(np.reshape(v, env[n].shape), env[n]) for n, v in ints.items())
+    return artifact

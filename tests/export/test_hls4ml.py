@@ -23,6 +23,8 @@ from mixprec.models import get_model  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the conformance helpers
 from conformance import pruned_per_element  # noqa: E402
 
+from .conftest import export_exactly  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def exported(exported_run):
@@ -122,25 +124,14 @@ def test_concatenation_is_exact(tmp_path, builder):
     """torch.cat becomes hls4ml's Concatenate (pairwise, past two inputs) into an exact type; the
     output type's rounding and saturation (and a ReLU the concat fuses) requantize it as the
     reference does."""
-    from mixprec.convert import convert
     from test_exactness import Branches, Features
 
     torch.manual_seed(5)
     model, shape = {"two-branches": (_stem_then(Branches(), 5), (2, 8, 8)),
                     "three-with-input": (_stem_then(Branches(with_input=True), 7), (2, 8, 8)),
                     "features": (Features(), (6,))}[builder]
-    qm = convert(model, shape, "fixed", 6, 7, "per-channel", "per-tensor")
-    qm.calibrate([torch.randn(64, *shape)])
-    qm.eval()
-    ig = qm.lower()
-    assert any(n.op == "concat" for n in ig.nodes)
-    xs = (torch.randn(200, *shape) * 1.5).numpy()
-    exporter = get_exporter("hls4ml")
-    artifact = exporter.export(ExportInput(tmp_path, ig, qm, None, shape, xs[:8]), tmp_path / "hls4ml")
-    out, ints = exporter.run(artifact, xs, keep=True)
-    ref, env = reference(ig, xs, keep=True)
-    assert np.array_equal(out, ref)
-    assert all(np.array_equal(v.reshape(env[n].shape), env[n]) for n, v in ints.items())
+    artifact = export_exactly("hls4ml", model, shape, "fixed", "per-tensor", tmp_path, 200)
+    assert any(node.startswith("cat") for node in artifact.details["precision"])
 
 
 class _Gated(torch.nn.Module):
@@ -153,8 +144,9 @@ class _Gated(torch.nn.Module):
 
 
 @pytest.mark.parametrize("builder,message", [("table-sigmoid", "node '1': sigmoid is deployed as a lookup table"),
-                                             ("gated", "node 'mul': a product")])
-def test_lookup_tables_and_products_are_refused_by_name(tmp_path, builder, message):
+                                             ("gated", "node 'mul': a product"),
+                                             ("conv2d-same-even", "node '0': padding one side more")])
+def test_what_hls4ml_cannot_take_is_refused_by_name(tmp_path, builder, message):
     from mixprec.convert import convert
     from test_exactness import BUILDERS
 

@@ -25,6 +25,8 @@ from mixprec.export.qonnx import MODEL_FILE, inference_cost, weight_bit_count  #
 from mixprec.granularity import expand  # noqa: E402
 from mixprec.graph.convert import trace  # noqa: E402
 
+from .conftest import export_exactly  # noqa: E402
+
 
 
 @pytest.fixture(scope="module", params=["cortex-m4", "fpga-hls4ml"])
@@ -201,28 +203,20 @@ def test_standalone_activation_and_per_element_activation_widths_are_exact(tmp_p
     ("table-leaky-relu", "scaled", "per-tensor", "Gather"), ("table-hardsigmoid-flatten", "fixed", "per-channel", "Gather"),
     ("table-sigmoid", "fixed", "per-element", "Gather"), ("table-silu-gelu", "scaled", "per-tensor", "Gather"),
     ("mul-squeeze-excite", "scaled", "per-tensor", "Mul"), ("mul-same-shape", "fixed", "per-channel", "Mul"),
-    ("slice-chunk", "scaled", "per-channel", "Slice"), ("slice-index-and-split", "fixed", "per-tensor", "Slice")])
-def test_concatenation_lookup_tables_and_products_are_exact(builder, numerics, act_granularity, op_type, tmp_path):
+    ("slice-chunk", "scaled", "per-channel", "Slice"), ("slice-index-and-split", "fixed", "per-tensor", "Slice"),
+    ("conv2d-same-even", "scaled", "per-tensor", "Conv"), ("conv1d-pad-one-side", "fixed", "per-channel", "Conv")])
+def test_the_converters_newer_ops_are_exact(builder, numerics, act_granularity, op_type, tmp_path):
     """Each input of a concat rescaled onto its channels of the output grid, then one Concat node; a
     lookup-table activation a Gather from its tables (per element, channel or tensor); a product of
-    codes (a squeeze-and-excitation gate) an int64 Mul, then the requantization."""
+    codes (a squeeze-and-excitation gate) an int64 Mul, then the requantization; a channel slice a
+    Slice; a convolution padded more on one side a Conv with its pads (the exporter folds the Pad in)."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from test_exactness import BUILDERS
 
     torch.manual_seed(4)
     model, shape = BUILDERS[builder]()
-    qm = convert(model, shape, numerics, 6, 7, "per-channel", act_granularity)
-    qm.calibrate([torch.randn(64, *shape)])
-    qm.eval()
-    ig = qm.lower()
-    xs = (torch.randn(40, *shape) * 1.5).numpy()
-    exporter = get_exporter("qonnx")
-    artifact = exporter.export(ExportInput(tmp_path, ig, qm, None, shape, xs[:4]), tmp_path / "qonnx")
-    out, ints = exporter.run(artifact, xs, keep=True)
-    ref, env = reference(ig, xs, keep=True)
-    assert np.array_equal(out, ref)
-    assert all(np.array_equal(ints[n], env[n]) for n in env)
+    artifact = export_exactly("qonnx", model, shape, numerics, act_granularity, tmp_path, 40, 4)
     assert op_type in [n.op_type for n in onnx.load(artifact.path / MODEL_FILE).graph.node]
 
 

@@ -26,7 +26,9 @@ def run_float(graph, params, x: torch.Tensor, keep: bool = False):
         elif n.op == "conv":
             fn = F.conv1d if a["dims"] == 1 else F.conv2d
             p = params[n.name]
-            y = fn(args[0], p.weight, p.bias, a["stride"], a["padding"], a["dilation"], a["groups"])
+            before, after = a["padding"], a.get("padding_after", a["padding"])
+            sides = [q for dim in reversed(range(len(before))) for q in (before[dim], after[dim])]
+            y = fn(F.pad(args[0], sides), p.weight, p.bias, a["stride"], 0, a["dilation"], a["groups"])
         elif n.op == "linear":
             y = F.linear(args[0], params[n.name].weight, params[n.name].bias)
         elif n.op == "add":
@@ -417,6 +419,20 @@ def test_zero_padding_folds_into_the_convolution(forward, padding):
     assert ops(graph) == ["input", "conv"] and graph[graph.output].attrs["padding"] == padding
 
 
+@pytest.mark.parametrize("model, before, after", [
+    (lambda: nn.Sequential(nn.Conv2d(2, 3, (2, 4), padding="same")), (0, 1), (1, 2)),
+    (lambda: nn.Sequential(nn.Conv1d(2, 3, 4, padding="same", dilation=3)), (4,), (5,)),
+    (lambda: Fn(lambda m, x: m.c(F.pad(x, (0, 1, 2, 0))), c=nn.Conv2d(2, 3, 3, padding=1)), (3, 1), (1, 2)),
+    (lambda: Fn(lambda m, x: m.c(F.pad(x, (1, 0))), c=nn.Conv2d(2, 3, 3)), (0, 1), (0, 0)),
+    (lambda: Fn(lambda m, x: m.c(m.pad(x)), c=nn.Conv2d(2, 3, 3), pad=nn.ZeroPad2d((0, 1, 0, 1))), (0, 0), (1, 1))])
+def test_padding_one_side_more_than_the_other(model, before, after):
+    """'same' with an even dilated kernel pads its extra element after, as PyTorch does; F.pad and
+    ZeroPad2d may pad each side as they like (a pad of the last dim only leaves the others alone)."""
+    graph = check_float(model(), (2, 6, 7) if len(before) == 2 else (2, 9))
+    conv = graph[graph.output]
+    assert conv.attrs["padding"] == before and conv.attrs.get("padding_after", before) == after
+
+
 def test_dilated_same_padding():
     graph = check_float(nn.Sequential(nn.Conv1d(2, 3, 3, padding="same", dilation=2)), (2, 9))
     assert graph["0"].attrs["padding"] == (2,)
@@ -597,9 +613,8 @@ UNSUPPORTED = {
     "adaptive-1d-nondividing": (nn.Sequential(nn.AdaptiveAvgPool1d(4)), (2, 6), "0"),
     "maxpool-ceil": (nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True)), IMG, "0"),
     "maxpool-dilated": (nn.Sequential(nn.MaxPool2d(2, dilation=2)), IMG, "0"),
-    "conv-same-even": (nn.Sequential(nn.Conv2d(2, 2, 2, padding="same")), IMG, "0"),
     "conv-reflect": (nn.Sequential(conv(padding=1, padding_mode="reflect")), IMG, "0"),
-    "pad-asymmetric": (Fn(lambda m, x: m.c(F.pad(x, (0, 1, 0, 1))), c=conv()), IMG, "pad"),
+    "pad-crop": (Fn(lambda m, x: m.c(F.pad(x, (0, -1, 0, 1))), c=conv()), IMG, "pad"),
     "pad-before-pool": (Fn(lambda m, x: F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 2)), IMG, "pad"),
     "pad-reflect": (Fn(lambda m, x: m.c(F.pad(x, (1, 1, 1, 1), mode="reflect")), c=conv()), IMG, "pad"),
     "conv3d": (nn.Sequential(nn.Conv3d(1, 1, 1)), (1, 2, 2, 2), "0"),

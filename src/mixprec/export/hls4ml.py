@@ -307,6 +307,9 @@ def _plan(ig: IntGraph):
                 a = node.attrs
                 if a["dims"] != 2:
                     raise ExportError(f"node {node.name!r}: only 2-D convolutions are exported to hls4ml")
+                if a.get("padding_after") not in (None, a["padding"]):
+                    raise ExportError(f"node {node.name!r}: padding one side more than the other "
+                                      f"({a['padding']} before, {a['padding_after']} after) is not exported to hls4ml")
                 if a["groups"] != 1 or any(d != 1 for d in a["dilation"]):
                     raise ExportError(f"node {node.name!r}: grouped or dilated convolutions are not supported by "
                                       f"hls4ml's PyTorch converter")

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..execute import explicit_padding
 from ..granularity import expand, reduce_to
 from ..lower import IntGraph, IntNode
 from ..numerics import (bits_for_range, div_round_away, multiply_by_quantized_multiplier, qrange, saturate, shift_round)
@@ -381,7 +382,8 @@ class _Program(nn.Module):
             else:
                 a = node.attrs
                 conv = F.conv1d if a["dims"] == 1 else F.conv2d
-                accs.append(conv(x, wi, None, a["stride"], a["padding"], a["dilation"], a["groups"]))
+                xp, padding = explicit_padding(x, a)  # one side padded more: an ONNX Pad before the Conv
+                accs.append(conv(xp, wi, None, a["stride"], padding, a["dilation"], a["groups"]))
         acc = accs[0] if len(accs) == 1 else torch.cat(accs, dim=1)
         if "order" in p:
             acc = torch.index_select(acc, 1, self.b(node.name, "order"))

@@ -28,9 +28,8 @@ from .ir import Graph, Node
 log = logging.getLogger(__name__)
 
 SUPPORTED = (
-    "Conv1d, Conv2d (grouped, depthwise; zero padding as ints, tuples, 'valid' or 'same' with odd "
-    "kernels), Linear, BatchNorm1d/2d (after a conv or linear), ReLU, ReLU6, Hardtanh (modules, "
-    "functions, in place), Identity, Dropout, MaxPool1d/2d, AvgPool1d/2d (no padding), "
+    "Conv1d, Conv2d (grouped, depthwise; zero padding as ints, tuples, 'valid' or 'same'), Linear, "
+    "BatchNorm1d/2d (after a conv or linear), ReLU, ReLU6, Hardtanh (modules, functions, in place), Identity, Dropout, MaxPool1d/2d, AvgPool1d/2d (no padding), "
     "AdaptiveAvgPool1d/2d (output size dividing the input), and their F.* forms (F.conv1d/conv2d/linear "
     "with the model's parameters); Flatten, "
     "torch.flatten(x, 1), x.view(x.size(0), -1), reshape / squeeze to (batch, features); "
@@ -38,7 +37,7 @@ SUPPORTED = (
     "channels (dim=1); channel slices (x[:, a:b], torch.split, torch.chunk along dim 1); products of two tensors of one shape, or of a tensor and a per-channel vector "
     "(squeeze-and-excitation: x * s.view(b, c, 1, 1)); LeakyReLU, Sigmoid, Tanh, Hardswish, Hardsigmoid, SiLU, GELU, ELU (modules and "
     "functions, as 256-entry lookup tables on 8-bit codes); zero padding "
-    "(F.pad, nn.ZeroPad2d, the same on both sides) folded into the convolution reading it; a softmax "
+    "(F.pad, nn.ZeroPad2d, nn.ConstantPad*d with 0) folded into the convolution reading it; a softmax "
     "or log_softmax at the output (left out: the deployed model returns the logits)"
 )
 
@@ -246,28 +245,34 @@ class _Builder:
         else:
             dims = weight.dim() - 2
             kernel, dilation = tuple(weight.shape[2:]), _pair(conv.get("dilation", 1), dims)
-            padding = self.conv_padding(n, conv.get("padding", 0), kernel, dilation)
-            padding = tuple(p + q for p, q in zip(padding, self.pads.get(n.args[0], (0,) * dims)))
+            before, after = self.conv_padding(n, conv.get("padding", 0), kernel, dilation)
+            folded = self.pads.get(n.args[0], ((0,) * dims, (0,) * dims))
+            before = tuple(p + q for p, q in zip(before, folded[0]))
+            after = tuple(p + q for p, q in zip(after, folded[1]))
             node = self.add(n, "conv", [self.src(n.args[0])], weight_shape=tuple(weight.shape), attrs={
                 "dims": dims, "kernel_size": kernel, "stride": _pair(conv.get("stride", 1), dims),
-                "padding": padding, "dilation": dilation, "groups": int(conv.get("groups", 1)),
-                "activation": "identity"})
+                "padding": before, "dilation": dilation, "groups": int(conv.get("groups", 1)),
+                "activation": "identity", **({"padding_after": after} if after != before else {})})
         node.attrs.update(act_min=float("-inf"), act_max=float("inf"))
         self.params[node.name] = FloatParams(weight.detach().clone(), bias)
 
     def pad(self, n: fx.Node, pads, mode: str = "constant", value: float = 0.0) -> None:
         """Zero padding of the tensor (``F.pad``, ``nn.ZeroPad2d``, ``nn.ConstantPad*d`` with 0): folded
-        into the convolution that reads it (the same zeros), where it pads both sides of a dim alike."""
-        pads = _pair(pads, 2 * (len(self.shape(n)) - 1))  # (left, right[, top, bottom]): last dim first
+        into the convolution that reads it (the same zeros), each side of each dim as given."""
+        sides = 2 * (len(self.shape(n)) - 1)
+        pads = list(_pair(pads, sides))  # (left, right[, top, bottom]): last dim first, earlier dims may be left out
+        if len(pads) > sides:
+            self.fail(n, f"padding {tuple(pads)} pads the batch or channel dim")
+        pads += [0] * (sides - len(pads))
         if mode != "constant" or value != 0:
             self.fail(n, f"only zero padding folds into the next convolution (this one: {mode}, {value})")
         users = self._fx_users(n)
         to_conv = all(u.op == "call_module" and isinstance(self.modules[u.target], (nn.Conv1d, nn.Conv2d))
                       or u.target in (F.conv1d, F.conv2d) for u in users)
-        if not users or not to_conv or any(pads[i] != pads[i + 1] for i in range(0, len(pads), 2)):
-            self.fail(n, "zero padding folds into a convolution that reads it, the same on both sides of a dim; "
+        if not users or not to_conv or any(p < 0 for p in pads):
+            self.fail(n, "zero padding folds into a convolution that reads it (no cropping: pads of 0 or more); "
                          "give the padding to the convolution (Conv2d(..., padding=p))")
-        self.pads[n] = tuple(reversed(pads[::2]))  # per spatial dim, first dim first
+        self.pads[n] = (tuple(reversed(pads[::2])), tuple(reversed(pads[1::2])))  # (before, after), first dim first
         self.alias(n, n.args[0])
 
     def functional_weighted(self, n: fx.Node, kind: str) -> None:
@@ -289,19 +294,17 @@ class _Builder:
         except AttributeError:  # a buffer
             return self.traced.get_buffer(arg.target)
 
-    def conv_padding(self, n: fx.Node, padding, kernel: tuple, dilation: tuple) -> tuple[int, ...]:
-        """Zero padding per spatial dim: ints and tuples as given, ``'valid'`` none, ``'same'`` half
-        the dilated kernel on each side (PyTorch pads an even kernel's extra element on the right only:
-        refused, since the kernels pad symmetrically)."""
+    def conv_padding(self, n: fx.Node, padding, kernel: tuple, dilation: tuple) -> tuple[tuple, tuple]:
+        """Zero padding per spatial dim, before and after: ints and tuples as given, ``'valid'`` none,
+        ``'same'`` half the dilated kernel on each side, an even kernel's extra element after (as
+        PyTorch pads it)."""
         if padding == "valid":
-            return (0,) * len(kernel)
+            return (0,) * len(kernel), (0,) * len(kernel)
         if padding == "same":
             total = [d * (k - 1) for k, d in zip(kernel, dilation)]
-            if any(t % 2 for t in total):
-                self.fail(n, f"padding='same' with the even kernel {kernel} pads one side more than the other; "
-                             f"use an odd kernel, or explicit padding (the output is then one larger)")
-            return tuple(t // 2 for t in total)
-        return _pair(padding, len(kernel))
+            return tuple(t // 2 for t in total), tuple(t - t // 2 for t in total)
+        p = _pair(padding, len(kernel))
+        return p, p
 
     def batchnorm(self, n: fx.Node, bn: nn.Module) -> None:
         producer = self.src(n.args[0])

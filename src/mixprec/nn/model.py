@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..execute import TorchKernels, run
+from ..execute import TorchKernels, explicit_padding, run
 from ..graph.functions import table_function
 from ..graph.ir import Graph
 from ..lower import IntGraph, lower
@@ -190,7 +190,8 @@ class QuantModel(nn.Module):
             return F.linear(x, w, b)
         a = node.attrs
         conv = F.conv1d if a["dims"] == 1 else F.conv2d
-        return conv(x, w, b, a["stride"], a["padding"], a["dilation"], a["groups"])
+        x, padding = explicit_padding(x, a)
+        return conv(x, w, b, a["stride"], padding, a["dilation"], a["groups"])
 
     def _fake_quant_step(self, node, args: list[torch.Tensor]) -> torch.Tensor:
         op, a = node.op, node.attrs

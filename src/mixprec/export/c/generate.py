@@ -121,10 +121,11 @@ class _Emitter:
 
     # -- parameters --------------------------------------------------------------------------------
     def requant(self, rq, shape, n_cost: int | None, what: str, out: str | None = None,
-                post_shift=None) -> tuple[str, int]:
+                post_shift=None, out_offset: int = 0) -> tuple[str, int]:
         """A ``mp_rq`` initializer; returns (text, bytes in the weights blob). Power-of-two shifts of a
         per-element grid (``post_shift``) are stored relative to it when that needs fewer entries:
-        the element's storage shift in tensor ``out`` is added back at run time."""
+        the element's storage shift in tensor ``out`` (from its element ``out_offset`` on: one input
+        of a concatenation) is added back at run time."""
         pb = self.t.param_bytes
         rel = "NULL"
         if rq.kind == "pow2" and post_shift is not None:
@@ -161,7 +162,7 @@ class _Emitter:
         else:
             ref = self.wref(self.weights.add(blob))
             counted = len(blob)
-        text = f"{{ {ref}, {ent.div}u, {kind}, {widths[0]}, {widths[1]}, {widths[2]}, {rel} }}"
+        text = f"{{ {ref}, {ent.div}u, {kind}, {widths[0]}, {widths[1]}, {widths[2]}, {rel}, {out_offset}u }}"
         return text, counted
 
     def clamp(self, grid, shape) -> str:
@@ -477,7 +478,7 @@ def _concat(e: _Emitter, node, desc: str) -> int:
     for i, src in enumerate(node.inputs):
         shape = tuple(e.ig[src].out_shape)
         n_cost = max(L.act_scales(e.graph, e.a, src), concat_out_scales(e.graph[node.name], n_out, i))
-        rq, c = e.requant(p[f"requant_{i}"], shape, n_cost, node.name)
+        rq, c = e.requant(p[f"requant_{i}"], shape, n_cost, node.name, node.name, p.get(f"post_shift_{i}"), start)
         counted += c
         grid = replace(node.grid, lo=p[f"lo_{i}"], hi=p[f"hi_{i}"])
         numel = int(np.prod(shape))

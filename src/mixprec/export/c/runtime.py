@@ -72,6 +72,7 @@ typedef struct {
     uint32_t div;
     uint8_t kind, mb, sb, zb;
     const mp_act *rel;
+    uint32_t rel_off;     /* rel's element = rel_off + element (one input of a concatenation) */
 } mp_rq;
 
 /* Output clamp [lo, hi]: constants, or a table of (lo, hi) int32 LE pairs, entry = element / div. */
@@ -304,7 +305,7 @@ static inline int64_t mp_requant(const mp_rq *r, uint32_t e, int32_t acc) {
     if (r->rel) {
         uint32_t bit;
         unsigned w, s;
-        mp_locate(r->rel, e, &bit, &w, &s);
+        mp_locate(r->rel, r->rel_off + e, &bit, &w, &s);
         shift += (int32_t)s;
     }
     if (r->kind == MP_TFLM) return mp_mbqm(acc, mp_rd(p, r->mb), shift);
