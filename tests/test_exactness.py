@@ -218,6 +218,11 @@ BUILDERS = {
     "avgpool1d-overlapping": lambda: (nn.Sequential(nn.Conv1d(2, 3, 3), nn.AvgPool1d(3, 1)), SIG),
     "avgpool2d": lambda: (nn.Sequential(nn.Conv2d(2, 3, 2), nn.AvgPool2d(2)), IMG),
     "avgpool2d-strided": lambda: (nn.Sequential(nn.Conv2d(2, 3, 1), nn.AvgPool2d(3, 2)), IMG),
+    "avgpool2d-padded": lambda: (nn.Sequential(nn.Conv2d(2, 3, 1), nn.AvgPool2d(3, 2, padding=1)), IMG),
+    "avgpool1d-padded-excluded": lambda: (nn.Sequential(nn.Conv1d(2, 3, 1), nn.AvgPool1d(3, 1, padding=1,
+                                                                                         count_include_pad=False)), SIG),
+    "avgpool2d-padded-excluded": lambda: (nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), nn.AvgPool2d(
+        3, 2, padding=1, count_include_pad=False)), IMG),
     "adaptive-global": lambda: (nn.Sequential(nn.Conv2d(2, 3, 2), nn.AdaptiveAvgPool2d(1)), IMG),
     "adaptive-dividing": lambda: (nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU(), nn.AdaptiveAvgPool2d((1, 5))), IMG),
     "adaptive1d": lambda: (nn.Sequential(nn.Conv1d(2, 3, 3), nn.AdaptiveAvgPool1d(7)), SIG),

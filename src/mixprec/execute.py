@@ -199,9 +199,11 @@ class TorchKernels:
     @staticmethod
     def sumpool(x, attrs) -> torch.Tensor:
         if attrs["dims"] == 1:
-            y = F.avg_pool1d(x.double(), attrs["kernel_size"], attrs["stride"], 0) * attrs["kernel_size"][0]
+            y = F.avg_pool1d(x.double(), attrs["kernel_size"], attrs["stride"], attrs["padding"],
+                             count_include_pad=True) * attrs["kernel_size"][0]
         else:
-            y = F.avg_pool2d(x.double(), attrs["kernel_size"], attrs["stride"], 0, divisor_override=1)
+            y = F.avg_pool2d(x.double(), attrs["kernel_size"], attrs["stride"], attrs["padding"],
+                             count_include_pad=True, divisor_override=1)
         return y.round().to(torch.int64)
 
     @staticmethod
@@ -256,7 +258,7 @@ def step(node: IntNode, args: list, k) -> object:
     if op == "maxpool":
         return k.maxpool(args[0], node.attrs)
     if op == "avgpool":
-        return div_round_away(k.sumpool(args[0], node.attrs), int(np.prod(node.attrs["kernel_size"])))
+        return div_round_away(k.sumpool(args[0], node.attrs), p["divisor"])
     if op == "flatten":
         return k.flatten(args[0])
     raise ValueError(f"integer graph has unknown op {op!r} in node {node.name!r}")

@@ -156,6 +156,18 @@ def lower_add(s_a: float, s_b: float, grid: OutputGrid, kind: str, max_in_bits: 
             "requant": make_requant(s_acc / grid.elem_scale, kind)}
 
 
+def pool_divisor(attrs: dict, in_shape: tuple[int, ...]) -> np.ndarray:
+    """What an average pooling divides each window's integer sum by: the kernel size, or (padding
+    not counted) the number of the window's elements inside the input, per output position."""
+    n = int(np.prod(attrs["kernel_size"]))
+    if attrs.get("count_include_pad", True) or not any(attrs["padding"]):
+        return np.array(n, dtype=np.int64)
+    from .execute import NumpyKernels  # the reference's own windows count them
+
+    ones = np.ones((1, 1) + tuple(in_shape[1:]), dtype=np.int64)
+    return NumpyKernels.sumpool(ones, attrs)[0]
+
+
 def channel_slice(a, start: int, stop: int) -> np.ndarray:
     """Channels ``start:stop`` (dim 0) of an array that broadcasts against a tensor (a constant
     dim 0 broadcasts to every slice)."""
@@ -274,6 +286,8 @@ def lower(graph: Graph, weights: dict, weight_qparams: dict, act_qparams: dict, 
             params = lower_add(src_grid[0].scale, src_grid[1].scale, grid, kind, max_bits)
         elif node.op == "concat":
             params = lower_concat([g.scale for g in src_grid], [s[0] for s in node.in_shapes], grid, kind)
+        elif node.op == "avgpool":
+            params = {"divisor": pool_divisor(node.attrs, graph[node.inputs[0]].out_shape)}
         elif node.op == "mul":  # the product of two codes is on the grid s_a * s_b
             params = {"requant": make_requant(src_grid[0].scale * src_grid[1].scale / grid.elem_scale, kind)}
         elif node.op == "table":

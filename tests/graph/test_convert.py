@@ -608,7 +608,7 @@ UNSUPPORTED = {
     "bn-after-relu": (nn.Sequential(conv(), nn.ReLU(), nn.BatchNorm2d(2)), IMG, "2"),
     "bn-after-pool": (nn.Sequential(conv(), nn.MaxPool2d(2), nn.BatchNorm2d(2)), IMG, "2"),
     "bn-shared-conv": (Fn(lambda m, x: (lambda y: m.bn(y) + y)(m.c(x)), c=conv(), bn=nn.BatchNorm2d(2)), IMG, "bn"),
-    "avgpool-padding": (nn.Sequential(nn.AvgPool2d(3, 1, padding=1)), IMG, "0"),
+    "avgpool-divisor": (nn.Sequential(nn.AvgPool2d(3, 1, padding=1, divisor_override=2)), IMG, "0"),
     "adaptive-nondividing": (nn.Sequential(nn.AdaptiveAvgPool2d(3)), IMG, "0"),
     "adaptive-1d-nondividing": (nn.Sequential(nn.AdaptiveAvgPool1d(4)), (2, 6), "0"),
     "maxpool-ceil": (nn.Sequential(nn.MaxPool2d(3, 2, ceil_mode=True)), IMG, "0"),

@@ -354,6 +354,8 @@ def _plan(ig: IntGraph):
             a = node.attrs
             if a["dims"] != 2:
                 raise ExportError(f"node {node.name!r}: only 2-D pooling is exported to hls4ml")
+            if any(a["padding"]):
+                raise ExportError(f"node {node.name!r}: average pooling with padding is not exported to hls4ml")
             t = carry(node, tensors[node.inputs[0]], relu=tensors[node.inputs[0]].lo >= 0)
             n = int(np.prod(a["kernel_size"]))
             extra = int(math.ceil(math.log2(n))) + 2

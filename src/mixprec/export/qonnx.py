@@ -443,9 +443,10 @@ class _Program(nn.Module):
                 if p["global"]:
                     s = x_in.to(torch.int64).sum(dim=tuple(range(2, x_in.dim())), keepdim=True)
                 else:
-                    pool = F.avg_pool1d if a["dims"] == 1 else F.avg_pool2d
-                    s = torch.round(pool(x_in, a["kernel_size"], a["stride"]) * float(p["n"])).to(torch.int64)
-                q = div_round_away_op(s, self.b(name, "n"))
+                    pool = F.avg_pool1d if a["dims"] == 1 else F.avg_pool2d  # padding counted: the sum is mean * n
+                    s = torch.round(pool(x_in, a["kernel_size"], a["stride"], a["padding"], count_include_pad=True)
+                                    * float(p["n"])).to(torch.int64)
+                q = div_round_away_op(s, self.b(name, "divisor"))
                 env[name] = quant_op(q.to(torch.float32), self.one, self.zero, self.b(name, "qbits"),
                                      int(p["signed"]), 0)
             elif op == "flatten":
@@ -588,7 +589,7 @@ def plan_program(inp: ExportInput) -> _Plan:
                 raise ExportError(f"node {node.name!r}: window sums can reach {n * x_bound} >= 2**20; AveragePool "
                                   f"computes a float32 mean that would not round back to the exact sum")
             bits, signed = plan.bits[node.inputs[0]]
-            buf["n"] = _i64(n)
+            buf["divisor"] = _i64(_batched(node.params["divisor"]))
             buf["qbits"] = torch.tensor(float(bits))
             p["signed"] = signed
             plan.max_abs[node.name] = x_bound

@@ -29,8 +29,8 @@ log = logging.getLogger(__name__)
 
 SUPPORTED = (
     "Conv1d, Conv2d (grouped, depthwise; zero padding as ints, tuples, 'valid' or 'same'), Linear, "
-    "BatchNorm1d/2d (after a conv or linear), ReLU, ReLU6, Hardtanh (modules, functions, in place), Identity, Dropout, MaxPool1d/2d, AvgPool1d/2d (no padding), "
-    "AdaptiveAvgPool1d/2d (output size dividing the input), and their F.* forms (F.conv1d/conv2d/linear "
+    "BatchNorm1d/2d (after a conv or linear), ReLU, ReLU6, Hardtanh (modules, functions, in place), "
+    "Identity, Dropout, MaxPool1d/2d, AvgPool1d/2d (padding counted or not), AdaptiveAvgPool1d/2d (output size dividing the input), and their F.* forms (F.conv1d/conv2d/linear "
     "with the model's parameters); Flatten, "
     "torch.flatten(x, 1), x.view(x.size(0), -1), reshape / squeeze to (batch, features); "
     "x.mean((2, 3)) as global average pooling; residual add (a + b, torch.add, +=); torch.cat along "
@@ -362,11 +362,12 @@ class _Builder:
             if _pair(a.get("dilation", 1), dims) != (1,) * dims:
                 self.fail(n, "dilated max pooling is not supported")
         else:
-            if any(padding):
-                self.fail(n, "average pooling with padding is not supported (integer kernels exclude padding)")
             if a.get("divisor_override") is not None:
                 self.fail(n, "divisor_override is not supported")
-        self.add(n, kind, [src], attrs={"dims": dims, "kernel_size": kernel, "stride": stride, "padding": padding})
+        attrs = {"dims": dims, "kernel_size": kernel, "stride": stride, "padding": padding}
+        if kind == "avgpool" and any(padding) and not a.get("count_include_pad", True):
+            attrs["count_include_pad"] = False  # the mean of the window's elements inside the input
+        self.add(n, kind, [src], attrs=attrs)
 
     def global_mean(self, n: fx.Node) -> None:
         """``x.mean((2, 3))`` (``keepdim`` either way) over every spatial dim: global average pooling,

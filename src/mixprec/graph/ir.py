@@ -45,7 +45,8 @@ class Node:
       table:   function (a name of graph.functions), its parameters (negative_slope, approximate,
                alpha), activation, act_min, act_max   (an elementwise function as a lookup table)
       act:     activation, act_min, act_max   (a standalone activation that could not be fused)
-      maxpool/avgpool: kernel_size, stride, padding (tuples), dims
+      maxpool/avgpool: kernel_size, stride, padding (tuples), dims; avgpool: count_include_pad (False:
+               divide by the window's elements inside the input; absent: by the kernel size, as PyTorch)
       flatten: nothing
       input:   nothing
     """

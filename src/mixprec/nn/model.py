@@ -203,7 +203,9 @@ class QuantModel(nn.Module):
         if op == "avgpool":
             fn = F.avg_pool1d if a["dims"] == 1 else F.avg_pool2d
             scale = self.act_quantizer(node.inputs[0]).qparams().scale.amin().detach()
-            return round_ste(fn(args[0], a["kernel_size"], a["stride"]) / scale) * scale  # stays on its grid
+            mean = fn(args[0], a["kernel_size"], a["stride"], a["padding"],
+                      count_include_pad=a.get("count_include_pad", True))
+            return round_ste(mean / scale) * scale  # stays on its grid
         if op == "flatten":
             return torch.flatten(args[0], 1)
         if op in ("conv", "linear"):

@@ -433,8 +433,9 @@ def _pool(e: _Emitter, node) -> str:
     (kh, kw), (sh, sw), (ph, pw) = _hw(a["kernel_size"]), _hw(a["stride"]), _hw(a["padding"])
     if a["dims"] == 1:
         sh, ph = 1, 0
+    exclude = int(not a.get("count_include_pad", True))
     return (f"{{ {e.act_ref(node.inputs[0])}, {e.act_ref(node.name)}, {c}u, {hin}u, {win}u, {hout}u, {wout}u, "
-            f"{kh}u, {kw}u, {sh}u, {sw}u, {ph}u, {pw}u }}")
+            f"{kh}u, {kw}u, {sh}u, {sw}u, {ph}u, {pw}u, {exclude} }}")
 
 
 def _add(e: _Emitter, node, shape) -> tuple[str, int]:

@@ -96,6 +96,7 @@ typedef struct {
 typedef struct {
     const mp_act *in, *out;
     uint32_t c, hin, win, hout, wout, kh, kw, sh, sw, ph, pw;
+    uint8_t exclude_pad;  /* average: divide by the window's elements inside the input, not kh * kw */
 } mp_pool;
 
 typedef struct {
@@ -391,7 +392,7 @@ static inline void mp_pool_run(const mp_pool *p, int is_max) {
     for (ch = 0; ch < p->c; ++ch) {
         for (oy = 0; oy < p->hout; ++oy) {
             for (ox = 0; ox < p->wout; ++ox) {
-                int32_t acc = is_max ? INT32_MIN : 0;
+                int32_t acc = is_max ? INT32_MIN : 0, inside = 0;
                 const uint32_t e = (ch * p->hout + oy) * p->wout + ox;
                 for (ky = 0; ky < p->kh; ++ky) {
                     const int32_t iy = (int32_t)(oy * p->sh + ky) - (int32_t)p->ph;
@@ -403,9 +404,10 @@ static inline void mp_pool_run(const mp_pool *p, int is_max) {
                         v = mp_ld(p->in, (ch * p->hin + (uint32_t)iy) * p->win + (uint32_t)ix);
                         if (is_max) acc = v > acc ? v : acc;
                         else acc += v;
+                        ++inside;
                     }
                 }
-                mp_st_val(p->out, e, is_max ? acc : mp_div_round_away(acc, n));
+                mp_st_val(p->out, e, is_max ? acc : mp_div_round_away(acc, p->exclude_pad ? inside : n));
             }
         }
     }
