@@ -153,3 +153,19 @@ def test_rl_flags_are_its_options_and_other_methods_refuse_them(tmp_path, monkey
     both = runner.invoke(app, common + ["--method", "rl", "--workers", "2", "-o", "workers=3"])
     assert both.exit_code == 2 and "both given" in both.output
     assert len(seen) == 1 and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("model, method", [("tests.graph.user_models:ShuffleUnit", "dnas"),
+                                           ("tests.graph.user_models:MobileNetV3SE", "hgq")])
+def test_search_takes_a_users_model_with_concat_slices_tables_and_products(tmp_path, model, method):
+    """``--model module:Class`` of model code as written (channel split and concat, searched with
+    pruning; Hardswish and a Hardsigmoid gate multiplying the features, with learned bits), exported
+    to C."""
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["search", "--model", model, "--data", "digits", "--target", "cortex-m4", "--method", method,
+                              "--flash", "8KiB", "--float-epochs", "8", "--qat-epochs", "1", "--budget-epochs", "1",
+                              "--quiet", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "result.json").read_text())["reference_mismatches"] == 0
+    res = runner.invoke(app, ["export", str(out), "--format", "c", "--quiet"])
+    assert res.exit_code == 0, res.output
