@@ -419,7 +419,7 @@ def test_annealed_controller_target_falls_from_the_start_cost():
     t = relaxed(load_target("cortex-m4"))
     qm = quantize(_tiny(), "cortex-m4", (1, 8, 8), bits=8)
     qm.calibrate([torch.randn(8, 1, 8, 8)])
-    opts = HGQOptions(beta=1.0, penalty_every=1, gain=0.5, anneal=0.5)
+    opts = HGQOptions(beta=1.0, penalty_every=1, gain=0.5, anneal="0.5")
     c = BetaPenalty(opts, "flash_bytes", "controller", 1.0, target=1.0, total_steps=100, target_model=t)
     c.extra_loss(qm)  # first measurement: the target starts there, so beta hardly moves yet
     start = c.start_cost
@@ -431,12 +431,19 @@ def test_annealed_controller_target_falls_from_the_start_cost():
     resumed = BetaPenalty(opts, "flash_bytes", "controller", 1.0, target=1.0, total_steps=100, target_model=t)
     resumed.load_state_dict(c.state_dict())
     assert resumed.start_cost == start and resumed.current_target() == pytest.approx(1.0)
-    plain = BetaPenalty(HGQOptions(beta=1.0, penalty_every=1, gain=0.5), "flash_bytes", "controller", 1.0,
+    plain = BetaPenalty(HGQOptions(beta=1.0, penalty_every=1, gain=0.5, anneal="0"), "flash_bytes", "controller", 1.0,
                         target=1.0, total_steps=100, target_model=t)
     plain.extra_loss(qm)
     assert plain.current_target() == 1.0 and plain.beta == pytest.approx(math.exp(0.5))
-    with pytest.raises(ValueError, match="anneal"):
-        HGQOptions(anneal=1.5)
+    for ratio, annealed in ((10.0, False), (2000.0, True)):  # auto: only a target 1000x below the start
+        auto = BetaPenalty(HGQOptions(beta=1.0, penalty_every=1), "flash_bytes", "controller", 1.0,
+                           target=start / ratio, total_steps=100, target_model=t)
+        auto.extra_loss(qm)
+        auto.calls = 25
+        assert (auto.current_target() > start / ratio) == annealed and auto.anneal() == (0.5 if annealed else 0.0)
+    for bad in ("1.5", "half"):
+        with pytest.raises(ValueError, match="anneal"):
+            HGQOptions(anneal=bad)
 
 
 def test_hgq_keeps_one_group_of_every_layer_alive():
