@@ -30,15 +30,16 @@ log = logging.getLogger(__name__)
 SUPPORTED = (
     "Conv1d, Conv2d (grouped, depthwise; zero padding as ints, tuples, 'valid' or 'same'), Linear, "
     "BatchNorm1d/2d (after a conv or linear), ReLU, ReLU6, Hardtanh (modules, functions, in place), "
-    "Identity, Dropout, MaxPool1d/2d, AvgPool1d/2d (padding counted or not), AdaptiveAvgPool1d/2d (output size dividing the input), and their F.* forms (F.conv1d/conv2d/linear "
-    "with the model's parameters); Flatten, "
-    "torch.flatten(x, 1), x.view(x.size(0), -1), reshape / squeeze to (batch, features); "
-    "x.mean((2, 3)) as global average pooling; residual add (a + b, torch.add, +=); torch.cat along "
-    "channels (dim=1); channel slices (x[:, a:b], torch.split, torch.chunk along dim 1); products of two tensors of one shape, or of a tensor and a per-channel vector "
-    "(squeeze-and-excitation: x * s.view(b, c, 1, 1)); LeakyReLU, Sigmoid, Tanh, Hardswish, Hardsigmoid, SiLU, GELU, ELU (modules and "
-    "functions, as 256-entry lookup tables on 8-bit codes); zero padding "
-    "(F.pad, nn.ZeroPad2d, nn.ConstantPad*d with 0) folded into the convolution reading it; a softmax "
-    "or log_softmax at the output (left out: the deployed model returns the logits)"
+    "Identity, Dropout, MaxPool1d/2d, AvgPool1d/2d (padding counted or not), AdaptiveAvgPool1d/2d "
+    "(output size dividing the input), and their F.* forms (F.conv1d/conv2d/linear with the model's "
+    "parameters); Flatten, torch.flatten(x, 1), x.view(x.size(0), -1), reshape / squeeze to (batch, "
+    "features); x.mean((2, 3)) as global average pooling; residual add (a + b, torch.add, +=); "
+    "torch.cat along channels (dim=1); channel slices (x[:, a:b], torch.split, torch.chunk along dim 1); "
+    "products of two tensors of one shape, or of a tensor and a per-channel vector (squeeze-and-excitation: "
+    "x * s.view(b, c, 1, 1)); LeakyReLU, Sigmoid, Tanh, Hardswish, Hardsigmoid, SiLU, GELU, ELU (modules "
+    "and functions, as 256-entry lookup tables on 8-bit codes); zero padding (F.pad, nn.ZeroPad2d, "
+    "nn.ConstantPad*d with 0) folded into the convolution reading it; a softmax or log_softmax at the "
+    "output (left out: the deployed model returns the logits)"
 )
 
 _ACTIVATION_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardtanh: "hardtanh"}
@@ -453,22 +454,14 @@ class _Builder:
     def split(self, n: fx.Node) -> None:
         """``torch.split(x, size or sizes, dim=1)``, ``torch.chunk(x, n, dim=1)``: the channel range of each
         part, which the ``x_parts[i]`` reading it turns into a slice node."""
-        a = _bound(n, ("split_size_or_sections", "dim") if "split" in _callable_name(n.target) and
-                   "tensor" not in _callable_name(n.target) else ("chunks", "dim"))
+        dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)  # the third argument of all three
         shape = self.shape(n.args[0])
-        if int(a.get("dim", 0)) % (len(shape) + 1) != 1:
+        if int(dim) % (len(shape) + 1) != 1:
             self.fail(n, "only splitting along the channel dim (dim=1) is supported")
-        channels = shape[0]
-        parts = [tuple(t.shape[1:]) for t in n.meta["tensor_meta"]] if isinstance(n.meta.get("tensor_meta"), (list, tuple)) \
-            else None
-        if parts is None:
-            self.fail(n, "the parts' shapes are unknown")
         bounds, start = [], 0
-        for p_shape in parts:
-            bounds.append((start, start + p_shape[0]))
-            start += p_shape[0]
-        if start != channels:
-            self.fail(n, f"the parts cover {start} of {channels} channels")
+        for part in n.meta["tensor_meta"]:  # shape propagation recorded each part
+            bounds.append((start, start + part.shape[1]))
+            start += part.shape[1]
         self.splits[n] = bounds
         self.name_of[n] = self.src(n.args[0])  # the parts read its tensor
 
