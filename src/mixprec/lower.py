@@ -162,10 +162,12 @@ def pool_divisor(attrs: dict, in_shape: tuple[int, ...]) -> np.ndarray:
     n = int(np.prod(attrs["kernel_size"]))
     if attrs.get("count_include_pad", True) or not any(attrs["padding"]):
         return np.array(n, dtype=np.int64)
-    from .execute import NumpyKernels  # the reference's own windows count them
-
-    ones = np.ones((1, 1) + tuple(in_shape[1:]), dtype=np.int64)
-    return NumpyKernels.sumpool(ones, attrs)[0]
+    count = np.ones((), dtype=np.int64)
+    for size, k, s, p in zip(in_shape[1:], attrs["kernel_size"], attrs["stride"], attrs["padding"]):
+        first = np.arange((size + 2 * p - k) // s + 1) * s - p  # each window's first index along this dim
+        inside = np.minimum(first + k, size) - np.maximum(first, 0)  # a window never lies wholly in padding
+        count = np.multiply.outer(count, inside)
+    return count[None]
 
 
 def channel_slice(a, start: int, stop: int) -> np.ndarray:
