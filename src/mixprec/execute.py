@@ -258,7 +258,8 @@ def step(node: IntNode, args: list, k) -> object:
     if op == "maxpool":
         return k.maxpool(args[0], node.attrs)
     if op == "avgpool":
-        return div_round_away(k.sumpool(args[0], node.attrs), p["divisor"])
+        # integer programs saved before padded pooling hold no divisor: the kernel size then
+        return div_round_away(k.sumpool(args[0], node.attrs), p.get("divisor", int(np.prod(node.attrs["kernel_size"]))))
     if op == "flatten":
         return k.flatten(args[0])
     raise ValueError(f"integer graph has unknown op {op!r} in node {node.name!r}")

@@ -589,7 +589,7 @@ def plan_program(inp: ExportInput) -> _Plan:
                 raise ExportError(f"node {node.name!r}: window sums can reach {n * x_bound} >= 2**20; AveragePool "
                                   f"computes a float32 mean that would not round back to the exact sum")
             bits, signed = plan.bits[node.inputs[0]]
-            buf["divisor"] = _i64(_batched(node.params["divisor"]))
+            buf["divisor"] = _i64(_batched(node.params.get("divisor", n)))
             buf["qbits"] = torch.tensor(float(bits))
             p["signed"] = signed
             plan.max_abs[node.name] = x_bound
