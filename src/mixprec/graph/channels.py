@@ -73,6 +73,7 @@ class ChannelMap:
     groups: list[tuple[str, ...]]  # producers of each tie group, in execution order
     block: dict[str, int]  # tensor -> dim-0 entries per channel of its tie group (flatten: prod(S))
     pinned: frozenset = frozenset()  # tie groups a concat reads: every channel stays alive
+    always_live: frozenset = frozenset()  # producers without weights (input, concat, ...): every channel live
 
     def producers(self, name: str) -> tuple[str, ...]:
         """The producers tied to tensor ``name`` (``name`` itself where it is a producer)."""
@@ -120,7 +121,7 @@ class ChannelMap:
         return _any(others) if others else torch.zeros_like(live[layer])
 
     def _live_at(self, node: Node, live: dict, keep: dict) -> torch.Tensor:
-        if node.op == "input" or (produces_channels(node) and not node.has_weights):
+        if node.name in self.always_live:  # decided once in channel_map: live() runs every search step
             return torch.ones(node.out_channels, dtype=torch.float64)
         ins = [live[i] for i in node.inputs]
         if node.op in WEIGHTED_OPS:
@@ -170,7 +171,9 @@ def channel_map(graph: Graph) -> ChannelMap:
         if produces_channels(node):
             groups[ids[r]].append(node.name)
     pinned = frozenset(ids[root(i)] for n in graph if pins_inputs(n) for i in n.inputs)
-    return ChannelMap(graph, {n.name: ids[root(n.name)] for n in graph}, [tuple(g) for g in groups], block, pinned)
+    always_live = frozenset(n.name for n in graph if produces_channels(n) and not n.has_weights)
+    return ChannelMap(graph, {n.name: ids[root(n.name)] for n in graph}, [tuple(g) for g in groups], block, pinned,
+                      always_live)
 
 
 def _any(probs: list[torch.Tensor]) -> torch.Tensor:
