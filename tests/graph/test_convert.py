@@ -248,6 +248,12 @@ def test_channel_slices(part, bounds):
     assert node.out_shape == (bounds[1] - bounds[0], 4, 4)
 
 
+def test_the_parts_of_a_split_are_named_after_it():
+    g = trace(Fn(lambda m, x: torch.cat([m.c(x).chunk(3, dim=1)[2], m.c(x).chunk(3, dim=1)[2]], 1),
+                 c=nn.Conv2d(2, 3, 1)), IMG)[0]
+    assert [n.name for n in g if n.op == "slice"] == ["chunk.2", "chunk.2_1"]  # two chunk calls: distinct names
+
+
 def test_a_slice_of_every_channel_is_an_alias():
     g = trace(Fn(lambda m, x: m.c(x)[:, :], c=nn.Conv2d(2, 3, 1)), IMG)[0]
     assert [n.op for n in g] == ["input", "conv"]

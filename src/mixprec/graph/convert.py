@@ -139,9 +139,12 @@ def user_name(n: fx.Node) -> str:
     """What the user calls fx node ``n``: the module path of a module call (or of an attribute),
     ``input`` for the model's input, else the path of the module whose ``forward`` calls the
     function or method, dot, the operation fx names it after (``layer1.0.add``, or ``add`` in the
-    model's own ``forward``). Not unique: a module called twice, or two sums in one ``forward``."""
+    model's own ``forward``); part ``i`` of a ``split`` / ``chunk``, that call's name, dot, ``i``
+    (``chunk.1``). Not unique: a module called twice, or two sums in one ``forward``."""
     if n.op == "placeholder":
         return "input"
+    if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0].target in _SPLIT_TARGETS:
+        return f"{user_name(n.args[0])}.{n.args[1]}"
     if n.op in ("call_module", "get_attr"):
         return str(n.target)
     if n.op == "output":
