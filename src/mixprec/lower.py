@@ -201,7 +201,8 @@ def lower_table(node, src: OutputGrid, grid: OutputGrid) -> dict:
     """The lookup tables of a ``table`` node: for each group of elements that share their input and
     output grids (the fewest equal row-major blocks: one per tensor, slice, channel or element),
     ``f(k * s_in)`` rounded onto the output grid and clamped, for every input code ``k``
-    from ``base`` (-128 or 0) on. ``offset`` (per element) points at its group's table; ``in_shift``
+    from ``base`` (-128 or 0) on. ``offset`` (per element) points at its group's table (``offset //
+    256`` is the group, as ``-base`` < 256); ``in_shift``
     and the output's post-shift move between codes and the tensors' common grids."""
     shape = tuple(node.out_shape)
     for g, side in ((src, "input"), (grid, "output")):
@@ -222,7 +223,7 @@ def lower_table(node, src: OutputGrid, grid: OutputGrid) -> dict:
     tables = [np.clip(np.round(f(codes * s_in).numpy() / s_out), lo, hi) for s_in, s_out, lo, hi in first]
     offset = (np.arange(groups, dtype=np.int64) * TABLE_ENTRIES).repeat(per).reshape(shape) - base
     in_shift = None if src.post_shift is None else np.broadcast_to(src.post_shift, shape)
-    return {"table": np.concatenate(tables).astype(np.int64), "offset": _compact(offset),
+    return {"table": np.concatenate(tables).astype(np.int64), "offset": _compact(offset), "base": base,
             **({} if in_shift is None else {"in_shift": _compact(in_shift)})}
 
 

@@ -504,13 +504,12 @@ def _table(e: _Emitter, node) -> tuple[str, int]:
         raise ExportError(f"layer {node.name!r}: its input is stored on other grids than the ones its lookup table "
                           f"reads (an average pooling of a per-channel fixed-point grid); QONNX exports it")
     count = table_count(e.graph, e.a, node.name)
-    base = -(TABLE_BYTES // 2) if e.ig[e.graph.grid_source(node.inputs[0])].grid.signed else 0
-    first = np.broadcast_to(p["offset"], node.out_shape).reshape(-1)[:: numel // count] + base  # each group's table
-    rows = np.asarray(p["table"], dtype=np.int64).reshape(-1, TABLE_BYTES)[first // TABLE_BYTES]
+    group = np.broadcast_to(p["offset"], node.out_shape).reshape(-1)[:: numel // count] // TABLE_BYTES
+    rows = np.asarray(p["table"], dtype=np.int64).reshape(-1, TABLE_BYTES)[group]
     blob = (rows.astype(np.int8) if node.grid.signed else rows.astype(np.uint8)).tobytes()
     e.params += len(blob)
     text = (f"{{ {e.act_ref(node.inputs[0])}, {e.act_ref(node.name)}, {numel}u, {0 if count == 1 else numel // count}u, "
-            f"{e.wref(e.weights.add(blob))}, {base}, {int(node.grid.signed)} }}")
+            f"{e.wref(e.weights.add(blob))}, {int(p['base'])}, {int(node.grid.signed)} }}")
     return text, len(blob)
 
 
