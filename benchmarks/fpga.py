@@ -208,7 +208,9 @@ def table(tasks: list[str], runs: Path) -> None:
               "EBOPs (HGQ2's own) | within level | command |", "|---|---|---|---|---|---|---|---|---|---|"]
     about = (f"`{TARGET}`. `hgq`: our HGQ under the level as a budget (per-element weights and activations, the "
              "input's bits learned per feature), the model as deployed (integer-exact test accuracy, EBOPs of the "
-             "exported weights; its controller lands the budget from under it: 'of the level' is the share used); `hgq front`: one `-o schedule=front` run, its Pareto member with the best "
+             "exported weights; its controller lands the budget from under it and the budget step's fill raises widths "
+             "into what it left where the validation loss falls, by default since commit 36c68f1 (rows whose command "
+             "says `--no-fill` are from before): 'of the level' is the share used); `hgq front`: one `-o schedule=front` run, its Pareto member with the best "
              "validation accuracy within the level (each member a run of its own, budget step and fine-tune "
              "applied); `HGQ2`: HGQ2 0.2 (Keras 3, torch backend) with its defaults, beta ramped over its run, its "
              "epoch with the best validation accuracy within the level by its own EBOPs. 'ours' counts each "

@@ -80,8 +80,8 @@ def plan(preset: dict, budget_text: str, methods, headroom: float) -> list[dict]
         elif m == "dnas":  # channel-wise with pruning: from the full width, it narrows the model itself
             w = family.widths[0]
             extra = dict(method="dnas")
-        elif m == "dnas-keep":  # channel-wise without pruning: where the full width fits at 2 bits
-            w = family.widths[0] if widest_at(2) == family.widths[0] else None
+        elif m == "dnas-keep":  # channel-wise without pruning: the full width where it fits at 2 bits, else hgq's
+            w = family.widths[0] if widest_at(2) == family.widths[0] else widest_at(2, headroom)
             extra = dict(method="dnas", options={"prune": "false"})
         elif m.endswith("-u4"):
             w = widest_at(4)
@@ -230,7 +230,7 @@ def tables(args) -> None:
                   "channel-wise DNAS (a width per output channel among 0/2/4/8 bits, 0 = the channel removed from "
                   "the exported layer) from the full-width float model, then the budget step and fine-tune as hgq/dq; "
                   "'model width' is where it started. `dnas-keep`: the same without pruning ({2, 4, 8} bits per "
-                  "channel, `-o prune=false`), at the budgets where the full width fits at 2 bits. Runs of "
+                  "channel, `-o prune=false`), from the full width where it fits at 2 bits, else from hgq/dq's width. Runs of "
                   "one width share one float model; 'float test acc' is that model's, scored from its checkpoint, "
                   "so a row's loss to quantization is the difference of its two accuracies (between widths, float training noise "
                   "of a single seed is about 0.1 points on MNIST). Accuracy on the full test set with the "
@@ -249,7 +249,10 @@ def tables(args) -> None:
                   "a layer whose channels have different widths (a byte per output channel), which the budget step "
                   "now meets too; hgq/dq rows kept from before count the weights section only and would carry at "
                   "most one byte per output channel more (LeNet-5 widths 0.28-0.78: 74-187 B; ResNet-8 widths "
-                  "9/11/13/full: 199/241/283/346 B), so those at the budget's last bytes are over it on this count.",
+                  "9/11/13/full: 199/241/283/346 B), so those at the budget's last bytes are over it on this count. "
+                  "Since the budget step's fill (after commit 36c68f1) hgq, dq and dnas by default raise widths "
+                  "into budget the method left unused where the validation loss falls; rows whose command says "
+                  "`--no-fill` were measured before it, and that flag reproduces them.",
                   "python benchmarks/learned.py", header + merge_rows(ACC_TITLE, acc_rows, 3, order))
 
 

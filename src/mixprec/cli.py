@@ -180,6 +180,10 @@ def search(model: str = typer.Option(..., help="registered model name or package
            latency_cycles: Optional[str] = typer.Option(None, "--latency-cycles", help="latency budget in cycles"),
            float_epochs: int = typer.Option(15), qat_epochs: int = typer.Option(10),
            budget_epochs: int = typer.Option(1, help="fine-tune epochs after the budget step, when it changes bits"),
+           budget_fill: Optional[bool] = typer.Option(None, "--fill/--no-fill",
+                                                      help="after the method, raise widths into budget it left unused "
+                                                           "where the validation loss falls (default: the method's "
+                                                           "choice: on for hgq, dq and dnas)"),
            lr: float = typer.Option(3e-3), qat_lr: float = typer.Option(5e-4), batch_size: int = typer.Option(32),
            optimizer: str = typer.Option("adam", help="adam, adamw or sgd"),
            weight_decay: float = typer.Option(0.0),

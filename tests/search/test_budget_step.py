@@ -299,3 +299,91 @@ def test_search_run_applies_the_step_and_records_it(tmp_path, monkeypatch, digit
     assert saved["after"] == step["after"] and "budget step (" in (tmp_path / "r" / "report.md").read_text()
     _, qm, _ = load_run(tmp_path / "r")  # mixed widths reload
     assert mixprec.cost_report(qm, "cortex-m4").totals["flash_bytes"] == step["after"]["flash_bytes"]
+
+
+def _trained_residual():
+    """``_Residual`` with the float model's own labels, quantized at 2 bits per tensor: every
+    layer loses to its 2-bit grid, so wider widths lower the loss."""
+    torch.manual_seed(0)
+    model = _Residual()
+    x = torch.randn(768, 64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    qm = mixprec.quantize(model, "cortex-m4", (64,), bits=2, act_bits=8, weight_granularity="per-tensor")
+    qm.calibrate([x[:256]])
+    return qm, x[256:], y[256:]
+
+
+@pytest.mark.parametrize("solver", ["milp", "greedy"])
+def test_fill_raises_widths_into_unused_budget_where_the_loss_falls(solver):
+    qm, x, y = _trained_residual()
+    start = mixprec.cost_report(qm, "cortex-m4").totals["flash_bytes"]
+    loss = bs._LossProbe(qm, x, y)
+    before = loss()
+    budget = Budget(flash_bytes=start + 1500)  # fc1 (2048 weights) at 8 bits would need 1536 B more
+    r = bs.budget_step(qm, "cortex-m4", budget, x_val=x, y_val=y, fill=True, solver=solver)
+    assert r.feasible and r.fill == solver and r.after["flash_bytes"] <= budget.flash_bytes
+    assert r.after["flash_bytes"] > start + 500 and loss() < before
+    assert all(c["bits_mean_after"] > c["bits_mean_before"] for c in r.changes)  # a fill only raises
+    widths, _ = _widths(qm)
+    assert widths <= {2.0, 4.0, 8.0}
+
+
+def test_without_fill_or_without_data_a_model_that_fits_is_left_alone():
+    qm, x, y = _trained_residual()
+    budget = Budget(flash_bytes=mixprec.cost_report(qm, "cortex-m4").totals["flash_bytes"] + 1500)
+    assert bs.budget_step(qm, "cortex-m4", budget, x_val=x, y_val=y).solver == "none"
+    r = bs.budget_step(qm, "cortex-m4", budget, fill=True)  # nothing to measure a gain with
+    assert r.fill == "none" and not r.changed
+
+
+def test_fill_keeps_pruned_channels_pruned_and_the_model_within_budget():
+    qm = _model("lenet5", "mpic", bits=2)
+    name = next(iter(qm.layers))
+    bits = qm.layers[name].quantizer.bits().detach().clone()
+    bits[:2] = 0  # two channels pruned (the 0-bit width mpic offers)
+    qm.layers[name].quantizer.set_bits(bits)
+    qm.invalidate()
+    shape = get_spec("lenet5").input_shape
+    x = torch.randn(256, *shape)
+    with torch.no_grad():
+        y = qm(x).argmax(1)
+    budget = Budget(flash_bytes=mixprec.cost_report(qm, "mpic").totals["flash_bytes"] * 1.5)
+    r = bs.budget_step(qm, "mpic", budget, x_val=x, y_val=y, fill=True)
+    after = qm.layers[name].quantizer.bits().detach()
+    assert r.feasible and r.after["flash_bytes"] <= budget.flash_bytes
+    assert torch.equal(after[:2], bits[:2]) and bool((after[2:] > 0).all())
+
+
+def test_a_fill_before_a_fine_tune_also_spends_the_room_measured_gains_leave_on_less_noise():
+    """After QAT a wider grid need not lower the loss until the weights adapt; when a fine-tune
+    follows, the fill goes on where the quantization noise falls most, using the room."""
+    qm, x, y = _trained_residual()
+    start = mixprec.cost_report(qm, "cortex-m4").totals["flash_bytes"]
+    budget = Budget(flash_bytes=start + 1500)
+    tuned = []
+    r = bs.budget_step(qm, "cortex-m4", budget, x_val=x, y_val=y, fill=True, fine_tune=lambda m: tuned.append(m) or [])
+    # fc1 to 4 bits (+512 B), fc2 (+768 B) and fc3 (+96 B) to 8: the most that fits in 1500 B
+    assert r.feasible and tuned == [qm] and r.after["flash_bytes"] >= start + 1376 - 8
+    assert r.after["flash_bytes"] <= budget.flash_bytes
+
+
+def test_under_an_ebops_budget_the_fill_comes_after_the_fine_tune():
+    """The fine-tune moves effective EBOPs: filling first would push the model over and make the
+    step cut again untrained; the fill measures on the weights the model ships with."""
+    qm = _model("jet-mlp", "fpga-hls4ml", granularity="per-element", bits=3)
+    shape = get_spec("jet-mlp").input_shape
+    x = torch.randn(512, *shape)
+    with torch.no_grad():
+        y = qm(x).argmax(1)
+    budget = Budget(ebops=mixprec.cost_report(qm, "fpga-hls4ml").totals["ebops"] * 1.3)
+    seen = []
+
+    def fine_tune(m):
+        seen.append(bs._bits_snapshot(m))
+        return []
+    r = bs.budget_step(qm, "fpga-hls4ml", budget, x_val=x, y_val=y, fill=True, fine_tune=fine_tune,
+                       fine_tune_always=True)
+    assert r.feasible and len(seen) == 1
+    raised = {k for k, v in bs._bits_snapshot(qm).items() if not torch.equal(v, seen[0][k])}
+    assert r.fill == "none" or raised  # what the fill raised, it raised after the fine-tune

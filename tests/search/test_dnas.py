@@ -1,6 +1,7 @@
 """``--method dnas``: the supernet, its expected cost, and runs end to end on digits."""
 import json
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -274,6 +275,7 @@ def test_run_under_a_tight_flash_budget_prunes_and_is_feasible(dnas_run, digits)
     assert result["feasible"] is True and not result["degenerate"]
     assert result["reference_mismatches"] == 0
     assert result["accuracy"]["quantized"] > 0.5
+    assert result["budget_step"]["applied"] and "fill" in result["budget_step"]  # dnas fills by default
     t = load_target("mpic")
     for row in result["layers"]:
         if "weight_bits" in row:
@@ -308,6 +310,21 @@ def test_per_layer_runs_from_the_run_granularity_and_per_layer_spelled_so_is_ref
     with pytest.raises(ValueError, match="dnas searches per-channel or per-layer"):
         run_search(_config(digits_float, target="cortex-m4", weight_granularity="per-slice"), tmp_path / "slice")
     assert not (tmp_path / "slice").exists()
+
+
+def test_the_fill_raises_widths_into_the_room_the_search_left_and_stays_within(digits_float, tmp_path):
+    from mixprec.search import run_search
+
+    config = _config(digits_float, weight_granularity="per-tensor", qat_epochs=2, budget={"flash": "9KiB"})
+    kept = run_search(replace(config, budget_fill=False), tmp_path / "kept")
+    filled = run_search(config, tmp_path / "filled")
+    assert kept["budget_step"] == {"applied": False, "fine_tune_epochs": 1}
+    step = filled["budget_step"]
+    assert step["before"]["flash_bytes"] == kept["cost"]["flash_bytes"]  # the same search
+    assert step["sensitivity"] == "measured" and step["fill"] in ("milp", "greedy", "none")
+    assert bool(step["changes"]) == (step["fill"] != "none")
+    assert all(c["bits_mean_after"] > c["bits_mean_before"] for c in step["changes"])  # raises only
+    assert kept["cost"]["flash_bytes"] <= filled["cost"]["flash_bytes"] <= 9 * 1024 and filled["feasible"]
 
 
 def test_a_run_under_an_energy_budget_searches_activation_widths(digits_float, tmp_path):

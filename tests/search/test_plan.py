@@ -67,12 +67,12 @@ def test_trained_floats_finds_the_float_models_trials_trained(tmp_path):
     assert found == {Trial(RunConfig(), own).float_id: own}
 
 
-@pytest.mark.parametrize("data", ["mnist", "mnist[scale=unit, val_size=1000]"])
-def test_command_line_reproduces_the_configuration(tmp_path, monkeypatch, data):
+@pytest.mark.parametrize("data,fill", [("mnist", None), ("mnist[scale=unit, val_size=1000]", True), ("mnist", False)])
+def test_command_line_reproduces_the_configuration(tmp_path, monkeypatch, data, fill):
     cfg = RunConfig(model="lenet5[width=0.5]", data=data, method="dq", budget={"flash": "8KiB", "ram": "4KiB", "ram_in_out": "2KiB",
                                                                   "energy": "90", "latency": "1e6"},
                     float_epochs=3, qat_lr=1e-3, seed=2, options={"weight_epochs": "1"},
-                    float_from=str(tmp_path / "f"), weight_granularity="per-tensor")
+                    float_from=str(tmp_path / "f"), weight_granularity="per-tensor", budget_fill=fill)
     seen = {}
     monkeypatch.setattr(cli, "_run", lambda config, out, *a: seen.update(config=config, out=out))
     words = shlex.split(command_line(cfg, "runs/x", root=tmp_path))

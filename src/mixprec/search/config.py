@@ -19,6 +19,7 @@ class RunConfig:
     float_epochs: int = 15
     qat_epochs: int = 10
     budget_epochs: int = 1  # fine-tune after the budget step (only when it had to change the bits)
+    budget_fill: bool | None = None  # raise widths into unused budget where the loss falls; None: the method's default
     lr: float = 3e-3
     qat_lr: float = 5e-4
     batch_size: int = 32

@@ -457,4 +457,5 @@ def search_dnas(ctx: SearchContext):
 
 METHOD = Method("dnas", search_dnas, DnasOptions,
                 "channel-wise precision and pruning by differentiable search (DNAS: softmax over {0, target widths} "
-                "per channel, exact expected cost)", removes_channels=True, check=check)
+                "per channel, exact expected cost)", removes_channels=True, check=check,
+                fills_budget=True)

@@ -197,4 +197,4 @@ def _epochs(cfg, epochs: int, seed_offset: int = 0):
 
 METHOD = Method("dq", search_dq, DQOptions,
                 "learned step size and range per tensor slice (DQ: implied bits, squared-hinge budget penalty)",
-                check=check_learned)
+                check=check_learned, fills_budget=True)

@@ -8,7 +8,7 @@ from .budget_step import budget_step
 
 
 def finalize(qm: QuantModel, target: str | Target, budget: Budget, data=None, *, x_val=None, y_val=None,
-             fine_tune=None, epochs: int = 1, lr: float = 5e-4, solver: str = "auto") -> CostReport:
+             fine_tune=None, epochs: int = 1, lr: float = 5e-4, solver: str = "auto", fill: bool = False) -> CostReport:
     """Make ``qm`` meet ``budget`` and return its measured cost.
 
     A model that already fits with widths the target supports is left alone. Otherwise the budget
@@ -22,8 +22,9 @@ def finalize(qm: QuantModel, target: str | Target, budget: Budget, data=None, *,
     ``y_val`` and, for fine-tuning, ``x_train``, ``y_train``; or a pair ``(x_val, y_val)``) or
     ``x_val, y_val`` measure the sensitivities on held-out data instead. With training data the
     model is then fine-tuned for ``epochs`` epochs at ``lr`` with the bits frozen; ``fine_tune``
-    (a callable taking the model) replaces that with your own training. Use
-    ``budget_step.budget_step`` directly for what changed and the solver used.
+    (a callable taking the model) replaces that with your own training. ``fill`` (with held-out
+    data) also raises widths into budget the model leaves unused where the measured loss falls.
+    Use ``budget_step.budget_step`` directly for what changed and the solver used.
     """
     train = None
     if isinstance(data, (tuple, list)):
@@ -34,7 +35,8 @@ def finalize(qm: QuantModel, target: str | Target, budget: Budget, data=None, *,
             train = data
     if fine_tune is None and train is not None and epochs > 0:
         fine_tune = _fine_tune_with(train, epochs, lr)
-    return budget_step(qm, target, budget, x_val=x_val, y_val=y_val, fine_tune=fine_tune, solver=solver).report
+    return budget_step(qm, target, budget, x_val=x_val, y_val=y_val, fine_tune=fine_tune, solver=solver,
+                       fill=fill).report
 
 
 def _fine_tune_with(data, epochs: int, lr: float):

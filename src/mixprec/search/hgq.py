@@ -377,4 +377,4 @@ def check_hgq(cfg, target, opts: HGQOptions) -> None:
 
 METHOD = Method("hgq", search_hgq, HGQOptions,
                 "per-weight/channel bit-widths learned by gradient (HGQ: surrogate gradient, cost penalty with a controller)",
-                check=check_hgq)
+                check=check_hgq, fills_budget=True)

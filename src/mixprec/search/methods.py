@@ -8,6 +8,8 @@ A method is one module that defines ``METHOD = Method(name, run, options, summar
   them), so the budget step, fine-tuning and export take it;
 - ``options``: the dataclass of its ``-o`` options (typed fields with defaults), or None;
 - ``summary``: one line for ``mixprec methods``;
+- ``fills_budget``: whether the budget step, by default, raises widths into budget the method
+  leaves unused (a method whose cost penalty only pushes down: ``budget_step.fill``);
 - ``removes_channels``: whether its result may be narrower than the model (``mixprec.prune``), so
   the budget check before training counts what removed channels free;
 - ``check(config, target, options)``: refuses (``ValueError``) what the method cannot do with this
@@ -39,6 +41,8 @@ class Method:
     # (RunConfig, Target, options, model, input_shape, Budget) -> None: what needs the model (a budget its
     # constraints cannot meet), raising ValueError (BudgetError) before the run claims its folder
     check_model: Callable | None = None
+    # the budget step also raises widths into budget the method left unused (``--fill`` overrides it)
+    fills_budget: bool = False
 
 
 _REGISTRY: dict[str, Method] = {}

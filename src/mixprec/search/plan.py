@@ -118,6 +118,8 @@ def command_line(cfg: RunConfig, out, root: Path | None = None) -> str:
         parts.append(f"--granularity {cfg.weight_granularity}")
     parts += [f"{BY_NAME[k].cli_flag} {v}" for k, v in cfg.budget.items()]
     parts += [f"--{key.replace('_', '-')} {getattr(cfg, key)}" for key in _STATED]
+    if cfg.budget_fill is not None:
+        parts.append("--fill" if cfg.budget_fill else "--no-fill")
     if cfg.seed:
         parts.append(f"--seed {cfg.seed}")
     parts += [f"-o {k}={v}" for k, v in cfg.options.items()]

@@ -99,7 +99,9 @@ def _budget_step_lines(step: dict) -> list[str]:
         return []
     moved = ", ".join(f"{k} {step['before'][k]:.6g} -> {step['after'][k]:.6g}" for k in step["before"]
                       if step["before"][k] != step["after"][k])
-    return [f"- budget step ({step['solver']}, {step['sensitivity']} sensitivity): {len(step['changes'])} "
+    filled = step.get("fill", "none") != "none"
+    return [f"- budget step ({step['solver']}, {step['sensitivity']} sensitivity"
+            f"{', then widths raised into the unused budget' if filled else ''}): {len(step['changes'])} "
             f"bit tensors changed; {moved or 'costs unchanged'}"]
 
 

@@ -405,7 +405,8 @@ def _phase(progress, name: str):
 
 def run_budget_step(ctx: SearchContext, qm) -> dict:
     """The budget step after the method, when its result misses the budget or holds widths the
-    target does not run: selection with sensitivities measured on the validation split, then
+    target does not run, or when the run fills unused budget (``--fill``, by default where the
+    method says so): selection with sensitivities measured on the validation split, then
     ``budget_epochs`` of fine-tuning with the bits frozen (also without a step when the method
     asks for it, ``ctx.fine_tune_after``). Returns what goes into ``result.json``."""
     from .budget_step import budget_step, needs_step
@@ -421,12 +422,14 @@ def run_budget_step(ctx: SearchContext, qm) -> dict:
         ctx.history["budget"] = history
         return history
 
-    if not needs_step(qm, ctx.target, ctx.budget):
+    fill = cfg.budget_fill if cfg.budget_fill is not None else get_method(cfg.method).fills_budget
+    if not needs_step(qm, ctx.target, ctx.budget) and not (fill and ctx.budget.limits()):
         if ctx.fine_tune_after and fine_tune(qm) is not None:
             qm.cpu()
             return {"applied": False, "fine_tune_epochs": cfg.budget_epochs}
         return {"applied": False}
-    result = budget_step(qm, ctx.target, ctx.budget, x_val=data.x_val, y_val=data.y_val, fine_tune=fine_tune)
+    result = budget_step(qm, ctx.target, ctx.budget, x_val=data.x_val, y_val=data.y_val, fine_tune=fine_tune,
+                         fill=fill, fine_tune_always=ctx.fine_tune_after)
     qm.cpu()
     out = result.to_dict()
     out.pop("fine_tune", None)  # in history.budget

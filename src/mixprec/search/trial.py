@@ -59,6 +59,8 @@ def config_id(cfg: RunConfig) -> str:
     from .methods import get_method
 
     payload = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in MACHINE_LOCAL}
+    if cfg.budget_fill is None:  # the method's default: ids of runs from before the option stay as they were
+        del payload["budget_fill"]
     payload["budget"] = Budget.from_strings(**cfg.budget).limits()
     options = get_method(cfg.method).options
     if options is not None:

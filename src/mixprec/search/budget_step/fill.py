@@ -1,0 +1,127 @@
+"""The fill of the budget step: where a method leaves part of a budget unused, raise the widths
+whose measured loss decrease per unit of cost is largest until the budget is used.
+
+A gradient method steers its cost towards a target with a penalty that always pushes widths down
+(DNAS on ResNet-8 under 32 KiB ended at 28.5 KB, 87% of it), and a user who asks for a budget
+expects a model near it. The fill is the reduction's mirror image: the same groups, costs, limits
+and integer program, with only the current width or a wider one allowed per group (the pruned
+stay pruned: their channels may be gone) and, as sensitivity, the measured change of the task
+loss when a layer's groups are raised to a width (every group below it, shared among them by the
+decrease of their squared weight quantization error) or an activation quantizer is. Only a
+decrease counts. After QAT the latent weights of a narrow layer need not be better at a wider
+grid, which is why the gain is measured, not assumed; where a fine-tune follows (the weights then
+adapt to the wider grids), the room the measured gains leave goes where the quantization noise
+falls most, else a raise the loss does not reward costs a negligible amount per bit, so nothing
+moves for nothing. Narrower activation widths are offered at
+a price above every gain, so the solver never trades one down to pay for a raise.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ...cost import Budget, Target, feasible, violations
+from ...cost.deployed import cost_report
+from .bits import _EPS, _apply, _apply_all, _bits_snapshot, _changes, _restore
+from .problem import _apply_choice, _build, _limits, _Problem, _tighten
+from .sensitivity import _TIE, _UP, _LossProbe
+from .solve import _solve
+
+log = logging.getLogger(__name__)
+
+
+def _raise_weights(p: _Problem, qm, probe: _LossProbe, base_loss: float, trained_after: bool) -> None:
+    """Per layer: allow only raises, and price each by its measured loss change (negative: a gain),
+    then (``trained_after``) by the quantization noise it removes, else a negligible cost per bit."""
+    for layer in p.layers:
+        quant = qm.layers[layer.name].quantizer
+        top = layer.bits.reshape(layer.groups, -1).amax(1).numpy()
+        up = layer.allowed & (layer.widths[None, :] > top[:, None] + _EPS)
+        layer.allowed = up | (np.arange(len(layer.widths))[None, :] == layer.cur[:, None])
+        less_error = np.maximum(layer.err[np.arange(layer.groups), layer.cur][:, None] - layer.err, 0.0)
+        sens = np.zeros_like(layer.err)
+        try:
+            for k, w in enumerate(layer.widths):
+                raised = up[:, k]
+                if not raised.any():
+                    continue
+                quant.set_bits(_apply(layer.bits, np.where(raised, w, top)).reshape(layer.shape))
+                change = min(probe() - base_loss, 0.0)
+                share = np.where(raised, less_error[:, k], 0.0)
+                sens[:, k] = change * share / max(float(share.sum()), 1e-300)
+        finally:
+            quant.set_bits(layer.bits.reshape(layer.shape))
+        if trained_after:  # once the weights adapt, a wider grid does at least as well as a narrower one
+            sens = np.minimum.accumulate(np.where(up | ~layer.allowed, sens, 0.0), axis=1)
+            power = float((qm.layers[layer.name].weight.detach().double() ** 2).sum()) or 1.0
+            layer.sens = np.where(up, sens, 0.0) - _TIE * np.where(up, less_error, 0.0) / power
+        else:
+            layer.sens = sens + _UP * np.where(up, layer.widths[None, :] - top[:, None], 0.0)
+
+
+def _raise_acts(p: _Problem, qm, probe: _LossProbe, base_loss: float, trained_after: bool) -> None:
+    for a in p.acts.values():
+        quant = qm.act_quantizers[a.name]
+        top = float(a.bits.max())
+        sens = np.zeros(len(a.widths))
+        try:
+            for i, w in enumerate(a.widths):
+                if w > top + _EPS:
+                    quant.set_bits(_apply_all(a.bits, w).reshape(a.shape))
+                    less_noise = 4.0 ** -top - 4.0 ** -w  # uniform noise of step range / 2^bits, as the proxy
+                    sens[i] = min(probe() - base_loss, 0.0) + (-_TIE * less_noise if trained_after else _UP * (w - top))
+        finally:
+            quant.set_bits(a.bits.reshape(a.shape))
+        if trained_after:
+            sens[a.cur:] = np.minimum.accumulate(sens[a.cur:])
+        a.sens = sens
+
+
+def _scale_and_lock(p: _Problem) -> float:
+    """Gains scaled to at most 1; a narrower activation width priced above all gains together.
+    Returns the total gain on offer."""
+    gains = [layer.sens[layer.allowed] for layer in p.layers] + [a.sens for a in p.acts.values()]
+    scale = max([float(np.abs(g).max()) for g in gains if g.size] + [0.0])
+    if scale <= 0:
+        return 0.0
+    total = 0.0
+    for layer in p.layers:
+        layer.sens = layer.sens / scale
+        total += float(-np.minimum(layer.sens, 0.0).min(1, initial=0.0).sum())
+    for a in p.acts.values():
+        a.sens = a.sens / scale
+        total += float(-min(a.sens.min(), 0.0))
+    for a in p.acts.values():
+        a.sens[: a.cur] = 1.0 + 2.0 * total
+    return total
+
+
+def fill_budget(qm, t: Target, budget: Budget, probe: _LossProbe, solver: str, max_iterations: int,
+                time_limit: float, trained_after: bool = False) -> tuple[str, int]:
+    """Raise widths into the room ``budget`` leaves ``qm`` (which meets it), where the measured loss
+    falls, and (``trained_after``: a fine-tune follows) then where the quantization noise falls.
+    Returns (solver used or ``"none"``, selections measured); ``qm`` keeps meeting the budget."""
+    if not budget.limits():
+        return "none", 0
+    before = _bits_snapshot(qm)
+    p = _build(qm, t, upward=True)
+    base_loss = probe()
+    _raise_weights(p, qm, probe, base_loss, trained_after)
+    _raise_acts(p, qm, probe, base_loss, trained_after)
+    if _scale_and_lock(p) <= 0:
+        log.info("budget fill: no wider width lowers the loss")
+        return "none", 0
+    lim = _limits(p, budget, t)
+    for it in range(1, max_iterations + 1):
+        choice, used = _solve(p, lim, solver, time_limit)
+        if choice is None:
+            break
+        _apply_choice(qm, p, *choice)
+        report = cost_report(qm, t)
+        if feasible(report, budget):
+            return (used if _changes(before, qm) else "none"), it
+        log.info("budget fill: measured %s after selection %d; tightening", violations(report, budget), it)
+        _tighten(lim, report, budget, t, p, p.totals(*choice))
+    _restore(qm, before)  # the model as it was met the budget
+    return "none", max_iterations
