@@ -387,3 +387,18 @@ def test_under_an_ebops_budget_the_fill_comes_after_the_fine_tune():
     assert r.feasible and len(seen) == 1
     raised = {k for k, v in bs._bits_snapshot(qm).items() if not torch.equal(v, seen[0][k])}
     assert r.fill == "none" or raised  # what the fill raised, it raised after the fine-tune
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_fill_with_no_fine_tune_after_it_never_raises_the_measured_loss(seed):
+    """Gains are measured a tensor at a time and shared among its groups; where the shares do not
+    add up the fill falls back to raises it verifies one by one, so the loss it measures never rises."""
+    qm = _model("jet-mlp", "fpga-hls4ml", granularity="per-element", bits=3, seed=seed)
+    x = torch.randn(512, *get_spec("jet-mlp").input_shape)
+    y = torch.randint(0, 5, (512,), generator=torch.Generator().manual_seed(seed))
+    loss = bs._LossProbe(qm, x, y)
+    before = loss()
+    budget = Budget(ebops=mixprec.cost_report(qm, "fpga-hls4ml").totals["ebops"] * 1.5)
+    r = bs.budget_step(qm, "fpga-hls4ml", budget, x_val=x, y_val=y, fill=True)
+    assert r.feasible and r.fill in ("milp", "greedy", "verified", "none")
+    assert loss() <= before and (r.fill == "none") == (not r.changes)

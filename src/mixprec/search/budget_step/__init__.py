@@ -156,7 +156,7 @@ class BudgetStepResult:
     changes: list[dict] = field(default_factory=list)
     fine_tune: list | None = None
     seconds: float = 0.0
-    fill: str = "none"  # what raised widths into unused budget ("none": not asked, or nothing gained)
+    fill: str = "none"  # what raised widths into unused budget: milp, greedy, verified (one by one), none
 
     @property
     def changed(self) -> bool:
