@@ -12,8 +12,9 @@ decrease counts. After QAT the latent weights of a narrow layer need not be bett
 grid, which is why the gain is measured, not assumed; where a fine-tune follows (the weights then
 adapt to the wider grids), the room the measured gains leave goes where the quantization noise
 falls most, else a raise the loss does not reward costs a negligible amount per bit, so nothing
-moves for nothing. Narrower activation widths are offered at
-a price above every gain, so the solver never trades one down to pay for a raise.
+moves for nothing. Narrower activation widths are offered at a price above every gain, so the
+solver never trades one down to pay for a raise. Without a fine-tune after it, a fill whose raises
+together do not lower the measured loss falls back to raises verified one at a time.
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ def fill_budget(qm, t: Target, budget: Budget, probe: _LossProbe, solver: str, m
     if _scale_and_lock(p) <= 0:
         log.info("budget fill: no wider width lowers the loss")
         return "none", 0
-    lim = _limits(p, budget, t)
+    lim, it = _limits(p, budget, t), 0
     for it in range(1, max_iterations + 1):
         choice, used = _solve(p, lim, solver, time_limit)
         if choice is None:
