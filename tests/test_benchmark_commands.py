@@ -122,3 +122,21 @@ def test_hgq2_comparison_commands_reproduce_their_config(task, tmp_path, monkeyp
             assert config[field] == getattr(trial.config, field), (trial.out, field)
         assert config["budget"] == trial.config.budget and Path(out) == trial.out
     assert trials[-1].config.options["schedule"] == "front"
+
+
+@pytest.mark.parametrize("method,before_the_fill,flag", [("dnas", True, "--no-fill"), ("dnas", False, None),
+                                                         ("uniform", True, None)])
+def test_a_run_made_before_the_fill_is_reproduced_with_no_fill(tmp_path, method, before_the_fill, flag, monkeypatch):
+    """Runs from before the budget step filled by default: their command says --no-fill, which
+    gives the configuration they ran (uniform never fills: nothing to say)."""
+    import json
+
+    from mixprec.search import RunConfig
+
+    cfg = RunConfig(model="lenet5", data="mnist", method=method, budget={"flash": "8KiB"})
+    step = {"applied": False} if before_the_fill else {"applied": True, "fill": "milp"}
+    (tmp_path / "result.json").write_text(json.dumps({"budget_step": step}))
+    command = command_for(cfg, tmp_path)
+    assert (flag in command) if flag else "-fill" not in command
+    config, _ = parsed(command, monkeypatch)
+    assert config["budget_fill"] == (False if flag else None)
