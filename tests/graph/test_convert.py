@@ -254,6 +254,12 @@ def test_the_parts_of_a_split_are_named_after_it():
     assert [n.name for n in g if n.op == "slice"] == ["chunk.2", "chunk.2_1"]  # two chunk calls: distinct names
 
 
+def test_an_indexing_slice_is_named_slice_in_its_module():
+    block = Fn(lambda m, x: torch.cat([x[:, :1], x[:, 1:]], 1))
+    g = trace(nn.Sequential(nn.Conv2d(2, 2, 1), block), IMG)[0]
+    assert [n.name for n in g if n.op == "slice"] == ["1.slice", "1.slice_1"]
+
+
 def test_a_slice_of_every_channel_is_an_alias():
     g = trace(Fn(lambda m, x: m.c(x)[:, :], c=nn.Conv2d(2, 3, 1)), IMG)[0]
     assert [n.op for n in g] == ["input", "conv"]
@@ -635,8 +641,8 @@ UNSUPPORTED = {
     "mean-channels": (Fn(lambda m, x: x.mean(1)), IMG, "mean"),
     "cat-spatial": (Fn(lambda m, x: torch.cat([x, x], dim=2)), IMG, "cat"),
     "cat-batch": (Fn(lambda m, x: torch.cat([x, x])), IMG, "cat"),
-    "slice-spatial": (Fn(lambda m, x: x[:, :, 1:3]), IMG, "getitem"),
-    "slice-step": (Fn(lambda m, x: x[:, ::2]), IMG, "getitem"),
+    "slice-spatial": (Fn(lambda m, x: x[:, :, 1:3]), IMG, "slice"),
+    "slice-step": (Fn(lambda m, x: x[:, ::2]), IMG, "slice"),
     "split-spatial": (Fn(lambda m, x: x.split(2, dim=2)[0]), IMG, "split"),
     "upsample": (nn.Sequential(nn.Conv2d(2, 2, 1), nn.Upsample(scale_factor=2)), IMG, "1"),
     "functional-maxpool-ceil": (Fn(lambda m, x: F.max_pool2d(x, 3, 2, ceil_mode=True)), IMG, "max_pool2d"),

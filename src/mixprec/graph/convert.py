@@ -140,7 +140,8 @@ def user_name(n: fx.Node) -> str:
     ``input`` for the model's input, else the path of the module whose ``forward`` calls the
     function or method, dot, the operation fx names it after (``layer1.0.add``, or ``add`` in the
     model's own ``forward``); part ``i`` of a ``split`` / ``chunk``, that call's name, dot, ``i``
-    (``chunk.1``). Not unique: a module called twice, or two sums in one ``forward``."""
+    (``chunk.1``); an indexing ``x[:, a:b]``, ``slice`` (fx says ``getitem``). Not unique: a module
+    called twice, or two sums in one ``forward``."""
     if n.op == "placeholder":
         return "input"
     if n.target is operator.getitem and isinstance(n.args[0], fx.Node) and n.args[0].target in _SPLIT_TARGETS:
@@ -149,7 +150,7 @@ def user_name(n: fx.Node) -> str:
         return str(n.target)
     if n.op == "output":
         return n.name
-    op = _FX_COUNTER.sub("", n.name) or n.name
+    op = "slice" if n.target is operator.getitem else _FX_COUNTER.sub("", n.name) or n.name  # x[:, a:b]
     scope = _enclosing_module(n)
     return f"{scope}.{op}" if scope else op
 
