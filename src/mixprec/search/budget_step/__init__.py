@@ -120,7 +120,7 @@ from .problem import (_Act, _Layer, _Problem, _apply_choice, _build, _calibrated
                       _tighten, _weight_candidates, _wider_can_be_faster, _with_in_shapes)
 from .sensitivity import _TIE, _UP, _LossProbe, _finish_sensitivity, _measure, _proxy
 from .solve import (HULL_MAX_VARS, MILP_MAX_VARS, MIP_GAP, _big_m_rows, _greedy_totals, _min_choice, _moves, _over,
-                    _polish, _solve, _solve_greedy, _solve_milp)
+                    _polish, _solve, _solve_greedy, _solve_milp, _until_feasible)
 
 # the public names, then the helpers of the former single module, re-exported for the tests and for
 # code written against it (a constant is read where it is defined: patch e.g. ``budget_step.solve``)
@@ -221,21 +221,10 @@ def _select(qm, t: Target, budget: Budget, probe, solver: str, max_iterations: i
         _proxy(p, qm)
         kind = "proxy"
     _finish_sensitivity(p)
-    lim = _limits(p, budget, t)
-    used = solver
-    for it in range(1, max_iterations + 1):
-        choice, used = _solve(p, lim, solver, time_limit)
-        if choice is None:
-            break
-        _apply_choice(qm, p, *choice)
-        report = cost_report(qm, t)
-        if feasible(report, budget):
-            return report, used, it, kind
-        est = p.totals(*choice)
-        log.info("budget step: measured %s after selection %d; tightening", violations(report, budget), it)
-        _tighten(lim, report, budget, t, p, est)
-    else:
-        it = max_iterations
+    report, used, it = _until_feasible(qm, p, t, budget, _limits(p, budget, t), solver, max_iterations, time_limit,
+                                       "budget step")
+    if report is not None:
+        return report, used, it, kind
     # the narrowest assignment is the last resort (the planner's arena is not monotone in the sizes)
     _apply_choice(qm, p, *_min_choice(p))
     report = cost_report(qm, t)

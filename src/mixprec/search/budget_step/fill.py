@@ -22,12 +22,12 @@ import logging
 
 import numpy as np
 
-from ...cost import Budget, Target, feasible, violations
+from ...cost import Budget, Target, feasible
 from ...cost.deployed import cost_report
 from .bits import _EPS, _apply, _apply_all, _bits_snapshot, _changes, _restore
-from .problem import _apply_choice, _build, _limits, _Problem, _tighten
+from .problem import _apply_choice, _build, _limits, _Problem
 from .sensitivity import _TIE, _UP, _LossProbe
-from .solve import _over, _solve
+from .solve import _over, _until_feasible
 
 log = logging.getLogger(__name__)
 
@@ -119,29 +119,20 @@ def fill_budget(qm, t: Target, budget: Budget, probe: _LossProbe, solver: str, m
     if _scale_and_lock(p) <= 0:
         log.info("budget fill: no wider width lowers the loss")
         return "none", 0
-    lim, it = _limits(p, budget, t), 0
-    for it in range(1, max_iterations + 1):
-        choice, used = _solve(p, lim, solver, time_limit)
-        if choice is None:
-            break
-        _apply_choice(qm, p, *choice)
-        report = cost_report(qm, t)
-        if feasible(report, budget):
-            if not _changes(before, qm):
-                return "none", it
-            if not trained_after and probe() >= base_loss:
-                # gains measured a layer at a time, shared among its groups by the error each removes,
-                # need not add up (HGQ on the MNIST MLP under 4.7k EBOPs: two output channels raised
-                # from 2 to 6 bits, their layer's share of a gain, raised the loss 6%)
-                log.info("budget fill: the raises together do not lower the loss; raising whole tensors, "
-                         "each kept only where the loss falls")
-                _restore(qm, before)
-                return _verified_raises(qm, p, t, budget, probe, base_loss, moves, before), it
-            return used, it
-        log.info("budget fill: measured %s after selection %d; tightening", violations(report, budget), it)
-        _tighten(lim, report, budget, t, p, p.totals(*choice))
-    _restore(qm, before)  # the model as it was met the budget
-    return "none", it
+    report, used, it = _until_feasible(qm, p, t, budget, _limits(p, budget, t), solver, max_iterations, time_limit,
+                                       "budget fill")
+    if report is None or not _changes(before, qm):
+        _restore(qm, before)  # the model as it was met the budget
+        return "none", it
+    if not trained_after and probe() >= base_loss:
+        # gains measured a layer at a time, shared among its groups by the error each removes, need
+        # not add up (HGQ on the MNIST MLP under 4.7k EBOPs: two output channels raised from 2 to 6
+        # bits, their layer's share of a gain, raised the loss 6%)
+        log.info("budget fill: the raises together do not lower the loss; raising whole tensors, "
+                 "each kept only where the loss falls")
+        _restore(qm, before)
+        return _verified_raises(qm, p, t, budget, probe, base_loss, moves, before), it
+    return used, it
 
 
 def _verified_raises(qm, p: _Problem, t: Target, budget: Budget, probe: _LossProbe, base_loss: float, moves: list,

@@ -7,7 +7,9 @@ import logging
 
 import numpy as np
 
-from .problem import SET_COSTS, _Problem
+from ...cost import Budget, Target, feasible, violations
+from ...cost.deployed import cost_report
+from .problem import SET_COSTS, _apply_choice, _Problem, _tighten
 
 log = logging.getLogger(__name__)
 
@@ -316,3 +318,22 @@ def _min_choice(p: _Problem):
         ok = layer.allowed & (layer.widths > 0)[None, :]
         kw[layer.name] = np.where(ok.any(1), np.argmax(ok, axis=1), layer.cur)
     return kw, {q: 0 for q in p.acts}
+
+
+def _until_feasible(qm, p: _Problem, t: Target, budget: Budget, lim: dict, solver: str, max_iterations: int,
+                    time_limit: float, what: str):
+    """Select, apply and measure until the measured cost meets ``budget``, lowering each internal
+    limit by what the measured cost exceeds it (the planner's arena, the layout tables): (report or
+    None, solver used, selections made); ``qm`` holds the last selection either way."""
+    used, it = solver, 0
+    for it in range(1, max_iterations + 1):
+        choice, used = _solve(p, lim, solver, time_limit)
+        if choice is None:
+            break
+        _apply_choice(qm, p, *choice)
+        report = cost_report(qm, t)
+        if feasible(report, budget):
+            return report, used, it
+        log.info("%s: measured %s after selection %d; tightening", what, violations(report, budget), it)
+        _tighten(lim, report, budget, t, p, p.totals(*choice))
+    return None, used, it
