@@ -102,7 +102,7 @@ TASKS = {
         dict(model="lenet5", data="mnist", target="mpic", float_epochs=10, qat_epochs=8, budget_epochs=2,
              batch_size=128, lr=2e-3, qat_lr=5e-4),
         _budgets("per-channel", "flash", "40KiB", "24KiB", "16KiB", "10KiB", "6KiB", "4KiB", "3KiB", "2.5KiB", "2.25KiB",
-                 "2KiB", "1.5KiB", "1.25KiB", "1KiB", "0.875KiB", "0.8KiB", "0.75KiB")
+                 "2KiB", "1.5KiB", "1.25KiB", "1KiB", "0.875KiB", "0.75KiB")
         + _budgets("per-tensor", "flash", "40KiB", "24KiB", "20KiB", "16KiB")  # 2-bit weights everywhere: 16.0 KiB
         + _budgets("per-channel", "flash", "40KiB", "24KiB", "16KiB", "10KiB", "6KiB", "4KiB", "3KiB", "2KiB", "1.5KiB",
                    **PAPER)

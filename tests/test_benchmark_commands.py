@@ -140,3 +140,15 @@ def test_a_run_made_before_the_fill_is_reproduced_with_no_fill(tmp_path, method,
     assert (flag in command) if flag else "-fill" not in command
     config, _ = parsed(command, monkeypatch)
     assert config["budget_fill"] == (False if flag else None)
+
+
+def test_every_dnas_benchmark_budget_is_one_a_run_accepts():
+    spec = importlib.util.spec_from_file_location("bench_dnas", ROOT / "benchmarks" / "dnas.py")
+    dnas = importlib.util.module_from_spec(spec)
+    sys.modules["bench_dnas"] = dnas  # its dataclasses look their module up
+    spec.loader.exec_module(dnas)
+    from mixprec.cost import Budget
+
+    for task in dnas.TASKS.values():
+        for budget in task.budgets:
+            assert Budget.from_strings(**{budget.cost: budget.value}).limits(), budget
