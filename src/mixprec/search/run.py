@@ -428,8 +428,10 @@ def run_budget_step(ctx: SearchContext, qm) -> dict:
             qm.cpu()
             return {"applied": False, "fine_tune_epochs": cfg.budget_epochs}
         return {"applied": False}
-    result = budget_step(qm, ctx.target, ctx.budget, x_val=data.x_val, y_val=data.y_val, fine_tune=fine_tune,
-                         fill=fill, fine_tune_always=ctx.fine_tune_after)
+    # no fine-tune at all without epochs: a fill then raises only what measurably lowers the loss
+    result = budget_step(qm, ctx.target, ctx.budget, x_val=data.x_val, y_val=data.y_val,
+                         fine_tune=fine_tune if cfg.budget_epochs > 0 else None, fill=fill,
+                         fine_tune_always=ctx.fine_tune_after)
     qm.cpu()
     out = result.to_dict()
     out.pop("fine_tune", None)  # in history.budget

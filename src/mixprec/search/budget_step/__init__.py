@@ -87,10 +87,10 @@ cannot be made to fit is undone. It comes before the fine-tune, so raised widths
 and then the room the measured gains leave goes where the quantization noise falls most (the
 proxy's ranking): after QAT at a narrow width, a wider grid rarely lowers the loss before the
 weights adapt to it (DNAS on ResNet-8 under 32 KiB: measured gains alone filled 292 of the 4,266
-bytes left). The fill comes after the fine-tune instead, on measured gains only, when an EBOPs
-budget is set: the fine-tune moves effective EBOPs (HGQ on the MNIST MLP: +3% at
-530k, +9.5% at 2.1k after a fill to the budget), and cutting that again without a fine-tune cost
-up to 0.7 points, so then the fill comes after the fine-tune, on the weights the model ships with.
+bytes left). Under an EBOPs budget the fill comes after the fine-tune instead, on measured gains
+only and on the weights the model ships with: the fine-tune moves effective EBOPs (HGQ on the MNIST
+MLP: +3% at 530k, +9.5% at 2.1k after a fill to the budget), and cutting that again without a
+fine-tune cost up to 0.7 points.
 
 **Fine-tune**: an optional callable (the search run passes ``fit`` with the run's data for
 ``budget_epochs`` epochs, weights and biases only, so the bits stay frozen), after which the cost is
