@@ -24,9 +24,9 @@ import numpy as np
 
 from ...cost import Budget, Target, feasible
 from ...cost.deployed import cost_report
-from .bits import _EPS, _apply, _apply_all, _bits_snapshot, _changes, _restore
+from .bits import _EPS, _apply, _bits_snapshot, _changes, _restore
 from .problem import _apply_choice, _build, _limits, _Problem
-from .sensitivity import _TIE, _UP, _LossProbe
+from .sensitivity import _TIE, _UP, _LossProbe, act_loss_changes
 from .solve import _over, _until_feasible
 
 log = logging.getLogger(__name__)
@@ -66,20 +66,12 @@ def _raise_weights(p: _Problem, qm, probe: _LossProbe, base_loss: float, trained
 
 def _raise_acts(p: _Problem, qm, probe: _LossProbe, base_loss: float, trained_after: bool, moves: list) -> None:
     for a in p.acts.values():
-        quant = qm.act_quantizers[a.name]
         top = float(a.bits.max())
-        sens = np.zeros(len(a.widths))
-        try:
-            for i, w in enumerate(a.widths):
-                if w > top + _EPS:
-                    quant.set_bits(_apply_all(a.bits, w).reshape(a.shape))
-                    less_noise = 4.0 ** -top - 4.0 ** -w  # uniform noise of step range / 2^bits, as the proxy
-                    change = min(probe() - base_loss, 0.0)
-                    if change < 0:
-                        moves.append((change, a.name, i))
-                    sens[i] = change + (-_TIE * less_noise if trained_after else _UP * (w - top))
-        finally:
-            quant.set_bits(a.bits.reshape(a.shape))
+        up = a.widths > top + _EPS
+        changes = np.minimum(act_loss_changes(qm, a, probe, base_loss, lambda w: w > top + _EPS), 0.0)
+        moves += [(float(changes[i]), a.name, i) for i in np.flatnonzero(changes < 0)]
+        less_noise = 4.0 ** -top - 4.0 ** -a.widths  # uniform noise of step range / 2^bits, as the proxy
+        sens = changes + np.where(up, -_TIE * less_noise if trained_after else _UP * (a.widths - top), 0.0)
         if trained_after:
             sens[a.cur:] = np.minimum.accumulate(sens[a.cur:])
         a.sens = sens

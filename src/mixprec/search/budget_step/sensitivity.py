@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ...quantizers.base import Quantizer
 from .bits import _EPS, _apply, _apply_all
-from .problem import _Problem
+from .problem import _Act, _Problem
 
 _TIE = 1e-6  # weight of the data-free proxy that breaks ties between measured sensitivities
 _UP = 1e-9  # penalty per bit of a width raised (latency / energy budgets only)
@@ -58,6 +58,21 @@ def _proxy(p: _Problem, qm) -> None:
         a.sens = np.maximum(a.sens, 0.0)
 
 
+def act_loss_changes(qm, a: _Act, probe: _LossProbe, base_loss: float, measured) -> np.ndarray:
+    """The loss change with activation quantizer ``a`` set to each of its widths ``w`` for which
+    ``measured(w)`` holds (0 for the others); the quantizer is left as it was."""
+    quant = qm.act_quantizers[a.name]
+    changes = np.zeros(len(a.widths))
+    try:
+        for i, w in enumerate(a.widths):
+            if measured(w):
+                quant.set_bits(_apply_all(a.bits, w).reshape(a.shape))
+                changes[i] = probe() - base_loss
+    finally:
+        quant.set_bits(a.bits.reshape(a.shape))
+    return changes
+
+
 def _measure(p: _Problem, qm, probe: _LossProbe) -> None:
     """Measured sensitivities: per-layer loss increase, shared by the squared-error increase."""
     _proxy(p, qm)  # tie-breaker and the sharing weights
@@ -79,16 +94,8 @@ def _measure(p: _Problem, qm, probe: _LossProbe) -> None:
             quant.set_bits(layer.bits.reshape(layer.shape))
         layer.sens = measured + _TIE * proxy
     for a in p.acts.values():
-        quant = qm.act_quantizers[a.name]
         top = float(a.bits.max())
-        measured = np.zeros(len(a.widths))
-        try:
-            for i, w in enumerate(a.widths):
-                if w < top - _EPS:
-                    quant.set_bits(_apply_all(a.bits, w).reshape(a.shape))
-                    measured[i] = max(probe() - base_loss, 0.0)
-        finally:
-            quant.set_bits(a.bits.reshape(a.shape))
+        measured = np.maximum(act_loss_changes(qm, a, probe, base_loss, lambda w: w < top - _EPS), 0.0)
         a.sens = measured + _TIE * a.sens
 
 
