@@ -266,3 +266,6 @@ class TestLayers(ExactnessSuite):
     # products, and codes requantized twice in a row (a slice, then a concat: the training path rounds
     # ties to even where the integer kernels round them up, at each step) drift further end to end
     model_lsb_tol = {name: 6 for name in BUILDERS if name.startswith(("mul-", "slice-"))}
+    # ranges fitted (clipped) at the cases' random narrow widths, then widened to 8 bits: saturating
+    # table inputs, and an add of two scales, pass on a one-LSB step of their input as a few of theirs
+    model_lsb_tol.update({name: 4 for name in BUILDERS if name.startswith(("table-", "add-different-scales"))})

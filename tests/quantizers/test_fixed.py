@@ -80,3 +80,41 @@ def test_range_rule_travels_with_the_checkpoint():
     assert restored.range_rule == "max"
     with pytest.raises(ValueError, match="max, mse"):
         FixedWeightQuantizer(w.shape, 2, range_rule="percentile")
+
+
+def _act_error(q, x):
+    with torch.no_grad():
+        return float(((q(x) - x) ** 2).sum())
+
+
+@pytest.mark.parametrize("numerics", ["scaled", "fixed"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_narrow_activation_observer_tracks_the_least_squares_clip(numerics, bits):
+    from mixprec.quantizers.fixed import ACT_FIT_MAX_BITS, ActQuantizer
+
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(32, 8, 6, 6)) ** 2  # a long tail: the max is rare
+    fitted, by_max = ActQuantizer(x.shape[1:], bits, numerics), ActQuantizer(x.shape[1:], bits, numerics, fit_narrow=False)
+    fitted.train(), by_max.train()
+    fitted(x), by_max(x)
+    assert float(by_max.running_max) == float(x.max())
+    if bits <= ACT_FIT_MAX_BITS:  # the range shrinks, values past it saturate, the error falls
+        assert float(fitted.running_max) < float(x.max()) and not fitted.signed
+        assert _act_error(fitted.eval(), x) < (0.6 if bits == 2 else 1.0) * _act_error(by_max.eval(), x)
+    else:  # wide grids keep the observed max
+        assert float(fitted.running_max) == float(x.max())
+    assert fitted.freeze().quantizer.fit_narrow
+
+
+def test_narrow_activation_fit_is_the_brute_force_best_candidate():
+    from mixprec.quantizers.fixed import MSE_FRACTIONS, ActQuantizer
+
+    torch.manual_seed(3)
+    x = torch.randn(4, 10)  # signed: the range stays symmetric about zero
+    q = ActQuantizer((10,), 2)
+    q.train()
+    q(x)
+    top = x.abs().max()
+    errs = [((torch.clamp(torch.round(x / (top * f / 1)), -2, 1) * top * f / 1 - x) ** 2).sum() for f in MSE_FRACTIONS]
+    best = MSE_FRACTIONS[int(torch.stack(errs).argmin())]
+    assert q.signed and torch.isclose(torch.maximum(q.running_max, -q.running_min), top * best)

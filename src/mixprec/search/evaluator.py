@@ -9,7 +9,8 @@ widest widths. Each ``evaluate(candidate)``:
 2. sets every group's width (a candidate names widths in bits: ``{"weights": {layer: w or [w per
    group]}, "acts": {quantizer: w}}``; what it does not name stays at the start's widths);
 3. fine-tunes ``steps`` steps on a fixed, seeded training subset (the same batches for every
-   candidate, activation ranges frozen at the start's calibration);
+   candidate, activation ranges frozen at the start's calibration, except that an activation the
+   candidate narrows to ``ACT_FIT_MAX_BITS`` or fewer takes its least-squares range afresh);
 4. returns the validation accuracy of the fake-quantization path on a fixed validation subset and
    the exact costs of the choice from the tables.
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from ..cost import Target
 from ..cost.bits import BitAssignment
 from ..cost.tables import CostTables, build_tables, cap_all
-from ..quantizers.fixed import freeze_observers
+from ..quantizers.fixed import ACT_FIT_MAX_BITS, ActQuantizer, freeze_observers
 from .config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class CandidateEvaluator:
 
     def _apply(self, kw: dict, ka: dict) -> None:
         apply_choice(self.qm, self.tables, kw, ka)
+        refit_narrow_acts(self.qm, torch.split(self.x_train[:1024], 256))
 
     def _fine_tune(self) -> list[float]:
         cfg = self.spec.config
@@ -160,6 +162,23 @@ class CandidateEvaluator:
         for i in range(0, len(self.y_val), batch_size):
             correct += int((qm(self.x_val[i:i + batch_size]).argmax(1) == self.y_val[i:i + batch_size]).sum())
         return correct / max(len(self.y_val), 1)
+
+
+def refit_narrow_acts(qm, batches) -> None:
+    """Observe afresh, on ``batches``, the range of every observed activation at ``ACT_FIT_MAX_BITS``
+    or fewer (its least-squares clip at its width: ``ActQuantizer``), then freeze every observer. A
+    range calibrated at 8 bits is the max, which at 2 bits rounds most activations to 0."""
+    narrow = [q for q in qm.act_quantizers.values()
+              if isinstance(q, ActQuantizer) and q.fit_narrow and float(q.bits().amax()) <= ACT_FIT_MAX_BITS]
+    freeze_observers(qm)
+    if not narrow:
+        return
+    for q in narrow:
+        q.observed.fill_(False)
+        q.set_observing(True)
+    with torch.no_grad():
+        qm.calibrate(batches)
+    freeze_observers(qm)
 
 
 def widest_tables(qm, target: Target) -> CostTables:

@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from ...convert import quantize
+from ...quantizers import freeze_observers
 from ...cost.targets import weight_granularity_for
 from ...train import fit, load_checkpoint, save_checkpoint
 from ...train.loop import evaluate_accuracy
 from ..context import SearchContext
-from ..evaluator import EvaluatorSpec, apply_choice, choice_of, widest_tables
+from ..evaluator import EvaluatorSpec, apply_choice, choice_of, refit_narrow_acts, widest_tables
 from ..learned import measured_costs, meets, parse_options
 from ..methods import Method
 from ..saved import quantized_state, rebuild_quantized
@@ -125,6 +126,8 @@ def search_rl(ctx: SearchContext):
     log.info("RL best policy: episode %d, %.2f%% validation (candidate fine-tune)", best["episode"],
              100 * best["accuracy"])
     apply_choice(qm, tables, *episode.choice(best["positions"]))
+    refit_narrow_acts(qm, torch.split(ctx.data.x_train[:1024], 256))  # as the candidates were scored
+    freeze_observers(qm, frozen=False)  # the ranges then follow the weights as they train
     history = fit(qm, ctx.data.x_train, ctx.data.y_train, ctx.data.x_val, ctx.data.y_val,
                   ctx.config.train_config("qat"), params=qm.weight_parameters(), **ctx.fit_options("rl-final"))
     ctx.history["rl"] = search.state.log
