@@ -140,6 +140,20 @@ class Sliced(nn.Module):
         return self.fc(torch.cat([tail, head], 1))
 
 
+class PaddedShortcut(nn.Module):
+    """The CIFAR ResNets' parameter-free shortcut ("option A"): every other position, zero channels
+    added on both sides, summed with a strided conv branch."""
+
+    def __init__(self, dims: int = 2):
+        super().__init__()
+        conv = nn.Conv2d if dims == 2 else nn.Conv1d
+        self.body, self.dims = conv(2, 4, 3, stride=2, padding=1), dims
+
+    def forward(self, x):
+        steps = x[:, :, ::2, ::2] if self.dims == 2 else x[:, :, ::2]
+        return F.relu(self.body(x) + F.pad(steps, (0, 0) * self.dims + (1, 1)))
+
+
 class Product(nn.Module):
     """The product of two branches of one shape."""
 
@@ -239,6 +253,10 @@ BUILDERS = {
     # channel slices
     "slice-chunk": lambda: (ChannelSplit(), IMG),
     "slice-index-and-split": lambda: (Sliced(), SIG),
+    # zero channels and position steps (the CIFAR ResNets' parameter-free shortcut)
+    "pad-channels-shortcut": lambda: (PaddedShortcut(), IMG),
+    "pad-channels-conv1d": lambda: (PaddedShortcut(dims=1), SIG),
+    "pad-channels-then-conv": lambda: (nn.Sequential(PaddedShortcut(), nn.Conv2d(4, 3, 1)), IMG),
     # lookup-table activations
     "table-leaky-relu": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3), nn.LeakyReLU(0.1)), IMG),
     "table-sigmoid": lambda: (nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3)), VEC),
@@ -268,4 +286,4 @@ class TestLayers(ExactnessSuite):
     model_lsb_tol = {name: 6 for name in BUILDERS if name.startswith(("mul-", "slice-"))}
     # ranges fitted (clipped) at the cases' random narrow widths, then widened to 8 bits: saturating
     # table inputs, and an add of two scales, pass on a one-LSB step of their input as a few of theirs
-    model_lsb_tol.update({name: 4 for name in BUILDERS if name.startswith(("table-", "add-different-scales"))})
+    model_lsb_tol.update({name: 4 for name in BUILDERS if name.startswith(("table-", "add-different-scales", "pad-channels"))})

@@ -89,6 +89,10 @@ class NumpyKernels:
     def concat(parts) -> np.ndarray:
         return np.concatenate(parts, axis=1)
 
+    @staticmethod
+    def pad_channels(x, before: int, after: int) -> np.ndarray:
+        return np.pad(x, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
+
 
 #: Every integer below this magnitude is exact in float32 (24-bit significand)
 FLOAT32_EXACT = 2 ** 24
@@ -214,6 +218,10 @@ class TorchKernels:
     def concat(parts) -> torch.Tensor:
         return torch.cat(parts, dim=1)
 
+    @staticmethod
+    def pad_channels(x, before: int, after: int) -> torch.Tensor:
+        return F.pad(x, (0, 0) * (x.dim() - 2) + (before, after))
+
 
 def quantize_input(x, node: IntNode):
     """Real network input -> integers on the input node's grid (round half to even, saturate)."""
@@ -255,6 +263,9 @@ def step(node: IntNode, args: list, k) -> object:
         return _finish(args[0], node)
     if op == "slice":  # channels start:stop, rescaled onto the slice's grid
         return _finish(args[0][:, node.attrs["start"]:node.attrs["stop"]], node)
+    if op == "pad":  # the input rescaled onto its channels of the output grid, zero channels around them
+        inner = requantize(args[0], p["requant"], p["lo"], p["hi"], p.get("post_shift"))
+        return k.pad_channels(inner, node.attrs["before"], node.attrs["after"])
     if op == "maxpool":
         return k.maxpool(args[0], node.attrs)
     if op == "avgpool":

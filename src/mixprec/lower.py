@@ -177,6 +177,13 @@ def channel_slice(a, start: int, stop: int) -> np.ndarray:
     return a if a.ndim == 0 or a.shape[0] == 1 else a[start:stop]
 
 
+def channel_window(grid: OutputGrid, start: int, stop: int) -> OutputGrid:
+    """``grid`` restricted to channels ``start:stop`` (its per-tensor entries as they are)."""
+    return OutputGrid(grid.scale, channel_slice(grid.bits, start, stop), grid.signed, channel_slice(grid.lo, start, stop),
+                      channel_slice(grid.hi, start, stop), channel_slice(grid.elem_scale, start, stop),
+                      None if grid.post_shift is None else channel_slice(grid.post_shift, start, stop))
+
+
 def lower_concat(in_scales: list[float], in_channels: list[int], grid: OutputGrid, kind: str) -> dict:
     """Per input ``i``: the rescale of its integers onto its channels of the output grid
     (``requant_i``) and those channels' clamp (``lo_i``, ``hi_i``) and storage shift (``post_shift_i``)."""
@@ -297,6 +304,10 @@ def lower(graph: Graph, weights: dict, weight_qparams: dict, act_qparams: dict, 
             params = lower_table(node, grid_seen_by(graph, node.inputs[0], src_grid[0]), grid)
         elif node.op in ("act", "slice"):
             params = {"requant": make_requant(src_grid[0].scale / grid.elem_scale, kind)}
+        elif node.op == "pad":  # the input's channels onto theirs of the output grid, as one input of a concat
+            kept = (node.attrs["before"], node.out_shape[0] - node.attrs["after"])
+            params = {k[:-2]: v for k, v in lower_concat([src_grid[0].scale], [kept[1] - kept[0]],
+                                                         channel_window(grid, *kept), kind).items()}
         nodes.append(IntNode(node.name, node.op, list(node.inputs), dict(node.attrs), node.out_shape, grid, params))
     out_scale = grids[graph.grid_source(graph.output)].scale
     return IntGraph(nodes, graph.output, numerics, out_scale)

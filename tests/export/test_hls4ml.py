@@ -146,7 +146,8 @@ class _Gated(torch.nn.Module):
 @pytest.mark.parametrize("builder,message", [("table-sigmoid", "node '1': sigmoid is deployed as a lookup table"),
                                              ("gated", "node 'mul': a product"),
                                              ("conv2d-same-even", "node '0': padding one side more"),
-                                             ("avgpool2d-padded", "node '1': average pooling with padding")])
+                                             ("avgpool2d-padded", "node '1': average pooling with padding"),
+                                             ("pad-channels-then-conv", "node '0.pad': zero channels")])
 def test_what_hls4ml_cannot_take_is_refused_by_name(tmp_path, builder, message):
     from mixprec.convert import convert
     from test_exactness import BUILDERS

@@ -571,6 +571,58 @@ class ShuffleUnit(nn.Module):
         return self.fc(out.mean([2, 3]))
 
 
+class LambdaLayer(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+class OptionABlock(nn.Module):
+    """The CIFAR ResNet's basic block as the widely copied ResNet-20/32/56 code writes it: bias-free
+    convs, ``out += shortcut(x)``, and when the shape changes the parameter-free "option A" shortcut,
+    a lambda that keeps every other position and pads zero channels on both sides."""
+
+    def __init__(self, in_planes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = LambdaLayer(lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4),
+                                                        "constant", 0))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class CifarResNetA(nn.Module):
+    """A three-stage CIFAR ResNet with option-A shortcuts, the final pooling sized by ``out.size()[3]``."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer1 = OptionABlock(8, 8)
+        self.layer2 = OptionABlock(8, 16, stride=2)
+        self.layer3 = OptionABlock(16, 32, stride=2)
+        self.linear = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.avg_pool2d(out, out.size()[3])
+        out = out.view(out.size(0), -1)
+        return self.linear(out)
+
+
 CORPUS = {
     "tutorial-net": (TutorialNet, (1, 28, 28)),
     "mnist-example": (MnistExample, (1, 16, 16)),
@@ -601,6 +653,7 @@ CORPUS = {
     "se-resnet": (SEResNet, (1, 8, 8)),
     "mobilenet-v3-se": (MobileNetV3SE, (1, 8, 8)),
     "shuffle-unit": (ShuffleUnit, (1, 8, 8)),
+    "cifar-resnet-option-a": (CifarResNetA, (3, 16, 16)),
 }
 
 

@@ -58,6 +58,7 @@ def requant_steps(graph: Graph, assignment: BitAssignment, name: str) -> int:
       the output's scales over its channels)
     - act: one rescale from input to output grid: max(input scales, output scales)
     - slice: its channels of the input's common grid rescaled onto its own: output scales
+    - pad: the input rescaled onto its channels of the output grid, as one input of a concat
     - input, maxpool, avgpool, flatten: none (the input is quantized by the caller; the others keep
       their input's grid: average pooling divides by its window size, a constant of the kernel)
     - table: none (its lookup tables, ``table_bytes_of``, hold outputs already on the output grid)
@@ -73,6 +74,8 @@ def requant_steps(graph: Graph, assignment: BitAssignment, name: str) -> int:
         return sum(ins) + out
     if node.op == "slice":  # the input's common grid onto the slice's own: one step per output scale
         return out
+    if node.op == "pad":  # the zero channels need no rescale
+        return max(ins[0], concat_out_scales(node, out, 0))
     if node.op == "concat":  # each input rescaled onto its channels of the output grid
         return sum(max(i, concat_out_scales(node, out, k)) for k, i in enumerate(ins))
     return max(ins + [out])

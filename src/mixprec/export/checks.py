@@ -150,6 +150,11 @@ def int32_bounds(ig: IntGraph) -> list[Bound]:
             if p["requant"].kind == "tflm" and np.max(p["requant"].shift) > 0:
                 acc_full = _full(acc.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
                 add(node, "requantization input x * 2**left_shift", acc_full * _left(p["requant"].shift, shape))
+        elif node.op == "pad":
+            x, rq = _absmax(ranges[node.inputs[0]]), p["requant"]
+            add(node, "input", x)
+            if rq.kind == "tflm" and np.max(rq.shift) > 0:
+                add(node, "requantization input x * 2**left_shift", x * _left(rq.shift, x.shape))
         elif node.op in ("act", "slice"):
             x = _absmax(ranges[node.inputs[0]])
             if node.op == "slice":

@@ -421,6 +421,9 @@ def _plan(ig: IntGraph):
         elif op == "slice":
             raise ExportError(f"node {node.name!r}: a channel slice has no hls4ml layer in its PyTorch converter; "
                               f"export this model to C or QONNX")
+        elif op == "pad":
+            raise ExportError(f"node {node.name!r}: zero channels (F.pad along the channels) have no hls4ml layer in "
+                              f"its PyTorch converter; export this model to C or QONNX")
         elif op == "mul":
             raise ExportError(f"node {node.name!r}: a product (squeeze-and-excitation) has no exact hls4ml layer here "
                               f"(hls4ml multiplies tensors of one shape, in its own result type); export this model to "

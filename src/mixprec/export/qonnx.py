@@ -409,6 +409,10 @@ class _Program(nn.Module):
                 if op == "slice":  # a Slice of channels, then the requantization onto its grid
                     x_in = x_in[:, node.attrs["start"]:node.attrs["stop"]]
                 env[name] = self._typed(name, self._requant(name, x_in, p["kind"]), p["spec"])
+            elif op == "pad":  # the input requantized onto its channels of the grid, zero channels around (Pad)
+                y = self._requant(name, env[node.inputs[0]].to(torch.int64), p["kind"])
+                y = F.pad(y, (0, 0) * (y.dim() - 2) + (node.attrs["before"], node.attrs["after"]))
+                env[name] = self._typed(name, y, p["spec"])
             elif op == "mul":  # codes multiplied in int64 (a per-channel vector unsqueezed), then requantized
                 a, c = (env[i].to(torch.int64) for i in node.inputs)
                 while c.dim() < a.dim():
@@ -530,7 +534,7 @@ def plan_program(inp: ExportInput) -> _Plan:
             if len(groups) > 1:
                 plan.notes.append(f"{node.name}: output channels split into {len(groups)} Conv/Gemm nodes by weight "
                                   f"width ({[g.bits for g in groups]}), one Quant per width")
-        elif op in ("act", "slice"):
+        elif op in ("act", "slice", "pad"):
             src = plan.max_abs[node.inputs[0]]
             if _requant_bound(node.params["requant"], src) >= INT64_SAFE:
                 raise ExportError(f"node {node.name!r}: requantization intermediates could overflow int64")

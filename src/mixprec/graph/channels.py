@@ -9,13 +9,13 @@ A weighted layer's output channel at 0 bits is *pruned*. A channel of a tensor i
   depthwise channel; a dense layer left without live inputs is no model and keeps its channels);
   at an add output while the channel of any input is live; through pooling, ``act`` and flatten
   unchanged, and through a lookup table (``table``) whose function maps 0 to 0; at a concat,
-  product or channel slice output, or a table's that maps 0 elsewhere (sigmoid: a pruned channel becomes a constant
+  product, channel slice or channel pad output, or a table's that maps 0 elsewhere (sigmoid: a pruned channel becomes a constant
   0.5), always (they are producers of new channels);
 - *alive* (stored, hence read): while the channel is live at any producer *tied* to it. The
   producers (input, conv, linear) whose outputs meet at an add, directly or through pooling,
   ``act`` or other adds, form a *tie group*: channel ``c`` of every tensor of the group is kept
   while any one of them carries channel ``c``, so a pruned channel frees its consumers' weight
-  columns only when every tied channel is pruned. A tie group a concat, product, slice or such a table reads is
+  columns only when every tied channel is pruned. A tie group a concat, product, slice, pad or such a table reads is
   *pinned*: every channel stays alive (a pruned one at 0 bits with a zero bias), since the concat's
   output keeps a place for each channel of each input (the table's a constant of each).
 
@@ -53,15 +53,15 @@ CHANNEL_PRESERVING_OPS = ("maxpool", "avgpool", "act", "table")
 
 def produces_channels(node: Node) -> bool:
     """Whether ``node``'s output channels are new (its own tie group, every channel live): the input,
-    conv / linear, concat, a product, a channel slice, and a lookup table that does not map 0 to 0."""
-    return node.op in PRODUCER_OPS or node.op in ("mul", "slice") or \
+    conv / linear, concat, a product, a channel slice or pad, and a lookup table that does not map 0 to 0."""
+    return node.op in PRODUCER_OPS or node.op in ("mul", "slice", "pad") or \
         (node.op == "table" and not maps_zero_to_zero(node.attrs))
 
 
 def pins_inputs(node: Node) -> bool:
-    """Whether ``node`` keeps every channel of its inputs alive: a concat, a product, a slice, a table
+    """Whether ``node`` keeps every channel of its inputs alive: a concat, a product, a slice, a pad, a table
     that maps 0 elsewhere."""
-    return node.op in ("concat", "mul", "slice") or (node.op == "table" and not maps_zero_to_zero(node.attrs))
+    return node.op in ("concat", "mul", "slice", "pad") or (node.op == "table" and not maps_zero_to_zero(node.attrs))
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,12 @@ SUPPORTED = (
     "parameters); Flatten, torch.flatten(x, 1), x.view(x.size(0), -1), reshape / squeeze to (batch, "
     "features); x.mean((2, 3)) as global average pooling; residual add (a + b, torch.add, +=); "
     "torch.cat along channels (dim=1); channel slices (x[:, a:b], torch.split, torch.chunk along dim 1); "
+    "position steps (x[:, :, ::2, ::2]); "
     "products of two tensors of one shape, or of a tensor and a per-channel vector (squeeze-and-excitation: "
     "x * s.view(b, c, 1, 1)); LeakyReLU, Sigmoid, Tanh, Hardswish, Hardsigmoid, SiLU, GELU, ELU (modules "
     "and functions, as 256-entry lookup tables on 8-bit codes); zero padding (F.pad, nn.ZeroPad2d, "
-    "nn.ConstantPad*d with 0) folded into the convolution reading it; a softmax or log_softmax at the "
+    "nn.ConstantPad*d with 0) folded into the convolution reading it, and zero channels "
+    "added (F.pad(x, (0, 0, 0, 0, a, b))); a softmax or log_softmax at the "
     "output (left out: the deployed model returns the logits)"
 )
 
@@ -263,14 +265,25 @@ class _Builder:
 
     def pad(self, n: fx.Node, pads, mode: str = "constant", value: float = 0.0) -> None:
         """Zero padding of the tensor (``F.pad``, ``nn.ZeroPad2d``, ``nn.ConstantPad*d`` with 0): folded
-        into the convolution that reads it (the same zeros), each side of each dim as given."""
+        into the convolution that reads it (the same zeros), each side of each dim as given; zero
+        channels added before and after the input's (``F.pad(x, (0, 0, 0, 0, a, b))``, the CIFAR
+        ResNets' parameter-free shortcut): a ``pad`` node."""
         sides = 2 * (len(self.shape(n)) - 1)
         pads = list(_pair(pads, sides))  # (left, right[, top, bottom]): last dim first, earlier dims may be left out
-        if len(pads) > sides:
-            self.fail(n, f"padding {tuple(pads)} pads the batch or channel dim")
-        pads += [0] * (sides - len(pads))
+        if len(pads) > sides + 2:
+            self.fail(n, f"padding {tuple(pads)} pads the batch dim")
+        pads += [0] * (sides + 2 - len(pads))
+        pads, channels = pads[:sides], pads[sides:]
         if mode != "constant" or value != 0:
             self.fail(n, f"only zero padding folds into the next convolution (this one: {mode}, {value})")
+        if any(channels):
+            if any(pads) or any(c < 0 for c in channels):
+                self.fail(n, f"padding {tuple(pads + channels)}: zero channels are added alone (no cropping, no "
+                             "spatial padding in the same call: pad the positions in a call of their own)")
+            self.add(n, "pad", [self.src(n.args[0])], attrs={"before": int(channels[0]), "after": int(channels[1]),
+                                                           "activation": "identity", "act_min": float("-inf"),
+                                                           "act_max": float("inf")})
+            return
         users = self._fx_users(n)
         to_conv = all(u.op == "call_module" and isinstance(self.modules[u.target], (nn.Conv1d, nn.Conv2d))
                       or u.target in (F.conv1d, F.conv2d) for u in users)
@@ -347,6 +360,7 @@ class _Builder:
         by PyTorch's names); what the integer kernels cannot do is refused by name."""
         src = self.src(n.args[0])
         in_shape = self._ir(src).out_shape
+        a = {k: self.static(n, v) for k, v in a.items()}  # F.avg_pool2d(x, x.size()[3])
         if kind == "adaptive":
             out = _pair(a["output_size"], dims)
             spatial = in_shape[1:]
@@ -373,6 +387,22 @@ class _Builder:
         if kind == "avgpool" and any(padding) and not a.get("count_include_pad", True):
             attrs["count_include_pad"] = False  # the mean of the window's elements inside the input
         self.add(n, kind, [src], attrs=attrs)
+
+    def static(self, n: fx.Node, value):
+        """An argument of ``n`` as a constant: a shape query of a tensor (``x.size()[3]``, ``x.shape[2]``)
+        is its traced value, a tuple or list one element at a time; any other computed value is refused."""
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.static(n, v) for v in value)
+        if not isinstance(value, fx.Node):
+            return value
+        if not _is_shape_query(value):
+            self.fail(n, f"its argument {value.name!r} is computed from tensors; give a constant")
+        if value.op == "call_function" and value.target is operator.getitem:
+            return self.static(n, value.args[0])[value.args[1]]
+        shape = tuple(value.args[0].meta["tensor_meta"].shape)
+        if value.op == "call_method" and (len(value.args) > 1 or "dim" in value.kwargs):
+            return shape[value.kwargs.get("dim", value.args[1] if len(value.args) > 1 else None)]
+        return shape
 
     def global_mean(self, n: fx.Node) -> None:
         """``x.mean((2, 3))`` (``keepdim`` either way) over every spatial dim: global average pooling,
@@ -479,9 +509,12 @@ class _Builder:
             items = index if isinstance(index, tuple) else (index,)
             items = [i for i in items if i is not Ellipsis] if items and items[-1] is Ellipsis else list(items)
             rest = items[2:]
+            if items[:2] == [slice(None)] * 2 and rest and self.subsample(n, source, rest):
+                return
             if len(items) < 2 or items[0] != slice(None) or not isinstance(items[1], slice) \
                     or any(i != slice(None) for i in rest) or items[1].step not in (None, 1):
-                self.fail(n, "only channel slices x[:, a:b] (no step, every other dim whole) are supported")
+                self.fail(n, "only channel slices x[:, a:b] (no step, every other dim whole) and position "
+                                 "steps x[:, :, ::2, ::2] are supported")
             start, stop, _ = items[1].indices(self.shape(source)[0])
         src = self.src(source)
         if (start, stop) == (0, self._ir(src).out_shape[0]):
@@ -489,6 +522,22 @@ class _Builder:
             return
         self.add(n, "slice", [src], attrs={"start": int(start), "stop": int(stop), "activation": "identity",
                                           "act_min": float("-inf"), "act_max": float("inf")})
+
+    def subsample(self, n: fx.Node, source: fx.Node, items: list) -> bool:
+        """``x[:, :, ::s]`` / ``x[:, :, ::s, ::t]`` (every position from the first, in steps): a max
+        pooling of one-element windows at those strides, the same values. False if it is no such index."""
+        dims = len(self.shape(source)) - 1
+        whole = [slice(None)] * (dims - len(items))
+        if len(items) > dims or not all(isinstance(i, slice) and i.start in (None, 0) and i.stop is None
+                                        and (i.step or 1) >= 1 for i in items):
+            return False
+        stride = tuple(int(i.step or 1) for i in items + whole)
+        if stride == (1,) * dims:
+            self.alias(n, source)
+        else:
+            self.add(n, "maxpool", [self.src(source)], attrs={"dims": dims, "kernel_size": (1,) * dims,
+                                                               "stride": stride, "padding": (0,) * dims})
+        return True
 
     def concat(self, n: fx.Node) -> None:
         """``torch.cat`` of two or more tensors along the channel dim (dim 1 of the batch-first

@@ -19,7 +19,7 @@ from math import prod
 # Ops that carry weights (and so a weight quantizer, a bias and requantization).
 WEIGHTED_OPS = ("conv", "linear")
 # Ops whose output lives on a new grid (they own an output quantizer).
-REQUANTIZING_OPS = ("input", "conv", "linear", "add", "mul", "concat", "slice", "table", "act")
+REQUANTIZING_OPS = ("input", "conv", "linear", "add", "mul", "concat", "slice", "pad", "table", "act")
 # Ops whose output keeps the grid and bits of their input (no quantizer of their own;
 # average pooling divides its integer window sum back onto the input grid).
 PASSTHROUGH_OPS = ("maxpool", "avgpool", "flatten")
@@ -42,6 +42,8 @@ class Node:
                a per-channel vector (C,) broadcast over the first's positions)
       concat:  activation, act_min, act_max   (inputs joined along dim 0, the channels, in order)
       slice:   start, stop (channels of the input), activation, act_min, act_max   (a copy onto its own grid)
+      pad:     before, after (zero channels added before and after the input's), activation, act_min,
+               act_max   (the input's channels copied onto its own grid between them)
       table:   function (a name of graph.functions), its parameters (negative_slope, approximate,
                alpha), activation, act_min, act_max   (an elementwise function as a lookup table)
       act:     activation, act_min, act_max   (a standalone activation that could not be fused)

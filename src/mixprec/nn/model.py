@@ -221,6 +221,8 @@ class QuantModel(nn.Module):
             y = table_function(a)(args[0])
         elif op == "slice":
             y = args[0][:, a["start"]:a["stop"]]
+        elif op == "pad":  # zeros lie on every grid: padding before or after the requantization is the same
+            y = F.pad(args[0], (0, 0) * (args[0].dim() - 2) + (a["before"], a["after"]))
         else:  # act
             y = args[0]
         y = _ACTIVATIONS[a["activation"]](y, a.get("act_min"), a.get("act_max"))

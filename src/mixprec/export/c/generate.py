@@ -299,6 +299,8 @@ def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, 
             e.calls.append(f"    mp_act_run(&{desc});")
         elif node.op == "concat":
             row["param_bytes"] = _concat(e, node, desc)
+        elif node.op == "pad":
+            row["param_bytes"] = _pad(e, node, desc)
         elif node.op == "mul":
             n_cost = requant_steps(graph, assignment, node.name)
             rq, row["param_bytes"] = e.requant(node.params["requant"], shape, n_cost, node.name, node.name,
@@ -488,6 +490,25 @@ def _concat(e: _Emitter, node, desc: str) -> int:
                        f"{e.clamp(grid, shape)} }};")
         e.calls.append(f"    mp_act_run(&{desc}_{i});")
         start += numel
+    e.params += counted
+    return counted
+
+
+def _pad(e: _Emitter, node, desc: str) -> int:
+    """The input rescaled and stored into its channels of the output buffer (``mp_act_run`` from the
+    element where they begin), code 0 in the channels before and after; returns the requantization
+    bytes stored."""
+    p, src = node.params, node.inputs[0]
+    shape = tuple(e.ig[src].out_shape)
+    numel, total = int(np.prod(shape)), int(np.prod(node.out_shape))
+    start = node.attrs["before"] * int(np.prod(shape[1:]))
+    n_cost = requant_steps(e.graph, e.a, node.name)
+    rq, counted = e.requant(p["requant"], shape, n_cost, node.name, node.name, p.get("post_shift"), start)
+    grid = replace(node.grid, lo=p["lo"], hi=p["hi"])
+    e.decls.append(f"/* {_comment(node.name)}: zero channels around {_comment(src)} */\nstatic const mp_actfn {desc} = "
+                   f"{{ {e.act_ref(src)}, {e.act_ref(node.name)}, {numel}u, {start}u, 0u, {rq}, {e.clamp(grid, shape)} }};")
+    e.calls += [f"    mp_zero_run({e.act_ref(node.name)}, 0u, {start}u);", f"    mp_act_run(&{desc});",
+                f"    mp_zero_run({e.act_ref(node.name)}, {start + numel}u, {total - start - numel}u);"]
     e.params += counted
     return counted
 

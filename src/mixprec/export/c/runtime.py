@@ -449,5 +449,12 @@ static inline void mp_act_run(const mp_actfn *d) {
         mp_st_code(d->out, d->start + e, mp_clip(&d->cl, e, mp_requant(&d->rq, e, mp_ld(d->in, d->in_start + e))));
 }
 
+/* code 0 at out[start + e], e < numel: the zero channels a channel pad adds around its input's */
+static inline void mp_zero_run(const mp_act *out, uint32_t start, uint32_t numel) {
+    uint32_t e;
+    for (e = 0; e < numel; ++e)
+        mp_st_code(out, start + e, 0);
+}
+
 #endif /* MIXPREC_RUNTIME_H */
 """
