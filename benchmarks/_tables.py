@@ -24,7 +24,8 @@ def write_section(title: str, description: str, command: str, rows: list[str]) -
     DOC.write_text(text)
 
 
-def _cells(row: str) -> list[str]:
+def row_cells(row: str) -> list[str]:
+    """The cells of a markdown table row, stripped."""
     return [c.strip() for c in row.strip().strip("|").split("|")]
 
 
@@ -40,7 +41,7 @@ def merge_rows(title: str, rows: list[str], key_cells: int, order: list[tuple]) 
     none of them has: a table keeps rows whose runs live on another machine (their command
     reproduces them). Sorted by ``order`` (a list of keys), unknown keys last in written order."""
     def key(row: str) -> tuple:
-        return tuple(_cells(row)[:key_cells])
+        return tuple(row_cells(row)[:key_cells])
 
     merged = {key(r): r for r in table_rows(title)}
     merged.update({key(r): r for r in rows})

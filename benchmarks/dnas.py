@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _runs import command_file, run_trial  # noqa: E402
-from _tables import merge_rows, write_section  # noqa: E402
+from _tables import row_cells, merge_rows, write_section  # noqa: E402
 
 from mixprec.cost.keys import BY_NAME  # noqa: E402
 from mixprec.granularity import expand  # noqa: E402
@@ -102,7 +102,7 @@ TASKS = {
         dict(model="lenet5", data="mnist", target="mpic", float_epochs=10, qat_epochs=8, budget_epochs=2,
              batch_size=128, lr=2e-3, qat_lr=5e-4),
         _budgets("per-channel", "flash", "40KiB", "24KiB", "16KiB", "10KiB", "6KiB", "4KiB", "3KiB", "2.5KiB", "2.25KiB",
-                 "2KiB", "1.5KiB", "1.25KiB", "1KiB", "0.875KiB", "0.75KiB")
+                 "2KiB", "1.5KiB", "1.25KiB", "1KiB", "0.875KiB", "0.8125KiB", "0.75KiB")
         + _budgets("per-tensor", "flash", "40KiB", "24KiB", "20KiB", "16KiB")  # 2-bit weights everywhere: 16.0 KiB
         + _budgets("per-channel", "flash", "40KiB", "24KiB", "16KiB", "10KiB", "6KiB", "4KiB", "3KiB", "2KiB", "1.5KiB",
                    **PAPER)
@@ -183,33 +183,45 @@ def savings(channel: list[dict], layer: list[dict], key: str) -> list[str]:
     """For each layer-wise result, the cheapest channel-wise one at least as accurate: what it saves
     of ``key`` (the paper's comparison at equal accuracy)."""
     out = []
-    for lw in sorted(layer, key=lambda r: r["accuracy"]["quantized"]):
-        acc = lw["accuracy"]["quantized"]
-        cheaper = [c["cost"][key] for c in channel if c["accuracy"]["quantized"] >= acc]
+    for lw in sorted(layer, key=lambda r: r["accuracy"]):
+        acc = lw["accuracy"]
+        cheaper = [c[key] for c in channel if c["accuracy"] >= acc]
         if not cheaper:
             out.append(f"none as accurate as {acc:.2%}")
             continue
-        saved = 1 - min(cheaper) / lw["cost"][key]
+        saved = 1 - min(cheaper) / lw[key]
         out.append(f"{saved:.0%} less at {acc:.2%}" if saved >= 0 else f"{-saved:.0%} more at {acc:.2%}")
     return out
 
 
-def equal_accuracy(task: Task, runs: Path) -> list[str]:
-    """Lines under the table: channel-wise (the default, then each variant's rows) against
-    layer-wise at equal accuracy, FLASH and energy; a variant against layer-wise with the same
-    options where the table has them, else against the default's."""
+def _measured(row: str) -> tuple[str, dict]:
+    """A table row's search label and its figures (accuracy, FLASH bytes, energy)."""
+    cells = row_cells(row)
+    number = lambda text: float(text.rstrip("%").replace(",", ""))  # noqa: E731
+    return cells[0], {"accuracy": number(cells[2]) / 100, "flash": number(cells[4]), "energy": number(cells[5])}
+
+
+def equal_accuracy(task: Task, rows: list[str]) -> list[str]:
+    """Lines under the table, from its rows (those measured before included): channel-wise (the
+    default, then each variant's rows) against layer-wise at equal accuracy, FLASH and energy; a
+    variant against layer-wise with the same options where the table has them, else against the
+    default's."""
     found = {}
     for b in task.budgets:
-        path = task.run_dir(runs, b) / "result.json"
-        if path.exists():
-            found.setdefault((b.granularity, b.options), []).append(json.loads(path.read_text()))
+        found.setdefault((b.granularity, b.options), [])
+    by_search = {}
+    for row in rows:
+        label, figures = _measured(row)
+        by_search.setdefault(label, []).append(figures)
     lines = []
-    for (granularity, options), channel in found.items():
-        layer = found.get(("per-tensor", options)) or found.get(("per-tensor", ()))
-        if granularity != "per-channel" or not layer or len(channel) < 2:  # a single variant row is no front
+    for granularity, options in found:
+        search = lambda g: " ".join([f"dnas {g}"] + [f"{k}={v}" for k, v in options])  # noqa: E731
+        channel = by_search.get(search("per-channel"), []) if granularity == "per-channel" else []
+        layer = by_search.get(search("per-tensor")) or by_search.get("dnas per-tensor")
+        if not layer or len(channel) < 2:  # a single variant row is no front
             continue
-        parts = [f"{label} {', '.join(savings(channel, layer, key))}" for label, key in (("FLASH", "flash_bytes"),
-                                                                                      ("energy", "energy_uj"))]
+        parts = [f"{label} {', '.join(savings(channel, layer, key))}" for label, key in (("FLASH", "flash"),
+                                                                                      ("energy", "energy"))]
         which = "Channel-wise" + (f" ({' '.join(f'{k}={v}' for k, v in options)})" if options else "")
         lines += ["", f"{which} against layer-wise at equal accuracy (for each layer-wise row, the cheapest channel-wise "
                   "row at least as accurate), measured on the rows above: " + "; ".join(parts) + "."]
@@ -227,8 +239,8 @@ def table(args) -> None:
     header = ["| search | budget | test acc (integer-exact) | weight bits | FLASH B | energy uJ | feasible | "
               "channels pruned | command |", "|---|---|---|---|---|---|---|---|---|"]
     command = "python benchmarks/dnas.py" + ("" if args.task == "lenet5-mnist" else f" --task {args.task}")
-    write_section(task.title, task.about, command,
-                  header + merge_rows(task.title, rows, 2, order) + equal_accuracy(task, args.runs))
+    merged = merge_rows(task.title, rows, 2, order)
+    write_section(task.title, task.about, command, header + merged + equal_accuracy(task, merged))
 
 
 def main() -> None:
