@@ -61,6 +61,18 @@ def test_unknown_layers_and_widths_are_named(evaluator):
         evaluator.evaluate({"weights": {"conv1.0": 3}})
 
 
+def test_an_activation_narrowed_to_few_bits_takes_a_fitted_range(evaluator):
+    """The start's ranges are calibrated at 8 bits (the max); a candidate that narrows an activation
+    to 2 bits refits its range (the least-squares clip, smaller), and every other one keeps the start's."""
+    start = {q: float(a.running_max) for q, a in evaluator.qm.act_quantizers.items()}
+    evaluator.evaluate({"acts": {"conv2.0": 2}})
+    after = {q: float(a.running_max) for q, a in evaluator.qm.act_quantizers.items()}
+    assert after["conv2.0"] < start["conv2.0"]
+    assert {q: v for q, v in after.items() if q != "conv2.0"} == {q: v for q, v in start.items() if q != "conv2.0"}
+    wide = evaluator.evaluate({"acts": {"conv2.0": 8}})  # the next candidate starts from the start's range again
+    assert float(evaluator.qm.act_quantizers["conv2.0"].running_max) == start["conv2.0"] and wide.accuracy > 0.8
+
+
 def _evaluate(evaluator, candidate):
     return evaluator.evaluate(candidate)
 
