@@ -43,6 +43,7 @@ import io
 import keyword
 import logging
 import math
+import operator
 import os
 import shutil
 import tempfile
@@ -100,8 +101,9 @@ class _Tensor:
         return max(abs(self.lo), abs(self.hi))
 
 
-#: Merges are functions, not modules: hls4ml names each after its torch.fx node (``add``, ``cat_1``)
-_MERGE_FUNCTIONS = {"add": "add", "concat": "cat"}
+#: Merges are functions, not modules: per graph op, the name hls4ml gives each after its torch.fx node
+#: (``add``, ``cat_1``) and the functions the real-valued network calls for it (which fx records)
+_MERGES = {"add": ("add", (operator.add, torch.add)), "concat": ("cat", (torch.cat,))}
 
 
 class _RealNet(nn.Module):
@@ -155,9 +157,9 @@ def _layer_keys(ig: IntGraph) -> dict:
             texts[(n.name, "relu")] = f"{n.name}_relu"
         if n.grid is not None:
             texts[(n.name, "quant")] = f"{n.name}_quant"
-    n_merges = sum(n.op in _MERGE_FUNCTIONS for n in ig.nodes)
+    n_merges = sum(n.op in _MERGES for n in ig.nodes)
     reserved = (set(keyword.kwlist) | set(dir(builtins)) | set(dir(_RealNet)) | {"order", "output", "x"}
-                | {f"{fx}{'' if i == 0 else f'_{i}'}" for fx in _MERGE_FUNCTIONS.values() for i in range(n_merges + 1)})
+                | {f"{fx}{'' if i == 0 else f'_{i}'}" for fx, _ in _MERGES.values() for i in range(n_merges + 1)})
     return identifiers(texts, reserved, lower=True)
 
 
@@ -442,14 +444,11 @@ def _name_merges(model: nn.Module, ig: IntGraph, names: dict, precision: dict, n
     """Sums and concatenations are functions, not modules: hls4ml names them after torch.fx's nodes
     (``add``, ``add_1``, ``cat``...).
     A module's layer is named after its fx node, which must be its own name (weights are looked up by it)."""
-    import operator
-
     traced = torch.fx.symbolic_trace(model)
     renamed = [(n.target, n.name) for n in traced.graph.nodes if n.op == "call_module" and n.name != n.target]
     if renamed:
         raise ExportError(f"torch.fx renames the hls4ml layers {renamed}; their weights and types would be lost")
-    targets = {"add": (operator.add, torch.add), "concat": (torch.cat,)}
-    for op, functions in targets.items():
+    for op, (_, functions) in _MERGES.items():
         fx_nodes = [n.name for n in traced.graph.nodes if n.op == "call_function" and n.target in functions]
         ours = [n for n in ig.nodes if n.op == op]
         joins = [len(n.inputs) - 1 for n in ours]  # fx nodes per node: one per pairwise join
