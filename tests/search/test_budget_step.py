@@ -402,3 +402,19 @@ def test_a_fill_with_no_fine_tune_after_it_never_raises_the_measured_loss(seed):
     r = bs.budget_step(qm, "fpga-hls4ml", budget, x_val=x, y_val=y, fill=True)
     assert r.feasible and r.fill in ("milp", "greedy", "verified", "none")
     assert loss() <= before and (r.fill == "none") == (not r.changes)
+
+
+def test_an_activation_the_step_cuts_to_few_bits_takes_a_range_for_them(digits):
+    """A RAM limit only narrow activations meet: each one the step lowers to 4 bits or fewer observes
+    its range again (the least-squares clip), the ones it leaves keep theirs."""
+    qm = mixprec.quantize(get_model("digits-cnn"), "cortex-m7", (1, 8, 8), bits=8)
+    qm.calibrate([digits.x_train[:256]])
+    before = {n: (float(q.running_max), float(q.bits().max())) for n, q in qm.act_quantizers.items()}
+    full = mixprec.cost_report(qm, "cortex-m7").totals
+    r = bs.budget_step(qm, "cortex-m7", Budget(ram_bytes=int(full["ram_bytes"] * 0.3)), x_val=digits.x_val,
+                       y_val=digits.y_val)
+    assert r.feasible
+    cut = [n for n, q in qm.act_quantizers.items() if float(q.bits().max()) <= 4 < before[n][1]]
+    assert cut and all(float(qm.act_quantizers[n].running_max) < before[n][0] for n in cut)
+    kept = [n for n, q in qm.act_quantizers.items() if float(q.bits().max()) == before[n][1]]
+    assert all(float(qm.act_quantizers[n].running_max) == before[n][0] for n in kept)

@@ -374,6 +374,29 @@ def _range_top(hi: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return (hi.double() * step.double()).float()
 
 
+def refit_narrow_acts(qm, batches, names=None) -> None:
+    """Observe afresh, on ``batches``, the range of every per-tensor ``ActQuantizer`` of ``qm`` at
+    ``ACT_FIT_MAX_BITS`` or fewer (of ``names`` only, when given): its least-squares clip at its width.
+    Every quantizer observes afterwards as it did before. A range observed or learned at 8 bits spans
+    the max, which at 2 bits rounds most activations to 0."""
+    narrow = [q for name, q in qm.act_quantizers.items()
+              if (names is None or name in names) and isinstance(q, ActQuantizer) and q.fit_narrow
+              and not q.running_min.dim() and float(q.bits().amax()) <= ACT_FIT_MAX_BITS]
+    if not narrow:
+        return
+    was = [(m, m.observing) for m in qm.modules() if isinstance(m, Quantizer)]
+    freeze_observers(qm)
+    for q in narrow:
+        q.observed.fill_(False)
+        q.set_observing(True)
+    try:
+        with torch.no_grad():
+            qm.calibrate(batches)
+    finally:
+        for m, on in was:
+            m.set_observing(on)
+
+
 def freeze_observers(module: nn.Module, frozen: bool = True) -> None:
     """Stop (or restart) range tracking in every quantizer with an observer, e.g. for fine-tuning."""
     for m in module.modules():

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ..cost import Target
 from ..cost.bits import BitAssignment
 from ..cost.tables import CostTables, build_tables, cap_all
-from ..quantizers.fixed import ACT_FIT_MAX_BITS, ActQuantizer, freeze_observers
+from ..quantizers.fixed import freeze_observers, refit_narrow_acts
 from .config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -162,23 +162,6 @@ class CandidateEvaluator:
         for i in range(0, len(self.y_val), batch_size):
             correct += int((qm(self.x_val[i:i + batch_size]).argmax(1) == self.y_val[i:i + batch_size]).sum())
         return correct / max(len(self.y_val), 1)
-
-
-def refit_narrow_acts(qm, batches) -> None:
-    """Observe afresh, on ``batches``, the range of every observed activation at ``ACT_FIT_MAX_BITS``
-    or fewer (its least-squares clip at its width: ``ActQuantizer``), then freeze every observer. A
-    range calibrated at 8 bits is the max, which at 2 bits rounds most activations to 0."""
-    narrow = [q for q in qm.act_quantizers.values()
-              if isinstance(q, ActQuantizer) and q.fit_narrow and float(q.bits().amax()) <= ACT_FIT_MAX_BITS]
-    freeze_observers(qm)
-    if not narrow:
-        return
-    for q in narrow:
-        q.observed.fill_(False)
-        q.set_observing(True)
-    with torch.no_grad():
-        qm.calibrate(batches)
-    freeze_observers(qm)
 
 
 def widest_tables(qm, target: Target) -> CostTables:

@@ -115,6 +115,7 @@ from ...cost.deployed import cost_report
 from ...cost.targets import as_target
 from .bits import (_EPS, _apply, _apply_all, _bits_snapshot, _broadcast_bits, _changes, _padded, _restore, _set_bits,
                    _snap, _snap_model, _supported)
+from ...quantizers.fixed import refit_narrow_acts
 from .fill import fill_budget
 from .problem import (_Act, _Layer, _Problem, _apply_choice, _build, _calibrated, _cycles_per_uj, _limits,
                       _tighten, _weight_candidates, _wider_can_be_faster, _with_in_shapes)
@@ -308,6 +309,9 @@ def _budget_step(qm, t: Target, budget: Budget, x_val, y_val, fine_tune, solver,
         filled, more = _fill(qm, t, budget, x_val, y_val, fill_samples, batch_size, solver, max_iterations, time_limit,
                              trained_after=fine_tune is not None)
         iterations, kind = iterations + more, "measured"
+    if x_val is not None:  # an activation cut to a few bits takes the range that suits them
+        narrowed = {c["name"] for c in _changes(before, qm) if c["kind"] == "activation"}
+        refit_narrow_acts(qm, torch.split(x_val[:1024].cpu(), batch_size), narrowed)
     if fine_tune is not None and (fine_tune_always or solver_used != "none" or _changes(before, qm)):
         history = fine_tune(qm)
         qm.cpu()

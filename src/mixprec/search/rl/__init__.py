@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 
 from ...convert import quantize
-from ...quantizers import freeze_observers
+from ...quantizers.fixed import freeze_observers, refit_narrow_acts
 from ...cost.targets import weight_granularity_for
 from ...train import fit, load_checkpoint, save_checkpoint
 from ...train.loop import evaluate_accuracy
 from ..context import SearchContext
-from ..evaluator import EvaluatorSpec, apply_choice, choice_of, refit_narrow_acts, widest_tables
+from ..evaluator import EvaluatorSpec, apply_choice, choice_of, widest_tables
 from ..learned import measured_costs, meets, parse_options
 from ..methods import Method
 from ..saved import quantized_state, rebuild_quantized
