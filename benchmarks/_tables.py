@@ -47,3 +47,11 @@ def merge_rows(title: str, rows: list[str], key_cells: int, order: list[tuple]) 
     merged.update({key(r): r for r in rows})
     rank = {k: i for i, k in enumerate(order)}
     return sorted(merged.values(), key=lambda r: rank.get(key(r), len(rank)))
+
+
+COLLAPSED = " (DEGENERATE: collapsed, not a result)"
+
+
+def collapse_mark(result: dict) -> str:
+    """What a row adds to its accuracy when the run reports a collapse (``degenerate``): no result."""
+    return COLLAPSED if result.get("degenerate") else ""

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _runs import command_file, run_trial  # noqa: E402
-from _tables import row_cells, merge_rows, write_section  # noqa: E402
+from _tables import collapse_mark, merge_rows, row_cells, write_section  # noqa: E402
 
 from mixprec.cost.keys import BY_NAME  # noqa: E402
 from mixprec.granularity import expand  # noqa: E402
@@ -174,7 +174,7 @@ def row(run_dir: Path, label: str, budget: str) -> str:
     r = json.loads((run_dir / "result.json").read_text())
     pruned = (r.get("history", {}).get("dnas") or [{}])[-1].get("pruned_share")
     cmd = command_file(run_dir).read_text().strip()
-    return (f"| {label} | {budget} | {r['accuracy']['quantized']:.2%} | {weight_bits(run_dir) / 1000:,.1f}k | "
+    return (f"| {label} | {budget} | {r['accuracy']['quantized']:.2%}{collapse_mark(r)} | {weight_bits(run_dir) / 1000:,.1f}k | "
             f"{r['cost']['flash_bytes']:,} | {r['cost']['energy_uj']:.1f} | {'yes' if r['feasible'] else 'NO'} | "
             f"{'' if pruned is None else f'{pruned:.0%}'} | `{cmd}` |")
 
@@ -197,7 +197,7 @@ def savings(channel: list[dict], layer: list[dict], key: str) -> list[str]:
 def _measured(row: str) -> tuple[str, dict]:
     """A table row's search label and its figures (accuracy, FLASH bytes, energy)."""
     cells = row_cells(row)
-    number = lambda text: float(text.rstrip("%").replace(",", ""))  # noqa: E731
+    number = lambda text: float(text.split()[0].rstrip("%").replace(",", ""))  # noqa: E731
     return cells[0], {"accuracy": number(cells[2]) / 100, "flash": number(cells[4]), "energy": number(cells[5])}
 
 

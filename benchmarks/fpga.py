@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _runs import repo_relative, run_trial  # noqa: E402
-from _tables import merge_rows, write_section  # noqa: E402
+from _tables import COLLAPSED, merge_rows, write_section  # noqa: E402
 
 from mixprec.cost.compute import effective_bits  # noqa: E402
 from mixprec.data import load_dataset  # noqa: E402
@@ -233,7 +233,7 @@ def _our_front(run: Path) -> list[dict]:
 
 def _row(task, level, limit, run, acc, ebops, nominal, own, within, command, degenerate: bool = False) -> str:
     own_text = f"{own:,.0f}" if own is not None else ""
-    acc_text = f"{acc:.2%}" + (" (DEGENERATE: collapsed, not a result)" if degenerate else "")
+    acc_text = f"{acc:.2%}" + (COLLAPSED if degenerate else "")
     return (f"| {task} | {level} | {run} | {acc_text} | {ebops:,.0f} | {ebops / limit:.0%} | {nominal:,.0f} | {own_text} | "
             f"{'yes' if within else 'NO'} | {command} |")
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _runs import repo_relative, run_trial  # noqa: E402
-from _tables import merge_rows, write_section  # noqa: E402
+from _tables import collapse_mark, merge_rows, write_section  # noqa: E402
 
 from mixprec.cost import Budget, load_target  # noqa: E402
 from mixprec.models import get_model  # noqa: E402
@@ -204,7 +204,7 @@ def tables(args) -> None:
         if ref.exists():
             r = json.loads(ref.read_text())
             acc_rows.append(f"| {name} | none (reference) | uniform int8 | full | {r['accuracy']['float']:.2%} | "
-                            f"{r['accuracy']['quantized']:.2%}{_max_range_mark(r)} | "
+                            f"{r['accuracy']['quantized']:.2%}{_max_range_mark(r)}{collapse_mark(r)} | "
                             f"{r['cost']['flash_bytes']:,} | yes | 8.00 | `python benchmarks/uniform_int8.py` |")
         for budget_text in preset["budgets"]:
             for method in METHODS:
@@ -216,7 +216,7 @@ def tables(args) -> None:
                 mean_bits = _mean_bits(r)
                 float_acc = float_test_accuracy(out, r["accuracy"]["float"])
                 acc_rows.append(f"| {name} | {budget_text} | {method} | {_width(r['model'])} | "
-                                f"{float_acc:.2%} | {r['accuracy']['quantized']:.2%}{_max_range_mark(r)} | {r['cost']['flash_bytes']:,} | "
+                                f"{float_acc:.2%} | {r['accuracy']['quantized']:.2%}{_max_range_mark(r)}{collapse_mark(r)} | {r['cost']['flash_bytes']:,} | "
                                 f"{'yes' if r['feasible'] else 'NO'} | {mean_bits:.2f} | `{cmd}` |")
     header = ["| model | FLASH budget | method | model width | float test acc (start) | test acc (integer-exact) | "
               "FLASH B | feasible | weight bits (mean) | command |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -304,7 +304,7 @@ def fpga_table(args) -> None:
                 continue
             r = json.loads((out / "result.json").read_text())
             cmd = (out.parent / f"{name}.command").read_text().strip()
-            rows.append(f"| {budget} | {name} | {r['accuracy']['quantized']:.2%}{_max_range_mark(r)} | {r['cost']['ebops']:,.0f} | "
+            rows.append(f"| {budget} | {name} | {r['accuracy']['quantized']:.2%}{_max_range_mark(r)}{collapse_mark(r)} | {r['cost']['ebops']:,.0f} | "
                         f"{'yes' if r['feasible'] else 'NO'} | {_mean_bits(r):.2f} | `{cmd}` |")
     header = ["| EBOPs budget | run | test acc (integer-exact) | EBOPs | feasible | weight bits (mean) | command |",
               "|---|---|---|---|---|---|---|"]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _runs import run_trial  # noqa: E402
-from _tables import merge_rows, write_section  # noqa: E402
+from _tables import collapse_mark, merge_rows, write_section  # noqa: E402
 
 from mixprec.cost import Budget  # noqa: E402
 from mixprec.search import RunConfig, Trial  # noqa: E402
@@ -140,7 +140,7 @@ def table(args) -> None:
                 width = model.split("width=")[1].rstrip("]") if "width=" in model else "full"
                 cmd = (out.parent / f"{m}.command").read_text().strip()
                 rows.append(f"| {name} | {budget_text} | {m} | {width} | {r['accuracy']['float']:.2%} | "
-                            f"{r['accuracy']['quantized']:.2%} | {c['flash_bytes']:,.0f} | {c['ram_bytes']:,.0f} | "
+                            f"{r['accuracy']['quantized']:.2%}{collapse_mark(r)} | {c['flash_bytes']:,.0f} | {c['ram_bytes']:,.0f} | "
                             f"{c['ram_mcu_in_out']:,.0f} | {'yes' if r['feasible'] else 'NO'} | "
                             f"{_mean_bits(r, 'weights')} | `{cmd}` |")
     header = ["| model | FLASH/RAM budget | method | model width | float test acc | test acc (integer-exact) | "
@@ -152,7 +152,10 @@ def table(args) -> None:
              "shared 8-bit start, the best policy fine-tuned); `hgq`/`dq`: the learned methods under the same "
              "limits; all three from the full-width float model, with the same quantized epochs after their search. "
              "`uniformB`: B-bit weights and activations, the widest model of the family that fits both limits. "
-             "One seed.")
+             "One seed. Activations observed at 4 bits or fewer take the least-squares clip of their range, and RL "
+             "candidates refit the ranges of the activations a policy narrows (since commit bfd1e96); rows whose run is "
+             "not on the machine that wrote the table were measured before, with max ranges (ResNet-8 24KiB/16KiB rl "
+             "then: 57.22%), and their command measures them again with the current code.")
     write_section(TITLE, about, "python benchmarks/rl.py", header + merge_rows(TITLE, rows, 3, order))
 
 
