@@ -92,6 +92,11 @@ only and on the weights the model ships with: the fine-tune moves effective EBOP
 MLP: +3% at 530k, +9.5% at 2.1k after a fill to the budget), and cutting that again without a
 fine-tune cost up to 0.7 points.
 
+**Ranges**: before the fine-tune, an activation the step changed to 4 bits or fewer observes its range again on
+validation batches (``refit_narrow_acts``: the least-squares clip at its width); the range it had
+at 8 bits spans the max, which at 2 bits rounds most values to 0 (HGQ on ResNet-8 under a RAM limit
+collapsed to chance that way).
+
 **Fine-tune**: an optional callable (the search run passes ``fit`` with the run's data for
 ``budget_epochs`` epochs, weights and biases only, so the bits stay frozen), after which the cost is
 measured again; if training moved a measured cost over its limit (EBOPs count effective bits of the
@@ -113,9 +118,9 @@ from ...cost.budget import _LABELS, _fmt
 from ...cost.keys import BUDGET_KEYS
 from ...cost.deployed import cost_report
 from ...cost.targets import as_target
+from ...quantizers.fixed import refit_narrow_acts
 from .bits import (_EPS, _apply, _apply_all, _bits_snapshot, _broadcast_bits, _changes, _padded, _restore, _set_bits,
                    _snap, _snap_model, _supported)
-from ...quantizers.fixed import refit_narrow_acts
 from .fill import fill_budget
 from .problem import (_Act, _Layer, _Problem, _apply_choice, _build, _calibrated, _cycles_per_uj, _limits,
                       _tighten, _weight_candidates, _wider_can_be_faster, _with_in_shapes)
