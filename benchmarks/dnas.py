@@ -108,7 +108,7 @@ TASKS = {
                    **PAPER)
         + _budgets("per-tensor", "flash", "40KiB", "24KiB", "20KiB", "16KiB", **PAPER)
         # the 0-bit logit started below the others (as on ResNet-8): does it hold where pruning is the point?
-        + _budgets("per-channel", "flash", "40KiB", "4KiB", "1KiB", prune_prior="2"),
+        + _budgets("per-channel", "flash", "40KiB", "4KiB", "1KiB", "0.75KiB", prune_prior="2"),
         ROOT / "runs" / "bench-dnas"),
     "resnet8-cifar10": Task(
         "DNAS on ResNet-8 / CIFAR-10: channel-wise against layer-wise, FLASH and energy",
