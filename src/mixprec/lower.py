@@ -177,25 +177,23 @@ def channel_slice(a, start: int, stop: int) -> np.ndarray:
     return a if a.ndim == 0 or a.shape[0] == 1 else a[start:stop]
 
 
-def channel_window(grid: OutputGrid, start: int, stop: int) -> OutputGrid:
-    """``grid`` restricted to channels ``start:stop`` (its per-tensor entries as they are)."""
-    return OutputGrid(grid.scale, channel_slice(grid.bits, start, stop), grid.signed, channel_slice(grid.lo, start, stop),
-                      channel_slice(grid.hi, start, stop), channel_slice(grid.elem_scale, start, stop),
-                      None if grid.post_shift is None else channel_slice(grid.post_shift, start, stop))
+def lower_onto_channels(s_in: float, grid: OutputGrid, start: int, stop: int, kind: str) -> dict:
+    """The rescale of integers of scale ``s_in`` onto channels ``start:stop`` of the output grid
+    (``requant``) and those channels' clamp (``lo``, ``hi``) and storage shift (``post_shift``)."""
+    params = {"requant": make_requant(s_in / channel_slice(grid.elem_scale, start, stop), kind),
+              "lo": channel_slice(grid.lo, start, stop), "hi": channel_slice(grid.hi, start, stop)}
+    if grid.post_shift is not None:
+        params["post_shift"] = channel_slice(grid.post_shift, start, stop)
+    return params
 
 
 def lower_concat(in_scales: list[float], in_channels: list[int], grid: OutputGrid, kind: str) -> dict:
-    """Per input ``i``: the rescale of its integers onto its channels of the output grid
-    (``requant_i``) and those channels' clamp (``lo_i``, ``hi_i``) and storage shift (``post_shift_i``)."""
+    """Per input ``i``: ``lower_onto_channels`` for its channels of the output grid, the keys suffixed
+    ``_i`` (``requant_i``, ``lo_i``, ``hi_i``, ``post_shift_i``)."""
     params, start = {}, 0
     for i, (s_in, c) in enumerate(zip(in_scales, in_channels)):
-        stop = start + c
-        params[f"requant_{i}"] = make_requant(s_in / channel_slice(grid.elem_scale, start, stop), kind)
-        params[f"lo_{i}"] = channel_slice(grid.lo, start, stop)
-        params[f"hi_{i}"] = channel_slice(grid.hi, start, stop)
-        if grid.post_shift is not None:
-            params[f"post_shift_{i}"] = channel_slice(grid.post_shift, start, stop)
-        start = stop
+        params.update({f"{k}_{i}": v for k, v in lower_onto_channels(s_in, grid, start, start + c, kind).items()})
+        start += c
     return params
 
 
@@ -305,9 +303,8 @@ def lower(graph: Graph, weights: dict, weight_qparams: dict, act_qparams: dict, 
         elif node.op in ("act", "slice"):
             params = {"requant": make_requant(src_grid[0].scale / grid.elem_scale, kind)}
         elif node.op == "pad":  # the input's channels onto theirs of the output grid, as one input of a concat
-            kept = (node.attrs["before"], node.out_shape[0] - node.attrs["after"])
-            params = {k[:-2]: v for k, v in lower_concat([src_grid[0].scale], [kept[1] - kept[0]],
-                                                         channel_window(grid, *kept), kind).items()}
+            params = lower_onto_channels(src_grid[0].scale, grid, node.attrs["before"],
+                                         node.out_shape[0] - node.attrs["after"], kind)
         nodes.append(IntNode(node.name, node.op, list(node.inputs), dict(node.attrs), node.out_shape, grid, params))
     out_scale = grids[graph.grid_source(graph.output)].scale
     return IntGraph(nodes, graph.output, numerics, out_scale)

@@ -479,36 +479,39 @@ def _concat(e: _Emitter, node, desc: str) -> int:
     p, counted, start = node.params, 0, 0
     n_out = L.act_scales(e.graph, e.a, node.name)
     for i, src in enumerate(node.inputs):
-        shape = tuple(e.ig[src].out_shape)
         n_cost = max(L.act_scales(e.graph, e.a, src), concat_out_scales(e.graph[node.name], n_out, i))
-        rq, c = e.requant(p[f"requant_{i}"], shape, n_cost, node.name, node.name, p.get(f"post_shift_{i}"), start)
-        counted += c
-        grid = replace(node.grid, lo=p[f"lo_{i}"], hi=p[f"hi_{i}"])
-        numel = int(np.prod(shape))
-        e.decls.append(f"/* {_comment(node.name)}: input {i} ({_comment(src)}) */\nstatic const mp_actfn {desc}_{i} = "
-                       f"{{ {e.act_ref(src)}, {e.act_ref(node.name)}, {numel}u, {start}u, 0u, {rq}, "
-                       f"{e.clamp(grid, shape)} }};")
-        e.calls.append(f"    mp_act_run(&{desc}_{i});")
-        start += numel
+        part = {k: p.get(f"{k}_{i}") for k in ("requant", "lo", "hi", "post_shift")}
+        counted += _store_channels(e, node, f"{desc}_{i}", src, part, n_cost, start, f"input {i} ({_comment(src)})")
+        start += int(np.prod(e.ig[src].out_shape))
     e.params += counted
     return counted
 
 
+def _store_channels(e: _Emitter, node, desc: str, src: str, part: dict, n_cost: int, start: int, what: str) -> int:
+    """``src`` rescaled (``part``: its ``requant``, ``lo``, ``hi``, ``post_shift``) into ``node``'s buffer
+    from element ``start`` on (``mp_act_run``); returns the requantization bytes stored."""
+    shape = tuple(e.ig[src].out_shape)
+    rq, counted = e.requant(part["requant"], shape, n_cost, node.name, node.name, part["post_shift"], start)
+    grid = replace(node.grid, lo=part["lo"], hi=part["hi"])
+    e.decls.append(f"/* {_comment(node.name)}: {what} */\nstatic const mp_actfn {desc} = "
+                   f"{{ {e.act_ref(src)}, {e.act_ref(node.name)}, {int(np.prod(shape))}u, {start}u, 0u, {rq}, "
+                   f"{e.clamp(grid, shape)} }};")
+    e.calls.append(f"    mp_act_run(&{desc});")
+    return counted
+
+
 def _pad(e: _Emitter, node, desc: str) -> int:
-    """The input rescaled and stored into its channels of the output buffer (``mp_act_run`` from the
-    element where they begin), code 0 in the channels before and after; returns the requantization
-    bytes stored."""
-    p, src = node.params, node.inputs[0]
+    """The input rescaled and stored into its channels of the output buffer (``_store_channels``),
+    code 0 in the channels before and after; returns the requantization bytes stored."""
+    src = node.inputs[0]
     shape = tuple(e.ig[src].out_shape)
     numel, total = int(np.prod(shape)), int(np.prod(node.out_shape))
     start = node.attrs["before"] * int(np.prod(shape[1:]))
-    n_cost = requant_steps(e.graph, e.a, node.name)
-    rq, counted = e.requant(p["requant"], shape, n_cost, node.name, node.name, p.get("post_shift"), start)
-    grid = replace(node.grid, lo=p["lo"], hi=p["hi"])
-    e.decls.append(f"/* {_comment(node.name)}: zero channels around {_comment(src)} */\nstatic const mp_actfn {desc} = "
-                   f"{{ {e.act_ref(src)}, {e.act_ref(node.name)}, {numel}u, {start}u, 0u, {rq}, {e.clamp(grid, shape)} }};")
-    e.calls += [f"    mp_zero_run({e.act_ref(node.name)}, 0u, {start}u);", f"    mp_act_run(&{desc});",
-                f"    mp_zero_run({e.act_ref(node.name)}, {start + numel}u, {total - start - numel}u);"]
+    part = {k: node.params.get(k) for k in ("requant", "lo", "hi", "post_shift")}
+    e.calls.append(f"    mp_zero_run({e.act_ref(node.name)}, 0u, {start}u);")
+    counted = _store_channels(e, node, desc, src, part, requant_steps(e.graph, e.a, node.name), start,
+                              f"zero channels around {_comment(src)}")
+    e.calls.append(f"    mp_zero_run({e.act_ref(node.name)}, {start + numel}u, {total - start - numel}u);")
     e.params += counted
     return counted
 
