@@ -150,11 +150,6 @@ def int32_bounds(ig: IntGraph) -> list[Bound]:
             if p["requant"].kind == "tflm" and np.max(p["requant"].shift) > 0:
                 acc_full = _full(acc.reshape((-1,) + (1,) * (len(shape) - 1)), shape)
                 add(node, "requantization input x * 2**left_shift", acc_full * _left(p["requant"].shift, shape))
-        elif node.op == "pad":
-            x, rq = _absmax(ranges[node.inputs[0]]), p["requant"]
-            add(node, "input", x)
-            if rq.kind == "tflm" and np.max(rq.shift) > 0:
-                add(node, "requantization input x * 2**left_shift", x * _left(rq.shift, x.shape))
         elif node.op in ("act", "slice"):
             x = _absmax(ranges[node.inputs[0]])
             if node.op == "slice":
@@ -168,12 +163,14 @@ def int32_bounds(ig: IntGraph) -> list[Bound]:
             add(node, "product", prod_)
             if p["requant"].kind == "tflm" and np.max(p["requant"].shift) > 0:
                 add(node, "requantization input x * 2**left_shift", prod_ * _left(p["requant"].shift, shape))
-        elif node.op == "concat":
-            for i, src in enumerate(node.inputs):
-                x, rq = _absmax(ranges[src]), p[f"requant_{i}"]
-                add(node, f"input {i}", x)
+        elif node.op in ("concat", "pad"):  # each input rescaled onto its channels of the output grid
+            parts = [("", node.inputs[0], p["requant"])] if node.op == "pad" else \
+                [(f" {i}", src, p[f"requant_{i}"]) for i, src in enumerate(node.inputs)]
+            for label, src, rq in parts:
+                x = _absmax(ranges[src])
+                add(node, f"input{label}", x)
                 if rq.kind == "tflm" and np.max(rq.shift) > 0:
-                    add(node, f"requantization input {i} x * 2**left_shift", x * _left(rq.shift, x.shape))
+                    add(node, f"requantization input{label} x * 2**left_shift", x * _left(rq.shift, x.shape))
         elif node.op == "add":
             a, b = (_absmax(ranges[i]) for i in node.inputs)
             if "left_shift" in p:
