@@ -88,6 +88,21 @@ def test_hgq_controller_drives_the_cost_down(hgq_run):
     assert all(e["beta"] > 0 for e in epochs if e["cost"]["flash_bytes"] > 6 * 1024)
 
 
+def test_hgq_steers_every_cost_it_is_given(tmp_path, float_run):
+    """``-o cost=flash,ram``: a controller on each limit. Steered by FLASH alone the search kept its
+    activations at 8 bits (3,072 B of arena against 1 KiB) and left RAM to the budget step."""
+    from mixprec.search.hgq import steered_costs
+
+    budget = Budget.from_strings(flash="6KiB", ram="1KiB")
+    assert steered_costs(HGQOptions(), budget) == ["flash_bytes"]  # the first limit, as the paper steers one cost
+    assert steered_costs(HGQOptions(cost="flash,ram"), budget) == ["flash_bytes", "ram_bytes"]
+    cfg = RunConfig(method="hgq", budget={"flash": "6KiB", "ram": "1KiB"}, float_from=str(float_run),
+                    options={"bits_lr": "0.1", "cost": "flash,ram"}, **FAST)
+    epochs = run_search(cfg, tmp_path / "run")["history"]["hgq"]
+    assert all(set(e["beta_by_cost"]) == {"flash_bytes", "ram_bytes"} for e in epochs)
+    assert epochs[-1]["cost"]["ram_bytes"] < 3 * 1024 and epochs[-1]["cost"]["flash_bytes"] < epochs[0]["cost"]["flash_bytes"]
+
+
 def test_dq_phases_and_float_model_reused(dq_run, hgq_run, float_run):
     _, result = dq_run
     assert len(result["history"]["dq-weights"]) == 1 and len(result["history"]["dq"]) == 2
@@ -167,10 +182,13 @@ def test_the_controller_pulls_bits_up_under_its_band_and_holds_inside_it():
 def test_landing_ranks_epochs_near_the_budget_first():
     from mixprec.search.learned import landing
 
-    tier = landing("ebops", 1000.0)
+    tier = landing({"ebops": 1000.0})
     assert tier({"feasible": True, "cost": {"ebops": 950.0}}) == 2
     assert tier({"feasible": True, "cost": {"ebops": 850.0}}) == 1
     assert tier({"feasible": False, "cost": {"ebops": 1100.0}}) == 0
+    both = landing({"flash_bytes": 1000.0, "ram_bytes": 100.0})  # landed where the binding limit is met closely
+    assert both({"feasible": True, "cost": {"flash_bytes": 500.0, "ram_bytes": 95.0}}) == 2
+    assert both({"feasible": True, "cost": {"flash_bytes": 500.0, "ram_bytes": 50.0}}) == 1
 
 
 def test_relaxed_target_counts_every_bit():

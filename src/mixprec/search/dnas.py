@@ -54,7 +54,7 @@ from ..quantizers.fixed import RANGE_RULES, ActQuantizer
 from ..train import Callback, TrainConfig, fit
 from ..train.loop import SCHEDULES
 from .context import SearchContext
-from .hgq import BetaPenalty, HGQOptions
+from .hgq import BetaPenalty, CostPenalties, HGQOptions
 from .learned import cost_key, freeze, parse_options
 from .methods import Method
 from .uniform import uniform_act_bits
@@ -264,30 +264,19 @@ class ExpectedCostPenalty(BetaPenalty):
         return float(self.costs.argmax()[self.key])
 
 
-class CostTerms(Callback):
+class CostTerms(CostPenalties):
     """The sum of every cost's penalty, the costs computed once per step."""
 
     def __init__(self, costs: SupernetCost, penalties: list[ExpectedCostPenalty]):
-        self.costs, self.penalties = costs, penalties
+        super().__init__(penalties)
+        self.costs = costs
 
     def extra_loss(self, model) -> torch.Tensor | None:
         self.costs.clear()
-        terms = [t for t in (p.extra_loss(model) for p in self.penalties) if t is not None]
-        return sum(terms) if terms else None
-
-    def after_step(self, step: int) -> None:
-        for p in self.penalties:
-            p.after_step(step)
+        return super().extra_loss(model)
 
     def after_epoch(self, epoch: int, stats: dict) -> None:
         stats["lam"] = {p.key: p.current_beta() for p in self.penalties}
-
-    def state_dict(self) -> dict:
-        return {"penalties": [p.state_dict() for p in self.penalties]}
-
-    def load_state_dict(self, state: dict) -> None:
-        for p, s in zip(self.penalties, state["penalties"]):
-            p.load_state_dict(s)
 
 
 def cost_terms(ctx: SearchContext, opts: DnasOptions, costs: SupernetCost, total_steps: int) -> CostTerms:

@@ -3,7 +3,8 @@
 Every weight group (element, channel, slice or tensor: the target decides what is allowed) and
 every activation tensor learns its fractional bits ``f`` by the surrogate gradient of
 :mod:`mixprec.quantizers.hgq`, against a cost penalty ``beta * cost / reference``. The cost is any
-total of the cost model (EBOPs, BOPs, FLASH, peak RAM, in+out RAM, energy, latency). ``beta``
+total of the cost model (EBOPs, BOPs, FLASH, peak RAM, in+out RAM, energy, latency), or several,
+each with its own penalty (:class:`CostPenalties`). ``beta``
 follows a schedule (constant, linear or log ramp) or a controller that tracks a target cost (by
 default the band of 97-100% of the budget on that cost, raising bits when the cost falls under it).
 Every epoch is measured exactly; epochs on the (validation
@@ -54,7 +55,7 @@ def _fraction(text) -> float:
 
 @dataclass
 class HGQOptions:
-    cost: str = ""  # the cost to steer by (flash, ram, ram_in_out, bops, ebops, energy, latency); "" = the first budget limit, else ebops
+    cost: str = ""  # the costs to steer by, comma-separated (flash, ram, ram_in_out, bops, ebops, energy, latency), each with its own controller; "" = the first budget limit, else ebops
     schedule: str = ""  # constant | linear | log | controller | front; "" = controller when the cost has a budget, else log; front = the log ramp, and every (val accuracy, cost) Pareto epoch becomes its own run in RUN/front/
     beta: float = 1e-2  # penalty weight of cost / reference (the budget, else the starting cost)
     beta_end: float = 1.0  # end of the linear / log ramp
@@ -77,8 +78,8 @@ class HGQOptions:
     def __post_init__(self):
         if self.schedule and self.schedule not in SCHEDULES:
             raise ValueError(f"unknown beta schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.cost:
-            cost_key(self.cost)
+        for name in self.cost_names():
+            cost_key(name)
         if self.penalty_every < 1:
             raise ValueError("penalty_every must be at least 1")
         if not 0.0 <= self.band < 1.0:
@@ -87,6 +88,9 @@ class HGQOptions:
             raise ValueError(f"anneal is a fraction of the phase, 0..1, or auto (got {self.anneal})")
         if self.learn_input not in ("auto", "true", "false"):
             raise ValueError(f"learn_input is true, false or auto (got {self.learn_input!r})")
+
+    def cost_names(self) -> list[str]:
+        return [c.strip() for c in self.cost.split(",") if c.strip()]
 
     def input_setup(self, target) -> tuple[bool, str]:
         """Whether the input's bits are learned on ``target``, and at which granularity."""
@@ -191,6 +195,36 @@ class BetaPenalty(Callback):
         self.beta, self.calls = state["beta"], state["calls"]
         self.pull = state.get("pull", 0.0)
         self.start_cost = state.get("start_cost")
+
+
+class CostPenalties(Callback):
+    """Several cost penalties as one callback (a FLASH and a RAM limit each with its controller):
+    their terms summed; the stats keep the first cost's ``beta`` and, with more than one, every
+    cost's under ``beta_by_cost``."""
+
+    def __init__(self, penalties: list[BetaPenalty]):
+        self.penalties = penalties
+
+    def extra_loss(self, model) -> torch.Tensor | None:
+        terms = [t for t in (p.extra_loss(model) for p in self.penalties) if t is not None]
+        return sum(terms) if terms else None
+
+    def after_step(self, step: int) -> None:
+        for p in self.penalties:
+            p.after_step(step)
+
+    def after_epoch(self, epoch: int, stats: dict) -> None:
+        for p in reversed(self.penalties):  # the first cost's figures are written last: they stand
+            p.after_epoch(epoch, stats)
+        if len(self.penalties) > 1:
+            stats["beta_by_cost"] = {p.key: p.current_beta() for p in self.penalties}
+
+    def state_dict(self) -> dict:
+        return {"penalties": [p.state_dict() for p in self.penalties]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for p, s in zip(self.penalties, state.get("penalties", [state])):  # [state]: one penalty's, as saved before
+            p.load_state_dict(s)
 
 
 #: The controller's upward pull starts at this fraction of the options' starting beta
@@ -306,50 +340,69 @@ def _calibrate_acts(ctx: SearchContext, qm, act_bits: float | None = None) -> No
         q.set_observing(False)
 
 
+def steered_costs(opts: HGQOptions, budget) -> list[str]:
+    """The costs the penalty steers by: the options' (``-o cost=flash,ram``: a controller on each),
+    else the first budget limit, else EBOPs."""
+    names = opts.cost_names()
+    return [cost_key(n) for n in names] if names else [default_cost(budget)]
+
+
+def cost_penalties(ctx: SearchContext, opts: HGQOptions, qm, steer, total_steps: int) -> CostPenalties:
+    """One penalty per steered cost: the controller towards ``target_ratio`` of its limit, or the
+    options' schedule (a cost without a limit: relative to its starting value)."""
+    limits, penalties = ctx.budget.limits(), []
+    start = {k: float(v.detach()) for k, v in differentiable_costs(qm, steer).items()}
+    for key in steered_costs(opts, ctx.budget):
+        limit = limits.get(key)
+        schedule = opts.schedule or ("controller" if limit is not None else "log")
+        if schedule == "controller" and limit is None:
+            raise ValueError(f"the beta controller tracks a budget on {key}; give one (e.g. --flash) or choose "
+                             f"--option schedule=constant|linear|log|front")
+        reference = limit if limit is not None else max(start[key], 1.0)
+        penalties.append(BetaPenalty(opts, key, schedule, reference,
+                                     None if limit is None else opts.target_ratio * limit, total_steps, steer,
+                                     ctx.target))
+        log.info("HGQ cost %s: %s (start %.6g, reference %.6g)", key, schedule, start[key], reference)
+    return CostPenalties(penalties)
+
+
 def search_hgq(ctx: SearchContext):
     cfg, data, t = ctx.config, ctx.data, ctx.target
     opts = parse_options(HGQOptions, cfg.options, "hgq")
-    key = cost_key(opts.cost) if opts.cost else default_cost(ctx.budget)
-    limit = ctx.budget.limits().get(key)
-    schedule = opts.schedule or ("controller" if limit is not None else "log")
-    if schedule == "controller" and limit is None:
-        raise ValueError(f"the beta controller tracks a budget on {key}; give one (e.g. --flash) or choose "
-                         f"--option schedule=constant|linear|log|front")
     qm = hgq_model(ctx, opts)
     _calibrate_acts(ctx, qm, opts.act_init_bits)
     for q in qm.act_quantizers.values():
         q.set_observing(True)  # ranges keep growing with what training sees (HGQ)
     steer = relaxed(t)
-    start_cost = float(differentiable_costs(qm, steer)[key].detach())
-    reference = limit if limit is not None else max(start_cost, 1.0)
     train_cfg = cfg.train_config("qat")
     total = train_cfg.epochs * math.ceil(len(data.x_train) / train_cfg.batch_size)
-    penalty = BetaPenalty(opts, key, schedule, reference, None if limit is None else opts.target_ratio * limit,
-                          total, steer, t)
+    penalties = cost_penalties(ctx, opts, qm, steer, total)
+    first = penalties.penalties[0]  # keeps the quantizers alive, once per step
     learn_input, input_granularity = opts.input_setup(t)
     inp = qm.act_quantizers["input"]
     inp.f.requires_grad_(learn_input)
     if learn_input:
         log.info("HGQ learns the input's bits %s (constant or useless features may go to 0 bits)", input_granularity)
-        penalty.input_quantizers = [inp]
-    penalty.act_quantizers = [q for q in qm.act_quantizers.values() if q.f.requires_grad and q is not inp]
-    penalty.weight_quantizers = [layer.quantizer for layer in qm.layers.values()]
-    measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), key)).bind(qm)
+        first.input_quantizers = [inp]
+    first.act_quantizers = [q for q in qm.act_quantizers.values() if q.f.requires_grad and q is not inp]
+    first.weight_quantizers = [layer.quantizer for layer in qm.layers.values()]
+    measure = EpochCosts(t, ctx.budget, ParetoFront(pareto_folder(ctx.checkpoint_dir), first.key)).bind(qm)
     f_params = [q.f for q in model_quantizers(qm) if q.f.requires_grad]
     weights = qm.weight_parameters()
-    pace = penalty.pace
+    pace = first.pace
     groups = weights + [{"params": f_params, "lr": pace.bits_lr, "weight_decay": 0.0}]
-    log.info("HGQ on %s: cost %s (start %.6g, reference %.6g), beta %s from %g, %d epochs", t.name, key, start_cost,
-             reference, schedule, opts.beta, train_cfg.epochs)
+    log.info("HGQ on %s: beta from %g, %d epochs", t.name, opts.beta, train_cfg.epochs)
     if pace != Pace(opts.penalty_every, opts.gain, opts.bits_lr):
         log.info("a short phase (%d steps): cost term every %d steps, controller gain %.3g, bits_lr %.3g (options: "
                  "%d, %g, %g), so that the bits can reach the budget", total, pace.every, pace.gain, pace.bits_lr,
                  opts.penalty_every, opts.gain, opts.bits_lr)
+    limits = ctx.budget.limits()
+    steered = {p.key: limits[p.key] for p in penalties.penalties if p.schedule == "controller"}
     history = fit(qm, data.x_train, data.y_train, data.x_val, data.y_val, train_cfg, params=groups,
-                  callbacks=[penalty, measure], best_if=landing(key, limit) if schedule == "controller" else is_feasible,
+                  callbacks=[penalties, measure], best_if=landing(steered) if steered else is_feasible,
                   **ctx.fit_options("hgq"))
     ctx.history["hgq"] = history
-    if schedule == "front":  # every Pareto epoch becomes a run of its own (search.front)
+    if first.schedule == "front":  # every Pareto epoch becomes a run of its own (search.front)
         folder = pareto_folder(ctx.checkpoint_dir)
         ctx.front = [FrontMember(entry, partial(_pareto_member, ctx, opts, folder / entry["checkpoint"]))
                      for entry in measure.front.entries if folder is not None and "checkpoint" in entry]

@@ -167,16 +167,19 @@ def is_feasible(stats: dict) -> bool:
 LANDING_SHARE = 0.9
 
 
-def landing(key: str, limit: float):
-    """``fit``'s ``best_if`` for a run steered onto a budget: epochs within the budget and at least
-    ``LANDING_SHARE`` of it (tier 2) beat those further under it (tier 1). On a small validation split
-    one or two samples decide "most accurate"; an early epoch on the way to the budget won so, and a
-    2e5-EBOPs run that held 97-99% of its budget from epoch 2 on returned its epoch 1, at 88%."""
+def landing(limits: dict[str, float]):
+    """``fit``'s ``best_if`` for a run steered onto budget ``limits`` (cost key -> limit): epochs
+    within the budget with a steered cost at least ``LANDING_SHARE`` of its limit (tier 2: with
+    FLASH and RAM limits, the one that binds) beat those further under every limit (tier 1). On a
+    small validation split one or two samples decide "most accurate"; an early epoch on the way to
+    the budget won so, and a 2e5-EBOPs run that held 97-99% of its budget from epoch 2 on returned
+    its epoch 1, at 88%."""
     def tier(stats: dict) -> int:
         if not is_feasible(stats):
             return 0
-        cost = (stats.get("cost") or {}).get(key)
-        return 2 if cost is not None and cost >= LANDING_SHARE * limit else 1
+        cost = stats.get("cost") or {}
+        near = any(cost.get(key) is not None and cost[key] >= LANDING_SHARE * limit for key, limit in limits.items())
+        return 2 if near else 1
     return tier
 
 
