@@ -143,10 +143,22 @@ class _Gated(torch.nn.Module):
         return torch.relu(self.a(x)) * self.b(x)
 
 
+@pytest.mark.parametrize("builder", ["conv2d-same-even", "avgpool2d-padded"])
+def test_padding_a_layer_cannot_take_is_a_zero_padding_layer(tmp_path, builder):
+    """'same' with an even kernel pads one side more; a padded average pooling counts the zeros:
+    hls4ml's ZeroPadding2D before the layer, exact."""
+    from test_exactness import BUILDERS
+
+    torch.manual_seed(2)
+    model, shape = BUILDERS[builder]()
+    artifact = export_exactly("hls4ml", model, shape, "fixed", "per-tensor", tmp_path, 100)
+    assert "ZeroPadding2D" in " ".join(artifact.notes)
+
+
 @pytest.mark.parametrize("builder,message", [("table-sigmoid", "node '1': sigmoid is deployed as a lookup table"),
                                              ("gated", "node 'mul': a product"),
-                                             ("conv2d-same-even", "node '0': padding one side more"),
-                                             ("avgpool2d-padded", "node '1': average pooling with padding"),
+                                             ("avgpool2d-padded-excluded", "node '2': average pooling over the window's "
+                                                                           "elements inside"),
                                              ("pad-channels-then-conv", "node '0.pad': zero channels")])
 def test_what_hls4ml_cannot_take_is_refused_by_name(tmp_path, builder, message):
     from mixprec.convert import convert

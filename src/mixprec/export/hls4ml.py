@@ -25,7 +25,10 @@ A tensor with per-element (or per-channel) grids, the input included, goes throu
 the quantizer rounds every element once onto its own grid (the input: from a port type wide enough
 that truncating a double to it changes no rounding). Not expressible, hence ``ExportError``:
 ``scaled`` numerics (integer multiplier + shift per channel), clamps other than ReLU / the type's
-own range (ReLU6, Hardtanh where they bind), grouped or dilated and 1-D convolutions. What hls4ml stores
+own range (ReLU6, Hardtanh where they bind), grouped or dilated and 1-D convolutions, average pooling
+that leaves the padding out of its mean. Padding a layer cannot take itself (one side more than the
+other: 'same' with an even kernel; zeros an average pooling counts) is hls4ml's ZeroPadding2D layer
+before it. What hls4ml stores
 differently but exactly is noted: its PyTorch converter takes one type per layer and role, so
 weights of channels with different scales or widths share the layer's widest type.
 
@@ -111,24 +114,25 @@ class _RealNet(nn.Module):
     Its modules are registered under their hls4ml layer names (:func:`_layer_keys`)."""
 
     def __init__(self, ig: IntGraph, layers: dict[str, nn.Module], names: dict[str, str], relus: dict[str, str],
-                 quants: dict[str, str]):
+                 quants: dict[str, str], pads: dict[str, str]):
         super().__init__()
-        self.order = [(n.name, n.op, list(n.inputs), names.get(n.name), relus.get(n.name), quants.get(n.name))
-                      for n in ig.nodes]
+        self.order = [(n.name, n.op, list(n.inputs), names.get(n.name), relus.get(n.name), quants.get(n.name),
+                       pads.get(n.name)) for n in ig.nodes]
         self.output = ig.output
         for key, module in layers.items():
             self.add_module(key, module)
 
     def forward(self, x):
         env = {}
-        for name, op, inputs, key, relu, quant in self.order:
+        for name, op, inputs, key, relu, quant, pad in self.order:
             if op == "input":
                 y = x
             elif key is None:  # a flatten of a flat input
                 y = env[inputs[0]]
+            elif op in ("add", "concat"):
+                y = env[inputs[0]] + env[inputs[1]] if op == "add" else _pairwise_cat([env[i] for i in inputs])
             else:
-                y = (env[inputs[0]] + env[inputs[1]] if op == "add" else
-                     _pairwise_cat([env[i] for i in inputs]) if op == "concat" else getattr(self, key)(env[inputs[0]]))
+                y = getattr(self, key)(getattr(self, pad)(env[inputs[0]]) if pad else env[inputs[0]])
             if relu:
                 y = getattr(self, relu)(y)
             env[name] = getattr(self, quant)(y) if quant else y
@@ -155,6 +159,8 @@ def _layer_keys(ig: IntGraph) -> dict:
             texts[n.name] = n.name
         if n.op in ("conv", "linear", "add", "concat"):
             texts[(n.name, "relu")] = f"{n.name}_relu"
+        if n.op in ("conv", "avgpool"):
+            texts[(n.name, "pad")] = f"{n.name}_pad"
         if n.grid is not None:
             texts[(n.name, "quant")] = f"{n.name}_quant"
     n_merges = sum(n.op in _MERGES for n in ig.nodes)
@@ -212,6 +218,7 @@ def _plan(ig: IntGraph):
     names: dict[str, str] = {}
     relus: dict[str, str] = {}  # our node -> its ReLU layer's name
     quants: dict[str, str] = {}  # our node -> its per-element quantizer layer's name
+    pads: dict[str, str] = {}  # our node -> the zero-padding layer before it (padding hls4ml's layer cannot do)
     wide: list[_Tensor] = []  # a per-element input's port type
     inner_types: dict[str, str] = {}  # a concat of three or more: the type of its pairwise joins before the last
     keys = _layer_keys(ig)
@@ -235,6 +242,14 @@ def _plan(ig: IntGraph):
         notes.append(f"{node.name}: carried as signed {t.bits + 1}-bit ap_fixed (values of its unsigned {t.bits}-bit "
                      f"grid): hls4ml 1.3 pads max pooling of unsigned types with a large positive value")
         return _Tensor(t.frac, t.lo, t.hi, True, t.bits + 1)
+
+    def zero_pad(node: IntNode, before: tuple, after: tuple, t_in: _Tensor) -> None:
+        """A ZeroPadding2D layer (``nn.ConstantPad2d``) before ``node``: exact, in the input's type."""
+        pkey = pads[node.name] = keys[(node.name, "pad")]
+        layers[pkey] = nn.ConstantPad2d((before[1], after[1], before[0], after[0]), 0.0)
+        precision[pkey] = {"result": t_in.type()}
+        notes.append(f"{node.name}: padding {tuple(before)} before, {tuple(after)} after as hls4ml's ZeroPadding2D "
+                     f"layer {pkey!r}")
 
     def per_element(node: IntNode, exact: _Tensor, relu: bool, rounding: str) -> _Tensor | None:
         """Where ``node``'s output has per-element grids: its layer keeps the ``exact`` result
@@ -309,13 +324,14 @@ def _plan(ig: IntGraph):
                 a = node.attrs
                 if a["dims"] != 2:
                     raise ExportError(f"node {node.name!r}: only 2-D convolutions are exported to hls4ml")
-                if a.get("padding_after") not in (None, a["padding"]):
-                    raise ExportError(f"node {node.name!r}: padding one side more than the other "
-                                      f"({a['padding']} before, {a['padding_after']} after) is not exported to hls4ml")
                 if a["groups"] != 1 or any(d != 1 for d in a["dilation"]):
                     raise ExportError(f"node {node.name!r}: grouped or dilated convolutions are not supported by "
                                       f"hls4ml's PyTorch converter")
-                m = nn.Conv2d(w_int.shape[1], c_out, a["kernel_size"], a["stride"], a["padding"], dtype=torch.float64)
+                padding = a["padding"]
+                if a.get("padding_after") not in (None, a["padding"]):  # 'same' with an even kernel: one side more
+                    zero_pad(node, a["padding"], a["padding_after"], t_in)
+                    padding = 0
+                m = nn.Conv2d(w_int.shape[1], c_out, a["kernel_size"], a["stride"], padding, dtype=torch.float64)
             with torch.no_grad():
                 m.weight.copy_(torch.from_numpy(w_real))
                 m.bias.copy_(torch.from_numpy(b_real))
@@ -356,9 +372,13 @@ def _plan(ig: IntGraph):
             a = node.attrs
             if a["dims"] != 2:
                 raise ExportError(f"node {node.name!r}: only 2-D pooling is exported to hls4ml")
-            if any(a["padding"]):
-                raise ExportError(f"node {node.name!r}: average pooling with padding is not exported to hls4ml")
+            if any(a["padding"]) and not a.get("count_include_pad", True):
+                raise ExportError(f"node {node.name!r}: average pooling over the window's elements inside the input "
+                                  f"(count_include_pad=False) is not exported to hls4ml, whose pooling divides by "
+                                  f"the window's size; export this model to C or QONNX")
             t = carry(node, tensors[node.inputs[0]], relu=tensors[node.inputs[0]].lo >= 0)
+            if any(a["padding"]):  # zeros counted in the mean (count_include_pad): padding, then the pooling
+                zero_pad(node, a["padding"], a["padding"], t)
             n = int(np.prod(a["kernel_size"]))
             extra = int(math.ceil(math.log2(n))) + 2
             s_bound = n * t.max_abs << extra
@@ -436,7 +456,7 @@ def _plan(ig: IntGraph):
                               f"reproduce it bit for bit; export this model to C or QONNX, or use ReLU for hls4ml")
         else:
             raise ExportError(f"node {node.name!r}: op {op!r} has no hls4ml export")
-    return layers, names, relus, quants, precision, node_layer, list(tensors.values()) + wide, notes, inner_types
+    return layers, names, relus, quants, pads, precision, node_layer, list(tensors.values()) + wide, notes, inner_types
 
 
 def _name_merges(model: nn.Module, ig: IntGraph, names: dict, precision: dict, node_layer: dict,
@@ -508,6 +528,16 @@ def _load(lib_path: Path) -> ctypes.CDLL:
     return _LIBS[key]
 
 
+def _channels_first(y: np.ndarray, shape: tuple) -> np.ndarray:
+    """hls4ml's flat outputs (channels last: the design converts the whole network, outputs
+    untransposed) as ``(len(y),) + shape``, channels first as the graph has them."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2:
+        return y.reshape((len(y),) + shape)
+    last = y.reshape((len(y),) + shape[1:] + shape[:1])
+    return np.moveaxis(last, -1, 1)
+
+
 def _call_library(lib_path: Path, x: np.ndarray, n_out: int) -> np.ndarray:
     lib = _load(lib_path)
     fn = getattr(lib, f"{PROJECT}_double")
@@ -573,9 +603,9 @@ class Hls4mlExporter:
         ig: IntGraph = inp.graph
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        layers, names, relus, quants, precision, node_layer, types, notes, inner_types = _plan(ig)
+        layers, names, relus, quants, pads, precision, node_layer, types, notes, inner_types = _plan(ig)
         register()
-        model = _RealNet(ig, layers, names, relus, quants).eval()
+        model = _RealNet(ig, layers, names, relus, quants, pads).eval()
         _name_merges(model, ig, names, precision, node_layer, inner_types)
         t0 = time.perf_counter()
         input_shape = (int(np.prod(inp.input_shape)),) if flat_inputs(ig) else tuple(inp.input_shape)
@@ -619,8 +649,8 @@ class Hls4mlExporter:
         lib = _library(prj)
         x = np.asarray(inp.x_sample, dtype=np.float32)
         want = reference(ig, x)
-        got = self._integers(_call_library(lib, x, n_out), ig)
-        bad = int((got != want.reshape(len(x), -1)).sum())
+        got = self._integers(_channels_first(_call_library(lib, x, n_out), out_node.out_shape), ig)
+        bad = int((got != want.reshape(got.shape)).sum())
         if bad:
             raise ExportError(f"hls4ml's compiled model differs from the reference on {bad} of {want.size} outputs "
                               f"of the {len(x)} sample inputs; the conversion is not exact")
@@ -672,8 +702,7 @@ class Hls4mlExporter:
         x = np.asarray(x, dtype=np.float32)
         n_out = int(np.prod(d["output_shape"]))
         y = _call_library(path / d["library"], x, n_out)
-        q = np.round(y / d["output_scale"])
-        out = q.astype(np.int64).reshape((len(x),) + tuple(d["output_shape"]))
+        out = np.round(_channels_first(y, d["output_shape"]) / d["output_scale"]).astype(np.int64)
         if not keep:
             return out
         traces = _trace_library(path / d["library"], x, n_out, d["traced_layers"], d["n_traced"])
