@@ -528,14 +528,16 @@ def _load(lib_path: Path) -> ctypes.CDLL:
     return _LIBS[key]
 
 
-def _channels_first(y: np.ndarray, shape: tuple) -> np.ndarray:
-    """hls4ml's flat outputs (channels last: the design converts the whole network, outputs
-    untransposed) as ``(len(y),) + shape``, channels first as the graph has them."""
+def _channels_first(v: np.ndarray) -> np.ndarray:
+    """A batch of hls4ml's channels-last tensors (the design converts the whole network) channels
+    first, as the graph has them; feature vectors as they are."""
+    return np.moveaxis(v, -1, 1) if v.ndim > 2 else v
+
+
+def _output(y: np.ndarray, shape) -> np.ndarray:
+    """hls4ml's flat outputs (untransposed: channels last) as ``(len(y),) + shape``."""
     shape = tuple(int(d) for d in shape)
-    if len(shape) < 2:
-        return y.reshape((len(y),) + shape)
-    last = y.reshape((len(y),) + shape[1:] + shape[:1])
-    return np.moveaxis(last, -1, 1)
+    return _channels_first(y.reshape((len(y),) + shape[1:] + shape[:1]))
 
 
 def _call_library(lib_path: Path, x: np.ndarray, n_out: int) -> np.ndarray:
@@ -649,7 +651,7 @@ class Hls4mlExporter:
         lib = _library(prj)
         x = np.asarray(inp.x_sample, dtype=np.float32)
         want = reference(ig, x)
-        got = self._integers(_channels_first(_call_library(lib, x, n_out), out_node.out_shape), ig)
+        got = self._integers(_output(_call_library(lib, x, n_out), out_node.out_shape), ig)
         bad = int((got != want.reshape(got.shape)).sum())
         if bad:
             raise ExportError(f"hls4ml's compiled model differs from the reference on {bad} of {want.size} outputs "
@@ -702,7 +704,7 @@ class Hls4mlExporter:
         x = np.asarray(x, dtype=np.float32)
         n_out = int(np.prod(d["output_shape"]))
         y = _call_library(path / d["library"], x, n_out)
-        out = np.round(_channels_first(y, d["output_shape"]) / d["output_scale"]).astype(np.int64)
+        out = np.round(_output(y, d["output_shape"]) / d["output_scale"]).astype(np.int64)
         if not keep:
             return out
         traces = _trace_library(path / d["library"], x, n_out, d["traced_layers"], d["n_traced"])
@@ -711,12 +713,7 @@ class Hls4mlExporter:
             if lname not in traces:
                 continue
             frac = _frac_of(d["precision"][lname]["result"])
-            v = traces[lname]
-            if v.ndim == 4:  # channels last -> first
-                v = v.transpose(0, 3, 1, 2)
-            elif v.ndim == 3:
-                v = v.transpose(0, 2, 1)
-            ints[node] = np.round(v * 2.0**frac).astype(np.int64)
+            ints[node] = np.round(_channels_first(traces[lname]) * 2.0**frac).astype(np.int64)
         return out, ints
 
 
