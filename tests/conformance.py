@@ -121,7 +121,7 @@ def train_briefly(qm: QuantModel, x: torch.Tensor) -> None:
                 p.add_(torch.randn_like(p), alpha=LR)
 
 
-def build_case(name: str, builder, granularity: str, numerics: str) -> Case:
+def build_case(name: str, builder, granularity: str, numerics: str, views: bool = True) -> Case:
     seed = zlib.crc32(f"{name}/{granularity}/{numerics}".encode())
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -130,7 +130,7 @@ def build_case(name: str, builder, granularity: str, numerics: str) -> Case:
     graph, _ = trace(model, input_shape)
     wbits = {n.name: random_bits(n.weight_shape, granularity, rng) for n in graph.weighted()}
     abits = {n.name: random_bits(n.out_shape, granularity, rng) for n in graph if n.op in REQUANTIZING_OPS}
-    qm = convert(model, input_shape, numerics, wbits, abits, granularity, granularity)
+    qm = convert(model, input_shape, numerics, wbits, abits, granularity, granularity, views=views)
     x = torch.randn((BATCH,) + tuple(input_shape))
     qm.calibrate([x])
     train_briefly(qm, x)

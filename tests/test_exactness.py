@@ -140,6 +140,20 @@ class Sliced(nn.Module):
         return self.fc(torch.cat([tail, head], 1))
 
 
+class SplitHeads(nn.Module):
+    """``torch.split`` of a map into heads, one conv each, summed: the heads begin on byte
+    boundaries, so on per-tensor grids they are read in place (views, ``narrow``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(2, 8, 3, padding=1)
+        self.heads = nn.ModuleList([nn.Conv2d(4, 3, 3, padding=1) for _ in range(2)])
+
+    def forward(self, x):
+        a, b = torch.split(F.relu(self.stem(x)), 4, dim=1)
+        return self.heads[0](a) + self.heads[1](b)
+
+
 class PaddedShortcut(nn.Module):
     """The CIFAR ResNets' parameter-free shortcut ("option A"): every other position, zero channels
     added on both sides, summed with a strided conv branch."""
@@ -253,6 +267,7 @@ BUILDERS = {
     # channel slices
     "slice-chunk": lambda: (ChannelSplit(), IMG),
     "slice-index-and-split": lambda: (Sliced(), SIG),
+    "slice-split-heads": lambda: (SplitHeads(), (2, 4, 4)),
     # zero channels and position steps (the CIFAR ResNets' parameter-free shortcut)
     "pad-channels-shortcut": lambda: (PaddedShortcut(), IMG),
     "pad-channels-conv1d": lambda: (PaddedShortcut(dims=1), SIG),

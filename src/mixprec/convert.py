@@ -6,10 +6,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .cost.bits import BitAssignment
+from .cost.memory import buffer_bytes, lifetimes, plan_arena
 from .cost.targets import Target, as_target, weight_granularity_for
 from .granularity import shape_for
 from .graph.convert import trace
 from .graph.ir import REQUANTIZING_OPS
+from .graph.views import with_views
 from .nn.model import QuantLayer, QuantModel
 from .quantizers.fixed import ActQuantizer, FixedWeightQuantizer
 
@@ -30,7 +33,7 @@ def quantize(model: nn.Module, target: str | Target, input_shape: tuple[int, ...
         for b in _values(grid):
             if b not in allowed:
                 raise ValueError(f"{b}-bit activations are not supported by {t.name}; supported: {', '.join(map(str, allowed))}")
-    return convert(model, input_shape, t.numerics, bits, act_bits, gran, t.act_granularities[0], t.name)
+    return convert(model, input_shape, t.numerics, bits, act_bits, gran, t.act_granularities[0], t)
 
 
 def _values(bits) -> list[int]:
@@ -52,7 +55,7 @@ def bits_tensor_for(bits, granularity: str, shape: tuple[int, ...]):
 
 def convert(model: nn.Module, input_shape: tuple[int, ...], numerics: str = "scaled",
             weight_bits=8, act_bits=8, weight_granularity: str = "per-channel",
-            act_granularity: str = "per-tensor", target_name: str = "generic") -> QuantModel:
+            act_granularity: str = "per-tensor", target: str | Target = "generic", views: bool = True) -> QuantModel:
     """Quantize ``model`` with fixed bit-widths.
 
     ``weight_bits`` / ``act_bits``: an int for every layer, or a dict ``{node name: int or
@@ -69,7 +72,7 @@ def convert(model: nn.Module, input_shape: tuple[int, ...], numerics: str = "sca
         bits = bits_tensor_for(pick(act_bits, node.name), act_granularity, node.out_shape)
         return ActQuantizer(node.out_shape, bits, numerics, clip=activation_clip(node))
 
-    return convert_with(model, input_shape, numerics, weight_quantizer, act_quantizer, target_name)
+    return convert_with(model, input_shape, numerics, weight_quantizer, act_quantizer, target, views)
 
 
 def activation_clip(node) -> tuple[float, float]:
@@ -78,14 +81,32 @@ def activation_clip(node) -> tuple[float, float]:
 
 
 def convert_with(model: nn.Module, input_shape: tuple[int, ...], numerics: str,
-                 weight_quantizer: Callable, act_quantizer: Callable, target_name: str = "generic") -> QuantModel:
+                 weight_quantizer: Callable, act_quantizer: Callable, target: str | Target = "generic",
+                 views: bool = True) -> QuantModel:
     """Quantize ``model`` with quantizers a method builds: ``weight_quantizer(node, folded float
     weight)`` for every conv/linear node and ``act_quantizer(node)`` for every node that
-    requantizes (the input included)."""
+    requantizes (the input included). A channel slice of a per-tensor grid whose first element
+    lies on the target's buffer alignment becomes a view (``graph.views``: no quantizer, no copy)
+    unless, with every activation at the target's widest width, a copy plans a smaller arena
+    (``views=False``: every slice a copy onto its own grid)."""
+    t = as_target(target)
     graph, params = trace(model, tuple(input_shape))
     layers = {}
     for node in graph.weighted():
         p = params[node.name]
         layers[node.name] = QuantLayer(p.weight, p.bias, weight_quantizer(node, p.weight), p.fold_ratio)
     acts = {node.name: act_quantizer(node) for node in graph if node.op in REQUANTIZING_OPS}
-    return QuantModel(graph, layers, acts, numerics, target_name)
+    uniform = {name for name, q in acts.items() if q.bits().numel() == 1} if views else set()
+    # decided at the target's widest activations, not at the method's first bits: a saved model built
+    # again from its own bits must take the same views
+    widest = {n.name: torch.full((1,) * len(n.out_shape), float(max(t.act_bits))) for n in graph if n.name in acts}
+    graph = with_views(graph, t.act_containers, t.alignment, uniform, arena=lambda g: _arena(g, widest, t))
+    acts = {name: q for name, q in acts.items() if graph[name].op in REQUANTIZING_OPS}
+    return QuantModel(graph, layers, acts, numerics, t.name)
+
+
+def _arena(graph, act_bits: dict, t: Target) -> int:
+    """The planned arena of ``graph`` with these activation bits (the nodes it requantizes)."""
+    a = BitAssignment({}, {name: b for name, b in act_bits.items() if graph[name].op in REQUANTIZING_OPS})
+    sizes = {b: int(round(float(s))) for b, s in buffer_bytes(graph, a, t).items()}
+    return plan_arena(sizes, lifetimes(graph), t.alignment).arena

@@ -273,6 +273,8 @@ def step(node: IntNode, args: list, k) -> object:
         return div_round_away(k.sumpool(args[0], node.attrs), p.get("divisor", int(np.prod(node.attrs["kernel_size"]))))
     if op == "flatten":
         return k.flatten(args[0])
+    if op == "narrow":  # channels start:stop as they are (a view of the input's buffer)
+        return args[0][:, node.attrs["start"]:node.attrs["stop"]]
     raise ValueError(f"integer graph has unknown op {op!r} in node {node.name!r}")
 
 

@@ -234,11 +234,20 @@ def lower_table(node, src: OutputGrid, grid: OutputGrid) -> dict:
 
 def grid_seen_by(graph: Graph, name: str, grid: OutputGrid) -> OutputGrid:
     """``grid`` (the grid of tensor ``name``'s source) over ``name``'s own shape: the same grid where
-    ``name`` is its source; through flatten element by element; through pooling a per-channel grid,
+    ``name`` is its source; through flatten element by element; through a view of channels, those
+    channels; through pooling a per-channel grid,
     each channel's entry over its elements (per-element entries cannot follow a pool: ValueError)."""
     node, source = graph[name], graph[graph.grid_source(name)]
     if source.name == name:
         return grid
+    if node.op == "narrow":  # its channels of what its input sees
+        seen = grid_seen_by(graph, node.inputs[0], grid)
+        start, stop = node.attrs["start"], node.attrs["stop"]
+
+        def cut(a):
+            return a if a is None or np.asarray(a).size == 1 else np.asarray(a)[start:stop]
+        return OutputGrid(seen.scale, cut(seen.bits), seen.signed, cut(seen.lo), cut(seen.hi), cut(seen.elem_scale),
+                          cut(seen.post_shift))
     src_shape, shape = tuple(source.out_shape), tuple(node.out_shape)
     flattened = graph.buffer_source(name) == source.name  # views only: the elements keep their order
 

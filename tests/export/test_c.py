@@ -129,6 +129,26 @@ def test_firmware_flash_sections_are_the_measured_cost_with_mixed_widths(tmp_pat
     assert fw["qemu"]["mismatching_inputs"] == 0, fw["qemu"]["output"]
 
 
+@needs_firmware
+def test_channel_slices_read_in_place_on_the_firmware(tmp_path):
+    """Per-tensor activations: a slice from the target's alignment is a view (``narrow``) of its
+    input's buffer where that plans a smaller arena, with no buffer of its own; the firmware reads it
+    in place, bit-exact under QEMU, and its arena is the cost model's, smaller than with copies."""
+    builder = "slice-split-heads"
+    t = load_target("cortex-m4")
+    case = case_for(builder, BUILDERS[builder], "per-tensor", "scaled")
+    views = [n.name for n in case.qm.graph if n.op == "narrow"]
+    assert views and all(v not in cost_report(case.qm, t).plan.offsets for v in views)
+    x = np.concatenate([v.numpy() for v in case.inputs.values()]).astype(np.float32)
+    artifact = CExporter().export(ExportInput(tmp_path, case.ig, case.qm, t, tuple(x.shape[1:]), x), tmp_path / "c")
+    fw = artifact.details["firmware"]
+    assert fw["qemu"]["mismatching_inputs"] == 0, fw["qemu"]["output"]
+    assert fw["sections"][".mixprec_arena"] == fw["cost_ram_bytes"] == cost_report(case.qm, t).totals["ram_bytes"]
+    copies = conformance.build_case(builder, BUILDERS[builder], "per-tensor", "scaled", views=False).qm
+    assert not any(n.op == "narrow" for n in copies.graph)
+    assert cost_report(copies, t).totals["ram_bytes"] > fw["cost_ram_bytes"]
+
+
 @needs_host
 def test_cost_model_counts_the_width_tables_of_mixed_per_channel_weights(tmp_path):
     """What hgq and dq hand back on a microcontroller (mixed per-channel weight widths, per-tensor

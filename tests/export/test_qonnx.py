@@ -204,6 +204,7 @@ def test_standalone_activation_and_per_element_activation_widths_are_exact(tmp_p
     ("table-sigmoid", "fixed", "per-element", "Gather"), ("table-silu-gelu", "scaled", "per-tensor", "Gather"),
     ("mul-squeeze-excite", "scaled", "per-tensor", "Mul"), ("mul-same-shape", "fixed", "per-channel", "Mul"),
     ("slice-chunk", "scaled", "per-channel", "Slice"), ("slice-index-and-split", "fixed", "per-tensor", "Slice"),
+    ("slice-split-heads", "scaled", "per-tensor", "Slice"),
     ("pad-channels-shortcut", "scaled", "per-tensor", "Pad"), ("pad-channels-then-conv", "fixed", "per-channel", "Pad"),
     ("conv2d-same-even", "scaled", "per-tensor", "Conv"), ("conv1d-pad-one-side", "fixed", "per-channel", "Conv"),
     ("avgpool2d-padded", "scaled", "per-tensor", "AveragePool"),
@@ -212,7 +213,7 @@ def test_the_converters_newer_ops_are_exact(builder, numerics, act_granularity, 
     """Each input of a concat rescaled onto its channels of the output grid, then one Concat node; a
     lookup-table activation a Gather from its tables (per element, channel or tensor); a product of
     codes (a squeeze-and-excitation gate) an int64 Mul, then the requantization; a channel slice a
-    Slice; zero channels around a tensor a Pad after its requantization; a convolution padded more on one side a Conv with its pads (the exporter folds the Pad in); an
+    Slice (a view: no requantization after it); zero channels around a tensor a Pad after its requantization; a convolution padded more on one side a Conv with its pads (the exporter folds the Pad in); an
     average pooling with padding, counted or not, the sum of its window divided as the reference divides."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

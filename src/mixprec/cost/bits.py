@@ -94,8 +94,8 @@ def weight_bits(assignment: BitAssignment, graph: Graph, name: str) -> torch.Ten
 def act_bits(assignment: BitAssignment, graph: Graph, name: str) -> torch.Tensor:
     """Bits of the tensor produced by ``name``, tiling its ``out_shape``.
 
-    Pass-through nodes (maxpool, flatten) without an entry take the bits of their grid source,
-    reshaped onto their own output: flatten keeps the element order; maxpool keeps per-channel
+    Pass-through nodes (maxpool, flatten, narrow) without an entry take the bits of their grid source,
+    reshaped onto their own output: flatten keeps the element order, narrow its channels; maxpool keeps per-channel
     bits, and per-element bits are reduced to the channel maximum (the pooled element's grid is
     not known statically; the widest is the safe figure).
     """
@@ -106,7 +106,17 @@ def act_bits(assignment: BitAssignment, graph: Graph, name: str) -> torch.Tensor
         return bits
     if node.op not in PASSTHROUGH_OPS:
         raise KeyError(f"bit assignment has no activation bits for node {name!r} (op {node.op!r})")
-    return _onto(act_bits(assignment, graph, node.inputs[0]), graph[node.inputs[0]].out_shape, node.out_shape)
+    src = act_bits(assignment, graph, node.inputs[0])
+    if node.op == "narrow":
+        return _channels(src, graph[node.inputs[0]].out_shape, node.attrs)
+    return _onto(src, graph[node.inputs[0]].out_shape, node.out_shape)
+
+
+def _channels(t: torch.Tensor, src_shape: tuple[int, ...], attrs: dict) -> torch.Tensor:
+    """A view's channels ``start:stop`` of a per-tensor-or-finer tensor tiling ``src_shape``."""
+    if t.numel() == 1 or t.shape[0] == 1:
+        return t
+    return expand(t, src_shape)[attrs["start"]:attrs["stop"]]
 
 
 def _onto(bits: torch.Tensor, src_shape: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
@@ -146,6 +156,8 @@ def act_shift(assignment: BitAssignment, graph: Graph, name: str) -> torch.Tenso
     shift = act_shift(assignment, graph, src)
     if shift is None or node.op == "avgpool":
         return None
+    if node.op == "narrow":
+        return _channels(shift, graph[src].out_shape, node.attrs)
     full = expand(shift, graph[src].out_shape)
     if node.op == "flatten":
         return full.reshape(node.out_shape)
@@ -182,6 +194,8 @@ def act_storage_bits(assignment: BitAssignment, graph: Graph, name: str) -> torc
     src_shape = graph[src].out_shape
     bits = act_storage_bits(assignment, graph, src)
     shift = act_shift(assignment, graph, src) if node.op in POOL_OPS else None
+    if node.op == "narrow":
+        return _channels(bits, src_shape, node.attrs)
     if shift is None:
         return _onto(bits, src_shape, node.out_shape)
     wide = expand(bits, src_shape) + expand(shift, src_shape).to(bits)

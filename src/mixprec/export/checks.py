@@ -84,7 +84,7 @@ def _window(x: np.ndarray, attrs: dict, fill: float) -> np.ndarray:
 def value_ranges(ig: IntGraph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``name -> (lo, hi)``: every integer each element of each tensor can take (float64 arrays of
     the node's ``out_shape``), over all inputs. Requantizing nodes give their clamp range on the
-    common grid; pooling and flatten follow their input."""
+    common grid; pooling, flatten and views follow their input."""
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for node in ig.nodes:
         if node.grid is not None:
@@ -93,6 +93,9 @@ def value_ranges(ig: IntGraph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         lo, hi = out[node.inputs[0]]
         if node.op == "flatten":
             out[node.name] = (lo.reshape(node.out_shape), hi.reshape(node.out_shape))
+        elif node.op == "narrow":
+            cut = slice(node.attrs["start"], node.attrs["stop"])
+            out[node.name] = (lo[cut], hi[cut])
         elif node.op in ("maxpool", "avgpool"):
             fill = 0.0 if node.op == "avgpool" else None  # maxpool ignores padding
             dims = tuple(range(-node.attrs["dims"], 0))

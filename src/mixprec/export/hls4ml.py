@@ -440,7 +440,7 @@ def _plan(ig: IntGraph):
             precision[key] = {"result": t_out.type("AP_RND", "AP_SAT")}
             tensors[node.name] = t_out
             node_layer[node.name] = key
-        elif op == "slice":
+        elif op in ("slice", "narrow"):
             raise ExportError(f"node {node.name!r}: a channel slice has no hls4ml layer in its PyTorch converter; "
                               f"export this model to C or QONNX")
         elif op == "pad":

@@ -455,6 +455,8 @@ class _Program(nn.Module):
                                      int(p["signed"]), 0)
             elif op == "flatten":
                 env[name] = torch.flatten(env[node.inputs[0]], 1)
+            elif op == "narrow":  # a Slice of channels, on the input's grid
+                env[name] = env[node.inputs[0]][:, node.attrs["start"]:node.attrs["stop"]]
             else:
                 raise ExportError(f"node {name!r}: op {op!r} has no QONNX lowering")
         out = env[self.ig.output] * self.output_scale
@@ -598,7 +600,7 @@ def plan_program(inp: ExportInput) -> _Plan:
             p["signed"] = signed
             plan.max_abs[node.name] = x_bound
             plan.bits[node.name] = (bits, signed)
-        elif op == "flatten":
+        elif op in ("flatten", "narrow"):  # the input's values (a bound on every element of a view too)
             plan.max_abs[node.name] = plan.max_abs[node.inputs[0]]
             plan.bits[node.name] = plan.bits[node.inputs[0]]
         else:

@@ -22,9 +22,9 @@ WEIGHTED_OPS = ("conv", "linear")
 REQUANTIZING_OPS = ("input", "conv", "linear", "add", "mul", "concat", "slice", "pad", "table", "act")
 # Ops whose output keeps the grid and bits of their input (no quantizer of their own;
 # average pooling divides its integer window sum back onto the input grid).
-PASSTHROUGH_OPS = ("maxpool", "avgpool", "flatten")
-# Ops whose output reuses the input buffer in memory (a view, not a copy).
-ALIAS_OPS = ("flatten",)
+PASSTHROUGH_OPS = ("maxpool", "avgpool", "flatten", "narrow")
+# Ops whose output reuses the input buffer in memory (a view, not a copy; narrow: from an offset).
+ALIAS_OPS = ("flatten", "narrow")
 ALL_OPS = REQUANTIZING_OPS + PASSTHROUGH_OPS
 
 
@@ -42,6 +42,8 @@ class Node:
                a per-channel vector (C,) broadcast over the first's positions)
       concat:  activation, act_min, act_max   (inputs joined along dim 0, the channels, in order)
       slice:   start, stop (channels of the input), activation, act_min, act_max   (a copy onto its own grid)
+      narrow:  start, stop (channels of the input)   (a view: the input's grid and memory from channel
+               ``start`` on, what a slice becomes where the target's buffers allow it: ``graph.views``)
       pad:     before, after (zero channels added before and after the input's), activation, act_min,
                act_max   (the input's channels copied onto its own grid between them)
       table:   function (a name of graph.functions), its parameters (negative_slope, approximate,

@@ -208,6 +208,8 @@ class QuantModel(nn.Module):
             return round_ste(mean / scale) * scale  # stays on its grid
         if op == "flatten":
             return torch.flatten(args[0], 1)
+        if op == "narrow":  # a view: the input's channels on the input's grid
+            return args[0][:, a["start"]:a["stop"]]
         if op in ("conv", "linear"):
             y = self._weighted(node, args[0])
         elif op == "add":

@@ -169,7 +169,7 @@ def supernet(ctx: SearchContext, opts: DnasOptions, granularity: str) -> QuantMo
         return ActQuantizer(node.out_shape, input_bits if node.op == "input" else ctx.act_bits, t.numerics,
                             clip=activation_clip(node))
 
-    qm = convert_with(ctx.float_model, ctx.data.input_shape, t.numerics, weights, acts, t.name)
+    qm = convert_with(ctx.float_model, ctx.data.input_shape, t.numerics, weights, acts, t)
     for name in channel_map(qm.graph).producers(qm.graph.output):  # the network's output keeps its channels
         if name in qm.layers:
             qm.layers[name].quantizer = weights(qm.graph[name], None, prunable=False)

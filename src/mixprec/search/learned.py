@@ -208,7 +208,7 @@ def learned_model(ctx, act_granularity: str, weight_quantizer, act_quantizer,
     return convert_with(ctx.float_model, ctx.data.input_shape, t.numerics,
                         lambda node, w: weight_quantizer(node, w, weights),
                         lambda node: act_quantizer(node, input_granularity if node.op == "input" else act_granularity),
-                        t.name)
+                        t)
 
 
 def check_act_granularity(t: Target, granularity: str) -> None:

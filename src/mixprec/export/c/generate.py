@@ -174,7 +174,7 @@ class _Emitter:
 
     # -- tensors -----------------------------------------------------------------------------------
     def act_ref(self, name: str) -> str:
-        return f"&{self.p}_t_{self.sym[self.graph.buffer_source(name)]}"
+        return f"&{self.p}_t_{self.sym[L.layout_source(self.graph, name)]}"
 
 
 def c_symbols(graph) -> dict[str, str]:
@@ -223,10 +223,13 @@ def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, 
 
     # -- activation buffers and the arena ------------------------------------------------------------
     layouts: dict[str, L.ActLayout] = {}
+    views: dict[str, L.ActLayout] = {}  # channels read in place (narrow): no buffer of their own
     for node in ig.nodes:
-        if node.op != "flatten":
-            layouts[node.name] = L.act_layout(graph, assignment, target, ig, node.name, ranges, layouts)
-    e.layouts = layouts
+        if node.op == "narrow":
+            views[node.name] = L.view_layout(graph, ig, node.name, {**layouts, **views}, target.alignment)
+        elif node.op != "flatten":
+            layouts[node.name] = L.act_layout(graph, assignment, target, ig, node.name, ranges, {**layouts, **views})
+    e.layouts = {**layouts, **views}
     widened = [w for t in layouts.values() for w in t.widened]
     plan = report.plan
     for name, t in layouts.items():
@@ -251,6 +254,12 @@ def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, 
                        f"{{ {prefix}_arena + {plan.offsets[name]}, {tab}, "
                        f"{t.per_ch}u, {t.mode}, {int(t.bits[0]) if t.mode == L.UNIFORM else 0}, "
                        f"{int(t.shift[0]) if t.mode == L.UNIFORM else 0}, {int(t.signed)} }};")
+    for name, t in views.items():
+        e.decls.append(f"/* {_comment(name)}: {'x'.join(map(str, t.shape))}, channels of {_comment(t.buffer)} read in "
+                       f"place from its byte {t.first_byte} */\n"
+                       f"static const mp_act {prefix}_t_{e.sym[name]} = "
+                       f"{{ {prefix}_arena + {plan.offsets[t.buffer] + t.first_byte}, NULL, 0u, {t.mode}, "
+                       f"{int(t.bits[0])}, {int(t.shift[0])}, {int(t.signed)} }};")
 
     # -- input and output ----------------------------------------------------------------------------
     inp = ig["input"]
@@ -270,7 +279,7 @@ def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, 
     # -- layers --------------------------------------------------------------------------------------
     for node in ig.nodes:
         gnode = graph[node.name]
-        if node.op in ("input", "flatten"):
+        if node.op in ("input", "flatten", "narrow"):
             continue
         desc = f"{prefix}_n_{e.sym[node.name]}"
         shape = tuple(node.out_shape)
@@ -524,7 +533,7 @@ def _table(e: _Emitter, node) -> tuple[str, int]:
     p = node.params
     numel = int(np.prod(node.out_shape))
     shift = np.broadcast_to(p.get("in_shift", np.zeros((), np.int64)), node.out_shape).reshape(-1)
-    if not np.array_equal(e.layouts[e.graph.buffer_source(node.inputs[0])].shift, shift):
+    if not np.array_equal(e.layouts[L.layout_source(e.graph, node.inputs[0])].shift, shift):
         raise ExportError(f"layer {node.name!r}: its input is stored on other grids than the ones its lookup table "
                           f"reads (an average pooling of a per-channel fixed-point grid); QONNX exports it")
     count = table_count(e.graph, e.a, node.name)

@@ -109,6 +109,7 @@ class ActLayout:
     table: bytes  # per channel / per element (first bit u32, bits, shift)
     cost_bytes: int  # the cost model's bytes
     widened: list[str] = field(default_factory=list)
+    first_byte: int = 0  # where it begins in ``buffer`` (a view of channels: after the channels before it)
 
     @property
     def nbytes(self) -> int:
@@ -133,7 +134,7 @@ def act_layout(graph, assignment, target, ig, name: str, ranges: dict, layouts: 
         shift = np.broadcast_to(np.zeros((), np.int64) if node.grid.post_shift is None
                                 else np.asarray(node.grid.post_shift, np.int64), shape)
     else:
-        src = layouts[graph.buffer_source(node.inputs[0])]
+        src = layouts[layout_source(graph, node.inputs[0])]
         signed = src.signed
         if node.op == "maxpool":  # the pooled value lies on the coarsest grid of its window's elements
             from ..checks import _window
@@ -158,6 +159,34 @@ def act_layout(graph, assignment, target, ig, name: str, ranges: dict, layouts: 
     layout = ActLayout(name, shape, bits, shift, signed, UNIFORM, 0, b"", -(-int(cost_bits.sum()) // 8), widened)
     _choose_mode(layout)
     return layout
+
+
+def layout_source(graph, name: str) -> str:
+    """The tensor whose layout (and C struct) ``name`` reads: through flatten to its input; a view of
+    channels has its own (``view_layout``)."""
+    while graph[name].op == "flatten":
+        name = graph[name].inputs[0]
+    return name
+
+
+def view_layout(graph, ig, name: str, layouts: dict, alignment: int) -> ActLayout:
+    """A view of channels (``narrow``): the layout of its elements in its input's buffer (``buffer``:
+    the buffer it lies in, ``first_byte``: where it begins there). Views are made only of buffers whose
+    elements share one container, from an element on the target's buffer alignment (``graph.views``):
+    anything else is an ExportError."""
+    node = ig[name]
+    src = layouts[layout_source(graph, node.inputs[0])]
+    per = int(np.prod(ig[node.inputs[0]].out_shape[1:]))
+    first, last = node.attrs["start"] * per, node.attrs["stop"] * per
+    bit = int(src.bits[:first].sum())
+    if src.mode != UNIFORM or (src.first_byte * 8 + bit) % (8 * max(alignment, 1)):
+        raise ExportError(f"{name!r} reads channels of {src.buffer!r} in place, which the C runtime can do only from "
+                          f"a multiple of {alignment} bytes into a buffer whose elements share one container; "
+                          f"quantize the model for this target")
+    view = ActLayout(src.buffer, tuple(node.out_shape), src.bits[first:last], src.shift[first:last], src.signed,
+                     UNIFORM, 0, b"", 0, first_byte=src.first_byte + bit // 8)
+    _choose_mode(view)
+    return view
 
 
 def _choose_mode(t: ActLayout) -> None:
