@@ -171,4 +171,4 @@ def evaluator_spec(ctx: SearchContext, opts: RLOptions, start: Path) -> Evaluato
 METHOD = Method("rl", search_rl, RLOptions,
                 "reinforcement-learning search (DDPG, HAQ-style) of each weight and activation tensor's width "
                 "under hard FLASH/RAM limits; candidates in parallel (local, process, ray)", check=check,
-                check_model=check_model)
+                check_model=check_model, fills_budget=True)
