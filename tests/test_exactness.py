@@ -154,6 +154,27 @@ class SplitHeads(nn.Module):
         return self.heads[0](a) + self.heads[1](b)
 
 
+class ZeroPadded(nn.Module):
+    """Zero padding no convolution takes alone: before a pooling (one-sided, as TF's 'same' pads),
+    or read by a convolution and a pooling at once."""
+
+    def __init__(self, dims: int = 2, shared: bool = False):
+        super().__init__()
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        self.dims, self.shared = dims, shared
+        self.conv = conv(2, 3, 3, padding=1)
+        self.head = conv(3, 3, 3)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        if self.shared:  # the padded map read by a conv and by a pooling: a zeropad node
+            p = F.pad(y, (1, 1) * self.dims)
+            pool = F.max_pool1d(p, 3, 1) if self.dims == 1 else F.max_pool2d(p, 3, 1)
+            return self.head(p) + pool
+        p = F.pad(y, (1, 0) if self.dims == 1 else (1, 0, 2, 1))
+        return F.avg_pool1d(p, 2) if self.dims == 1 else F.max_pool2d(p, 2)
+
+
 class PaddedShortcut(nn.Module):
     """The CIFAR ResNets' parameter-free shortcut ("option A"): every other position, zero channels
     added on both sides, summed with a strided conv branch."""
@@ -272,6 +293,10 @@ BUILDERS = {
     "pad-channels-shortcut": lambda: (PaddedShortcut(), IMG),
     "pad-channels-conv1d": lambda: (PaddedShortcut(dims=1), SIG),
     "pad-channels-then-conv": lambda: (nn.Sequential(PaddedShortcut(), nn.Conv2d(4, 3, 1)), IMG),
+    # zero padding of positions no convolution takes alone
+    "zeropad-then-maxpool": lambda: (ZeroPadded(), IMG),
+    "zeropad-conv1d-avgpool": lambda: (ZeroPadded(dims=1), SIG),
+    "zeropad-read-by-conv-and-pool": lambda: (ZeroPadded(shared=True), IMG),
     # lookup-table activations
     "table-leaky-relu": lambda: (nn.Sequential(nn.Conv2d(2, 4, 3), nn.LeakyReLU(0.1)), IMG),
     "table-sigmoid": lambda: (nn.Sequential(nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, 3)), VEC),

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .graph.ir import zeropad_sides
 from .lower import IntGraph, IntNode
 from .numerics import div_round_away, quantize, requantize, saturate
 
@@ -92,6 +93,10 @@ class NumpyKernels:
     @staticmethod
     def pad_channels(x, before: int, after: int) -> np.ndarray:
         return np.pad(x, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
+
+    @staticmethod
+    def zeropad(x, attrs) -> np.ndarray:
+        return np.pad(x, [(0, 0), (0, 0)] + list(zip(attrs["padding"], attrs["padding_after"])))
 
 
 #: Every integer below this magnitude is exact in float32 (24-bit significand)
@@ -222,6 +227,10 @@ class TorchKernels:
     def pad_channels(x, before: int, after: int) -> torch.Tensor:
         return F.pad(x, (0, 0) * (x.dim() - 2) + (before, after))
 
+    @staticmethod
+    def zeropad(x, attrs) -> torch.Tensor:
+        return F.pad(x, zeropad_sides(attrs))
+
 
 def quantize_input(x, node: IntNode):
     """Real network input -> integers on the input node's grid (round half to even, saturate)."""
@@ -273,6 +282,8 @@ def step(node: IntNode, args: list, k) -> object:
         return div_round_away(k.sumpool(args[0], node.attrs), p.get("divisor", int(np.prod(node.attrs["kernel_size"]))))
     if op == "flatten":
         return k.flatten(args[0])
+    if op == "zeropad":  # zeros around the positions, on the input's grid
+        return k.zeropad(args[0], node.attrs)
     if op == "narrow":  # channels start:stop as they are (a view of the input's buffer)
         return args[0][:, node.attrs["start"]:node.attrs["stop"]]
     raise ValueError(f"integer graph has unknown op {op!r} in node {node.name!r}")

@@ -108,7 +108,9 @@ def test_firmware_under_qemu(c_artifact):
     ("concat-branches", "per-element", "fixed", "fixed-mcu"), ("table-hardswish-relu", "per-channel", "scaled", "cortex-m4"),
     ("table-hardsigmoid-flatten", "per-element", "fixed", "fixed-mcu"),
     ("mul-squeeze-excite", "per-channel", "scaled", "cortex-m4"), ("slice-chunk", "per-channel", "scaled", "cortex-m4"),
-    ("pad-channels-then-conv", "per-channel", "scaled", "cortex-m4")])
+    ("pad-channels-then-conv", "per-channel", "scaled", "cortex-m4"),
+    ("zeropad-read-by-conv-and-pool", "per-channel", "scaled", "cortex-m4"),
+    ("zeropad-then-maxpool", "per-element", "fixed", "fixed-mcu")])
 def test_firmware_flash_sections_are_the_measured_cost_with_mixed_widths(tmp_path, builder, granularity, numerics,
                                                                          target):
     """Mixed widths need layout tables in .mixprec_aux: the linked sections of a real Cortex-M4
@@ -116,7 +118,7 @@ def test_firmware_flash_sections_are_the_measured_cost_with_mixed_widths(tmp_pat
     is checked against), and the firmware stays bit-exact under QEMU (a concatenation too: each
     input rescaled into its channels of the output buffer; lookup tables of 256 codes per grid; a
     squeeze-and-excitation product; channel slices; zero channels around a tensor and its every other
-    position, the CIFAR ResNets' shortcut)."""
+    position, the CIFAR ResNets' shortcut; zeros around the positions where no convolution takes them)."""
     t = FIXED_MCU if target == "fixed-mcu" else load_target(target)
     case = case_for(builder, BUILDERS[builder], granularity, numerics)
     x = np.concatenate([v.numpy() for v in case.inputs.values()]).astype(np.float32)

@@ -143,10 +143,11 @@ class _Gated(torch.nn.Module):
         return torch.relu(self.a(x)) * self.b(x)
 
 
-@pytest.mark.parametrize("builder", ["conv2d-same-even", "avgpool2d-padded"])
+@pytest.mark.parametrize("builder", ["conv2d-same-even", "avgpool2d-padded", "zeropad-then-maxpool",
+                                     "zeropad-read-by-conv-and-pool"])
 def test_padding_a_layer_cannot_take_is_a_zero_padding_layer(tmp_path, builder):
-    """'same' with an even kernel pads one side more; a padded average pooling counts the zeros:
-    hls4ml's ZeroPadding2D before the layer, exact."""
+    """'same' with an even kernel pads one side more; a padded average pooling counts the zeros;
+    zero padding no convolution takes alone: hls4ml's ZeroPadding2D layer, exact."""
     from test_exactness import BUILDERS
 
     torch.manual_seed(2)

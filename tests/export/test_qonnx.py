@@ -205,6 +205,7 @@ def test_standalone_activation_and_per_element_activation_widths_are_exact(tmp_p
     ("mul-squeeze-excite", "scaled", "per-tensor", "Mul"), ("mul-same-shape", "fixed", "per-channel", "Mul"),
     ("slice-chunk", "scaled", "per-channel", "Slice"), ("slice-index-and-split", "fixed", "per-tensor", "Slice"),
     ("slice-split-heads", "scaled", "per-tensor", "Slice"),
+    ("zeropad-then-maxpool", "scaled", "per-tensor", "Pad"), ("zeropad-conv1d-avgpool", "fixed", "per-channel", "Pad"),
     ("pad-channels-shortcut", "scaled", "per-tensor", "Pad"), ("pad-channels-then-conv", "fixed", "per-channel", "Pad"),
     ("conv2d-same-even", "scaled", "per-tensor", "Conv"), ("conv1d-pad-one-side", "fixed", "per-channel", "Conv"),
     ("avgpool2d-padded", "scaled", "per-tensor", "AveragePool"),

@@ -43,6 +43,9 @@ def run_float(graph, params, x: torch.Tensor, keep: bool = False):
             y = fn(args[0], a["kernel_size"], a["stride"], a["padding"])
         elif n.op == "flatten":
             y = torch.flatten(args[0], 1)
+        elif n.op == "zeropad":
+            sides = [q for dim in reversed(range(a["dims"])) for q in (a["padding"][dim], a["padding_after"][dim])]
+            y = F.pad(args[0], sides)
         else:
             raise AssertionError(f"unknown op {n.op}")
         if "activation" in a:  # every fused/standalone activation is a clamp to its bounds
@@ -445,6 +448,19 @@ def test_padding_one_side_more_than_the_other(model, before, after):
     assert conv.attrs["padding"] == before and conv.attrs.get("padding_after", before) == after
 
 
+@pytest.mark.parametrize("model, shape, before, after", [
+    (lambda: Fn(lambda m, x: F.max_pool2d(F.pad(x, (1, 0, 2, 1)), 2)), (2, 5, 6), (2, 1), (1, 0)),
+    (lambda: Fn(lambda m, x: F.avg_pool1d(m.pad(x), 2), pad=nn.ConstantPad1d((0, 3), 0.0)), (2, 9), (0,), (3,)),
+    (lambda: Fn(lambda m, x: (lambda p: m.c(p) + F.max_pool2d(p, 3, 1))(F.pad(x, (1, 1, 1, 1))),
+                c=nn.Conv2d(2, 2, 3)), (2, 5, 6), (1, 1), (1, 1))])
+def test_zero_padding_no_convolution_takes_alone_is_a_node(model, shape, before, after):
+    """Zeros around the positions before a pooling, or read by a convolution and something else: a
+    ``zeropad`` node (spatial sides first dim first, as the convolution's padding)."""
+    graph = check_float(model(), shape)
+    pad = next(n for n in graph if n.op == "zeropad")
+    assert (pad.attrs["padding"], pad.attrs["padding_after"]) == (before, after)
+
+
 def test_dilated_same_padding():
     graph = check_float(nn.Sequential(nn.Conv1d(2, 3, 3, padding="same", dilation=2)), (2, 9))
     assert graph["0"].attrs["padding"] == (2,)
@@ -627,7 +643,6 @@ UNSUPPORTED = {
     "maxpool-dilated": (nn.Sequential(nn.MaxPool2d(2, dilation=2)), IMG, "0"),
     "conv-reflect": (nn.Sequential(conv(padding=1, padding_mode="reflect")), IMG, "0"),
     "pad-crop": (Fn(lambda m, x: m.c(F.pad(x, (0, -1, 0, 1))), c=conv()), IMG, "pad"),
-    "pad-before-pool": (Fn(lambda m, x: F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 2)), IMG, "pad"),
     "pad-reflect": (Fn(lambda m, x: m.c(F.pad(x, (1, 1, 1, 1), mode="reflect")), c=conv()), IMG, "pad"),
     "conv3d": (nn.Sequential(nn.Conv3d(1, 1, 1)), (1, 2, 2, 2), "0"),
     "flatten-all": (Fn(lambda m, x: torch.flatten(x)), IMG, "flatten"),

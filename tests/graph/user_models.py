@@ -361,6 +361,20 @@ class PaddedConvNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, (1, 1)).flatten(1))
 
 
+class KerasSamePooling(nn.Module):
+    """A Keras port: 'same' max pooling of an odd map written as nn.ZeroPad2d((0, 1, 0, 1)) before
+    nn.MaxPool2d(2), as TensorFlow pads it (after, on the right and the bottom)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.ReLU(), nn.ZeroPad2d((0, 1, 0, 1)),
+                                      nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
 class TwoStageResNet(nn.Module):
     """Residual stages from a list of BasicBlocks (nn.Sequential of blocks), x.mean([2, 3])."""
 
@@ -654,6 +668,7 @@ CORPUS = {
     "mobilenet-v3-se": (MobileNetV3SE, (1, 8, 8)),
     "shuffle-unit": (ShuffleUnit, (1, 8, 8)),
     "cifar-resnet-option-a": (CifarResNetA, (3, 16, 16)),
+    "keras-same-pooling": (KerasSamePooling, (1, 7, 7)),
 }
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..granularity import check_compatible, expand, reduce_to, shape_for
-from ..graph.ir import PASSTHROUGH_OPS, Graph
+from ..graph.ir import PASSTHROUGH_OPS, Graph, zeropad_sides
 from .targets import Target
 
 
@@ -143,7 +143,8 @@ def act_shift(assignment: BitAssignment, graph: Graph, name: str) -> torch.Tenso
 
     Requantizing nodes and the input: the assignment's entry. Maxpool: the coarsest grid of each
     window's elements (the window minimum: every candidate value lies on it); avgpool: 0 (the
-    rounded mean lies on the common grid); flatten: its source's, in the same element order.
+    rounded mean lies on the common grid); flatten: its source's, in the same element order; zeropad:
+    its source's, each zero on its nearest element's.
     """
     node = graph[name]
     if node.op not in PASSTHROUGH_OPS:
@@ -161,6 +162,8 @@ def act_shift(assignment: BitAssignment, graph: Graph, name: str) -> torch.Tenso
     full = expand(shift, graph[src].out_shape)
     if node.op == "flatten":
         return full.reshape(node.out_shape)
+    if node.op == "zeropad":  # each element keeps its grid; a zero lies on its neighbour's (a channel's stays one)
+        return F.pad(full.double()[None], zeropad_sides(node.attrs), mode="replicate")[0].to(full.dtype)
     pooled = -_window_max(-full.double(), node.attrs)
     return pooled if bool((pooled != 0).any()) else None
 

@@ -144,9 +144,9 @@ def mac_cycles(node: Node, wbits: torch.Tensor, in_bits: torch.Tensor, target: T
 
 
 def elementwise_ops(node: Node) -> int:
-    """Elementwise work of a non-MAC op: one op per output element (add, mul, concat, slice, pad, table, act), times the window
+    """Elementwise work of a non-MAC op: one op per output element (add, mul, concat, slice, pad, zeropad, table, act), times the window
     for pooling; 0 for input, flatten and narrow (views) and weighted ops (requantization is in their MAC rate)."""
-    if node.op in ("add", "mul", "concat", "slice", "pad", "table", "act"):
+    if node.op in ("add", "mul", "concat", "slice", "pad", "zeropad", "table", "act"):
         return node.out_numel
     if node.op in ("maxpool", "avgpool"):
         return node.out_numel * prod(node.attrs["kernel_size"])

@@ -59,12 +59,12 @@ def requant_steps(graph: Graph, assignment: BitAssignment, name: str) -> int:
     - act: one rescale from input to output grid: max(input scales, output scales)
     - slice: its channels of the input's common grid rescaled onto its own: output scales
     - pad: the input rescaled onto its channels of the output grid, as one input of a concat
-    - input, maxpool, avgpool, flatten, narrow: none (the input is quantized by the caller; the others keep
+    - input, maxpool, avgpool, zeropad, flatten, narrow: none (the input is quantized by the caller; the others keep
       their input's grid: average pooling divides by its window size, a constant of the kernel)
     - table: none (its lookup tables, ``table_bytes_of``, hold outputs already on the output grid)
     """
     node = graph[name]
-    if node.op in ("input", "maxpool", "avgpool", "flatten", "narrow", "table"):
+    if node.op in ("input", "maxpool", "avgpool", "zeropad", "flatten", "narrow", "table"):
         return 0
     out = n_scales(act_bits(assignment, graph, name))
     ins = [n_scales(act_bits(assignment, graph, i)) for i in node.inputs]

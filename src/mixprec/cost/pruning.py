@@ -53,7 +53,7 @@ from . import compute, memory
 from .bits import BitAssignment, act_bits, act_shift, act_storage_bits, weight_bits
 from .rounding import snap_up_ste
 
-NO_REQUANT_OPS = ("input", "maxpool", "avgpool", "flatten", "narrow")
+NO_REQUANT_OPS = ("input", "maxpool", "avgpool", "zeropad", "flatten", "narrow")
 
 
 # ----------------------------------------------------------------------------- per-channel tables

@@ -84,7 +84,7 @@ def _window(x: np.ndarray, attrs: dict, fill: float) -> np.ndarray:
 def value_ranges(ig: IntGraph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``name -> (lo, hi)``: every integer each element of each tensor can take (float64 arrays of
     the node's ``out_shape``), over all inputs. Requantizing nodes give their clamp range on the
-    common grid; pooling, flatten and views follow their input."""
+    common grid; pooling, zero padding, flatten and views follow their input."""
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for node in ig.nodes:
         if node.grid is not None:
@@ -96,6 +96,10 @@ def value_ranges(ig: IntGraph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         elif node.op == "narrow":
             cut = slice(node.attrs["start"], node.attrs["stop"])
             out[node.name] = (lo[cut], hi[cut])
+        elif node.op == "zeropad":
+            sides = [(0, 0)] + list(zip(node.attrs["padding"], node.attrs["padding_after"]))
+            out[node.name] = (np.pad(np.broadcast_to(lo, ig[node.inputs[0]].out_shape), sides),
+                              np.pad(np.broadcast_to(hi, ig[node.inputs[0]].out_shape), sides))
         elif node.op in ("maxpool", "avgpool"):
             fill = 0.0 if node.op == "avgpool" else None  # maxpool ignores padding
             dims = tuple(range(-node.attrs["dims"], 0))

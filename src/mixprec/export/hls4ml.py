@@ -387,6 +387,18 @@ def _plan(ig: IntGraph):
                               "accum": _Tensor(t.frac + extra, -s_bound, s_bound, True).type()}
             tensors[node.name] = t
             node_layer[node.name] = key
+        elif op == "zeropad":  # hls4ml's ZeroPadding2D, in the input's type (exact)
+            a = node.attrs
+            if a["dims"] != 2:
+                raise ExportError(f"node {node.name!r}: only 2-D zero padding is exported to hls4ml; export this "
+                                  f"model to C or QONNX")
+            t = tensors[node.inputs[0]]
+            layers[key] = nn.ConstantPad2d((a["padding"][1], a["padding_after"][1], a["padding"][0],
+                                            a["padding_after"][0]), 0.0)
+            precision[key] = {"result": t.type()}
+            tensors[node.name] = _Tensor(t.frac, min(t.lo, 0), max(t.hi, 0), t.signed, t.bits)
+            node_layer[node.name] = key
+            notes.append(f"{node.name}: zeros around the positions as hls4ml's ZeroPadding2D layer {key!r}")
         elif op == "flatten" and node.inputs[0] in flat:
             names[node.name] = None  # the input arrives flat (flat_inputs): nothing for hls4ml to do
             tensors[node.name] = tensors[node.inputs[0]]

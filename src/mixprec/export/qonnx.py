@@ -39,6 +39,7 @@ from torch import nn
 
 from ..execute import explicit_padding
 from ..granularity import expand, reduce_to
+from ..graph.ir import zeropad_sides
 from ..lower import IntGraph, IntNode
 from ..numerics import (bits_for_range, div_round_away, multiply_by_quantized_multiplier, qrange, saturate, shift_round)
 from .base import Artifact, ExportError, ExportInput
@@ -455,6 +456,8 @@ class _Program(nn.Module):
                                      int(p["signed"]), 0)
             elif op == "flatten":
                 env[name] = torch.flatten(env[node.inputs[0]], 1)
+            elif op == "zeropad":  # a Pad of the positions with zeros, on the input's grid
+                env[name] = F.pad(env[node.inputs[0]], zeropad_sides(node.attrs))
             elif op == "narrow":  # a Slice of channels, on the input's grid
                 env[name] = env[node.inputs[0]][:, node.attrs["start"]:node.attrs["stop"]]
             else:
@@ -600,7 +603,7 @@ def plan_program(inp: ExportInput) -> _Plan:
             p["signed"] = signed
             plan.max_abs[node.name] = x_bound
             plan.bits[node.name] = (bits, signed)
-        elif op in ("flatten", "narrow"):  # the input's values (a bound on every element of a view too)
+        elif op in ("flatten", "narrow", "zeropad"):  # the input's values (a bound on every element of a view too)
             plan.max_abs[node.name] = plan.max_abs[node.inputs[0]]
             plan.bits[node.name] = plan.bits[node.inputs[0]]
         else:

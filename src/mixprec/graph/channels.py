@@ -53,15 +53,18 @@ CHANNEL_PRESERVING_OPS = ("maxpool", "avgpool", "act", "table")
 
 def produces_channels(node: Node) -> bool:
     """Whether ``node``'s output channels are new (its own tie group, every channel live): the input,
-    conv / linear, concat, a product, a channel slice (copy or view) or pad, and a lookup table that does not map 0 to 0."""
-    return node.op in PRODUCER_OPS or node.op in ("mul", "slice", "narrow", "pad") or \
+    conv / linear, concat, a product, a channel slice (copy or view), zeros around the channels or the
+    positions (a pruned channel's constant would not be constant there), and a lookup table that does not map
+    0 to 0."""
+    return node.op in PRODUCER_OPS or node.op in ("mul", "slice", "narrow", "pad", "zeropad") or \
         (node.op == "table" and not maps_zero_to_zero(node.attrs))
 
 
 def pins_inputs(node: Node) -> bool:
-    """Whether ``node`` keeps every channel of its inputs alive: a concat, a product, a slice, a pad, a table
-    that maps 0 elsewhere."""
-    return node.op in ("concat", "mul", "slice", "narrow", "pad") or (node.op == "table" and not maps_zero_to_zero(node.attrs))
+    """Whether ``node`` keeps every channel of its inputs alive: a concat, a product, a slice, a pad (of
+    channels or positions), a table that maps 0 elsewhere."""
+    return node.op in ("concat", "mul", "slice", "narrow", "pad", "zeropad") or \
+        (node.op == "table" and not maps_zero_to_zero(node.attrs))
 
 
 @dataclass(frozen=True)

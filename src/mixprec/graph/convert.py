@@ -39,7 +39,7 @@ SUPPORTED = (
     "products of two tensors of one shape, or of a tensor and a per-channel vector (squeeze-and-excitation: "
     "x * s.view(b, c, 1, 1)); LeakyReLU, Sigmoid, Tanh, Hardswish, Hardsigmoid, SiLU, GELU, ELU (modules "
     "and functions, as 256-entry lookup tables on 8-bit codes); zero padding (F.pad, nn.ZeroPad2d, "
-    "nn.ConstantPad*d with 0) folded into the convolution reading it, and zero channels "
+    "nn.ConstantPad*d with 0) folded into the convolution reading it, else around the positions, and zero channels "
     "added (F.pad(x, (0, 0, 0, 0, a, b))); a softmax or log_softmax at the "
     "output (left out: the deployed model returns the logits)"
 )
@@ -265,9 +265,10 @@ class _Builder:
 
     def pad(self, n: fx.Node, pads, mode: str = "constant", value: float = 0.0) -> None:
         """Zero padding of the tensor (``F.pad``, ``nn.ZeroPad2d``, ``nn.ConstantPad*d`` with 0): folded
-        into the convolution that reads it (the same zeros), each side of each dim as given; zero
-        channels added before and after the input's (``F.pad(x, (0, 0, 0, 0, a, b))``, the CIFAR
-        ResNets' parameter-free shortcut): a ``pad`` node."""
+        into the convolution that reads it (the same zeros), each side of each dim as given, or where
+        something else reads it too, a ``zeropad`` node (the input's grid, zeros around); zero channels
+        added before and after the input's (``F.pad(x, (0, 0, 0, 0, a, b))``, the CIFAR ResNets'
+        parameter-free shortcut): a ``pad`` node."""
         sides = 2 * (len(self.shape(n)) - 1)
         pads = list(_pair(pads, sides))  # (left, right[, top, bottom]): last dim first, earlier dims may be left out
         if len(pads) > sides + 2:
@@ -284,14 +285,18 @@ class _Builder:
                                                            "activation": "identity", "act_min": float("-inf"),
                                                            "act_max": float("inf")})
             return
+        if any(p < 0 for p in pads):
+            self.fail(n, f"padding {tuple(pads)} crops (a negative pad): slice the positions instead")
+        before, after = tuple(reversed(pads[::2])), tuple(reversed(pads[1::2]))  # first dim first
         users = self._fx_users(n)
         to_conv = all(u.op == "call_module" and isinstance(self.modules[u.target], (nn.Conv1d, nn.Conv2d))
                       or u.target in (F.conv1d, F.conv2d) for u in users)
-        if not users or not to_conv or any(p < 0 for p in pads):
-            self.fail(n, "zero padding folds into a convolution that reads it (no cropping: pads of 0 or more); "
-                         "give the padding to the convolution (Conv2d(..., padding=p))")
-        self.pads[n] = (tuple(reversed(pads[::2])), tuple(reversed(pads[1::2])))  # (before, after), first dim first
-        self.alias(n, n.args[0])
+        if users and to_conv:
+            self.pads[n] = (before, after)
+            self.alias(n, n.args[0])
+            return
+        self.add(n, "zeropad", [self.src(n.args[0])], attrs={"dims": len(before), "padding": before,
+                                                              "padding_after": after})
 
     def functional_weighted(self, n: fx.Node, kind: str) -> None:
         """``F.conv1d/conv2d/linear`` with the model's own parameters as weight and bias."""

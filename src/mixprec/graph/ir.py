@@ -22,10 +22,15 @@ WEIGHTED_OPS = ("conv", "linear")
 REQUANTIZING_OPS = ("input", "conv", "linear", "add", "mul", "concat", "slice", "pad", "table", "act")
 # Ops whose output keeps the grid and bits of their input (no quantizer of their own;
 # average pooling divides its integer window sum back onto the input grid).
-PASSTHROUGH_OPS = ("maxpool", "avgpool", "flatten", "narrow")
+PASSTHROUGH_OPS = ("maxpool", "avgpool", "zeropad", "flatten", "narrow")
 # Ops whose output reuses the input buffer in memory (a view, not a copy; narrow: from an offset).
 ALIAS_OPS = ("flatten", "narrow")
 ALL_OPS = REQUANTIZING_OPS + PASSTHROUGH_OPS
+
+
+def zeropad_sides(attrs: dict) -> tuple[int, ...]:
+    """A ``zeropad`` node's padding as ``F.pad`` takes it: (before, after) per dim, last dim first."""
+    return tuple(q for d in reversed(range(attrs["dims"])) for q in (attrs["padding"][d], attrs["padding_after"][d]))
 
 
 @dataclass
@@ -51,6 +56,8 @@ class Node:
       act:     activation, act_min, act_max   (a standalone activation that could not be fused)
       maxpool/avgpool: kernel_size, stride, padding (tuples), dims; avgpool: count_include_pad (False:
                divide by the window's elements inside the input; absent: by the kernel size, as PyTorch)
+      zeropad: dims, padding, padding_after (zeros before and after the positions of each spatial dim,
+               first dim first; on the input's grid: what zero padding no convolution takes becomes)
       flatten: nothing
       input:   nothing
     """

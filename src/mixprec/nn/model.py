@@ -15,7 +15,7 @@ from torch import nn
 
 from ..execute import TorchKernels, explicit_padding, run
 from ..graph.functions import table_function
-from ..graph.ir import Graph
+from ..graph.ir import Graph, zeropad_sides
 from ..lower import IntGraph, lower
 from ..quantizers.base import QParams, Quantizer, fake_quant, round_ste
 
@@ -208,6 +208,8 @@ class QuantModel(nn.Module):
             return round_ste(mean / scale) * scale  # stays on its grid
         if op == "flatten":
             return torch.flatten(args[0], 1)
+        if op == "zeropad":  # zeros lie on every grid
+            return F.pad(args[0], zeropad_sides(a))
         if op == "narrow":  # a view: the input's channels on the input's grid
             return args[0][:, a["start"]:a["stop"]]
         if op in ("conv", "linear"):

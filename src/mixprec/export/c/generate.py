@@ -293,6 +293,10 @@ def _build(ig: IntGraph, graph, assignment, target, out_dir: Path, prefix: str, 
             e.decls.append(f"/* {_comment(node.name)}: {node.op} {_describe(node)} */\n"
                            f"static const mp_pool {desc} = {_pool(e, node)};")
             e.calls.append(f"    mp_pool_run(&{desc}, {int(node.op == 'maxpool')});")
+        elif node.op == "zeropad":
+            e.decls.append(f"/* {_comment(node.name)}: zeros around the positions */\n"
+                           f"static const mp_zpad {desc} = {_zeropad(e, node)};")
+            e.calls.append(f"    mp_zpad_run(&{desc});")
         elif node.op == "add":
             text, counted = _add(e, node, shape)
             row["param_bytes"] = counted
@@ -507,6 +511,17 @@ def _store_channels(e: _Emitter, node, desc: str, src: str, part: dict, n_cost: 
                    f"{e.clamp(grid, shape)} }};")
     e.calls.append(f"    mp_act_run(&{desc});")
     return counted
+
+
+def _zeropad(e: _Emitter, node) -> str:
+    """``mp_zpad``: channels, the input's and the output's rows and columns, the first row and column."""
+    (c, *inner), (_, *outer) = e.ig[node.inputs[0]].out_shape, node.out_shape
+    a = node.attrs
+    hin, win = (1, inner[0]) if a["dims"] == 1 else inner
+    hout, wout = (1, outer[0]) if a["dims"] == 1 else outer
+    top, left = (0, a["padding"][0]) if a["dims"] == 1 else a["padding"]
+    return (f"{{ {e.act_ref(node.inputs[0])}, {e.act_ref(node.name)}, {c}u, {hin}u, {win}u, {hout}u, {wout}u, "
+            f"{top}u, {left}u }}")
 
 
 def _pad(e: _Emitter, node, desc: str) -> int:

@@ -141,6 +141,9 @@ def act_layout(graph, assignment, target, ig, name: str, ranges: dict, layouts: 
             s = src.shift.reshape(ig[node.inputs[0]].out_shape).astype(np.float64)
             shift = np.rint(_window(s, node.attrs, np.inf).min(axis=tuple(range(-node.attrs["dims"], 0))))
             shift = shift.astype(np.int64).reshape(shape)
+        elif node.op == "zeropad":  # as the cost model: each zero on its nearest element's grid
+            s = src.shift.reshape(ig[node.inputs[0]].out_shape)
+            shift = np.pad(s, [(0, 0)] + list(zip(node.attrs["padding"], node.attrs["padding_after"])), mode="edge")
         else:  # avgpool: the rounded mean lies on the common grid
             shift = np.zeros(shape, np.int64)
     shift = np.ascontiguousarray(shift).reshape(-1)

@@ -99,6 +99,13 @@ typedef struct {
     uint8_t exclude_pad;  /* average: divide by the window's elements inside the input, not kh * kw */
 } mp_pool;
 
+/* zero padding of positions: each channel's map placed at (top, left) of a larger one, zeros around;
+ * values on the input's grid (1-D maps: one row, top 0) */
+typedef struct {
+    const mp_act *in, *out;
+    uint32_t c, hin, win, hout, wout, top, left;
+} mp_zpad;
+
 typedef struct {
     const mp_act *a, *b, *out;
     uint32_t numel;
@@ -408,6 +415,21 @@ static inline void mp_pool_run(const mp_pool *p, int is_max) {
                     }
                 }
                 mp_st_val(p->out, e, is_max ? acc : mp_div_round_away(acc, p->exclude_pad ? inside : n));
+            }
+        }
+    }
+}
+
+static inline void mp_zpad_run(const mp_zpad *p) {
+    uint32_t ch, y, x;
+    for (ch = 0; ch < p->c; ++ch) {
+        for (y = 0; y < p->hout; ++y) {
+            const int32_t iy = (int32_t)y - (int32_t)p->top;
+            for (x = 0; x < p->wout; ++x) {
+                const int32_t ix = (int32_t)x - (int32_t)p->left;
+                const int inside = iy >= 0 && iy < (int32_t)p->hin && ix >= 0 && ix < (int32_t)p->win;
+                mp_st_val(p->out, (ch * p->hout + y) * p->wout + x,
+                          inside ? mp_ld(p->in, (ch * p->hin + (uint32_t)iy) * p->win + (uint32_t)ix) : 0);
             }
         }
     }
