@@ -1,6 +1,7 @@
 """Turn a float model into a quantized one for a target: trace, fold, insert quantizers."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -96,7 +97,7 @@ def convert_with(model: nn.Module, input_shape: tuple[int, ...], numerics: str,
         p = params[node.name]
         layers[node.name] = QuantLayer(p.weight, p.bias, weight_quantizer(node, p.weight), p.fold_ratio)
     acts = {node.name: act_quantizer(node) for node in graph if node.op in REQUANTIZING_OPS}
-    uniform = {name for name, q in acts.items() if q.bits().numel() == 1} if views else set()
+    uniform = {name for name, q in acts.items() if math.prod(q.bits_shape()) == 1} if views else set()
     # decided at the target's widest activations, not at the method's first bits: a saved model built
     # again from its own bits must take the same views
     widest = {n.name: torch.full((1,) * len(n.out_shape), float(max(t.act_bits))) for n in graph if n.name in acts}

@@ -193,6 +193,9 @@ class Quantizer(nn.Module, metaclass=abc.ABCMeta):
     DNAS activations (a mixture of PACT quantizers, one learned clip per candidate width) are
     learned like DQ's: ``bits()`` the argmax width, ``qparams``/``freeze`` its candidate's grid.
 
+    ``bits_shape()`` gives the shape of ``bits()`` (the granularity) before any data: HGQ and DQ
+    activations' bits need what they observe, their shape does not.
+
     ``range_rule`` values: ``max`` (each group's largest value onto the largest code), ``mse`` (the
     least-squares scale at 3 bits or fewer, max above), ``observed`` (a running min/max of the data),
     ``learned`` (the grid is a trained parameter: HGQ's fractional bits, DQ's step and range).
@@ -203,6 +206,10 @@ class Quantizer(nn.Module, metaclass=abc.ABCMeta):
     @abc.abstractmethod
     def bits(self) -> torch.Tensor:
         """The bit-width tensor (its shape is the granularity; differentiable where it is learned)."""
+
+    def bits_shape(self) -> tuple[int, ...]:
+        """The shape of :meth:`bits` (the granularity), known before the quantizer has seen data."""
+        return tuple(self.bits().shape)
 
     @abc.abstractmethod
     def qparams(self, x: torch.Tensor | None = None) -> QParams:

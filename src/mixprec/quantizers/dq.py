@@ -155,6 +155,9 @@ class _DQBase(LearnedQuantizer):
     def frozen_bits(self) -> torch.Tensor:
         return self.bits().detach().round()
 
+    def bits_shape(self) -> tuple[int, ...]:
+        return self.param_shape  # an activation's sign waits for its data
+
     def _codes(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 

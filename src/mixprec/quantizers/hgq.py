@@ -111,6 +111,9 @@ class _HGQBase(LearnedQuantizer):
     def group_size(self) -> int:
         return math.prod(self.value_shape) // math.prod(self.param_shape)
 
+    def bits_shape(self) -> tuple[int, ...]:
+        return self.param_shape  # an activation's integer bits wait for its observed range
+
     def f_int(self) -> torch.Tensor:
         """``round(f)`` with straight-through gradient scaled by ``1/sqrt(group size)``."""
         return _round_ste(scale_grad(self.f, 1.0 / math.sqrt(self.group_size)))
