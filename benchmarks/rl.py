@@ -158,7 +158,9 @@ def table(args) -> None:
              "One seed. Activations observed at 4 bits or fewer take the least-squares clip of their range, and RL "
              "candidates refit the ranges of the activations a policy narrows (since commit bfd1e96); rows whose run is "
              "not on the machine that wrote the table were measured before, with max ranges (ResNet-8 24KiB/16KiB rl "
-             "then: 57.22%), and their command measures them again with the current code.")
+             "then: 57.22%), and their command measures them again with the current code. Since commit c691dea rl's "
+             "budget step fills what its policy leaves unused, as hgq's and dq's do; rl rows whose command says "
+             "`--no-fill` were measured before.")
     write_section(TITLE, about, "python benchmarks/rl.py", header + merge_rows(TITLE, rows, 3, order))
 
 
