@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .cost.bits import BitAssignment
-from .cost.memory import buffer_bytes, lifetimes, plan_arena
+from .cost.memory import buffer_bytes, plan_buffers
 from .cost.targets import Target, as_target, weight_granularity_for
 from .granularity import shape_for
 from .graph.convert import trace
@@ -109,5 +109,4 @@ def convert_with(model: nn.Module, input_shape: tuple[int, ...], numerics: str,
 def _arena(graph, act_bits: dict, t: Target) -> int:
     """The planned arena of ``graph`` with these activation bits (the nodes it requantizes)."""
     a = BitAssignment({}, {name: b for name, b in act_bits.items() if graph[name].op in REQUANTIZING_OPS})
-    sizes = {b: int(round(float(s))) for b, s in buffer_bytes(graph, a, t).items()}
-    return plan_arena(sizes, lifetimes(graph), t.alignment).arena
+    return plan_buffers(graph, buffer_bytes(graph, a, t), t).arena

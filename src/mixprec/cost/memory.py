@@ -281,6 +281,12 @@ def plan_arena(sizes: dict[str, int], spans: dict[str, tuple[int, int]], alignme
     return MemoryPlan({b: offsets[b] for b in sizes}, aligned, dict(spans), arena, alignment, below)
 
 
+def plan_buffers(graph: Graph, sizes: dict, target) -> MemoryPlan:
+    """``plan_arena`` of these buffer sizes (bytes, rounded to whole bytes) over ``graph``'s lifetimes,
+    at the target's alignment."""
+    return plan_arena({b: int(round(float(s))) for b, s in sizes.items()}, lifetimes(graph), target.alignment)
+
+
 def _lowest_fit(buf, sizes, spans, offsets) -> tuple[int, str | None]:
     placed = sorted((o, b) for b, o in offsets.items() if _overlap(spans[b], spans[buf]) and sizes[b] > 0)
     candidate, below = 0, None

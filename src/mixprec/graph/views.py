@@ -61,12 +61,13 @@ def with_views(graph: Graph, containers, alignment: int, uniform, arena=None) ->
             graph = _with_node(graph, i, view)
     if arena is None:
         return graph
+    current = arena(graph)
     for i, node in enumerate(graph.nodes):
-        if node.op == "narrow" and not any(graph.buffer_source(u.name) == graph.buffer_source(node.name)
-                                           for u in graph.users(node.name) if u.op in ALIAS_OPS):
+        if node.op == "narrow" and not any(u.op in ALIAS_OPS for u in graph.users(node.name)):
             copy = _with_node(graph, i, original[node.name])  # no view reads it: its offset moves nothing
-            if arena(copy) < arena(graph):
-                graph = copy
+            planned = arena(copy)
+            if planned < current:
+                graph, current = copy, planned
     return graph
 
 
