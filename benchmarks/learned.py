@@ -62,7 +62,7 @@ PRESETS = {
 }
 # ``hgq-u4``/``dq-u4``: the learned methods at the uniform4 model's width, from its float model, so a
 # learned run and the strongest uniform baseline start from the very same float weights
-METHODS = ("hgq", "dq", "hgq-u4", "dq-u4", "dnas", "dnas-keep", "uniform8", "uniform4", "uniform2")
+METHODS = ("hgq", "dq", "hgq-u4", "dq-u4", "dnas", "dnas-keep", "dnas-layer", "uniform8", "uniform4", "uniform2")
 
 
 def plan(preset: dict, budget_text: str, methods, headroom: float) -> list[dict]:
@@ -80,9 +80,10 @@ def plan(preset: dict, budget_text: str, methods, headroom: float) -> list[dict]
         elif m == "dnas":  # channel-wise with pruning: from the full width, it narrows the model itself
             w = family.widths[0]
             extra = dict(method="dnas")
-        elif m == "dnas-keep":  # channel-wise without pruning: the full width where it fits at 2 bits, else hgq's
+        elif m in ("dnas-keep", "dnas-layer"):  # no pruning: the full width where it fits at 2 bits, else hgq's
             w = family.widths[0] if widest_at(2) == family.widths[0] else widest_at(2, headroom)
-            extra = dict(method="dnas", options={"prune": "false"})
+            extra = (dict(method="dnas", options={"prune": "false"}) if m == "dnas-keep"
+                     else dict(method="dnas", weight_granularity="per-tensor"))
         elif m.endswith("-u4"):
             w = widest_at(4)
             if w == widest_at(2, headroom):
@@ -104,6 +105,8 @@ def config_for(preset: dict, run: dict, budget_text: str, float_from: str | None
     # uniform baselines: b-bit weights, 8-bit activations (only FLASH is budgeted; a 2-bit input and
     # 2-bit activations would make a straw man)
     extra = {"bits": run["bits"], "act_bits": 8} if run["method"] == "uniform" else {}
+    if "weight_granularity" in run:
+        extra["weight_granularity"] = run["weight_granularity"]
     return RunConfig(model=run["model"], target=TARGET, method=run["method"], budget={"flash": budget_text},
                      float_from=float_from, options=run.get("options", {}), **extra, **train)
 
@@ -230,7 +233,9 @@ def tables(args) -> None:
                   "channel-wise DNAS (a width per output channel among 0/2/4/8 bits, 0 = the channel removed from "
                   "the exported layer) from the full-width float model, then the budget step and fine-tune as hgq/dq; "
                   "'model width' is where it started. `dnas-keep`: the same without pruning ({2, 4, 8} bits per "
-                  "channel, `-o prune=false`), from the full width where it fits at 2 bits, else from hgq/dq's width. Runs of "
+                  "channel, `-o prune=false`), from the full width where it fits at 2 bits, else from hgq/dq's width; "
+                  "`dnas-layer`: layer-wise DNAS from that width (one width per layer, `--granularity per-tensor`: "
+                  "its grid per tensor too). Runs of "
                   "one width share one float model; 'float test acc' is that model's, scored from its checkpoint, "
                   "so a row's loss to quantization is the difference of its two accuracies (between widths, float training noise "
                   "of a single seed is about 0.1 points on MNIST). Accuracy on the full test set with the "
