@@ -86,8 +86,8 @@ def _layer_terms(graph: Graph, a: BitAssignment, node: Node, target: Target) -> 
 
 def _memory_terms(graph: Graph, a: BitAssignment, target: Target):
     sizes = memory.buffer_bytes(graph, a, target)
-    spans = memory.lifetimes(graph)
     plan = memory.plan_buffers(graph, sizes, target)
+    spans = plan.lifetimes  # the plan's own: the graph walked once
     aligned = {b: align_up_ste(s, target.alignment) for b, s in sizes.items()}
     lower = memory.live_bytes_peak(aligned, spans)
     return plan, memory.arena_torch(plan, sizes), lower, memory.in_out_bytes(graph, sizes)
