@@ -51,6 +51,9 @@ from mixprec.search.plan import in_float_order, share_floats, trained_floats  # 
 ROOT = Path(__file__).resolve().parent.parent
 TITLE = "FPGA: HGQ against HGQ2"
 VERIFY_TITLE = "FPGA: hls4ml verification"
+RULE_TITLE = "FPGA: HGQ against HGQ2 under one EBOPs rule"
+#: (name in the table, our cost key, HGQ2's record key)
+RULES = (("set bits (ours)", "ebops", "ebops"), ("nominal widths (HGQ2's)", "ebops_nominal", "ebops_nominal"))
 TARGET = "fpga-hls4ml"
 
 
@@ -61,6 +64,7 @@ class Task:
     hidden: tuple[int, ...]
     levels: tuple[str, ...]  # EBOPs levels, as in the table
     train: dict
+    nominal_train: dict  # overrides of ``train`` for our runs budgeted by nominal widths (``--bops``)
     front: dict  # our schedule=front options
     hgq2: dict  # HGQ2: epochs, batch, lr, beta range
 
@@ -68,12 +72,14 @@ class Task:
 TASKS = {
     "mnist-mlp": Task("mnist-mlp", "mnist[scale=unit]", (64, 32), ("530k", "106k", "23k", "8.2k", "4.7k", "2.1k"),
                       dict(float_epochs=10, qat_epochs=10, budget_epochs=2, batch_size=128, lr=2e-3, qat_lr=1e-3),
+                      dict(qat_epochs=30),
                       dict(beta="0.01", beta_end="100"),
-                      dict(epochs=100, batch_size=128, lr=2e-3, beta0=1e-7, beta1=1e-2)),
+                      dict(epochs=100, batch_size=128, lr=2e-3, beta0=1e-7, beta1=3e-3, lr_schedule="constant")),
     "digits-mlp": Task("digits-mlp", "digits", (32, 32), ("48k", "26k", "16.5k", "10.3k", "4.1k"),
                        dict(float_epochs=60, qat_epochs=60, budget_epochs=10, batch_size=32, lr=3e-3, qat_lr=1e-3),
+                       {},
                        dict(beta="0.01", beta_end="100"),
-                       dict(epochs=200, batch_size=32, lr=3e-3, beta0=1e-7, beta1=1e-2)),
+                       dict(epochs=200, batch_size=32, lr=3e-3, beta0=1e-7, beta1=3e-3, lr_schedule="constant")),
 }
 
 
@@ -83,12 +89,19 @@ def level_value(text: str) -> float:
 
 # -- ours ---------------------------------------------------------------------------------------------
 def our_trials(task: Task, runs: Path, epochs_scale: float = 1.0) -> list[Trial]:
-    train = {k: max(1, round(v * epochs_scale)) if k.endswith("epochs") else v for k, v in task.train.items()}
+    """Ours for a task: one run under each level as an EBOPs budget (our rule), the front run, and
+    one run under each level as a BOPs budget (nominal widths times input widths: HGQ2's own rule)."""
+    def scaled(train: dict) -> dict:
+        return {k: max(1, round(v * epochs_scale)) if k.endswith("epochs") else v for k, v in train.items()}
     base = dict(model=task.model, data=task.data, target=TARGET, method="hgq", weight_granularity="per-element",
-                **train)
+                **scaled(task.train))
+    nominal = {**base, **scaled(task.nominal_train)}
     trials = [Trial(RunConfig(**base, budget={"ebops": f"{level_value(lv):g}"},
                               options={"act_granularity": "per-element"}), runs / task.model / "ours" / lv)
               for lv in task.levels]
+    trials += [Trial(RunConfig(**nominal, budget={"bops": f"{level_value(lv):g}"},
+                               options={"act_granularity": "per-element"}), runs / task.model / "ours" / f"bops-{lv}")
+               for lv in task.levels]
     trials.append(Trial(RunConfig(**base, options={"act_granularity": "per-element", "schedule": "front",
                                                    **task.front}), runs / task.model / "ours" / "front"))
     return [Trial(RunConfig.load(t.out / "config.yaml"), t.out) if (t.out / "config.yaml").exists() else t
@@ -101,8 +114,9 @@ def run_ours(trials: list[Trial]) -> None:
 
 
 # -- HGQ2 ---------------------------------------------------------------------------------------------
-def run_hgq2(task: Task, out: Path, epochs: int | None = None) -> list[dict]:
-    """HGQ2 on the task's split; every epoch's record (``out/epochs.json``, read back when there)."""
+def run_hgq2(task: Task, out: Path, epochs: int | None = None, settings: dict | None = None) -> list[dict]:
+    """HGQ2 on the task's split; every epoch's record (``out/epochs.json``, read back when there).
+    ``settings`` override the task's (beta0, beta1, lr_schedule)."""
     record = out / "epochs.json"
     if record.exists():
         return json.loads(record.read_text())["epochs"]
@@ -112,7 +126,7 @@ def run_hgq2(task: Task, out: Path, epochs: int | None = None) -> list[dict]:
     from hgq.layers import QDense
     from hgq.utils.sugar import BetaScheduler, FreeEBOPs, PieceWiseSchedule
 
-    h = task.hgq2
+    h = {**task.hgq2, **(settings or {})}
     epochs = epochs or h["epochs"]
     data = load_dataset(task.data, seed=0)
     flat = lambda x: x.reshape(len(x), -1).numpy()  # noqa: E731
@@ -126,7 +140,8 @@ def run_hgq2(task: Task, out: Path, epochs: int | None = None) -> list[dict]:
             x = QDense(width, activation="relu")(x)
         model = keras.Model(inp, QDense(data.num_classes)(x))
     steps = epochs * int(np.ceil(len(x_train) / h["batch_size"]))
-    model.compile(keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(h["lr"], steps)),
+    lr = keras.optimizers.schedules.CosineDecay(h["lr"], steps) if h["lr_schedule"] == "cosine" else h["lr"]
+    model.compile(keras.optimizers.Adam(lr),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     epochs_log: list[dict] = []
 
@@ -212,20 +227,87 @@ def table(tasks: list[str], runs: Path) -> None:
              "into what it left where the validation loss falls, by default since commit 36c68f1 (rows whose command "
              "says `--no-fill` are from before): 'of the level' is the share used); `hgq front`: one `-o schedule=front` run, its Pareto member with the best "
              "validation accuracy within the level (each member a run of its own, budget step and fine-tune "
-             "applied); `HGQ2`: HGQ2 0.2 (Keras 3, torch backend) with its defaults, beta ramped from 1e-7 to 1e-2 "
-             "(log) over its run (MNIST 100 epochs, digits 200; ours train 22 and 130 in all), its "
+             "applied); `HGQ2`: HGQ2 0.2 (Keras 3, torch backend) with its defaults, beta ramped (log) over its "
+             f"run ({'; '.join(_hgq2_settings(runs, name) for name in tasks)}), its "
              "epoch with the best validation accuracy within the level by its own EBOPs. 'ours' counts each "
              "integer weight's set bits times its input's bits; 'nominal' each weight's learned width times its "
              "input's width (HGQ2's rule without its bias term). One seed.")
     write_section(TITLE, about, "python benchmarks/fpga.py", header + merge_rows(TITLE, rows, 3, order))
 
 
-def _our_front(run: Path) -> list[dict]:
+def rule_table(tasks: list[str], runs: Path) -> None:
+    """Each side judged by one rule at a time: at each level, the model with the best validation
+    accuracy among all of that side's models within the level by that rule (ours: every budgeted run
+    and front member; HGQ2: every epoch)."""
+    rows, order = [], []
+    for name in tasks:
+        ours = _our_models(runs / name / "ours", TASKS[name].levels)
+        record = runs / name / "hgq2" / "epochs.json"
+        theirs = json.loads(record.read_text())["epochs"] if record.exists() else []
+        for lv in TASKS[name].levels:
+            for rule, our_key, their_key in RULES:
+                mine, best = best_within(ours, level_value(lv), our_key), best_within(theirs, level_value(lv), their_key)
+                order.append((name, lv, rule))
+                mine_text = (f"{mine['test_accuracy']:.2%} | {mine[our_key]:,.0f} | {mine['run']}" if mine
+                             else "none within | | ")
+                best_text = (f"{best['test_accuracy']:.2%} | {best[their_key]:,.0f} | epoch {best['epoch']}" if best
+                             else "none within | | ")
+                ahead = (f"{100 * (mine['test_accuracy'] - best['test_accuracy']):+.2f}" if mine and best else "")
+                rows.append(f"| {name} | {lv} | {rule} | {mine_text} | {best_text} | {ahead} |")
+    header = ["| task | EBOPs level | rule | hgq: test acc | hgq: EBOPs | hgq: run | HGQ2: test acc | HGQ2: EBOPs | "
+              "HGQ2: epoch | hgq ahead (points) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    about = ("The runs of the table above, each side judged by one EBOPs rule at a time: at each level, the "
+             "model with the best validation accuracy among all of that side's models within the level by that "
+             "rule (ours: every budgeted run and every front member, see `run`; HGQ2: every epoch of its run). "
+             "'set bits' counts each integer weight from its highest to its lowest set bit, the rule our budgets "
+             "use; 'nominal widths' each weight's learned width, about HGQ2's own count (the rule its beta "
+             "penalises). Test accuracy integer-exact for ours, HGQ2's Keras model for HGQ2. One seed.")
+    write_section(RULE_TITLE, about, "python benchmarks/fpga.py --table-only",
+                  header + merge_rows(RULE_TITLE, rows, 3, order))
+
+
+def _our_models(ours: Path, levels: tuple[str, ...]) -> list[dict]:
+    """Every model our side made for a task: the budgeted runs and the front's members."""
+    runs = ([ours / lv for lv in levels] + [ours / f"bops-{lv}" for lv in levels]
+            + [ours / "front" / row["run"] for row in _front_index(ours / "front")])
+    models = []
+    for run in runs:
+        if not (run / "result.json").exists():
+            continue
+        r = json.loads((run / "result.json").read_text())
+        if r.get("degenerate"):
+            continue
+        models.append({"run": str(run.relative_to(ours)), "val_accuracy": _final_val_accuracy(r),
+                       "test_accuracy": r["accuracy"]["quantized"], "ebops": r["cost"]["ebops"],
+                       "ebops_nominal": r["cost_detail"]["ebops_nominal"]})
+    return models
+
+
+def _final_val_accuracy(result: dict) -> float:
+    """The validation accuracy of the model as it was saved: its last phase's last epoch."""
+    phases = [epochs for epochs in result["history"].values() if epochs]
+    return phases[-1][-1]["val_accuracy"]
+
+
+def _front_index(run: Path) -> list[dict]:
     index = run / "front" / "front.json"
-    if not index.exists():
-        return []
+    return json.loads(index.read_text())["front"] if index.exists() else []
+
+
+def _hgq2_settings(runs: Path, name: str) -> str:
+    """How HGQ2 was trained on a task, from its record (the task's defaults where none), beside how
+    long ours trains."""
+    record = runs / name / "hgq2" / "epochs.json"
+    h = {**TASKS[name].hgq2, **(json.loads(record.read_text()).get("settings", {}) if record.exists() else {})}
+    h.setdefault("lr_schedule", "cosine")
+    ours = sum(v for k, v in TASKS[name].train.items() if k.endswith("epochs"))
+    return (f"{name}: {h['epochs']} epochs, beta {h['beta0']:g} to {h['beta1']:g}, lr {h['lr']:g} "
+            f"{'cosine-decayed' if h['lr_schedule'] == 'cosine' else 'constant'}; ours {ours} epochs in all")
+
+
+def _our_front(run: Path) -> list[dict]:
     points = []
-    for row in json.loads(index.read_text())["front"]:
+    for row in _front_index(run):
         r = json.loads((run / row["run"] / "result.json").read_text())
         points.append({"run": row["run"], "val_accuracy": row["val_accuracy"], "test_accuracy": row["test_accuracy"],
                        "ebops": r["cost"]["ebops"], "ebops_nominal": r["cost_detail"]["ebops_nominal"]})
@@ -299,6 +381,9 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "bench-fpga")
     ap.add_argument("--epochs-scale", type=float, default=1.0, help="our runs' epochs times this (a quick look)")
     ap.add_argument("--hgq2-epochs", type=int, help="HGQ2's epochs (default: the task's)")
+    ap.add_argument("--hgq2-beta", type=float, nargs=2, metavar=("START", "END"),
+                    help="HGQ2's beta ramp (log), first to last epoch (default: the task's)")
+    ap.add_argument("--hgq2-lr-schedule", choices=["cosine", "constant"], help="default: the task's (cosine)")
     ap.add_argument("--data-dir", default=os.environ.get("MIXPREC_DATA", str(ROOT.parent / "shared" / "datasets")))
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--verify", action="store_true", help="the hls4ml verification table instead")
@@ -314,8 +399,12 @@ def main() -> None:
             if "ours" in args.only:
                 run_ours(our_trials(task, args.runs, args.epochs_scale))
             if "hgq2" in args.only:
-                run_hgq2(task, args.runs / name / "hgq2", args.hgq2_epochs)
+                settings = {"lr_schedule": args.hgq2_lr_schedule} if args.hgq2_lr_schedule else {}
+                if args.hgq2_beta:
+                    settings.update(beta0=args.hgq2_beta[0], beta1=args.hgq2_beta[1])
+                run_hgq2(task, args.runs / name / "hgq2", args.hgq2_epochs, settings)
     table(args.task, args.runs)
+    rule_table(args.task, args.runs)
 
 
 if __name__ == "__main__":

@@ -115,7 +115,9 @@ def test_hgq2_comparison_commands_reproduce_their_config(task, tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "bench_fpga", fpga)  # its dataclasses look their module up
     spec.loader.exec_module(fpga)
     trials = fpga.our_trials(fpga.TASKS[task], tmp_path)
-    assert len(trials) == len(fpga.TASKS[task].levels) + 1  # the levels, and one front run
+    levels = fpga.TASKS[task].levels
+    assert len(trials) == 2 * len(levels) + 1  # each level by our rule and by HGQ2's, and one front run
+    assert [set(t.config.budget) for t in trials[:-1]] == [{"ebops"}] * len(levels) + [{"bops"}] * len(levels)
     for trial in trials:
         config, out = parsed(command_for(trial.config, trial.out), monkeypatch)
         for field in FIELDS:

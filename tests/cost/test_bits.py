@@ -53,3 +53,20 @@ def test_min_assignment_uses_smallest_nonzero_weight_width():
     f = min_assignment(g, load_target("fpga-hls4ml"))
     # a signed symmetric 1-bit weight holds only 0: the smallest width with values is 2
     assert f.weight["fc"].item() == 2 and f.act["fc"].item() == 1
+
+
+def test_min_assignment_per_element_keeps_one_weight_in_every_layer():
+    """Per element any weight may be pruned, the output layer's too (its channels keep their biases):
+    the floor of BOPs on the FPGA is one weight per layer, not one whole row of it."""
+    from mixprec.cost.budget import how_reached, smallest_costs
+
+    g = cnn()
+    t = load_target("fpga-hls4ml")
+    e = min_assignment(g, t, allow_pruning=True, weight_granularity="per-element")
+    assert [int(e.weight[n.name].count_nonzero()) for n in g.weighted()] == [1, 1]
+    mins = smallest_costs(g, t, "per-element", allow_pruning=True)
+    # BOPs count a conv weight once per output position (8 x 8 here), a dense weight once
+    assert mins["bops"] == (8 * 8 + 1) * t.min_weight_bits * t.min_act_bits
+    assert "all but one weight of every layer pruned" in how_reached("bops", t, "per-element", allow_pruning=True)
+    kept_rows = smallest_costs(g, t, "per-channel", allow_pruning=True)["bops"]
+    assert mins["bops"] < kept_rows

@@ -95,3 +95,15 @@ def test_help_and_usage_errors_answer_within_two_seconds():
         res = subprocess.run([sys.executable, "-m", "mixprec.cli", *args], capture_output=True, text=True)
         assert time.perf_counter() - start < 2.0, args
         assert res.returncode in (0, 2) and "Traceback" not in res.stderr
+
+
+def test_hgq_per_element_accepts_a_bops_budget_only_pruning_weights_reaches():
+    """HGQ2's own rule counts nominal widths (our BOPs): its smallest MNIST MLP is near 2.1k. With
+    every weight at 2 bits that takes keeping under 0.2% of them; per element HGQ prunes any weight,
+    so the floor is one weight per layer, not one row of 784."""
+    t = load_target("fpga-hls4ml")
+    cfg = RunConfig(model="mnist-mlp", target="fpga-hls4ml", method="hgq", weight_granularity="per-element")
+    assert choose_bits(cfg, get_model("mnist-mlp"), t, (1, 28, 28), Budget.from_strings(bops="2100"))
+    with pytest.raises(BudgetError, match=r"smallest achievable 6 \(all weights at 2 bits per-element, all but one "
+                                          r"weight of every layer pruned"):
+        choose_bits(cfg, get_model("mnist-mlp"), t, (1, 28, 28), Budget.from_strings(bops="5"))

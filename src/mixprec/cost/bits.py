@@ -65,14 +65,18 @@ def min_assignment(graph: Graph, target: Target, allow_pruning: bool = False,
 
     Weights take the smallest width that holds values. With ``allow_pruning`` (where the target
     allows it) every weighted layer but the last keeps only its first group, as the budget step
-    may leave it: a layer of zeros is no model, and the output layer is never pruned.
+    may leave it: a layer of zeros is no model, and no output channel is pruned. Per element, a
+    group is one weight and any weight may be 0 bits, the output layer's too (its channels keep
+    their biases): every layer keeps one weight.
     """
     gran = weight_granularity or _coarsest(target.weight_granularities)
     a = uniform(graph, target.min_weight_bits, target.min_act_bits, gran, _coarsest(target.act_granularities))
     if allow_pruning and target.allows_pruning:
         last = graph.weighted()[-1].name if graph.weighted() else None
         for name, bits in a.weight.items():
-            if name != last and bits.shape[0] > 1:
+            if gran == "per-element":
+                bits.view(-1)[1:] = 0.0
+            elif name != last and bits.shape[0] > 1:
                 bits[1:] = 0.0
     return a
 

@@ -127,6 +127,8 @@ def how_reached(key: str, target: Target, weight_granularity: str | None = None,
     weights = f"weights at {target.min_weight_bits} bits {gran}"
     if removes_channels and gran != "per-tensor":  # one width per layer removes no channel
         weights += ", every hidden layer down to one channel"
+    elif allow_pruning and target.allows_pruning and gran == "per-element":
+        weights += ", all but one weight of every layer pruned"
     elif allow_pruning and target.allows_pruning:
         weights += ", all but one group of every hidden layer pruned"
     acts = f"activations at {target.min_act_bits} bits"

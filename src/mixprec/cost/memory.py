@@ -284,7 +284,8 @@ def plan_arena(sizes: dict[str, int], spans: dict[str, tuple[int, int]], alignme
 def plan_buffers(graph: Graph, sizes: dict, target) -> MemoryPlan:
     """``plan_arena`` of these buffer sizes (bytes, rounded to whole bytes) over ``graph``'s lifetimes,
     at the target's alignment."""
-    return plan_arena({b: int(round(float(s))) for b, s in sizes.items()}, lifetimes(graph), target.alignment)
+    whole = {b: int(round(float(torch.as_tensor(s).detach()))) for b, s in sizes.items()}  # sizes may carry gradients
+    return plan_arena(whole, lifetimes(graph), target.alignment)
 
 
 def _lowest_fit(buf, sizes, spans, offsets) -> tuple[int, str | None]:
