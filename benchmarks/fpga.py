@@ -256,12 +256,16 @@ def rule_table(tasks: list[str], runs: Path) -> None:
                 rows.append(f"| {name} | {lv} | {rule} | {mine_text} | {best_text} | {ahead} |")
     header = ["| task | EBOPs level | rule | hgq: test acc | hgq: EBOPs | hgq: run | HGQ2: test acc | HGQ2: EBOPs | "
               "HGQ2: epoch | hgq ahead (points) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    about = ("The runs of the table above, each side judged by one EBOPs rule at a time: at each level, the "
-             "model with the best validation accuracy among all of that side's models within the level by that "
-             "rule (ours: every budgeted run and every front member, see `run`; HGQ2: every epoch of its run). "
-             "'set bits' counts each integer weight from its highest to its lowest set bit, the rule our budgets "
-             "use; 'nominal widths' each weight's learned width, about HGQ2's own count (the rule its beta "
-             "penalises). Test accuracy integer-exact for ours, HGQ2's Keras model for HGQ2. One seed.")
+    nominal = "; ".join(f"{name} {sum(v for k, v in {**TASKS[name].train, **TASKS[name].nominal_train}.items() if k.endswith('epochs'))}"
+                        for name in tasks)
+    about = ("Each side judged by one EBOPs rule at a time: at each level, the model with the best validation "
+             "accuracy among all of that side's models within the level by that rule. Ours (`run`): the runs "
+             "of the table above under each level by our rule (`LEVEL`, `--ebops`), one more under each level "
+             "by nominal widths (`bops-LEVEL`: the same command with `--bops LEVEL`; epochs in all: "
+             f"{nominal}), and every front member; HGQ2: every epoch of its run. 'set bits' counts each integer "
+             "weight from its highest to its lowest set bit (our `ebops`); 'nominal widths' each weight's "
+             "learned width times its input's (our `bops` on these MLPs; about HGQ2's own count, the one its "
+             "beta penalises). Test accuracy integer-exact for ours, HGQ2's Keras model for HGQ2. One seed.")
     write_section(RULE_TITLE, about, "python benchmarks/fpga.py --table-only",
                   header + merge_rows(RULE_TITLE, rows, 3, order))
 
