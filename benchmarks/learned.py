@@ -317,7 +317,8 @@ def fpga_table(args) -> None:
     write_section(FPGA_TITLE,
                   "LeNet-5 / MNIST on `fpga-hls4ml` (fixed point, any width 0..16; EBOPs of the deployed model: "
                   "effective bits of each integer weight, highest to lowest set bit, times its input's bits). HGQ per element and per channel "
-                  "(activations per tensor unless the run says otherwise), DQ "
+                  "(activations per tensor unless the run says otherwise; HGQ learns the input's bits per pixel, the "
+                  "FPGA default), DQ "
                   "per channel, and the widest uniform width (weights = activations) that meets the budget, all "
                   "from one float model, 8 + 2 quantized epochs each.", "python benchmarks/learned.py --fpga",
                   header + merge_rows(FPGA_TITLE, rows, 2, order))
