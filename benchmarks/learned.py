@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _runs import repo_relative, run_trial  # noqa: E402
 from _tables import collapse_mark, merge_rows, write_section  # noqa: E402
 
-from mixprec.cost import Budget, load_target  # noqa: E402
+from mixprec.cost import Budget, BudgetError, load_target  # noqa: E402
 from mixprec.models import get_model  # noqa: E402
 from mixprec.quantizers.fixed import MSE_MAX_BITS  # noqa: E402
 from mixprec.search import RunConfig, Trial  # noqa: E402
@@ -291,7 +291,11 @@ def run_fpga(args) -> None:
     for budget in args.budgets_fpga or FPGA["budgets"]:
         for name in args.fpga_runs or FPGA_RUNS:
             out = args.runs / "lenet5-mnist-fpga" / budget / name
-            cfg = fpga_config(name, budget, str(repo_relative(source)) if source else None)
+            try:
+                cfg = fpga_config(name, budget, str(repo_relative(source)) if source else None)
+            except BudgetError as e:  # no uniform width fits: the table has no row for it
+                logging.warning("%s: %s", out, e)
+                continue
             run_trial(cfg, out, run=not args.table_only, device=args.device)
             if source is None:
                 source = out
