@@ -197,8 +197,7 @@ def table(tasks: list[str], runs: Path) -> None:
     for name in tasks:
         task = TASKS[name]
         front_rows = _our_front(runs / name / "ours" / "front")
-        hgq2 = runs / name / "hgq2" / "epochs.json"
-        hgq2_points = json.loads(hgq2.read_text())["epochs"] if hgq2.exists() else []
+        hgq2_points = _hgq2_record(runs, name).get("epochs", [])
         for lv in task.levels:
             limit = level_value(lv)
             order += [(name, lv, m) for m in ("hgq", "hgq front", "HGQ2")]
@@ -242,8 +241,7 @@ def rule_table(tasks: list[str], runs: Path) -> None:
     rows, order = [], []
     for name in tasks:
         ours = _our_models(runs / name / "ours", TASKS[name].levels)
-        record = runs / name / "hgq2" / "epochs.json"
-        theirs = json.loads(record.read_text())["epochs"] if record.exists() else []
+        theirs = _hgq2_record(runs, name).get("epochs", [])
         for lv in TASKS[name].levels:
             for rule, our_key, their_key in RULES:
                 mine, best = best_within(ours, level_value(lv), our_key), best_within(theirs, level_value(lv), their_key)
@@ -256,7 +254,7 @@ def rule_table(tasks: list[str], runs: Path) -> None:
                 rows.append(f"| {name} | {lv} | {rule} | {mine_text} | {best_text} | {ahead} |")
     header = ["| task | EBOPs level | rule | hgq: test acc | hgq: EBOPs | hgq: run | HGQ2: test acc | HGQ2: EBOPs | "
               "HGQ2: epoch | hgq ahead (points) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    nominal = "; ".join(f"{name} {sum(v for k, v in {**TASKS[name].train, **TASKS[name].nominal_train}.items() if k.endswith('epochs'))}"
+    nominal = "; ".join(f"{name} {_epochs_in_all({**TASKS[name].train, **TASKS[name].nominal_train})}"
                         for name in tasks)
     about = ("Each side judged by one EBOPs rule at a time: at each level, the model with the best validation "
              "accuracy among all of that side's models within the level by that rule. Ours (`run`): the runs "
@@ -293,6 +291,16 @@ def _final_val_accuracy(result: dict) -> float:
     return phases[-1][-1]["val_accuracy"]
 
 
+def _hgq2_record(runs: Path, name: str) -> dict:
+    """HGQ2's record of a task (``run_hgq2``): its epochs and settings; empty where it has not run."""
+    record = runs / name / "hgq2" / "epochs.json"
+    return json.loads(record.read_text()) if record.exists() else {}
+
+
+def _epochs_in_all(train: dict) -> int:
+    return sum(v for k, v in train.items() if k.endswith("epochs"))
+
+
 def _front_index(run: Path) -> list[dict]:
     index = run / "front" / "front.json"
     return json.loads(index.read_text())["front"] if index.exists() else []
@@ -301,10 +309,8 @@ def _front_index(run: Path) -> list[dict]:
 def _hgq2_settings(runs: Path, name: str) -> str:
     """How HGQ2 was trained on a task, from its record (the task's defaults where none), beside how
     long ours trains."""
-    record = runs / name / "hgq2" / "epochs.json"
-    h = {**TASKS[name].hgq2, **(json.loads(record.read_text()).get("settings", {}) if record.exists() else {})}
-    h.setdefault("lr_schedule", "cosine")
-    ours = sum(v for k, v in TASKS[name].train.items() if k.endswith("epochs"))
+    h = {**TASKS[name].hgq2, **_hgq2_record(runs, name).get("settings", {})}
+    ours = _epochs_in_all(TASKS[name].train)
     return (f"{name}: {h['epochs']} epochs, beta {h['beta0']:g} to {h['beta1']:g}, lr {h['lr']:g} "
             f"{'cosine-decayed' if h['lr_schedule'] == 'cosine' else 'constant'}; ours {ours} epochs in all")
 
